@@ -1,0 +1,306 @@
+//! Everything that crosses the kernel/user boundary: map names and layouts,
+//! load-time globals, counter reasons and the flow hash.
+//!
+//! Both the XDP program (`lb-ebpf`) and the control plane (`lb-userspace`)
+//! use these definitions; nothing here is declared a second time elsewhere.
+//! With the `user` feature the map types implement `aya::Pod`.
+#![no_std]
+
+use core::mem::size_of;
+use core::net::IpAddr;
+
+// ---------------------------------------------------------------------------
+// Map and global names.
+// ---------------------------------------------------------------------------
+
+/// `HashMap<VipKey, VipInfo>`: the configured VIPs.
+pub const MAP_VIPS: &str = "LB_VIPS";
+/// `HashMap<VipAddressKey, u32>`: every address that carries at least one VIP.
+pub const MAP_VIP_ADDRESSES: &str = "LB_VIP_ADDRESSES";
+/// `Array<u32>` (mmap-able): the Maglev tables, two slots of `table_size` entries per VIP.
+pub const MAP_MAGLEV: &str = "LB_MAGLEV";
+/// `Array<Backend>`: where each backend slot forwards to.
+pub const MAP_BACKENDS: &str = "LB_BACKENDS";
+/// `PerCpuArray<TrafficCounters>`: per VIP, indexed by `VipInfo::vip_index`.
+pub const MAP_VIP_STATS: &str = "LB_VIP_STATS";
+/// `PerCpuArray<TrafficCounters>`: per backend slot.
+pub const MAP_BACKEND_STATS: &str = "LB_BACKEND_STATS";
+/// `PerCpuArray<u64>`: one counter per [`Reason`].
+pub const MAP_REASONS: &str = "LB_REASONS";
+
+/// Name of the XDP program in the object.
+pub const PROGRAM_NAME: &str = "lb_xdp";
+
+/// Global (`u32`): seed of the flow hash; must match on every balancer that shares VIPs.
+pub const GLOBAL_HASH_SEED: &str = "LB_HASH_SEED";
+/// Global (`u32`): entries in one Maglev table (a prime).
+pub const GLOBAL_TABLE_SIZE: &str = "LB_TABLE_SIZE";
+
+/// Defaults for the sizes the control plane sets at load time.
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
+
+/// A Maglev table entry that points at no backend (a VIP without backends).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Each VIP owns two table slots: one the datapath reads, one the control plane fills.
+pub const SLOTS_PER_VIP: u32 = 2;
+
+// ---------------------------------------------------------------------------
+// Keys and values.
+// ---------------------------------------------------------------------------
+
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// An address as it appears in keys: IPv4 in the first four bytes, the rest zero.
+#[inline(always)]
+pub fn address_bytes(address: IpAddr) -> ([u8; 16], u8) {
+    match address {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0u8; 16];
+            let octets = v4.octets();
+            bytes[0] = octets[0];
+            bytes[1] = octets[1];
+            bytes[2] = octets[2];
+            bytes[3] = octets[3];
+            (bytes, FAMILY_IPV4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_IPV6),
+    }
+}
+
+/// Key of [`MAP_VIPS`]: a VIP is (address, port, protocol).
+/// Written by the daemon; looked up by the datapath for every TCP/UDP packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub address: [u8; 16],
+    /// Destination port, network byte order.
+    pub port: [u8; 2],
+    /// IP protocol number ([`PROTO_TCP`] or [`PROTO_UDP`]).
+    pub protocol: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+}
+const _: () = assert!(size_of::<VipKey>() == 20);
+
+impl VipKey {
+    pub fn new(address: IpAddr, port: u16, protocol: u8) -> Self {
+        let (address, family) = address_bytes(address);
+        Self {
+            address,
+            port: port.to_be_bytes(),
+            protocol,
+            family,
+        }
+    }
+}
+
+/// Value of [`MAP_VIPS`]. Replaced as a whole by the daemon, so the datapath
+/// sees either the old or the new table slot, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipInfo {
+    /// Index of this VIP's stats entry and of its pair of table slots.
+    pub vip_index: u32,
+    /// Which of the two table slots (0 or 1) the datapath reads.
+    pub active_slot: u32,
+    /// Backends in the active table; 0 means every packet is dropped as `NoBackend`.
+    pub backend_count: u32,
+    /// Reserved for per-VIP options; zero today.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<VipInfo>() == 16);
+
+/// Key of [`MAP_VIP_ADDRESSES`]: consulted only for packets that cannot be
+/// hashed (fragments, unreadable L4), to decide between drop and pass.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipAddressKey {
+    pub address: [u8; 16],
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`], widened so the key has no padding.
+    pub family: u32,
+}
+const _: () = assert!(size_of::<VipAddressKey>() == 20);
+
+impl VipAddressKey {
+    pub fn new(address: IpAddr) -> Self {
+        let (address, family) = address_bytes(address);
+        Self {
+            address,
+            family: u32::from(family),
+        }
+    }
+}
+
+/// Value of [`MAP_BACKENDS`], indexed by backend slot. A slot is allocated by
+/// the daemon per (VIP, backend address) so that statistics are per VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// Destination MAC for direct server return; all zero while unresolved.
+    pub mac: [u8; 6],
+    pub flags: u16,
+    pub address: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<Backend>() == 32);
+
+impl Backend {
+    pub fn has_mac(&self) -> bool {
+        self.mac != [0; 6]
+    }
+}
+
+/// Per-CPU packet and byte counts (bytes of the whole frame as received).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<TrafficCounters>() == 16);
+
+/// Why the datapath let a packet go the way it did: every exit of the
+/// program counts exactly one reason. Indexes [`MAP_REASONS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Rewritten and transmitted to a backend.
+    Forwarded = 0,
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): passed to the kernel.
+    PassNotIp = 1,
+    /// Not addressed to a VIP (address, port, protocol): passed to the kernel.
+    PassNotVip = 2,
+    /// Ethernet or IP header truncated or invalid, destination unknown: passed
+    /// to the kernel, which validates and drops it.
+    PassMalformed = 3,
+    /// More than two VLAN tags: passed to the kernel.
+    PassVlanDepth = 4,
+    /// An IPv4 or IPv6 fragment to a VIP address: dropped (fragments carry no
+    /// ports, so they cannot be hashed to the backend of their flow).
+    DropFragment = 5,
+    /// To a VIP address, but the IPv6 extension-header chain is longer than the
+    /// datapath walks, or uses a header it cannot skip (ESP): dropped.
+    DropUnhashable = 6,
+    /// TCP or UDP header truncated, to a VIP address: dropped.
+    DropMalformedL4 = 7,
+    /// The VIP has no backends: dropped.
+    DropNoBackend = 8,
+    /// The chosen backend's MAC is not resolved yet: dropped.
+    DropBackendUnresolved = 9,
+    /// A map lookup that cannot fail did: dropped (a bug if ever non-zero).
+    DropInternal = 10,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 11;
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::Forwarded,
+        Reason::PassNotIp,
+        Reason::PassNotVip,
+        Reason::PassMalformed,
+        Reason::PassVlanDepth,
+        Reason::DropFragment,
+        Reason::DropUnhashable,
+        Reason::DropMalformedL4,
+        Reason::DropNoBackend,
+        Reason::DropBackendUnresolved,
+        Reason::DropInternal,
+    ];
+
+    /// Stable name used by `lb stats` and its JSON output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Forwarded => "forwarded",
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::PassVlanDepth => "pass_vlan_depth",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropUnhashable => "drop_unhashable",
+            Reason::DropMalformedL4 => "drop_malformed_l4",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropBackendUnresolved => "drop_backend_unresolved",
+            Reason::DropInternal => "drop_internal",
+        }
+    }
+
+    /// Whether packets counted under this reason are dropped (else passed or forwarded).
+    pub const fn is_drop(self) -> bool {
+        (self as u32) >= (Reason::DropFragment as u32)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Flow hash and table indexing: the one definition both sides use.
+// ---------------------------------------------------------------------------
+
+/// The fields a flow is hashed on, laid out without padding so its bytes are
+/// the hash input.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowKey {
+    pub client_address: [u8; 16],
+    pub vip_address: [u8; 16],
+    /// Network byte order.
+    pub client_port: [u8; 2],
+    /// Network byte order.
+    pub vip_port: [u8; 2],
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const FLOW_KEY_LEN: usize = 40;
+const _: () = assert!(size_of::<FlowKey>() == FLOW_KEY_LEN);
+
+impl FlowKey {
+    pub fn new(client: IpAddr, client_port: u16, vip: IpAddr, vip_port: u16, protocol: u8) -> Self {
+        Self {
+            client_address: address_bytes(client).0,
+            vip_address: address_bytes(vip).0,
+            client_port: client_port.to_be_bytes(),
+            vip_port: vip_port.to_be_bytes(),
+            protocol,
+            _pad: [0; 3],
+        }
+    }
+
+    #[inline(always)]
+    fn as_bytes(&self) -> &[u8; FLOW_KEY_LEN] {
+        // SAFETY: FlowKey is repr(C), made only of u8 arrays (alignment 1, no
+        // implicit padding) and exactly FLOW_KEY_LEN bytes long (asserted above).
+        unsafe { &*(self as *const FlowKey as *const [u8; FLOW_KEY_LEN]) }
+    }
+}
+
+/// The flow hash: xxHash32 of the key's bytes with the configured seed.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    xxhash_rust::const_xxh32::xxh32(key.as_bytes(), seed)
+}
+
+/// Index into [`MAP_MAGLEV`] of the entry a flow hash selects.
+#[inline(always)]
+pub fn table_index(vip_index: u32, slot: u32, table_size: u32, hash: u32) -> u32 {
+    (vip_index * SLOTS_PER_VIP + slot) * table_size + hash % table_size
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is repr(C), Copy, has no implicit padding (explicit
+    // `_pad` fields and size assertions above) and is valid for any bit pattern.
+    unsafe impl aya::Pod for super::VipKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipAddressKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TrafficCounters {}
+}

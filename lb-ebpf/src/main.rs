@@ -1,0 +1,134 @@
+//! The balancer's XDP program. The pipeline, in order: parse, VIP lookup,
+//! backend choice through the VIP's Maglev table, rewrite, transmit. Every
+//! exit counts exactly one `Reason`.
+#![no_std]
+#![no_main]
+
+mod dsr;
+mod maps;
+mod parse;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::{FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey, VipKey};
+
+use maps::{LB_BACKEND_STATS, LB_BACKENDS, LB_MAGLEV, LB_VIP_ADDRESSES, LB_VIP_STATS, LB_VIPS};
+use parse::{
+    ethernet::{ETH_P_IPV4, parse_ethernet},
+    ip::{L3, parse_ipv4, parse_ipv6},
+    transport::parse_ports,
+};
+
+/// Flow-hash seed, set by the control plane at load time.
+#[unsafe(no_mangle)]
+static LB_HASH_SEED: u32 = 0;
+
+/// Entries per Maglev table, set by the control plane at load time.
+#[unsafe(no_mangle)]
+static LB_TABLE_SIZE: u32 = lb_common::DEFAULT_TABLE_SIZE;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let (reason, action) = match try_lb_xdp(&ctx) {
+        Ok(action) => (Reason::Forwarded, action),
+        Err(reason) if reason.is_drop() => (reason, xdp_action::XDP_DROP),
+        Err(reason) => (reason, xdp_action::XDP_PASS),
+    };
+    stats::count_reason(reason);
+    action
+}
+
+#[inline(always)]
+fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
+    let l2 = parse_ethernet(ctx)?;
+    let l3 = if l2.ether_type == ETH_P_IPV4 {
+        parse_ipv4(ctx, l2.l3_offset)?
+    } else {
+        parse_ipv6(ctx, l2.l3_offset)?
+    };
+    if let Some(reason) = l3.unhashable {
+        return Err(refuse_if_ours(&l3, reason));
+    }
+    if l3.protocol != PROTO_TCP && l3.protocol != PROTO_UDP {
+        return Err(Reason::PassNotVip);
+    }
+    let Some(ports) = parse_ports(ctx, l3.l4_offset, l3.protocol) else {
+        return Err(refuse_if_ours(&l3, Reason::DropMalformedL4));
+    };
+
+    let vip_key = VipKey {
+        address: l3.destination,
+        port: ports.destination,
+        protocol: l3.protocol,
+        family: l3.family,
+    };
+    // SAFETY: the value is copied out at once; the daemon replaces entries
+    // whole, so the copy is one consistent version.
+    let vip = *unsafe { LB_VIPS.get(&vip_key) }.ok_or(Reason::PassNotVip)?;
+    if vip.backend_count == 0 {
+        return Err(Reason::DropNoBackend);
+    }
+
+    let flow = FlowKey {
+        client_address: l3.source,
+        vip_address: l3.destination,
+        client_port: ports.source,
+        vip_port: ports.destination,
+        protocol: l3.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: read_volatile keeps the compiler from folding the load-time
+    // globals to their compile-time defaults.
+    let (seed, table_size) = unsafe {
+        (
+            core::ptr::read_volatile(&LB_HASH_SEED),
+            core::ptr::read_volatile(&LB_TABLE_SIZE),
+        )
+    };
+    if table_size == 0 {
+        return Err(Reason::DropInternal);
+    }
+    let hash = lb_common::flow_hash(&flow, seed);
+    let index = lb_common::table_index(vip.vip_index, vip.active_slot, table_size, hash);
+    let backend_slot = *LB_MAGLEV.get(index).ok_or(Reason::DropInternal)?;
+    if backend_slot == NO_BACKEND {
+        return Err(Reason::DropNoBackend);
+    }
+    let backend = LB_BACKENDS.get(backend_slot).ok_or(Reason::DropInternal)?;
+    if !backend.has_mac() {
+        return Err(Reason::DropBackendUnresolved);
+    }
+
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let action = dsr::forward(ctx, backend)?;
+    stats::count_traffic(&LB_VIP_STATS, vip.vip_index, bytes);
+    stats::count_traffic(&LB_BACKEND_STATS, backend_slot, bytes);
+    Ok(action)
+}
+
+/// A packet that cannot be hashed is dropped when it is addressed to one of
+/// our VIP addresses (it must not reach a wrong backend) and passed otherwise
+/// (it is the host's traffic).
+#[inline(always)]
+fn refuse_if_ours(l3: &L3, reason: Reason) -> Reason {
+    let key = VipAddressKey {
+        address: l3.destination,
+        family: u32::from(l3.family),
+    };
+    // SAFETY: only the presence of the key is used.
+    if unsafe { LB_VIP_ADDRESSES.get(&key) }.is_some() {
+        reason
+    } else {
+        Reason::PassNotVip
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

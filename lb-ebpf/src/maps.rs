@@ -1,0 +1,53 @@
+//! Every map of the datapath. Names, key and value types come from lb-common;
+//! the static's identifier is the map name (asserted by the loader, which
+//! takes each map by its lb-common name). Sizes here are defaults: the
+//! control plane sets the real ones at load time.
+
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE, Reason, SLOTS_PER_VIP,
+    TrafficCounters, VipAddressKey, VipInfo, VipKey,
+};
+
+/// VipKey -> VipInfo. Written by the daemon on every VIP or table change;
+/// sized to the maximum number of VIPs.
+#[map]
+pub static LB_VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// VipAddressKey -> number of VIPs on that address. Written by the daemon;
+/// read only for packets that cannot be hashed, to drop them when they are ours.
+#[map]
+pub static LB_VIP_ADDRESSES: HashMap<VipAddressKey, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// table index -> backend slot (or NO_BACKEND). Two slots of table_size
+/// entries per VIP; the daemon fills the inactive one through mmap and then
+/// flips VipInfo::active_slot. Sized max_vips * 2 * table_size.
+#[map]
+pub static LB_MAGLEV: Array<u32> = Array::with_max_entries(
+    DEFAULT_MAX_VIPS * SLOTS_PER_VIP * DEFAULT_TABLE_SIZE,
+    BPF_F_MMAPABLE,
+);
+
+/// backend slot -> Backend (MAC to forward to). Written by the daemon when a
+/// backend is added or its MAC resolves; sized to the maximum backend slots.
+#[map]
+pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// vip_index -> packets and bytes forwarded for that VIP, per CPU.
+#[map]
+pub static LB_VIP_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// backend slot -> packets and bytes forwarded to that backend, per CPU.
+#[map]
+pub static LB_BACKEND_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Reason -> packets that left the program for that reason, per CPU.
+#[map]
+pub static LB_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);

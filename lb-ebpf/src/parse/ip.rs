@@ -1,0 +1,130 @@
+//! IPv4 (IHL honoured, options allowed) and IPv6 (bounded extension-header walk).
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FAMILY_IPV4, FAMILY_IPV6, Reason};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+
+use super::ptr_at;
+
+/// What the rest of the pipeline needs from the IP header.
+pub struct L3 {
+    pub family: u8,
+    pub source: [u8; 16],
+    pub destination: [u8; 16],
+    /// The transport protocol once extension headers are skipped.
+    pub protocol: u8,
+    pub l4_offset: usize,
+    /// Set when the destination is known but the packet cannot be hashed
+    /// (a fragment, or an IPv6 header chain we do not walk to its end).
+    pub unhashable: Option<Reason>,
+}
+
+#[inline(always)]
+pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<L3, Reason> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, offset).ok_or(Reason::PassMalformed)?;
+    // SAFETY: ptr_at checked the fixed header is within the packet.
+    let ip = unsafe { &*ip };
+    let header_len = usize::from(ip.vihl & 0x0f) * 4;
+    if ip.vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
+        return Err(Reason::PassMalformed);
+    }
+    // Options are allowed; they only have to be present in full.
+    if ctx.data() + offset + header_len > ctx.data_end() {
+        return Err(Reason::PassMalformed);
+    }
+    // More-fragments flag or a non-zero offset: either way the ports of the
+    // flow are missing from all but one piece.
+    let is_fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
+    let mut source = [0u8; 16];
+    let mut destination = [0u8; 16];
+    source[..4].copy_from_slice(&ip.src_addr);
+    destination[..4].copy_from_slice(&ip.dst_addr);
+    Ok(L3 {
+        family: FAMILY_IPV4,
+        source,
+        destination,
+        protocol: ip.proto,
+        l4_offset: offset + header_len,
+        unhashable: if is_fragment {
+            Some(Reason::DropFragment)
+        } else {
+            None
+        },
+    })
+}
+
+const NEXT_HOP_BY_HOP: u8 = 0;
+const NEXT_ROUTING: u8 = 43;
+const NEXT_FRAGMENT: u8 = 44;
+const NEXT_ESP: u8 = 50;
+const NEXT_AUTH: u8 = 51;
+const NEXT_DESTINATION_OPTIONS: u8 = 60;
+
+/// Extension headers walked before giving up. Real traffic carries zero or
+/// one; a longer chain to a VIP is dropped as unhashable.
+pub const MAX_IPV6_EXTENSION_HEADERS: usize = 4;
+
+#[inline(always)]
+pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<L3, Reason> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, offset).ok_or(Reason::PassMalformed)?;
+    // SAFETY: ptr_at checked the fixed header is within the packet.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Reason::PassMalformed);
+    }
+    let mut l3 = L3 {
+        family: FAMILY_IPV6,
+        source: ip.src_addr,
+        destination: ip.dst_addr,
+        protocol: ip.next_hdr,
+        l4_offset: offset + Ipv6Hdr::LEN,
+        unhashable: None,
+    };
+    for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
+        let header_len = match l3.protocol {
+            NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DESTINATION_OPTIONS | NEXT_AUTH => {
+                // Every one of these starts with (next header, length).
+                let Some(ext) = ptr_at::<[u8; 2]>(ctx, l3.l4_offset) else {
+                    l3.unhashable = Some(Reason::DropMalformedL4);
+                    return Ok(l3);
+                };
+                // SAFETY: ptr_at checked both bytes are within the packet.
+                let [next, length] = unsafe { *ext };
+                let header_len = if l3.protocol == NEXT_AUTH {
+                    (usize::from(length) + 2) * 4
+                } else {
+                    (usize::from(length) + 1) * 8
+                };
+                l3.protocol = next;
+                header_len
+            }
+            NEXT_FRAGMENT => {
+                l3.unhashable = Some(Reason::DropFragment);
+                return Ok(l3);
+            }
+            NEXT_ESP => {
+                l3.unhashable = Some(Reason::DropUnhashable);
+                return Ok(l3);
+            }
+            _ => return Ok(l3),
+        };
+        l3.l4_offset += header_len;
+    }
+    if is_extension_header(l3.protocol) {
+        l3.unhashable = Some(Reason::DropUnhashable);
+    }
+    Ok(l3)
+}
+
+#[inline(always)]
+fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        NEXT_HOP_BY_HOP
+            | NEXT_ROUTING
+            | NEXT_FRAGMENT
+            | NEXT_ESP
+            | NEXT_AUTH
+            | NEXT_DESTINATION_OPTIONS
+    )
+}

@@ -1,0 +1,26 @@
+//! Counter updates: the only place the datapath writes its statistics maps.
+
+use aya_ebpf::maps::PerCpuArray;
+use lb_common::{Reason, TrafficCounters};
+
+use crate::maps::LB_REASONS;
+
+#[inline(always)]
+pub fn count_reason(reason: Reason) {
+    if let Some(counter) = LB_REASONS.get_ptr_mut(reason as u32) {
+        // SAFETY: the pointer comes from a per-CPU map lookup, so it is valid
+        // for this program run and no other CPU writes this copy.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64) {
+    if let Some(counters) = map.get_ptr_mut(index) {
+        // SAFETY: as in count_reason, a per-CPU value owned by this CPU.
+        unsafe {
+            (*counters).packets += 1;
+            (*counters).bytes += bytes;
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The balancer's control plane: the `lb` binary's library.
+pub mod maglev;
+pub mod model;

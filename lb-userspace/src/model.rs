@@ -1,0 +1,376 @@
+//! The desired state an operator declares: VIPs and their backends. Shared by
+//! the config file, the persisted state, the control API and the daemon.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Backend weights accepted, inclusive. A weight is relative to the other
+/// backends of the same VIP.
+pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=256;
+pub const DEFAULT_WEIGHT: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(format!("unknown protocol '{text}': expected tcp or udp")),
+        }
+    }
+}
+
+/// A VIP: address, port and protocol. Printed as `198.18.0.10:80/tcp` or
+/// `[fd00:198:18::10]:80/tcp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Vip {
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl Vip {
+    pub fn new(endpoint: SocketAddr, protocol: Protocol) -> Self {
+        Self {
+            address: endpoint.ip(),
+            port: endpoint.port(),
+            protocol,
+        }
+    }
+
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
+
+    pub fn key(&self) -> lb_common::VipKey {
+        lb_common::VipKey::new(self.address, self.port, self.protocol.number())
+    }
+}
+
+impl fmt::Display for Vip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.endpoint(), self.protocol)
+    }
+}
+
+/// Parses `ADDR:PORT` (IPv6 as `[ADDR]:PORT`), naming what is wrong.
+pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
+    SocketAddr::from_str(text).map_err(|_| {
+        format!("'{text}' is not ADDRESS:PORT (examples: 198.18.0.10:80, [fd00:198:18::10]:443)")
+    })
+}
+
+/// Parses a backend address: a bare IP address, without a port.
+pub fn parse_address(text: &str) -> Result<IpAddr, String> {
+    let trimmed = text.trim_start_matches('[').trim_end_matches(']');
+    IpAddr::from_str(trimmed).map_err(|_| {
+        let hint = if SocketAddr::from_str(text).is_ok() {
+            ": give the address without a port (backends serve the VIP's port)"
+        } else {
+            ""
+        };
+        format!("'{text}' is not an IP address{hint}")
+    })
+}
+
+/// One backend of a VIP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSpec {
+    pub address: IpAddr,
+    pub weight: u32,
+}
+
+/// Everything configured: VIPs and their backends, ordered so that output and
+/// table building are deterministic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub vips: BTreeMap<Vip, BTreeMap<IpAddr, BackendSpec>>,
+}
+
+/// Why a change to the desired state was refused. Each message names the
+/// input and what would be accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChangeError {
+    #[error("VIP {0} already exists")]
+    VipExists(Vip),
+    #[error("VIP {0} does not exist (see `lb vip list`)")]
+    UnknownVip(Vip),
+    #[error("backend {backend} already serves VIP {vip}")]
+    BackendExists { vip: Vip, backend: IpAddr },
+    #[error("backend {backend} does not serve VIP {vip} (see `lb backend list`)")]
+    UnknownBackend { vip: Vip, backend: IpAddr },
+    #[error("weight {0} is out of range: expected {min} to {max}", min = WEIGHT_RANGE.start(), max = WEIGHT_RANGE.end())]
+    WeightOutOfRange(u32),
+    #[error(
+        "backend {backend} is {backend_family} but VIP {vip} is {vip_family}: direct server return needs the same family"
+    )]
+    FamilyMismatch {
+        vip: Vip,
+        backend: IpAddr,
+        vip_family: &'static str,
+        backend_family: &'static str,
+    },
+    #[error("VIP address {0} is not usable: use a unicast address")]
+    BadVipAddress(IpAddr),
+    #[error("backend address {0} is not usable: use a unicast address")]
+    BadBackendAddress(IpAddr),
+    #[error("VIP port 0 is not usable")]
+    PortZero,
+    #[error("VIP {vip} would be the {count}th VIP, above the limit of {limit} (max_vips)")]
+    TooManyVips { vip: Vip, count: usize, limit: u32 },
+    #[error(
+        "VIP {vip} would have {count} backends, above the limit of {limit} (max_backends, shared by all VIPs)"
+    )]
+    TooManyBackends { vip: Vip, count: usize, limit: u32 },
+}
+
+fn family_name(address: IpAddr) -> &'static str {
+    if address.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+fn is_unusable(address: IpAddr) -> bool {
+    address.is_unspecified()
+        || address.is_multicast()
+        || address == IpAddr::from([255, 255, 255, 255])
+}
+
+/// Limits that come from map sizes, checked before any change is accepted.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_vips: u32,
+    pub max_backends: u32,
+}
+
+impl DesiredState {
+    pub fn add_vip(&mut self, vip: Vip, limits: Limits) -> Result<(), ChangeError> {
+        if is_unusable(vip.address) {
+            return Err(ChangeError::BadVipAddress(vip.address));
+        }
+        if vip.port == 0 {
+            return Err(ChangeError::PortZero);
+        }
+        if self.vips.contains_key(&vip) {
+            return Err(ChangeError::VipExists(vip));
+        }
+        let count = self.vips.len() + 1;
+        if count > limits.max_vips as usize {
+            return Err(ChangeError::TooManyVips {
+                vip,
+                count,
+                limit: limits.max_vips,
+            });
+        }
+        self.vips.insert(vip, BTreeMap::new());
+        Ok(())
+    }
+
+    pub fn remove_vip(&mut self, vip: &Vip) -> Result<(), ChangeError> {
+        self.vips
+            .remove(vip)
+            .map(|_| ())
+            .ok_or(ChangeError::UnknownVip(*vip))
+    }
+
+    pub fn add_backend(
+        &mut self,
+        vip: &Vip,
+        backend: BackendSpec,
+        limits: Limits,
+    ) -> Result<(), ChangeError> {
+        if !WEIGHT_RANGE.contains(&backend.weight) {
+            return Err(ChangeError::WeightOutOfRange(backend.weight));
+        }
+        if is_unusable(backend.address) {
+            return Err(ChangeError::BadBackendAddress(backend.address));
+        }
+        if backend.address.is_ipv4() != vip.address.is_ipv4() {
+            return Err(ChangeError::FamilyMismatch {
+                vip: *vip,
+                backend: backend.address,
+                vip_family: family_name(vip.address),
+                backend_family: family_name(backend.address),
+            });
+        }
+        let total: usize = self.vips.values().map(|backends| backends.len()).sum();
+        let backends = self
+            .vips
+            .get_mut(vip)
+            .ok_or(ChangeError::UnknownVip(*vip))?;
+        if backends.contains_key(&backend.address) {
+            return Err(ChangeError::BackendExists {
+                vip: *vip,
+                backend: backend.address,
+            });
+        }
+        if total + 1 > limits.max_backends as usize {
+            return Err(ChangeError::TooManyBackends {
+                vip: *vip,
+                count: backends.len() + 1,
+                limit: limits.max_backends,
+            });
+        }
+        backends.insert(backend.address, backend);
+        Ok(())
+    }
+
+    pub fn remove_backend(&mut self, vip: &Vip, backend: IpAddr) -> Result<(), ChangeError> {
+        let backends = self
+            .vips
+            .get_mut(vip)
+            .ok_or(ChangeError::UnknownVip(*vip))?;
+        backends
+            .remove(&backend)
+            .map(|_| ())
+            .ok_or(ChangeError::UnknownBackend { vip: *vip, backend })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_vips: 2,
+        max_backends: 3,
+    };
+
+    fn vip(text: &str) -> Vip {
+        Vip::new(parse_endpoint(text).unwrap(), Protocol::Tcp)
+    }
+
+    fn backend(text: &str, weight: u32) -> BackendSpec {
+        BackendSpec {
+            address: parse_address(text).unwrap(),
+            weight,
+        }
+    }
+
+    #[test]
+    fn endpoints_and_addresses_parse_or_say_why() {
+        assert_eq!(
+            vip("[fd00:198:18::10]:443").to_string(),
+            "[fd00:198:18::10]:443/tcp"
+        );
+        assert!(
+            parse_endpoint("198.18.0.10")
+                .unwrap_err()
+                .contains("ADDRESS:PORT")
+        );
+        assert!(
+            parse_address("198.18.1.1:80")
+                .unwrap_err()
+                .contains("without a port")
+        );
+        assert_eq!(
+            parse_address("[fd00::1]").unwrap(),
+            "fd00::1".parse::<IpAddr>().unwrap()
+        );
+        assert!(
+            "sctp"
+                .parse::<Protocol>()
+                .unwrap_err()
+                .contains("tcp or udp")
+        );
+    }
+
+    #[test]
+    fn refused_changes_leave_the_state_as_it_was() {
+        let mut state = DesiredState::default();
+        let web = vip("198.18.0.10:80");
+        state.add_vip(web, LIMITS).unwrap();
+        state
+            .add_backend(&web, backend("198.18.1.1", 1), LIMITS)
+            .unwrap();
+        let before = state.clone();
+
+        let errors = [
+            state.add_vip(web, LIMITS).unwrap_err(),
+            state
+                .add_backend(&web, backend("198.18.1.1", 2), LIMITS)
+                .unwrap_err(),
+            state
+                .add_backend(&web, backend("198.18.1.2", 0), LIMITS)
+                .unwrap_err(),
+            state
+                .add_backend(&web, backend("198.18.1.2", 257), LIMITS)
+                .unwrap_err(),
+            state
+                .add_backend(&web, backend("fd00::2", 1), LIMITS)
+                .unwrap_err(),
+            state
+                .add_backend(&vip("198.18.0.11:80"), backend("198.18.1.2", 1), LIMITS)
+                .unwrap_err(),
+            state
+                .remove_backend(&web, parse_address("198.18.1.9").unwrap())
+                .unwrap_err(),
+            state.add_vip(vip("0.0.0.0:80"), LIMITS).unwrap_err(),
+            state.add_vip(vip("198.18.0.10:0"), LIMITS).unwrap_err(),
+        ];
+        assert_eq!(state, before);
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(messages[0], "VIP 198.18.0.10:80/tcp already exists");
+        assert_eq!(
+            messages[1],
+            "backend 198.18.1.1 already serves VIP 198.18.0.10:80/tcp"
+        );
+        assert_eq!(messages[2], "weight 0 is out of range: expected 1 to 256");
+        assert_eq!(messages[3], "weight 257 is out of range: expected 1 to 256");
+        assert!(
+            messages[4].contains("needs the same family"),
+            "{}",
+            messages[4]
+        );
+        assert!(messages[5].contains("does not exist"), "{}", messages[5]);
+        assert!(messages[6].contains("does not serve"), "{}", messages[6]);
+    }
+
+    #[test]
+    fn limits_from_map_sizes_are_enforced() {
+        let mut state = DesiredState::default();
+        let web = vip("198.18.0.10:80");
+        state.add_vip(web, LIMITS).unwrap();
+        state.add_vip(vip("198.18.0.11:80"), LIMITS).unwrap();
+        assert!(matches!(
+            state.add_vip(vip("198.18.0.12:80"), LIMITS),
+            Err(ChangeError::TooManyVips { .. })
+        ));
+        for last in 1..=3 {
+            state
+                .add_backend(&web, backend(&format!("198.18.1.{last}"), 1), LIMITS)
+                .unwrap();
+        }
+        assert!(matches!(
+            state.add_backend(&web, backend("198.18.1.4", 1), LIMITS),
+            Err(ChangeError::TooManyBackends { .. })
+        ));
+    }
+}
