@@ -17,7 +17,8 @@ use core::net::IpAddr;
 pub const MAP_VIPS: &str = "LB_VIPS";
 /// `HashMap<VipAddressKey, u32>`: every address that carries at least one VIP.
 pub const MAP_VIP_ADDRESSES: &str = "LB_VIP_ADDRESSES";
-/// `Array<u32>` (mmap-able): the Maglev tables, two slots of `table_size` entries per VIP.
+/// `Array<MaglevChunk>` (mmap-able): the Maglev tables, two slots of
+/// `table_size` entries per VIP, stored densely in chunks.
 pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 /// `Array<Backend>`: where each backend slot forwards to.
 pub const MAP_BACKENDS: &str = "LB_BACKENDS";
@@ -119,7 +120,7 @@ const _: () = assert!(size_of::<VipInfo>() == 16);
 /// Key of [`MAP_VIP_ADDRESSES`]: consulted only for packets that cannot be
 /// hashed (fragments, unreadable L4), to decide between drop and pass.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VipAddressKey {
     pub address: [u8; 16],
     /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`], widened so the key has no padding.
@@ -284,7 +285,19 @@ pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     xxhash_rust::const_xxh32::xxh32(key.as_bytes(), seed)
 }
 
-/// Index into [`MAP_MAGLEV`] of the entry a flow hash selects.
+/// Table entries per element of [`MAP_MAGLEV`]. The kernel rounds array
+/// elements up to 8 bytes, so a plain `u32` array would not be dense when
+/// mmap-ed; 16 entries make one 64-byte element (a cache line).
+pub const MAGLEV_CHUNK: u32 = 16;
+pub type MaglevChunk = [u32; MAGLEV_CHUNK as usize];
+
+/// Elements of [`MAP_MAGLEV`] needed for `entries` table entries.
+pub const fn maglev_elements(entries: u32) -> u32 {
+    entries.div_ceil(MAGLEV_CHUNK)
+}
+
+/// Index (over all entries of all tables, see [`MAGLEV_CHUNK`]) of the entry
+/// a flow hash selects.
 #[inline(always)]
 pub fn table_index(vip_index: u32, slot: u32, table_size: u32, hash: u32) -> u32 {
     (vip_index * SLOTS_PER_VIP + slot) * table_size + hash % table_size

@@ -10,7 +10,9 @@ mod parse;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey, VipKey};
+use lb_common::{
+    FlowKey, MAGLEV_CHUNK, NO_BACKEND, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey, VipKey,
+};
 
 use maps::{LB_BACKEND_STATS, LB_BACKENDS, LB_MAGLEV, LB_VIP_ADDRESSES, LB_VIP_STATS, LB_VIPS};
 use parse::{
@@ -90,7 +92,10 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     }
     let hash = lb_common::flow_hash(&flow, seed);
     let index = lb_common::table_index(vip.vip_index, vip.active_slot, table_size, hash);
-    let backend_slot = *LB_MAGLEV.get(index).ok_or(Reason::DropInternal)?;
+    let chunk = LB_MAGLEV
+        .get(index / MAGLEV_CHUNK)
+        .ok_or(Reason::DropInternal)?;
+    let backend_slot = chunk[(index % MAGLEV_CHUNK) as usize];
     if backend_slot == NO_BACKEND {
         return Err(Reason::DropNoBackend);
     }

@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE, Reason, SLOTS_PER_VIP,
-    TrafficCounters, VipAddressKey, VipInfo, VipKey,
+    Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE, MaglevChunk, Reason,
+    SLOTS_PER_VIP, TrafficCounters, VipAddressKey, VipInfo, VipKey, maglev_elements,
 };
 
 /// VipKey -> VipInfo. Written by the daemon on every VIP or table change;
@@ -24,12 +24,13 @@ pub static LB_VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT
 pub static LB_VIP_ADDRESSES: HashMap<VipAddressKey, u32> =
     HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
-/// table index -> backend slot (or NO_BACKEND). Two slots of table_size
-/// entries per VIP; the daemon fills the inactive one through mmap and then
-/// flips VipInfo::active_slot. Sized max_vips * 2 * table_size.
+/// table index / MAGLEV_CHUNK -> MAGLEV_CHUNK backend slots (or NO_BACKEND).
+/// Two slots of table_size entries per VIP; the daemon fills the inactive one
+/// through mmap and then flips VipInfo::active_slot. Sized for
+/// max_vips * 2 * table_size entries.
 #[map]
-pub static LB_MAGLEV: Array<u32> = Array::with_max_entries(
-    DEFAULT_MAX_VIPS * SLOTS_PER_VIP * DEFAULT_TABLE_SIZE,
+pub static LB_MAGLEV: Array<MaglevChunk> = Array::with_max_entries(
+    maglev_elements(DEFAULT_MAX_VIPS * SLOTS_PER_VIP * DEFAULT_TABLE_SIZE),
     BPF_F_MMAPABLE,
 );
 

@@ -1,0 +1,384 @@
+//! Loading and attaching the XDP program, and the typed writers of its maps.
+//! Only the daemon's reconcile step (and tests standing in for it) call the
+//! writers here.
+
+use std::os::fd::AsFd as _;
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use lb_common::{
+    Backend, GLOBAL_HASH_SEED, GLOBAL_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV,
+    MAP_REASONS, MAP_VIP_ADDRESSES, MAP_VIP_STATS, MAP_VIPS, PROGRAM_NAME, Reason, SLOTS_PER_VIP,
+    TrafficCounters, VipAddressKey, VipInfo, VipKey,
+};
+use memmap2::{MmapMut, MmapOptions};
+
+/// The compiled XDP object, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Sizes and seeds fixed when the program is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    pub hash_seed: u32,
+    pub table_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            hash_seed: 0,
+            table_size: lb_common::DEFAULT_TABLE_SIZE,
+            max_vips: lb_common::DEFAULT_MAX_VIPS,
+            max_backends: lb_common::DEFAULT_MAX_BACKENDS,
+        }
+    }
+}
+
+impl DatapathConfig {
+    /// Entries of the Maglev map: two slots per VIP.
+    pub fn maglev_entries(&self) -> Option<u32> {
+        self.max_vips
+            .checked_mul(SLOTS_PER_VIP)?
+            .checked_mul(self.table_size)
+    }
+}
+
+/// How to attach: `Auto` tries native (driver) mode and falls back to generic
+/// (skb) mode with a warning.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    Auto,
+    Native,
+    Skb,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "max_vips {max_vips} x 2 x table_size {table_size} Maglev entries do not fit a BPF array"
+    )]
+    TableTooLarge { max_vips: u32, table_size: u32 },
+    #[error("loading the XDP object failed (are you root, with BPF and BTF available?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the XDP object has no {kind} named {name}: the object and lb-common disagree")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("the XDP program was rejected by the kernel: {0}")]
+    Program(#[source] ProgramError),
+    #[error("attaching to interface {iface} in {mode} mode failed: {source}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        source: ProgramError,
+    },
+    #[error("mapping the Maglev table into memory failed: {0}")]
+    Mmap(#[source] std::io::Error),
+    #[error("test run failed: {0}")]
+    TestRun(#[source] ProgramError),
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// The loaded program and its maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    config: DatapathConfig,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    vip_addresses: HashMap<MapData, VipAddressKey, u32>,
+    backends: Array<MapData, Backend>,
+    vip_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    reasons: PerCpuArray<MapData, u64>,
+    /// The Maglev array, written through memory: installing a table is one
+    /// copy instead of one syscall per entry.
+    maglev: MmapMut,
+    _maglev_map: MapData,
+    attached: Option<(String, &'static str)>,
+}
+
+impl Datapath {
+    /// Loads the XDP program and creates its maps with the configured sizes.
+    /// Nothing is attached yet.
+    pub fn load(config: DatapathConfig) -> Result<Self, DatapathError> {
+        let too_large = || DatapathError::TableTooLarge {
+            max_vips: config.max_vips,
+            table_size: config.table_size,
+        };
+        let maglev_entries = config.maglev_entries().ok_or_else(too_large)?;
+        if maglev_entries.checked_mul(4).is_none() {
+            return Err(too_large());
+        }
+        let maglev_elements = lb_common::maglev_elements(maglev_entries);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_HASH_SEED, &config.hash_seed, true)
+            .override_global(GLOBAL_TABLE_SIZE, &config.table_size, true)
+            .map_max_entries(MAP_VIPS, config.max_vips)
+            .map_max_entries(MAP_VIP_ADDRESSES, config.max_vips)
+            .map_max_entries(MAP_VIP_STATS, config.max_vips)
+            .map_max_entries(MAP_MAGLEV, maglev_elements)
+            .map_max_entries(MAP_BACKENDS, config.max_backends)
+            .map_max_entries(MAP_BACKEND_STATS, config.max_backends)
+            .load(OBJECT)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(DatapathError::Missing {
+                kind: "program",
+                name: PROGRAM_NAME,
+            })?
+            .try_into()
+            .map_err(DatapathError::Program)?;
+        program.load().map_err(DatapathError::Program)?;
+
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(DatapathError::Missing { kind: "map", name })
+        };
+        let vips = HashMap::try_from(take(MAP_VIPS)?).map_err(map_error(MAP_VIPS))?;
+        let vip_addresses =
+            HashMap::try_from(take(MAP_VIP_ADDRESSES)?).map_err(map_error(MAP_VIP_ADDRESSES))?;
+        let backends = Array::try_from(take(MAP_BACKENDS)?).map_err(map_error(MAP_BACKENDS))?;
+        let vip_stats =
+            PerCpuArray::try_from(take(MAP_VIP_STATS)?).map_err(map_error(MAP_VIP_STATS))?;
+        let backend_stats = PerCpuArray::try_from(take(MAP_BACKEND_STATS)?)
+            .map_err(map_error(MAP_BACKEND_STATS))?;
+        let reasons = PerCpuArray::try_from(take(MAP_REASONS)?).map_err(map_error(MAP_REASONS))?;
+        let Map::Array(maglev_map) = take(MAP_MAGLEV)? else {
+            return Err(DatapathError::Missing {
+                kind: "array map",
+                name: MAP_MAGLEV,
+            });
+        };
+        let length = maglev_elements as usize * size_of::<lb_common::MaglevChunk>();
+        // SAFETY: the fd is a BPF array created with BPF_F_MMAPABLE holding
+        // `length` bytes of values (64-byte elements, so no padding between
+        // them); the kernel keeps the memory alive while it is mapped, and
+        // nothing else in this process maps it.
+        let maglev = unsafe {
+            MmapOptions::new()
+                .len(length)
+                .map_mut(&maglev_map.fd().as_fd())
+        }
+        .map_err(DatapathError::Mmap)?;
+        Ok(Self {
+            ebpf,
+            config,
+            vips,
+            vip_addresses,
+            backends,
+            vip_stats,
+            backend_stats,
+            reasons,
+            maglev,
+            _maglev_map: maglev_map,
+            attached: None,
+        })
+    }
+
+    pub fn config(&self) -> DatapathConfig {
+        self.config
+    }
+
+    fn program(&self) -> &Xdp {
+        // Checked in load(): the program exists and is XDP.
+        let program = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .expect("program checked at load");
+        program.try_into().expect("program type checked at load")
+    }
+
+    /// Attaches to `iface`. Returns the mode actually used ("native" or "skb").
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str, DatapathError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("program checked at load")
+            .try_into()
+            .expect("program type checked at load");
+        let attempt = |program: &mut Xdp, mode: XdpMode, name: &'static str| {
+            program
+                .attach(iface, mode)
+                .map(|_| name)
+                .map_err(|source| DatapathError::Attach {
+                    iface: iface.to_owned(),
+                    mode: name,
+                    source,
+                })
+        };
+        let used = match mode {
+            AttachMode::Native => attempt(program, XdpMode::Driver, "native")?,
+            AttachMode::Skb => attempt(program, XdpMode::Skb, "skb")?,
+            AttachMode::Auto => match attempt(program, XdpMode::Driver, "native") {
+                Ok(used) => used,
+                Err(native_error) => {
+                    tracing::warn!(
+                        %iface, error = %native_error,
+                        "native XDP unavailable; falling back to skb (generic) mode, which is much slower"
+                    );
+                    attempt(program, XdpMode::Skb, "skb")?
+                }
+            },
+        };
+        self.attached = Some((iface.to_owned(), used));
+        Ok(used)
+    }
+
+    /// Runs the program once on `packet` through BPF_PROG_TEST_RUN. Returns the
+    /// XDP action and the packet as the program left it.
+    pub fn test_run(&self, packet: &[u8]) -> Result<(u32, Vec<u8>), DatapathError> {
+        // Room for programs that grow the packet (encapsulation).
+        let mut output = vec![0u8; packet.len() + 256];
+        let result = aya::programs::TestRun::test_run(
+            self.program(),
+            aya::programs::TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut output),
+                ..Default::default()
+            },
+        )
+        .map_err(DatapathError::TestRun)?;
+        output.truncate(result.data_size_out as usize);
+        Ok((result.return_value, output))
+    }
+
+    // --- writers -------------------------------------------------------------
+
+    fn table_range(&self, vip_index: u32, slot: u32) -> std::ops::Range<usize> {
+        let entries = self.config.table_size as usize;
+        let start = (vip_index * SLOTS_PER_VIP + slot) as usize * entries * size_of::<u32>();
+        start..start + entries * size_of::<u32>()
+    }
+
+    /// Fills one table slot. The caller installs it with [`Self::set_vip`]
+    /// only after this returns, and never writes the slot the datapath reads.
+    pub fn write_table(&mut self, vip_index: u32, slot: u32, table: &[u32]) {
+        assert_eq!(
+            table.len(),
+            self.config.table_size as usize,
+            "table of the wrong size"
+        );
+        let range = self.table_range(vip_index, slot);
+        self.maglev[range].copy_from_slice(bytemuck::cast_slice(table));
+    }
+
+    /// The backend slot at `index` of LB_MAGLEV (see `lb_common::table_index`).
+    pub fn maglev_entry(&self, index: u32) -> u32 {
+        let start = index as usize * size_of::<u32>();
+        let bytes: [u8; 4] = self.maglev[start..start + 4]
+            .try_into()
+            .expect("four bytes");
+        u32::from_ne_bytes(bytes)
+    }
+
+    /// A whole installed table, as the datapath reads it.
+    pub fn table(&self, vip_index: u32, slot: u32) -> &[u32] {
+        bytemuck::cast_slice(&self.maglev[self.table_range(vip_index, slot)])
+    }
+
+    /// Publishes a VIP (or moves it to another table slot) in one map update.
+    pub fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError> {
+        self.vips.insert(key, info, 0).map_err(map_error(MAP_VIPS))
+    }
+
+    pub fn vip(&self, key: &VipKey) -> Option<VipInfo> {
+        self.vips.get(key, 0).ok()
+    }
+
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DatapathError> {
+        self.vips.remove(key).map_err(map_error(MAP_VIPS))
+    }
+
+    /// Records how many VIPs use `address` (0 removes it).
+    pub fn set_vip_address(&mut self, key: VipAddressKey, count: u32) -> Result<(), DatapathError> {
+        if count == 0 {
+            self.vip_addresses
+                .remove(&key)
+                .map_err(map_error(MAP_VIP_ADDRESSES))
+        } else {
+            self.vip_addresses
+                .insert(key, count, 0)
+                .map_err(map_error(MAP_VIP_ADDRESSES))
+        }
+    }
+
+    pub fn set_backend(&mut self, slot: u32, backend: Backend) -> Result<(), DatapathError> {
+        self.backends
+            .set(slot, backend, 0)
+            .map_err(map_error(MAP_BACKENDS))
+    }
+
+    /// Zeroes the counters of a VIP index or backend slot that is being reused.
+    pub fn reset_vip_stats(&mut self, vip_index: u32) -> Result<(), DatapathError> {
+        reset(&mut self.vip_stats, vip_index).map_err(map_error(MAP_VIP_STATS))
+    }
+
+    pub fn reset_backend_stats(&mut self, slot: u32) -> Result<(), DatapathError> {
+        reset(&mut self.backend_stats, slot).map_err(map_error(MAP_BACKEND_STATS))
+    }
+
+    // --- counters ------------------------------------------------------------
+
+    pub fn vip_counters(&self, vip_index: u32) -> Result<TrafficCounters, DatapathError> {
+        sum_traffic(&self.vip_stats, vip_index).map_err(map_error(MAP_VIP_STATS))
+    }
+
+    pub fn backend_counters(&self, slot: u32) -> Result<TrafficCounters, DatapathError> {
+        sum_traffic(&self.backend_stats, slot).map_err(map_error(MAP_BACKEND_STATS))
+    }
+
+    /// Packets per [`Reason`], summed over CPUs, in `Reason::ALL` order.
+    pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DatapathError> {
+        Reason::ALL
+            .iter()
+            .map(|&reason| {
+                let values = self
+                    .reasons
+                    .get(&(reason as u32), 0)
+                    .map_err(map_error(MAP_REASONS))?;
+                Ok((reason, values.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+fn sum_traffic(
+    map: &PerCpuArray<MapData, TrafficCounters>,
+    index: u32,
+) -> Result<TrafficCounters, aya::maps::MapError> {
+    let values = map.get(&index, 0)?;
+    Ok(values
+        .iter()
+        .fold(TrafficCounters::default(), |total, cpu| TrafficCounters {
+            packets: total.packets + cpu.packets,
+            bytes: total.bytes + cpu.bytes,
+        }))
+}
+
+fn reset(
+    map: &mut PerCpuArray<MapData, TrafficCounters>,
+    index: u32,
+) -> Result<(), aya::maps::MapError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, error)| {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: error,
+        })
+    })?;
+    let zeroes = aya::maps::PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])?;
+    map.set(index, zeroes, 0)
+}

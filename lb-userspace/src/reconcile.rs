@@ -1,0 +1,384 @@
+//! The reconcile step: the only code that writes the datapath's maps. It
+//! compares the desired state (and the resolved MACs) with what is installed,
+//! rebuilds the Maglev table of every VIP whose usable backend set changed,
+//! and installs it without a packet ever seeing a half-written table.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use lb_common::{Backend, FlowKey, NO_BACKEND, VipAddressKey, VipInfo, address_bytes};
+
+use crate::datapath::{Datapath, DatapathError};
+use crate::maglev::{Candidate, build_table};
+use crate::model::{DesiredState, Vip};
+
+/// A table slot that stopped being read is not rewritten before this long:
+/// far beyond the microseconds a packet that read the old slot index needs.
+const SLOT_QUIET_TIME: Duration = Duration::from_millis(5);
+
+pub type Mac = [u8; 6];
+
+/// What is installed for one VIP.
+#[derive(Debug)]
+struct InstalledVip {
+    vip_index: u32,
+    active_slot: u32,
+    /// When `active_slot` last changed.
+    flipped_at: Instant,
+    /// Backend address -> its slot in LB_BACKENDS (every configured backend).
+    slots: BTreeMap<IpAddr, u32>,
+    /// The table's members in table order: (address, weight).
+    members: Vec<(IpAddr, u32)>,
+}
+
+/// Where a flow goes, computed with the kernel's hash from the installed table.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LookupResult {
+    pub backend: Option<IpAddr>,
+    pub hash: u32,
+    pub table_entry: u32,
+}
+
+/// A configured backend as installed.
+#[derive(Clone, Debug)]
+pub struct InstalledBackend {
+    pub address: IpAddr,
+    pub slot: u32,
+    pub mac: Option<Mac>,
+    /// Entries of the active table that point at it.
+    pub table_entries: u32,
+}
+
+/// FIFO slot allocator: a freed slot goes to the back, so it is reused as
+/// late as possible.
+#[derive(Debug)]
+struct Slots {
+    free: VecDeque<u32>,
+}
+
+impl Slots {
+    fn new(count: u32) -> Self {
+        Self {
+            free: (0..count).collect(),
+        }
+    }
+    fn take(&mut self) -> Option<u32> {
+        self.free.pop_front()
+    }
+    fn give_back(&mut self, slot: u32) {
+        self.free.push_back(slot);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("no free {0} left in the datapath maps")]
+    Exhausted(&'static str),
+}
+
+pub struct Reconciler {
+    datapath: Datapath,
+    installed: BTreeMap<Vip, InstalledVip>,
+    vip_indexes: Slots,
+    backend_slots: Slots,
+    macs: HashMap<IpAddr, Mac>,
+    vip_addresses: BTreeMap<VipAddressKey, u32>,
+    tables_built: u64,
+}
+
+impl Reconciler {
+    pub fn new(datapath: Datapath) -> Self {
+        let config = datapath.config();
+        Self {
+            datapath,
+            installed: BTreeMap::new(),
+            vip_indexes: Slots::new(config.max_vips),
+            backend_slots: Slots::new(config.max_backends),
+            macs: HashMap::new(),
+            vip_addresses: BTreeMap::new(),
+            tables_built: 0,
+        }
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
+    }
+
+    pub fn tables_built(&self) -> u64 {
+        self.tables_built
+    }
+
+    /// Backend addresses whose MAC the datapath needs.
+    pub fn wanted_neighbours(&self) -> Vec<IpAddr> {
+        let mut wanted: Vec<IpAddr> = self
+            .installed
+            .values()
+            .flat_map(|vip| vip.slots.keys().copied())
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        wanted
+    }
+
+    pub fn mac(&self, address: IpAddr) -> Option<Mac> {
+        self.macs.get(&address).copied()
+    }
+
+    /// Records a resolved MAC. A MAC is never forgotten, only replaced: a
+    /// neighbour entry that expires must not stop traffic to a live backend.
+    /// Returns whether anything changed (then call [`Self::apply`]).
+    pub fn set_mac(&mut self, address: IpAddr, mac: Mac) -> bool {
+        self.macs.insert(address, mac) != Some(mac)
+    }
+
+    /// Brings the maps in line with `desired`.
+    pub fn apply(&mut self, desired: &DesiredState) -> Result<(), ReconcileError> {
+        // VIPs that went away: unpublish first, then free their slots.
+        let gone: Vec<Vip> = self
+            .installed
+            .keys()
+            .filter(|vip| !desired.vips.contains_key(vip))
+            .copied()
+            .collect();
+        for vip in gone {
+            self.datapath.remove_vip(&vip.key())?;
+            let installed = self.installed.remove(&vip).expect("listed above");
+            for (_, slot) in installed.slots {
+                self.release_backend(slot)?;
+            }
+            self.vip_indexes.give_back(installed.vip_index);
+        }
+
+        for (vip, backends) in &desired.vips {
+            if !self.installed.contains_key(vip) {
+                let vip_index = self
+                    .vip_indexes
+                    .take()
+                    .ok_or(ReconcileError::Exhausted("VIP index"))?;
+                self.datapath.reset_vip_stats(vip_index)?;
+                self.installed.insert(
+                    *vip,
+                    InstalledVip {
+                        vip_index,
+                        active_slot: 0,
+                        flipped_at: Instant::now() - SLOT_QUIET_TIME,
+                        slots: BTreeMap::new(),
+                        members: Vec::new(),
+                    },
+                );
+                // Published with no backends (drops) until its table is installed.
+                self.datapath.set_vip(
+                    vip.key(),
+                    VipInfo {
+                        vip_index,
+                        ..Default::default()
+                    },
+                )?;
+            }
+
+            // Backend slots: allocate new ones, program MACs, remember removals.
+            let mut released = Vec::new();
+            {
+                let installed = self.installed.get_mut(vip).expect("inserted above");
+                installed.slots.retain(|address, slot| {
+                    let keep = backends.contains_key(address);
+                    if !keep {
+                        released.push(*slot);
+                    }
+                    keep
+                });
+                for address in backends.keys() {
+                    if !installed.slots.contains_key(address) {
+                        let slot = self
+                            .backend_slots
+                            .take()
+                            .ok_or(ReconcileError::Exhausted("backend slot"))?;
+                        self.datapath.reset_backend_stats(slot)?;
+                        installed.slots.insert(*address, slot);
+                    }
+                }
+                for (address, slot) in &installed.slots {
+                    let (bytes, family) = address_bytes(*address);
+                    let backend = Backend {
+                        mac: self.macs.get(address).copied().unwrap_or_default(),
+                        flags: 0,
+                        address: bytes,
+                        family,
+                        _pad: [0; 7],
+                    };
+                    self.datapath.set_backend(*slot, backend)?;
+                }
+            }
+
+            // Only backends with a resolved MAC go in the table.
+            let members: Vec<(IpAddr, u32)> = backends
+                .values()
+                .filter(|backend| self.macs.contains_key(&backend.address))
+                .map(|backend| (backend.address, backend.weight))
+                .collect();
+            if members != self.installed[vip].members || !self.is_published(vip) {
+                self.install_table(vip, members)?;
+            }
+            // Removed backends are freed only once no table points at them.
+            for slot in released {
+                self.release_backend(slot)?;
+            }
+        }
+        self.sync_vip_addresses(desired)?;
+        Ok(())
+    }
+
+    fn is_published(&self, vip: &Vip) -> bool {
+        self.datapath.vip(&vip.key()).is_some()
+    }
+
+    /// Builds the table for `members`, writes it to the inactive slot, then
+    /// flips the VIP to it with a single map update.
+    fn install_table(
+        &mut self,
+        vip: &Vip,
+        members: Vec<(IpAddr, u32)>,
+    ) -> Result<(), ReconcileError> {
+        let table_size = self.datapath.config().table_size;
+        let installed = self
+            .installed
+            .get_mut(vip)
+            .expect("installed before its table");
+        let candidates: Vec<Candidate> = members
+            .iter()
+            .map(|&(address, weight)| Candidate { address, weight })
+            .collect();
+        let positions = build_table(&candidates, table_size);
+        let slots: Vec<u32> = members
+            .iter()
+            .map(|(address, _)| installed.slots[address])
+            .collect();
+        let table: Vec<u32> = positions
+            .iter()
+            .map(|&position| {
+                if position == NO_BACKEND {
+                    NO_BACKEND
+                } else {
+                    slots[position as usize]
+                }
+            })
+            .collect();
+
+        let quiet_for = installed.flipped_at.elapsed();
+        if quiet_for < SLOT_QUIET_TIME {
+            std::thread::sleep(SLOT_QUIET_TIME - quiet_for);
+        }
+        let next_slot = 1 - installed.active_slot;
+        self.datapath
+            .write_table(installed.vip_index, next_slot, &table);
+        self.datapath.set_vip(
+            vip.key(),
+            VipInfo {
+                vip_index: installed.vip_index,
+                active_slot: next_slot,
+                backend_count: members.len() as u32,
+                flags: 0,
+            },
+        )?;
+        installed.active_slot = next_slot;
+        installed.flipped_at = Instant::now();
+        installed.members = members;
+        self.tables_built += 1;
+        Ok(())
+    }
+
+    fn release_backend(&mut self, slot: u32) -> Result<(), ReconcileError> {
+        self.datapath.set_backend(slot, Backend::default())?;
+        self.backend_slots.give_back(slot);
+        Ok(())
+    }
+
+    fn sync_vip_addresses(&mut self, desired: &DesiredState) -> Result<(), ReconcileError> {
+        let mut counts: BTreeMap<VipAddressKey, u32> = BTreeMap::new();
+        for vip in desired.vips.keys() {
+            *counts.entry(VipAddressKey::new(vip.address)).or_default() += 1;
+        }
+        for key in self.vip_addresses.keys() {
+            if !counts.contains_key(key) {
+                self.datapath.set_vip_address(*key, 0)?;
+            }
+        }
+        for (key, count) in &counts {
+            if self.vip_addresses.get(key) != Some(count) {
+                self.datapath.set_vip_address(*key, *count)?;
+            }
+        }
+        self.vip_addresses = counts;
+        Ok(())
+    }
+
+    // --- reading ---------------------------------------------------------------
+
+    pub fn vip_index(&self, vip: &Vip) -> Option<u32> {
+        self.installed.get(vip).map(|installed| installed.vip_index)
+    }
+
+    /// Configured backends of `vip` with their slots and table shares.
+    pub fn backends(&self, vip: &Vip) -> Vec<InstalledBackend> {
+        let Some(installed) = self.installed.get(vip) else {
+            return Vec::new();
+        };
+        let mut entries: HashMap<u32, u32> = HashMap::new();
+        if let Some(info) = self.datapath.vip(&vip.key()) {
+            for slot in self.datapath.table(info.vip_index, info.active_slot) {
+                *entries.entry(*slot).or_default() += 1;
+            }
+        }
+        installed
+            .slots
+            .iter()
+            .map(|(address, slot)| InstalledBackend {
+                address: *address,
+                slot: *slot,
+                mac: self.macs.get(address).copied(),
+                table_entries: entries.get(slot).copied().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Which backend the datapath sends `client`'s flow to, read from the
+    /// maps the kernel reads, with the kernel's hash.
+    pub fn lookup(&self, vip: &Vip, client: SocketAddr) -> Option<LookupResult> {
+        let installed = self.installed.get(vip)?;
+        let info = self.datapath.vip(&vip.key())?;
+        let config = self.datapath.config();
+        let flow = FlowKey::new(
+            client.ip(),
+            client.port(),
+            vip.address,
+            vip.port,
+            vip.protocol.number(),
+        );
+        let hash = lb_common::flow_hash(&flow, config.hash_seed);
+        let table_entry = hash % config.table_size;
+        let backend = if info.backend_count == 0 {
+            None
+        } else {
+            let index =
+                lb_common::table_index(info.vip_index, info.active_slot, config.table_size, hash);
+            let slot = self.datapath.maglev_entry(index);
+            installed
+                .slots
+                .iter()
+                .find(|(_, s)| **s == slot)
+                .map(|(address, _)| *address)
+        };
+        Some(LookupResult {
+            backend,
+            hash,
+            table_entry,
+        })
+    }
+}

@@ -1,0 +1,134 @@
+//! Test packets: built with etherparse, then bent where a case needs a
+//! header no well-behaved stack would send.
+
+use std::net::IpAddr;
+
+use etherparse::{IpHeaders, Ipv4Header, Ipv4Options, PacketBuilder, VlanId};
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const BALANCER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+
+/// Where the IP header starts in frames built here without VLAN tags.
+pub const L3_OFFSET: usize = 14;
+
+#[derive(Clone, Copy, Debug)]
+pub enum L4 {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Flow {
+    pub client: IpAddr,
+    pub client_port: u16,
+    pub vip: IpAddr,
+    pub vip_port: u16,
+    pub l4: L4,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Shape {
+    /// VLAN IDs, outermost first (0 to 2 of them).
+    pub vlans: &'static [u16],
+    /// IPv4 options bytes (a multiple of 4).
+    pub ipv4_options: &'static [u8],
+}
+
+/// A client-to-VIP frame carrying `payload`.
+pub fn frame(flow: Flow, shape: Shape, payload: &[u8]) -> Vec<u8> {
+    let ethernet = PacketBuilder::ethernet2(CLIENT_MAC, BALANCER_MAC);
+    let vlan = |id: u16| VlanId::try_new(id).expect("valid VLAN ID");
+    let mut out = Vec::new();
+    macro_rules! finish {
+        ($ip:expr) => {
+            match flow.l4 {
+                L4::Tcp => $ip
+                    .tcp(flow.client_port, flow.vip_port, 1000, 64_000)
+                    .syn()
+                    .write(&mut out, payload),
+                L4::Udp => $ip
+                    .udp(flow.client_port, flow.vip_port)
+                    .write(&mut out, payload),
+            }
+        };
+    }
+    macro_rules! ip {
+        ($step:expr) => {
+            match (flow.client, flow.vip) {
+                (IpAddr::V4(client), IpAddr::V4(vip)) => {
+                    let protocol = match flow.l4 {
+                        L4::Tcp => etherparse::IpNumber::TCP,
+                        L4::Udp => etherparse::IpNumber::UDP,
+                    };
+                    let mut header =
+                        Ipv4Header::new(0, 64, protocol, client.octets(), vip.octets())
+                            .expect("header");
+                    header.options = Ipv4Options::try_from(shape.ipv4_options)
+                        .expect("options of 4-byte multiples");
+                    finish!($step.ip(IpHeaders::Ipv4(header, Default::default())))
+                }
+                (IpAddr::V6(client), IpAddr::V6(vip)) => {
+                    finish!($step.ipv6(client.octets(), vip.octets(), 64))
+                }
+                _ => panic!("client and VIP of different families"),
+            }
+        };
+    }
+    match shape.vlans {
+        [] => ip!(ethernet),
+        [id] => ip!(ethernet.single_vlan(vlan(*id))),
+        [outer, inner] => ip!(ethernet.double_vlan(vlan(*outer), vlan(*inner))),
+        _ => panic!("at most two VLAN tags; build deeper stacks by hand"),
+    }
+    .expect("writing to a Vec cannot fail");
+    out
+}
+
+/// The frame as the balancer must emit it in DSR mode: only the MACs change.
+pub fn dsr_rewritten(input: &[u8], backend_mac: [u8; 6]) -> Vec<u8> {
+    let mut output = input.to_vec();
+    output[0..6].copy_from_slice(&backend_mac);
+    output[6..12].copy_from_slice(&input[0..6]);
+    output
+}
+
+/// Marks an untagged IPv4 frame as a fragment (more-fragments flag and the
+/// given offset in 8-byte units). Checksums are left alone: the datapath
+/// does not verify them.
+pub fn make_ipv4_fragment(frame: &mut [u8], more_fragments: bool, offset_units: u16) {
+    let flags_and_offset = (u16::from(more_fragments) << 13) | (offset_units & 0x1fff);
+    frame[L3_OFFSET + 6..L3_OFFSET + 8].copy_from_slice(&flags_and_offset.to_be_bytes());
+}
+
+/// Inserts IPv6 extension headers after the fixed header of an untagged IPv6
+/// frame. Each is (type, total length in bytes, a multiple of 8).
+pub fn insert_ipv6_extensions(frame: &[u8], extensions: &[(u8, usize)]) -> Vec<u8> {
+    let fixed_end = L3_OFFSET + 40;
+    let mut next_header = frame[L3_OFFSET + 6];
+    let mut chain = Vec::new();
+    // Build from the innermost outwards so every header names its successor.
+    for &(kind, length) in extensions.iter().rev() {
+        assert!(
+            length >= 8 && length % 8 == 0,
+            "extension headers are 8-byte multiples"
+        );
+        let mut header = vec![0u8; length];
+        header[0] = next_header;
+        header[1] = if kind == 51 {
+            (length / 4 - 2) as u8
+        } else {
+            (length / 8 - 1) as u8
+        };
+        header.extend_from_slice(&chain);
+        chain = header;
+        next_header = kind;
+    }
+    let mut out = frame[..fixed_end].to_vec();
+    out[L3_OFFSET + 6] = next_header;
+    let payload_length = u16::from_be_bytes([frame[L3_OFFSET + 4], frame[L3_OFFSET + 5]]) as usize;
+    out[L3_OFFSET + 4..L3_OFFSET + 6]
+        .copy_from_slice(&((payload_length + chain.len()) as u16).to_be_bytes());
+    out.extend_from_slice(&chain);
+    out.extend_from_slice(&frame[fixed_end..]);
+    out
+}
