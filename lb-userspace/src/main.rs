@@ -1,1 +1,335 @@
-fn main() {}
+//! `lb`: the load balancer's daemon (`lb run`) and its command-line client.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use lb_userspace::api::{self, Body, Reply, Request};
+use lb_userspace::daemon::{self, RunOptions};
+use lb_userspace::datapath::AttachMode;
+use lb_userspace::model::{DEFAULT_WEIGHT, Protocol, Vip, parse_address, parse_endpoint};
+
+/// A stateless L3/L4 load balancer on XDP: Maglev hashing, direct server return.
+#[derive(Parser)]
+#[command(name = "lb", version, propagate_version = true)]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = api::DEFAULT_SOCKET, env = "LB_SOCKET")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the datapath, apply the configuration, serve the control socket.
+    ///
+    /// The configuration comes from --config when given (it replaces the saved
+    /// state), else from the state file, else starts empty. Every change is
+    /// saved to the state file. SIGINT or SIGTERM detaches the program.
+    Run {
+        /// Interface to attach to (the one that receives VIP traffic).
+        #[arg(long)]
+        iface: String,
+        /// TOML configuration: settings and VIPs (see README, "Configuration").
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where the configuration is saved after every change.
+        #[arg(long, default_value = daemon::DEFAULT_STATE)]
+        state: PathBuf,
+        /// native (driver) mode, skb (generic) mode, or auto: native, else skb with a warning.
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: AttachMode,
+    },
+    /// Declare, remove and list VIPs.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Add, remove and list a VIP's backends.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Packets, bytes and rates per VIP and backend, and the datapath's reason counters.
+    Stats(Output),
+    /// Which backend a client's flow goes to, computed with the kernel's hash and table.
+    Lookup {
+        /// VIP as ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
+        vip: String,
+        /// Client as ADDRESS:PORT.
+        client: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum VipCommand {
+    /// Declare a VIP (it drops traffic until it has a backend).
+    Add {
+        /// ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Remove a VIP and its backends.
+    Remove {
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// List VIPs.
+    List(Output),
+}
+
+#[derive(Subcommand)]
+enum BackendCommand {
+    /// Add a backend to a VIP. Its MAC is resolved automatically; it takes
+    /// traffic once resolved.
+    Add {
+        /// The VIP as ADDRESS:PORT.
+        vip: String,
+        /// The backend's address (no port: backends serve the VIP's port).
+        backend: String,
+        /// Relative share of new flows, 1 to 256.
+        #[arg(long, default_value_t = DEFAULT_WEIGHT)]
+        weight: u32,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Remove a backend from a VIP.
+    Remove {
+        vip: String,
+        backend: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// List backends, of one VIP or of all.
+    List {
+        vip: Option<String>,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Args)]
+struct ProtocolArg {
+    /// The VIP's protocol.
+    #[arg(long = "proto", default_value = "tcp", value_parser = parse_protocol)]
+    protocol: Protocol,
+}
+
+fn parse_protocol(text: &str) -> Result<Protocol, String> {
+    text.parse()
+}
+
+#[derive(Args)]
+struct Output {
+    /// Print JSON (schema in the README) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("lb: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn vip_arg(text: &str, protocol: &ProtocolArg) -> anyhow::Result<Vip> {
+    let endpoint = parse_endpoint(text).map_err(|message| anyhow::anyhow!("VIP: {message}"))?;
+    Ok(Vip::new(endpoint, protocol.protocol))
+}
+
+fn backend_arg(text: &str) -> anyhow::Result<IpAddr> {
+    parse_address(text).map_err(|message| anyhow::anyhow!("backend: {message}"))
+}
+
+fn execute(cli: Cli) -> anyhow::Result<()> {
+    let (request, json) = match cli.command {
+        Command::Run {
+            iface,
+            config,
+            state,
+            xdp_mode,
+        } => {
+            let options = RunOptions {
+                iface,
+                config,
+                state,
+                socket: cli.socket,
+                xdp_mode,
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            return runtime.block_on(daemon::run(options));
+        }
+        Command::Vip(VipCommand::Add { vip, protocol }) => (
+            Request::VipAdd {
+                vip: vip_arg(&vip, &protocol)?,
+            },
+            false,
+        ),
+        Command::Vip(VipCommand::Remove { vip, protocol }) => (
+            Request::VipRemove {
+                vip: vip_arg(&vip, &protocol)?,
+            },
+            false,
+        ),
+        Command::Vip(VipCommand::List(output)) => (Request::VipList, output.json),
+        Command::Backend(BackendCommand::Add {
+            vip,
+            backend,
+            weight,
+            protocol,
+        }) => (
+            Request::BackendAdd {
+                vip: vip_arg(&vip, &protocol)?,
+                address: backend_arg(&backend)?,
+                weight,
+            },
+            false,
+        ),
+        Command::Backend(BackendCommand::Remove {
+            vip,
+            backend,
+            protocol,
+        }) => (
+            Request::BackendRemove {
+                vip: vip_arg(&vip, &protocol)?,
+                address: backend_arg(&backend)?,
+            },
+            false,
+        ),
+        Command::Backend(BackendCommand::List {
+            vip,
+            protocol,
+            output,
+        }) => {
+            let vip = vip.map(|vip| vip_arg(&vip, &protocol)).transpose()?;
+            (Request::BackendList { vip }, output.json)
+        }
+        Command::Stats(output) => (Request::Stats, output.json),
+        Command::Lookup {
+            vip,
+            client,
+            protocol,
+            output,
+        } => {
+            let client: SocketAddr =
+                parse_endpoint(&client).map_err(|message| anyhow::anyhow!("client: {message}"))?;
+            (
+                Request::Lookup {
+                    vip: vip_arg(&vip, &protocol)?,
+                    client,
+                },
+                output.json,
+            )
+        }
+    };
+    match api::call(&cli.socket, &request)? {
+        Reply::Error(message) => anyhow::bail!("{message}"),
+        Reply::Ok(body) => {
+            print_body(&body, json)?;
+            Ok(())
+        }
+    }
+}
+
+fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
+    if json {
+        let value = match body {
+            Body::Done { message } => serde_json::json!({ "message": message }),
+            Body::Vips { vips } => serde_json::to_value(vips)?,
+            Body::Backends { backends } => serde_json::to_value(backends)?,
+            Body::Stats(stats) => serde_json::to_value(stats)?,
+            Body::Lookup(lookup) => serde_json::to_value(lookup)?,
+        };
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    match body {
+        Body::Done { message } => println!("{message}"),
+        Body::Vips { vips } => {
+            println!(
+                "{:<32} {:>8} {:>7} {:>12} {:>14} {:>10}",
+                "VIP", "BACKENDS", "ACTIVE", "PACKETS", "BYTES", "PPS"
+            );
+            for vip in vips {
+                println!(
+                    "{:<32} {:>8} {:>7} {:>12} {:>14} {:>10.0}",
+                    vip.vip,
+                    vip.backends,
+                    vip.active_backends,
+                    vip.packets,
+                    vip.bytes,
+                    vip.packets_per_second
+                );
+            }
+        }
+        Body::Backends { backends } => print_backends(backends),
+        Body::Stats(stats) => {
+            print_body(
+                &Body::Vips {
+                    vips: stats.vips.clone(),
+                },
+                false,
+            )?;
+            println!();
+            print_backends(&stats.backends);
+            println!();
+            println!("{:<28} {:>12}", "REASON", "PACKETS");
+            for (reason, count) in &stats.reasons {
+                println!("{reason:<28} {count:>12}");
+            }
+            println!(
+                "\nMaglev tables installed since start: {}",
+                stats.tables_built
+            );
+        }
+        Body::Lookup(lookup) => match lookup.backend {
+            Some(backend) => println!(
+                "{} from {} -> backend {} (hash {:#010x}, table entry {})",
+                lookup.vip, lookup.client, backend, lookup.hash, lookup.table_entry
+            ),
+            None => println!(
+                "{} from {} -> no backend (the VIP drops it)",
+                lookup.vip, lookup.client
+            ),
+        },
+    }
+    Ok(())
+}
+
+fn print_backends(backends: &[api::BackendView]) {
+    println!(
+        "{:<32} {:<24} {:>6} {:<9} {:<17} {:>7} {:>12} {:>10}",
+        "VIP", "BACKEND", "WEIGHT", "STATE", "MAC", "ENTRIES", "PACKETS", "PPS"
+    );
+    for backend in backends {
+        println!(
+            "{:<32} {:<24} {:>6} {:<9} {:<17} {:>7} {:>12} {:>10.0}",
+            backend.vip,
+            backend.address.to_string(),
+            backend.weight,
+            backend.state,
+            backend.mac.as_deref().unwrap_or("-"),
+            backend.table_entries,
+            backend.packets,
+            backend.packets_per_second
+        );
+    }
+}

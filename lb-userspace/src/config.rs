@@ -1,0 +1,377 @@
+//! The configuration file (TOML) and the persisted state, which share one
+//! schema: datapath settings plus `[[vip]]` tables with `[[vip.backend]]`s.
+//!
+//! ```toml
+//! hash_seed = 0          # same on every balancer that shares the VIPs
+//! table_size = 65537     # a prime
+//! max_vips = 64
+//! max_backends = 4096
+//!
+//! [[vip]]
+//! address = "198.18.0.10:80"
+//! protocol = "tcp"       # default tcp
+//!
+//! [[vip.backend]]
+//! address = "198.18.1.1"
+//! weight = 1             # 1 to 256, default 1
+//! ```
+
+use std::io::Write as _;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::datapath::DatapathConfig;
+use crate::maglev::is_valid_table_size;
+use crate::model::{
+    BackendSpec, DEFAULT_WEIGHT, DesiredState, Limits, Protocol, Vip, parse_address, parse_endpoint,
+};
+
+/// Everything `lb run` needs besides its command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub datapath: DatapathConfig,
+    pub desired: DesiredState,
+}
+
+impl Config {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_vips: self.datapath.max_vips,
+            max_backends: self.datapath.max_backends,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            datapath: DatapathConfig::default(),
+            desired: DesiredState::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}:{line}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        field: String,
+        message: String,
+    },
+    #[error("{path}: writing the state failed: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileIn {
+    hash_seed: Option<u32>,
+    table_size: Option<Spanned<u32>>,
+    max_vips: Option<Spanned<u32>>,
+    max_backends: Option<Spanned<u32>>,
+    #[serde(default)]
+    vip: Vec<VipIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VipIn {
+    address: Spanned<String>,
+    protocol: Option<Spanned<String>>,
+    #[serde(default)]
+    backend: Vec<BackendIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendIn {
+    address: Spanned<String>,
+    weight: Option<Spanned<u32>>,
+}
+
+#[derive(Serialize)]
+struct FileOut {
+    hash_seed: u32,
+    table_size: u32,
+    max_vips: u32,
+    max_backends: u32,
+    vip: Vec<VipOut>,
+}
+
+#[derive(Serialize)]
+struct VipOut {
+    address: String,
+    protocol: Protocol,
+    backend: Vec<BackendSpec>,
+}
+
+/// Reads and validates a config or state file. Nothing is applied here: a
+/// file with any error is refused as a whole.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses config text; `path` only names the file in errors.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let file: FileIn = toml::from_str(text).map_err(|error| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: error.to_string().trim_end().replace('\n', "\n  "),
+    })?;
+    let invalid = |span: Range<usize>, field: &str, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        line: text[..span.start.min(text.len())].matches('\n').count() + 1,
+        field: field.to_owned(),
+        message,
+    };
+
+    let defaults = DatapathConfig::default();
+    let mut datapath = DatapathConfig {
+        hash_seed: file.hash_seed.unwrap_or(defaults.hash_seed),
+        ..defaults
+    };
+    if let Some(size) = &file.table_size {
+        if !is_valid_table_size(*size.get_ref()) {
+            return Err(invalid(
+                size.span(),
+                "table_size",
+                format!(
+                    "{} is not a prime of at least 3 (the default is {})",
+                    size.get_ref(),
+                    defaults.table_size
+                ),
+            ));
+        }
+        datapath.table_size = *size.get_ref();
+    }
+    for (value, field, target) in [
+        (&file.max_vips, "max_vips", &mut datapath.max_vips),
+        (
+            &file.max_backends,
+            "max_backends",
+            &mut datapath.max_backends,
+        ),
+    ] {
+        if let Some(value) = value {
+            if *value.get_ref() == 0 {
+                return Err(invalid(
+                    value.span(),
+                    field,
+                    "must be at least 1".to_owned(),
+                ));
+            }
+            *target = *value.get_ref();
+        }
+    }
+    if datapath
+        .maglev_entries()
+        .is_none_or(|entries| entries.checked_mul(4).is_none())
+    {
+        return Err(invalid(
+            0..0,
+            "max_vips",
+            format!(
+                "max_vips x 2 x table_size ({} x 2 x {}) is too large for one BPF array",
+                datapath.max_vips, datapath.table_size
+            ),
+        ));
+    }
+
+    let mut config = Config {
+        datapath,
+        desired: DesiredState::default(),
+    };
+    let limits = config.limits();
+    for vip_in in &file.vip {
+        let endpoint = parse_endpoint(vip_in.address.get_ref())
+            .map_err(|message| invalid(vip_in.address.span(), "vip.address", message))?;
+        let protocol = match &vip_in.protocol {
+            None => Protocol::Tcp,
+            Some(text) => text
+                .get_ref()
+                .parse()
+                .map_err(|message| invalid(text.span(), "vip.protocol", message))?,
+        };
+        let vip = Vip::new(endpoint, protocol);
+        config
+            .desired
+            .add_vip(vip, limits)
+            .map_err(|error| invalid(vip_in.address.span(), "vip.address", error.to_string()))?;
+        for backend_in in &vip_in.backend {
+            let address = parse_address(backend_in.address.get_ref()).map_err(|message| {
+                invalid(backend_in.address.span(), "vip.backend.address", message)
+            })?;
+            let weight = backend_in
+                .weight
+                .as_ref()
+                .map_or(DEFAULT_WEIGHT, |w| *w.get_ref());
+            config
+                .desired
+                .add_backend(&vip, BackendSpec { address, weight }, limits)
+                .map_err(|error| {
+                    let (span, field) = match &backend_in.weight {
+                        Some(w)
+                            if matches!(error, crate::model::ChangeError::WeightOutOfRange(_)) =>
+                        {
+                            (w.span(), "vip.backend.weight")
+                        }
+                        _ => (backend_in.address.span(), "vip.backend.address"),
+                    };
+                    invalid(span, field, error.to_string())
+                })?;
+        }
+    }
+    Ok(config)
+}
+
+/// The config as TOML, in the schema [`parse`] reads.
+pub fn render(config: &Config) -> String {
+    let file = FileOut {
+        hash_seed: config.datapath.hash_seed,
+        table_size: config.datapath.table_size,
+        max_vips: config.datapath.max_vips,
+        max_backends: config.datapath.max_backends,
+        vip: config
+            .desired
+            .vips
+            .iter()
+            .map(|(vip, backends)| VipOut {
+                address: vip.endpoint().to_string(),
+                protocol: vip.protocol,
+                backend: backends.values().cloned().collect(),
+            })
+            .collect(),
+    };
+    let body = toml::to_string_pretty(&file).expect("the state always serializes");
+    format!("# Written by `lb run`: the balancer's configuration as last changed.\n{body}")
+}
+
+/// Writes the state atomically: a crash leaves either the old or the new
+/// file, never a partial one.
+pub fn save(config: &Config, path: &Path) -> Result<(), ConfigError> {
+    let write_error = |source| ConfigError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let directory = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(directory).map_err(write_error)?;
+    let mut temporary = tempfile::NamedTempFile::new_in(directory).map_err(write_error)?;
+    temporary
+        .write_all(render(config).as_bytes())
+        .map_err(write_error)?;
+    temporary.as_file().sync_all().map_err(write_error)?;
+    temporary
+        .persist(path)
+        .map_err(|error| write_error(error.error))?;
+    std::fs::File::open(directory)
+        .and_then(|dir| dir.sync_all())
+        .map_err(write_error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> String {
+        parse(text, Path::new("lb.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_full_config_round_trips_through_the_state_file() {
+        let text = r#"
+hash_seed = 7
+table_size = 251
+
+[[vip]]
+address = "198.18.0.10:80"
+
+[[vip.backend]]
+address = "198.18.1.1"
+weight = 3
+
+[[vip.backend]]
+address = "198.18.1.2"
+
+[[vip]]
+address = "[fd00:198:18::10]:53"
+protocol = "udp"
+"#;
+        let config = parse(text, Path::new("lb.toml")).unwrap();
+        assert_eq!(config.datapath.hash_seed, 7);
+        assert_eq!(config.datapath.table_size, 251);
+        assert_eq!(config.desired.vips.len(), 2);
+        let reparsed = parse(&render(&config), Path::new("state.toml")).unwrap();
+        assert_eq!(reparsed, config);
+    }
+
+    #[test]
+    fn every_kind_of_mistake_names_file_line_and_field() {
+        let vip = "[[vip]]\naddress = \"198.18.0.10:80\"\n";
+        assert_eq!(
+            error_of("table_size = 65536\n"),
+            "lb.toml:1: table_size: 65536 is not a prime of at least 3 (the default is 65537)"
+        );
+        assert_eq!(
+            error_of("\n[[vip]]\naddress = \"198.18.0.10\"\n"),
+            "lb.toml:3: vip.address: '198.18.0.10' is not ADDRESS:PORT (examples: 198.18.0.10:80, [fd00:198:18::10]:443)"
+        );
+        assert_eq!(
+            error_of(&format!("{vip}protocol = \"sctp\"\n")),
+            "lb.toml:3: vip.protocol: unknown protocol 'sctp': expected tcp or udp"
+        );
+        assert_eq!(
+            error_of(&format!(
+                "{vip}[[vip.backend]]\naddress = \"198.18.1.300\"\n"
+            )),
+            "lb.toml:4: vip.backend.address: '198.18.1.300' is not an IP address"
+        );
+        assert_eq!(
+            error_of(&format!(
+                "{vip}[[vip.backend]]\naddress = \"198.18.1.1\"\nweight = 0\n"
+            )),
+            "lb.toml:5: vip.backend.weight: weight 0 is out of range: expected 1 to 256"
+        );
+        assert_eq!(
+            error_of(&format!(
+                "{vip}[[vip.backend]]\naddress = \"198.18.1.1\"\n[[vip.backend]]\naddress = \"198.18.1.1\"\n"
+            )),
+            "lb.toml:6: vip.backend.address: backend 198.18.1.1 already serves VIP 198.18.0.10:80/tcp"
+        );
+        assert_eq!(
+            error_of(&format!("{vip}{vip}")),
+            "lb.toml:4: vip.address: VIP 198.18.0.10:80/tcp already exists"
+        );
+        assert!(error_of("max_vips = 0\n").starts_with("lb.toml:1: max_vips: must be at least 1"));
+        let unknown = error_of("tabel_size = 3\n");
+        assert!(
+            unknown.starts_with("lb.toml: ")
+                && unknown.contains("line 1")
+                && unknown.contains("tabel_size"),
+            "{unknown}"
+        );
+        let syntax = error_of("[[vip]\n");
+        assert!(syntax.contains("line 1"), "{syntax}");
+    }
+}

@@ -1,0 +1,416 @@
+//! `lb run`: owns the desired state, persists it, and is the only writer of
+//! the BPF maps. Every change (a CLI request, a neighbour update) goes
+//! through [`Daemon::reconcile`] on one task, so changes never interleave.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use lb_common::TrafficCounters;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::api::{BackendView, Body, LookupView, Reply, Request, StatsView, VipView};
+use crate::config::{self, Config};
+use crate::datapath::{AttachMode, Datapath};
+use crate::model::{BackendSpec, Vip};
+use crate::neighbour::{self, Neighbours};
+use crate::reconcile::Reconciler;
+
+pub const DEFAULT_STATE: &str = "/var/lib/lb/state.toml";
+
+/// The longest request line accepted on the control socket.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+pub struct RunOptions {
+    pub iface: String,
+    pub config: Option<PathBuf>,
+    pub state: PathBuf,
+    pub socket: PathBuf,
+    pub xdp_mode: AttachMode,
+}
+
+type Call = (Request, oneshot::Sender<Reply>);
+
+/// Where the configuration comes from: `--config` when given (it replaces the
+/// persisted state), else the state file when it exists, else empty defaults.
+fn initial_config(options: &RunOptions) -> anyhow::Result<Config> {
+    if let Some(path) = &options.config {
+        let config = config::load(path)?;
+        tracing::info!(config = %path.display(), vips = config.desired.vips.len(), "configuration loaded");
+        return Ok(config);
+    }
+    if options.state.exists() {
+        let config = config::load(&options.state)?;
+        tracing::info!(state = %options.state.display(), vips = config.desired.vips.len(), "state restored");
+        return Ok(config);
+    }
+    tracing::info!(state = %options.state.display(), "no state yet: starting empty");
+    Ok(Config::default())
+}
+
+pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let config = initial_config(&options)?;
+    let ifindex = neighbour::interface_index(&options.iface)
+        .with_context(|| format!("interface '{}' not found (see `ip link`)", options.iface))?;
+    let mut datapath = Datapath::load(config.datapath)?;
+    let mode = datapath.attach(&options.iface, options.xdp_mode)?;
+    tracing::info!(iface = %options.iface, mode, "XDP program attached");
+
+    let listener = bind_socket(&options.socket)?;
+    let (wanted_tx, wanted_rx) = watch::channel(Vec::new());
+    let (neighbours_tx, mut neighbours_rx) = mpsc::channel(4);
+    let neighbour_task = tokio::spawn(neighbour::run(ifindex, wanted_rx, neighbours_tx));
+    let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(64);
+    let accept_task = tokio::spawn(serve(listener, calls_tx));
+
+    let mut daemon = Daemon {
+        config,
+        reconciler: Reconciler::new(datapath),
+        state_path: options.state.clone(),
+        rates: Rates::default(),
+    };
+    daemon.reconciler.apply(&daemon.config.desired)?;
+    config::save(&daemon.config, &daemon.state_path)?;
+    wanted_tx.send_replace(daemon.reconciler.wanted_neighbours());
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tracing::info!(socket = %options.socket.display(), "serving the control socket");
+    loop {
+        tokio::select! {
+            Some((request, reply)) = calls_rx.recv() => {
+                let answer = daemon.handle(request);
+                wanted_tx.send_if_modified(|wanted| {
+                    let now = daemon.reconciler.wanted_neighbours();
+                    let changed = *wanted != now;
+                    *wanted = now;
+                    changed
+                });
+                let _ = reply.send(answer);
+            }
+            Some(found) = neighbours_rx.recv() => daemon.neighbours_changed(found),
+            _ = tick.tick() => daemon.sample_rates(),
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: detaching"); break; }
+            _ = terminate.recv() => { tracing::info!("SIGTERM: detaching"); break; }
+        }
+    }
+    accept_task.abort();
+    neighbour_task.abort();
+    let _ = std::fs::remove_file(&options.socket);
+    drop(daemon); // detaches the program and frees the maps
+    Ok(())
+}
+
+/// Binds the control socket with mode 0600. A socket file left by a daemon
+/// that died is replaced; one that still answers means another daemon runs.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another `lb run` is serving {} (stop it, or pass another --socket)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(stream, calls.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accepting a control connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Answers request lines until the client closes. Garbage gets an error reply
+/// and never reaches the daemon's state; an over-long line ends the connection.
+async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader);
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader)
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let too_long = line.len() > MAX_REQUEST_BYTES;
+        let reply = if too_long {
+            Reply::Error(format!("request longer than {MAX_REQUEST_BYTES} bytes"))
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Err(error) => Reply::Error(format!("malformed request: {error}")),
+                Ok(request) => {
+                    let (reply_tx, reply_rx) = oneshot::channel();
+                    if calls.send((request, reply_tx)).await.is_err() {
+                        return;
+                    }
+                    reply_rx
+                        .await
+                        .unwrap_or_else(|_| Reply::Error("the daemon is stopping".into()))
+                }
+            }
+        };
+        let mut text = serde_json::to_string(&reply).expect("replies serialize");
+        text.push('\n');
+        if writer.write_all(text.as_bytes()).await.is_err() || too_long {
+            return;
+        }
+    }
+}
+
+/// Rates over the last sampling interval, per VIP index and backend slot.
+#[derive(Default)]
+struct Rates {
+    last: HashMap<(bool, u32), (Instant, TrafficCounters)>,
+    current: HashMap<(bool, u32), (f64, f64)>,
+}
+
+impl Rates {
+    fn sample(&mut self, key: (bool, u32), counters: TrafficCounters) {
+        let now = Instant::now();
+        if let Some((then, before)) = self.last.get(&key) {
+            let seconds = now.duration_since(*then).as_secs_f64().max(1e-3);
+            let packets = counters.packets.saturating_sub(before.packets) as f64 / seconds;
+            let bytes = counters.bytes.saturating_sub(before.bytes) as f64 / seconds;
+            self.current.insert(key, (packets, bytes));
+        }
+        self.last.insert(key, (now, counters));
+    }
+
+    fn get(&self, key: (bool, u32)) -> (f64, f64) {
+        self.current.get(&key).copied().unwrap_or_default()
+    }
+}
+
+const VIP_KEY: bool = true;
+const BACKEND_KEY: bool = false;
+
+struct Daemon {
+    config: Config,
+    reconciler: Reconciler,
+    state_path: PathBuf,
+    rates: Rates,
+}
+
+impl Daemon {
+    fn handle(&mut self, request: Request) -> Reply {
+        match self.answer(request) {
+            Ok(body) => Reply::Ok(body),
+            Err(error) => Reply::Error(format!("{error:#}")),
+        }
+    }
+
+    fn answer(&mut self, request: Request) -> anyhow::Result<Body> {
+        let limits = self.config.limits();
+        let done = |message: String| Ok(Body::Done { message });
+        match request {
+            Request::VipAdd { vip } => {
+                self.change(|state| state.add_vip(vip, limits))?;
+                done(format!("VIP {vip} added"))
+            }
+            Request::VipRemove { vip } => {
+                self.change(|state| state.remove_vip(&vip))?;
+                done(format!("VIP {vip} removed"))
+            }
+            Request::BackendAdd {
+                vip,
+                address,
+                weight,
+            } => {
+                self.change(|state| {
+                    state.add_backend(&vip, BackendSpec { address, weight }, limits)
+                })?;
+                done(format!(
+                    "backend {address} (weight {weight}) added to VIP {vip}"
+                ))
+            }
+            Request::BackendRemove { vip, address } => {
+                self.change(|state| state.remove_backend(&vip, address))?;
+                done(format!("backend {address} removed from VIP {vip}"))
+            }
+            Request::VipList => Ok(Body::Vips {
+                vips: self.vip_views()?,
+            }),
+            Request::BackendList { vip } => {
+                if let Some(vip) = vip
+                    && !self.config.desired.vips.contains_key(&vip)
+                {
+                    anyhow::bail!(crate::model::ChangeError::UnknownVip(vip));
+                }
+                Ok(Body::Backends {
+                    backends: self.backend_views(vip.as_ref())?,
+                })
+            }
+            Request::Stats => Ok(Body::Stats(StatsView {
+                vips: self.vip_views()?,
+                backends: self.backend_views(None)?,
+                reasons: self
+                    .reconciler
+                    .datapath()
+                    .reason_counters()?
+                    .into_iter()
+                    .map(|(reason, count)| (reason.name().to_owned(), count))
+                    .collect(),
+                tables_built: self.reconciler.tables_built(),
+            })),
+            Request::Lookup { vip, client } => {
+                let result = self
+                    .reconciler
+                    .lookup(&vip, client)
+                    .ok_or(crate::model::ChangeError::UnknownVip(vip))?;
+                Ok(Body::Lookup(LookupView {
+                    vip: vip.to_string(),
+                    client,
+                    backend: result.backend,
+                    hash: result.hash,
+                    table_entry: result.table_entry,
+                }))
+            }
+        }
+    }
+
+    /// Applies one change: validated on a copy, persisted, then installed. A
+    /// refused or failed change leaves the running and saved state as before.
+    fn change(
+        &mut self,
+        edit: impl FnOnce(&mut crate::model::DesiredState) -> Result<(), crate::model::ChangeError>,
+    ) -> anyhow::Result<()> {
+        let mut next = self.config.clone();
+        edit(&mut next.desired)?;
+        config::save(&next, &self.state_path)?;
+        if let Err(error) = self.reconciler.apply(&next.desired) {
+            // Put back what was running and what was saved.
+            let _ = self.reconciler.apply(&self.config.desired);
+            let _ = config::save(&self.config, &self.state_path);
+            return Err(error.into());
+        }
+        tracing::info!(state = %self.state_path.display(), "configuration changed and saved");
+        self.config = next;
+        Ok(())
+    }
+
+    fn neighbours_changed(&mut self, found: Neighbours) {
+        let mut changed = false;
+        for (address, mac) in found {
+            if self.reconciler.set_mac(address, mac) {
+                tracing::info!(%address, mac = %format_mac(mac), "backend MAC resolved");
+                changed = true;
+            }
+        }
+        if changed && let Err(error) = self.reconciler.apply(&self.config.desired) {
+            tracing::error!(%error, "installing tables after a MAC change failed");
+        }
+    }
+
+    fn sample_rates(&mut self) {
+        for vip in self.config.desired.vips.keys() {
+            if let Some(index) = self.reconciler.vip_index(vip)
+                && let Ok(counters) = self.reconciler.datapath().vip_counters(index)
+            {
+                self.rates.sample((VIP_KEY, index), counters);
+            }
+            for backend in self.reconciler.backends(vip) {
+                if let Ok(counters) = self.reconciler.datapath().backend_counters(backend.slot) {
+                    self.rates.sample((BACKEND_KEY, backend.slot), counters);
+                }
+            }
+        }
+    }
+
+    fn vip_views(&self) -> anyhow::Result<Vec<VipView>> {
+        let mut views = Vec::new();
+        for (vip, backends) in &self.config.desired.vips {
+            let index = self
+                .reconciler
+                .vip_index(vip)
+                .context("VIP not installed")?;
+            let counters = self.reconciler.datapath().vip_counters(index)?;
+            let active = self
+                .reconciler
+                .backends(vip)
+                .iter()
+                .filter(|b| b.table_entries > 0)
+                .count();
+            let (packets_per_second, bytes_per_second) = self.rates.get((VIP_KEY, index));
+            views.push(VipView {
+                vip: vip.to_string(),
+                address: vip.address,
+                port: vip.port,
+                protocol: vip.protocol,
+                backends: backends.len(),
+                active_backends: active,
+                packets: counters.packets,
+                bytes: counters.bytes,
+                packets_per_second,
+                bytes_per_second,
+            });
+        }
+        Ok(views)
+    }
+
+    fn backend_views(&self, only: Option<&Vip>) -> anyhow::Result<Vec<BackendView>> {
+        let mut views = Vec::new();
+        for (vip, specs) in &self.config.desired.vips {
+            if only.is_some_and(|only| only != vip) {
+                continue;
+            }
+            for installed in self.reconciler.backends(vip) {
+                let counters = self
+                    .reconciler
+                    .datapath()
+                    .backend_counters(installed.slot)?;
+                let (packets_per_second, bytes_per_second) =
+                    self.rates.get((BACKEND_KEY, installed.slot));
+                views.push(BackendView {
+                    vip: vip.to_string(),
+                    address: installed.address,
+                    weight: specs.get(&installed.address).map_or(0, |spec| spec.weight),
+                    state: if installed.mac.is_some() {
+                        "active"
+                    } else {
+                        "resolving"
+                    }
+                    .to_owned(),
+                    mac: installed.mac.map(format_mac),
+                    table_entries: installed.table_entries,
+                    packets: counters.packets,
+                    bytes: counters.bytes,
+                    packets_per_second,
+                    bytes_per_second,
+                });
+            }
+        }
+        Ok(views)
+    }
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}

@@ -1,0 +1,156 @@
+//! Backend MACs from the kernel's neighbour table. The operator never types
+//! a MAC: this task reads the table of the balancer's interface, asks the
+//! kernel to resolve addresses it lacks (NTF_USE, the same as the stack does
+//! before sending), and reports what it finds to the daemon. It never
+//! touches BPF maps.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use futures::TryStreamExt as _;
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::reconcile::Mac;
+
+/// How often the table is read again (a backend whose MAC changes is
+/// followed within this time).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Resolved MACs of the wanted addresses.
+pub type Neighbours = BTreeMap<IpAddr, Mac>;
+
+pub fn interface_index(iface: &str) -> std::io::Result<u32> {
+    let name = std::ffi::CString::new(iface).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in interface name")
+    })?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(index)
+}
+
+/// Runs until `updates` is closed.
+pub async fn run(
+    ifindex: u32,
+    mut wanted: watch::Receiver<Vec<IpAddr>>,
+    updates: mpsc::Sender<Neighbours>,
+) -> anyhow::Result<()> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    let mut last_sent = Neighbours::new();
+    loop {
+        let want = wanted.borrow_and_update().clone();
+        match read_table(&handle, ifindex).await {
+            Ok(table) => {
+                let mut found = Neighbours::new();
+                for address in &want {
+                    match table.get(address) {
+                        Some(Entry {
+                            mac: Some(mac),
+                            state,
+                        }) if usable(*state) => {
+                            found.insert(*address, *mac);
+                        }
+                        _ => {
+                            if let Err(error) = request_resolution(&handle, ifindex, *address).await
+                            {
+                                tracing::debug!(%address, %error, "neighbour resolution request failed");
+                            }
+                        }
+                    }
+                }
+                if found != last_sent {
+                    if updates.send(found.clone()).await.is_err() {
+                        return Ok(());
+                    }
+                    last_sent = found;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "reading the neighbour table failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            changed = wanted.changed() => if changed.is_err() { return Ok(()) },
+        }
+    }
+}
+
+struct Entry {
+    mac: Option<Mac>,
+    state: NeighbourState,
+}
+
+/// A MAC in these states was learned from the backend itself.
+fn usable(state: NeighbourState) -> bool {
+    matches!(
+        state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    )
+}
+
+async fn read_table(
+    handle: &rtnetlink::Handle,
+    ifindex: u32,
+) -> Result<BTreeMap<IpAddr, Entry>, rtnetlink::Error> {
+    let mut messages = handle.neighbours().get().execute();
+    let mut table = BTreeMap::new();
+    while let Some(message) = messages.try_next().await? {
+        if message.header.ifindex != ifindex {
+            continue;
+        }
+        if let Some((address, entry)) = parse_entry(&message) {
+            table.insert(address, entry);
+        }
+    }
+    Ok(table)
+}
+
+fn parse_entry(message: &NeighbourMessage) -> Option<(IpAddr, Entry)> {
+    let mut address = None;
+    let mut mac = None;
+    for attribute in &message.attributes {
+        match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                address = Some(IpAddr::V4(*v4))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                address = Some(IpAddr::V6(*v6))
+            }
+            NeighbourAttribute::LinkLayerAddress(bytes) => {
+                mac = <Mac>::try_from(bytes.as_slice()).ok()
+            }
+            _ => {}
+        }
+    }
+    Some((
+        address?,
+        Entry {
+            mac,
+            state: message.header.state,
+        },
+    ))
+}
+
+/// Asks the kernel to resolve `address` on the interface, creating the entry
+/// if needed, without sending any data to the backend.
+async fn request_resolution(
+    handle: &rtnetlink::Handle,
+    ifindex: u32,
+    address: IpAddr,
+) -> Result<(), rtnetlink::Error> {
+    let mut request = handle.neighbours().add(ifindex, address).replace();
+    request.message_mut().header.state = NeighbourState::None;
+    request.message_mut().header.flags = NeighbourFlags::Use;
+    request.execute().await
+}
