@@ -17,6 +17,13 @@ use memmap2::{MmapMut, MmapOptions};
 /// The compiled XDP object, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
+/// An XDP program that passes every frame. On veth links (containers,
+/// testbeds) the far end must run an XDP program for XDP_TX frames to be
+/// delivered; this is the one to attach there. It has no maps, so iproute2
+/// can load it (`ip link set dev PEER xdp obj FILE sec xdp`).
+pub static PEER_PASS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
+
 /// Sizes and seeds fixed when the program is loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DatapathConfig {

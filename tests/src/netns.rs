@@ -1,1 +1,256 @@
-//! Network namespaces for end-to-end tests (filled in with the e2e suite).
+//! The testbed: network namespaces on one L2 segment (a bridge in a switch
+//! namespace) holding a client, the balancer and N backends. Used by the
+//! end-to-end tests, `cargo xtask run`'s demo and `scripts/testbed.sh`.
+//!
+//! | host     | IPv4             | IPv6                  |
+//! |----------|------------------|-----------------------|
+//! | client   | 198.18.0.1/24    | fd00:198:18::1/64     |
+//! | balancer | 198.18.0.2/24    | fd00:198:18::2/64     |
+//! | backend i| 198.18.0.(100+i) | fd00:198:18::(100+i)  |
+//! | VIP      | 198.18.0.10 (on every backend's lo, routed via the balancer) | fd00:198:18::10 |
+
+use std::process::{Command, Output};
+
+use anyhow::{Context as _, bail};
+
+pub const VIP4: &str = "198.18.0.10";
+pub const VIP6: &str = "fd00:198:18::10";
+pub const CLIENT4: &str = "198.18.0.1";
+pub const CLIENT6: &str = "fd00:198:18::1";
+/// The balancer's interface inside its namespace.
+pub const LB_IFACE: &str = "eth0";
+
+pub fn backend4(index: usize) -> String {
+    format!("198.18.0.{}", 100 + index)
+}
+
+pub fn backend6(index: usize) -> String {
+    format!("fd00:198:18::{}", 100 + index)
+}
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}
+
+/// A testbed that exists until dropped (or until `down` for one left by a crash).
+pub struct Testbed {
+    pub prefix: String,
+    pub backends: usize,
+}
+
+impl Testbed {
+    pub fn client(&self) -> String {
+        format!("{}client", self.prefix)
+    }
+    pub fn balancer(&self) -> String {
+        format!("{}lb", self.prefix)
+    }
+    pub fn backend(&self, index: usize) -> String {
+        format!("{}b{index}", self.prefix)
+    }
+    fn switch(&self) -> String {
+        format!("{}sw", self.prefix)
+    }
+    fn namespaces(&self) -> Vec<String> {
+        let mut all = vec![self.client(), self.balancer(), self.switch()];
+        all.extend((1..=self.backends).map(|i| self.backend(i)));
+        all
+    }
+
+    /// Creates the topology, replacing any left over under the same prefix.
+    pub fn up(prefix: &str, backends: usize) -> anyhow::Result<Self> {
+        let testbed = Self {
+            prefix: prefix.to_owned(),
+            backends,
+        };
+        down(prefix);
+        testbed.build().inspect_err(|_| down(prefix))?;
+        Ok(testbed)
+    }
+
+    fn build(&self) -> anyhow::Result<()> {
+        let pass_object = std::env::temp_dir().join(format!("{}xdp-pass.o", self.prefix));
+        std::fs::write(&pass_object, lb_userspace::datapath::PEER_PASS_OBJECT)?;
+        let pass_object = pass_object
+            .to_str()
+            .context("temp path is not UTF-8")?
+            .to_owned();
+        for ns in self.namespaces() {
+            run("ip", &["netns", "add", &ns])?;
+            ip(&ns, &["link", "set", "lo", "up"])?;
+        }
+        let switch = self.switch();
+        ip(&switch, &["link", "add", "br0", "type", "bridge"])?;
+        ip(&switch, &["link", "set", "br0", "up"])?;
+
+        let mut hosts = vec![
+            (
+                self.client(),
+                "client".to_owned(),
+                CLIENT4.to_owned(),
+                CLIENT6.to_owned(),
+            ),
+            (
+                self.balancer(),
+                "lb".to_owned(),
+                "198.18.0.2".to_owned(),
+                "fd00:198:18::2".to_owned(),
+            ),
+        ];
+        for index in 1..=self.backends {
+            hosts.push((
+                self.backend(index),
+                format!("b{index}"),
+                backend4(index),
+                backend6(index),
+            ));
+        }
+        for (ns, port, v4, v6) in &hosts {
+            run(
+                "ip",
+                &[
+                    "link", "add", LB_IFACE, "netns", ns, "type", "veth", "peer", "name", port,
+                    "netns", &switch,
+                ],
+            )?;
+            ip(&switch, &["link", "set", port, "master", "br0", "up"])?;
+            ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", LB_IFACE])?;
+            ip(
+                ns,
+                &["addr", "add", &format!("{v6}/64"), "dev", LB_IFACE, "nodad"],
+            )?;
+            ip(ns, &["link", "set", LB_IFACE, "up"])?;
+            // veth leaves checksums to "hardware" that does not exist; frames the
+            // balancer bounces back out with XDP_TX would reach backends with
+            // partial checksums. The sender's stack must fill them in.
+            run(
+                "ip",
+                &["netns", "exec", ns, "ethtool", "-K", LB_IFACE, "tx", "off"],
+            )?;
+        }
+        // The balancer must never route: any reply a client gets came straight
+        // from a backend.
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.balancer(),
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=0",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.balancer(),
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.forwarding=0",
+            ],
+        )?;
+        // veth hands XDP_TX frames only to a peer running XDP itself.
+        ip(
+            &switch,
+            &[
+                "link",
+                "set",
+                "dev",
+                "lb",
+                "xdp",
+                "obj",
+                &pass_object,
+                "sec",
+                "xdp",
+            ],
+        )?;
+        ip(
+            &self.client(),
+            &["route", "add", &format!("{VIP4}/32"), "via", "198.18.0.2"],
+        )?;
+        ip(
+            &self.client(),
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("{VIP6}/128"),
+                "via",
+                "fd00:198:18::2",
+            ],
+        )?;
+        for index in 1..=self.backends {
+            let ns = self.backend(index);
+            // Direct server return: the backend owns the VIP but must not answer ARP for it.
+            ip(&ns, &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
+            ip(
+                &ns,
+                &["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"],
+            )?;
+            for (key, value) in [
+                ("net.ipv4.conf.all.arp_ignore", "1"),
+                ("net.ipv4.conf.all.arp_announce", "2"),
+            ] {
+                run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &ns,
+                        "sysctl",
+                        "-qw",
+                        &format!("{key}={value}"),
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        down(&self.prefix);
+    }
+}
+
+fn ip(ns: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let mut full = vec!["-n", ns];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// Removes every namespace under `prefix`, whatever state it is in.
+pub fn down(prefix: &str) {
+    for ns in list(prefix) {
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    }
+}
+
+/// Namespaces that exist under `prefix`.
+pub fn list(prefix: &str) -> Vec<String> {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}

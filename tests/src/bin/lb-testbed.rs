@@ -1,0 +1,156 @@
+//! The testbed's command line: build or remove the namespaces, and the test
+//! servers and clients that run inside them. Every server stops by itself
+//! after --seconds; every client sends a bounded number of requests.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use socket2::{Domain, Socket, Type};
+use tests::netns;
+
+const USAGE: &str = "usage:
+  lb-testbed up [PREFIX] [BACKENDS]     create client, balancer (lb) and backend namespaces
+  lb-testbed down [PREFIX]              remove them, whatever state they are in
+  lb-testbed status [PREFIX]            list them
+  lb-testbed serve NAME PORT SECONDS    TCP and UDP server answering NAME (stops after SECONDS)
+  lb-testbed client tcp|udp VIP:PORT SOURCE FIRST_PORT COUNT
+                                        COUNT requests from SOURCE:FIRST_PORT.., prints 'PORT ANSWER'";
+
+const DEFAULT_PREFIX: &str = "lbt-";
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |index: usize| args.get(index).map(String::as_str);
+    match arg(0) {
+        Some("up") => {
+            let prefix = arg(1).unwrap_or(DEFAULT_PREFIX);
+            let backends = arg(2)
+                .map_or(Ok(3), str::parse)
+                .context("BACKENDS must be a number")?;
+            let testbed = netns::Testbed::up(prefix, backends)?;
+            println!(
+                "testbed {prefix}: namespaces {}",
+                netns::list(prefix).join(" ")
+            );
+            std::mem::forget(testbed); // stays up until `down`
+        }
+        Some("down") => netns::down(arg(1).unwrap_or(DEFAULT_PREFIX)),
+        Some("status") => {
+            let names = netns::list(arg(1).unwrap_or(DEFAULT_PREFIX));
+            println!(
+                "{}",
+                if names.is_empty() {
+                    "down".to_owned()
+                } else {
+                    names.join(" ")
+                }
+            );
+        }
+        Some("serve") => {
+            let (Some(name), Some(port), Some(seconds)) = (arg(1), arg(2), arg(3)) else {
+                anyhow::bail!("{USAGE}");
+            };
+            serve(name, port.parse()?, Duration::from_secs(seconds.parse()?))?;
+        }
+        Some("client") => {
+            let (Some(protocol), Some(vip), Some(source), Some(first), Some(count)) =
+                (arg(1), arg(2), arg(3), arg(4), arg(5))
+            else {
+                anyhow::bail!("{USAGE}");
+            };
+            client(
+                protocol,
+                vip.parse()?,
+                source.parse()?,
+                first.parse()?,
+                count.parse()?,
+            )?;
+        }
+        _ => anyhow::bail!("{USAGE}"),
+    }
+    Ok(())
+}
+
+fn serve(name: &str, port: u16, lifetime: Duration) -> anyhow::Result<()> {
+    let any: SocketAddr = format!("[::]:{port}").parse()?;
+    let tcp = TcpListener::bind(any)?;
+    let udp = UdpSocket::bind(any)?;
+    let deadline = Instant::now() + lifetime;
+    let udp_name = name.to_owned();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 1500];
+        udp.set_read_timeout(Some(Duration::from_millis(200))).ok();
+        while Instant::now() < deadline {
+            if let Ok((_, peer)) = udp.recv_from(&mut buffer) {
+                let _ = udp.send_to(udp_name.as_bytes(), peer);
+            }
+        }
+    });
+    tcp.set_nonblocking(true)?;
+    while Instant::now() < deadline {
+        match tcp.accept() {
+            Ok((mut stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.write_all(name.as_bytes());
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    Ok(())
+}
+
+fn client(
+    protocol: &str,
+    vip: SocketAddr,
+    source: std::net::IpAddr,
+    first: u16,
+    count: u16,
+) -> anyhow::Result<()> {
+    let domain = if vip.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    for port in first..first.saturating_add(count) {
+        let local = SocketAddr::new(source, port);
+        let answer = match protocol {
+            "tcp" => tcp_request(domain, local, vip),
+            "udp" => udp_request(domain, local, vip),
+            other => anyhow::bail!("unknown protocol {other}"),
+        };
+        match answer {
+            Ok(answer) => println!("{port} {answer}"),
+            Err(error) => println!("{port} ERROR {error}"),
+        }
+    }
+    Ok(())
+}
+
+fn tcp_request(domain: Domain, local: SocketAddr, vip: SocketAddr) -> anyhow::Result<String> {
+    let socket = Socket::new(domain, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&local.into())?;
+    socket.connect_timeout(&vip.into(), Duration::from_secs(2))?;
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn udp_request(domain: Domain, local: SocketAddr, vip: SocketAddr) -> anyhow::Result<String> {
+    let socket = Socket::new(domain, Type::DGRAM, None)?;
+    socket.bind(&local.into())?;
+    let socket: UdpSocket = socket.into();
+    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut buffer = [0u8; 1500];
+    for _attempt in 0..3 {
+        socket.send_to(b"hello", vip)?;
+        if let Ok((length, _)) = socket.recv_from(&mut buffer) {
+            return Ok(String::from_utf8_lossy(&buffer[..length]).into_owned());
+        }
+    }
+    anyhow::bail!("no answer")
+}
