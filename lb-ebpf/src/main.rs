@@ -1,8 +1,9 @@
 //! The balancer's XDP program. The pipeline, in order: parse, VIP lookup,
 //! backend choice through the VIP's Maglev table, rewrite, transmit. Every
 //! exit counts exactly one `Reason`.
-#![no_std]
-#![no_main]
+// Built for the BPF target by lb-userspace's build.rs; on the host (cargo
+// build/clippy --workspace) it compiles to an empty program.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 mod dsr;
 mod maps;
@@ -66,7 +67,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     };
     // SAFETY: the value is copied out at once; the daemon replaces entries
     // whole, so the copy is one consistent version.
-    let vip = *unsafe { LB_VIPS.get(&vip_key) }.ok_or(Reason::PassNotVip)?;
+    let vip = *unsafe { LB_VIPS.get(vip_key) }.ok_or(Reason::PassNotVip)?;
     if vip.backend_count == 0 {
         return Err(Reason::DropNoBackend);
     }
@@ -121,19 +122,23 @@ fn refuse_if_ours(l3: &L3, reason: Reason) -> Reason {
         family: u32::from(l3.family),
     };
     // SAFETY: only the presence of the key is used.
-    if unsafe { LB_VIP_ADDRESSES.get(&key) }.is_some() {
+    if unsafe { LB_VIP_ADDRESSES.get(key) }.is_some() {
         reason
     } else {
         Reason::PassNotVip
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+#[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

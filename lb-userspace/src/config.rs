@@ -30,7 +30,7 @@ use crate::model::{
 };
 
 /// Everything `lb run` needs besides its command line.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub datapath: DatapathConfig,
     pub desired: DesiredState,
@@ -41,15 +41,6 @@ impl Config {
         Limits {
             max_vips: self.datapath.max_vips,
             max_backends: self.datapath.max_backends,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            datapath: DatapathConfig::default(),
-            desired: DesiredState::default(),
         }
     }
 }

@@ -27,7 +27,7 @@ pub fn is_valid_table_size(size: u32) -> bool {
     size >= 3
         && (2..)
             .take_while(|d: &u32| d.saturating_mul(*d) <= size)
-            .all(|d| size % d != 0)
+            .all(|d| !size.is_multiple_of(d))
 }
 
 /// Builds a table of `size` entries; each holds the position of a candidate

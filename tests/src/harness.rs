@@ -1,0 +1,263 @@
+//! Driving the real binaries in the testbed: `lb run` in the balancer's
+//! namespace, `lb` commands as an operator types them, and the test servers
+//! and clients. Every process is killed when its guard drops.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::{LB_IFACE, Testbed};
+
+/// The build's binary directory (`target/<profile>`): test executables run
+/// from its `deps/` folder.
+fn binary_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let dir = exe.parent().expect("a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.parent().expect("target/<profile>").to_path_buf()
+    } else {
+        dir
+    }
+}
+
+fn built_binary(name: &str) -> PathBuf {
+    let path = binary_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// The testbed helper (tests/src/bin/lb-testbed.rs).
+pub fn testbed_binary() -> PathBuf {
+    built_binary("lb-testbed")
+}
+
+/// The `lb` binary of the same build.
+pub fn lb_binary() -> PathBuf {
+    built_binary("lb")
+}
+
+/// A child process killed on drop.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `program args` inside namespace `ns`.
+pub fn spawn_in(
+    ns: &str,
+    program: &Path,
+    args: &[&str],
+    log: Option<&Path>,
+) -> anyhow::Result<Process> {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", ns])
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null());
+    match log {
+        Some(path) => {
+            let file = std::fs::File::create(path)?;
+            command.stdout(file.try_clone()?).stderr(file);
+        }
+        None => {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+    }
+    Ok(Process(command.spawn().with_context(|| {
+        format!("starting {} in {ns}", program.display())
+    })?))
+}
+
+/// Test servers on `port` (TCP and UDP) in every backend, answering b1, b2, ...
+pub fn start_servers(testbed: &Testbed, port: u16) -> anyhow::Result<Vec<Process>> {
+    (1..=testbed.backends)
+        .map(|index| {
+            spawn_in(
+                &testbed.backend(index),
+                &testbed_binary(),
+                &["serve", &format!("b{index}"), &port.to_string(), "300"],
+                None,
+            )
+        })
+        .collect()
+}
+
+/// `count` requests from the client namespace, from source ports
+/// `first_port..`; returns (port, answer) with answer "ERROR ..." on failure.
+pub fn client_requests(
+    testbed: &Testbed,
+    protocol: &str,
+    vip: &str,
+    source: &str,
+    first_port: u16,
+    count: u16,
+) -> anyhow::Result<Vec<(u16, String)>> {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &testbed.client()])
+        .arg(testbed_binary())
+        .args([
+            "client",
+            protocol,
+            vip,
+            source,
+            &first_port.to_string(),
+            &count.to_string(),
+        ])
+        .output()?;
+    if !output.status.success() {
+        bail!("client failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8(output.stdout)?
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(port, answer)| {
+            (
+                port.parse().expect("client prints ports"),
+                answer.to_owned(),
+            )
+        })
+        .collect())
+}
+
+/// How many answers came from each backend name (or "ERROR").
+pub fn tally(answers: &[(u16, String)]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for (_, answer) in answers {
+        let key = if answer.starts_with("ERROR") {
+            "ERROR".to_owned()
+        } else {
+            answer.clone()
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    counts
+}
+
+/// `lb run` in the balancer namespace, with its own socket and state file.
+pub struct Daemon {
+    pub process: Option<Process>,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub fn start(testbed: &Testbed, extra: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut daemon = Self {
+            process: None,
+            socket: dir.path().join("lb.sock"),
+            state: dir.path().join("state.toml"),
+            log: dir.path().join("lb.log"),
+            _dir: dir,
+        };
+        daemon.restart(testbed, extra)?;
+        Ok(daemon)
+    }
+
+    /// Starts `lb run` again with the same socket and state file.
+    pub fn restart(&mut self, testbed: &Testbed, extra: &[&str]) -> anyhow::Result<()> {
+        self.process = None;
+        let socket = self.socket.to_str().context("path")?.to_owned();
+        let state = self.state.to_str().context("path")?.to_owned();
+        let mut args = vec![
+            "--socket",
+            &socket,
+            "run",
+            "--iface",
+            LB_IFACE,
+            "--state",
+            &state,
+            "--xdp-mode",
+            "native",
+        ];
+        args.extend_from_slice(extra);
+        self.process = Some(spawn_in(
+            &testbed.balancer(),
+            &lb_binary(),
+            &args,
+            Some(&self.log),
+        )?);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.lb(&["vip", "list"]).is_err() {
+            if Instant::now() > deadline {
+                bail!("lb run did not come up; its log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `lb --socket SOCKET args...` as an operator would.
+    pub fn command(&self, args: &[&str]) -> Output {
+        Command::new(lb_binary())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running lb")
+    }
+
+    /// Like [`Self::command`], failing with lb's stderr.
+    pub fn lb(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.command(args);
+        if !output.status.success() {
+            bail!(
+                "lb {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8(output.stdout)?)
+    }
+
+    pub fn json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut full = args.to_vec();
+        full.push("--json");
+        Ok(serde_json::from_str(&self.lb(&full)?)?)
+    }
+
+    /// Waits until every backend of every VIP has its MAC (state "active").
+    pub fn wait_backends_active(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let backends = self.json(&["backend", "list"])?;
+            let states: Vec<&str> = backends
+                .as_array()
+                .context("list")?
+                .iter()
+                .filter_map(|b| b["state"].as_str())
+                .collect();
+            if !states.is_empty() && states.iter().all(|state| *state == "active") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("backends not resolved: {backends}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The backend `lb lookup` names for a client flow.
+    pub fn lookup(&self, vip: &str, client: &str, protocol: &str) -> anyhow::Result<String> {
+        let answer = self.json(&["lookup", vip, client, "--proto", protocol])?;
+        Ok(answer["backend"].as_str().unwrap_or("none").to_owned())
+    }
+}

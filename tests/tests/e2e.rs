@@ -1,0 +1,256 @@
+//! End to end, in namespaces the tests create: a client, the balancer and
+//! three backends on one L2 segment, the VIP on the backends' loopback, real
+//! TCP and UDP clients, and `lb` driven as an operator would.
+
+use std::collections::BTreeMap;
+
+use tests::harness::{Daemon, client_requests, start_servers, tally};
+use tests::netns::{self, CLIENT4, CLIENT6, Testbed, VIP4, VIP6};
+
+const FLOWS: u16 = 300;
+
+/// Address of the backend whose server answers `name` (b1, b2, ...).
+fn address_of(name: &str, ipv6: bool) -> String {
+    let index: usize = name.trim_start_matches('b').parse().expect("backend name");
+    if ipv6 {
+        netns::backend6(index)
+    } else {
+        netns::backend4(index)
+    }
+}
+
+fn endpoint(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
+/// Balance over three backends, `lb lookup` agreement for every flow, then
+/// `lb backend remove` and the same again over the remaining two.
+fn balance_remove_and_lookup(prefix: &str, protocol: &str, ipv6: bool) {
+    let testbed = Testbed::up(prefix, 3).expect("testbed");
+    let port = 8080;
+    let _servers = start_servers(&testbed, port).expect("servers");
+    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    let (vip_address, client) = if ipv6 {
+        (VIP6, CLIENT6)
+    } else {
+        (VIP4, CLIENT4)
+    };
+    let vip = endpoint(vip_address, port);
+    daemon
+        .lb(&["vip", "add", &vip, "--proto", protocol])
+        .unwrap();
+    for index in 1..=3 {
+        let backend = if ipv6 {
+            netns::backend6(index)
+        } else {
+            netns::backend4(index)
+        };
+        daemon
+            .lb(&["backend", "add", &vip, &backend, "--proto", protocol])
+            .unwrap();
+    }
+    daemon.wait_backends_active().unwrap();
+
+    let check = |first_port: u16, expected: &[&str]| -> BTreeMap<String, usize> {
+        let answers = client_requests(&testbed, protocol, &vip, client, first_port, FLOWS).unwrap();
+        let counts = tally(&answers);
+        println!("{protocol} {vip}: {FLOWS} flows from ports {first_port}.. landed {counts:?}");
+        assert_eq!(
+            counts.keys().map(String::as_str).collect::<Vec<_>>(),
+            expected,
+            "{counts:?}"
+        );
+        let fair = usize::from(FLOWS) / expected.len();
+        for (name, count) in &counts {
+            assert!(
+                count * 10 >= fair * 6 && count * 10 <= fair * 14,
+                "{name} got {count}, fair share {fair}"
+            );
+        }
+        let mut disagreements = Vec::new();
+        for (client_port, answer) in &answers {
+            let looked_up = daemon
+                .lookup(&vip, &endpoint(client, *client_port), protocol)
+                .unwrap();
+            if looked_up != address_of(answer, ipv6) {
+                disagreements.push(format!(
+                    "port {client_port}: landed on {answer}, lookup says {looked_up}"
+                ));
+            }
+        }
+        assert!(
+            disagreements.is_empty(),
+            "lb lookup disagrees:\n{}",
+            disagreements.join("\n")
+        );
+        counts
+    };
+    check(20_000, &["b1", "b2", "b3"]);
+
+    daemon
+        .lb(&[
+            "backend",
+            "remove",
+            &vip,
+            &address_of("b2", ipv6),
+            "--proto",
+            protocol,
+        ])
+        .unwrap();
+    check(21_000, &["b1", "b3"]);
+
+    let stats = daemon.json(&["stats"]).unwrap();
+    let forwarded = stats["reasons"]["forwarded"].as_u64().unwrap();
+    assert!(forwarded >= 2 * u64::from(FLOWS), "forwarded {forwarded}");
+    // Replies never pass the balancer: its namespace does not route, and the
+    // VIP lives only on the backends, so every answer came straight from one.
+    println!(
+        "{protocol} {vip}: balancer forwarded {forwarded} packets; stats {}",
+        stats["vips"]
+    );
+}
+
+#[test]
+fn tcp_over_ipv4_balances_follows_removal_and_agrees_with_lookup() {
+    if tests::privileged("tcp_over_ipv4") {
+        balance_remove_and_lookup("lbe-t4-", "tcp", false);
+    }
+}
+
+#[test]
+fn udp_over_ipv4_balances_follows_removal_and_agrees_with_lookup() {
+    if tests::privileged("udp_over_ipv4") {
+        balance_remove_and_lookup("lbe-u4-", "udp", false);
+    }
+}
+
+#[test]
+fn tcp_over_ipv6_balances_follows_removal_and_agrees_with_lookup() {
+    if tests::privileged("tcp_over_ipv6") {
+        balance_remove_and_lookup("lbe-t6-", "tcp", true);
+    }
+}
+
+#[test]
+fn udp_over_ipv6_balances_follows_removal_and_agrees_with_lookup() {
+    if tests::privileged("udp_over_ipv6") {
+        balance_remove_and_lookup("lbe-u6-", "udp", true);
+    }
+}
+
+/// Bad input through the CLI is refused with a message naming it, and leaves
+/// the configuration as it was; the configuration survives a restart.
+#[test]
+fn bad_input_changes_nothing_and_state_survives_a_restart() {
+    if !tests::privileged("bad_input_changes_nothing_and_state_survives_a_restart") {
+        return;
+    }
+    let testbed = Testbed::up("lbe-st-", 2).expect("testbed");
+    let _servers = start_servers(&testbed, 80).expect("servers");
+    let mut daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    let vip = "198.18.0.10:80";
+    daemon.lb(&["vip", "add", vip]).unwrap();
+    daemon
+        .lb(&["backend", "add", vip, &netns::backend4(1), "--weight", "2"])
+        .unwrap();
+    daemon
+        .lb(&["backend", "add", vip, &netns::backend4(2)])
+        .unwrap();
+    let before = (
+        daemon.lb(&["vip", "list", "--json"]).unwrap(),
+        daemon.json(&["backend", "list"]).unwrap(),
+    );
+
+    for (args, expected) in [
+        (vec!["vip", "add", "198.18.0.10"], "is not ADDRESS:PORT"),
+        (vec!["vip", "add", vip], "already exists"),
+        (
+            vec!["vip", "add", "198.18.0.11:80", "--proto", "sctp"],
+            "expected tcp or udp",
+        ),
+        (
+            vec!["backend", "add", vip, "198.18.0.300"],
+            "'198.18.0.300' is not an IP address",
+        ),
+        (
+            vec!["backend", "add", vip, "198.18.0.101:80"],
+            "without a port",
+        ),
+        (
+            vec!["backend", "add", vip, &netns::backend4(1)],
+            "already serves VIP",
+        ),
+        (
+            vec!["backend", "add", "198.18.0.99:80", "198.18.0.105"],
+            "VIP 198.18.0.99:80/tcp does not exist",
+        ),
+        (
+            vec!["backend", "add", vip, "198.18.0.105", "--weight", "0"],
+            "weight 0 is out of range: expected 1 to 256",
+        ),
+        (
+            vec!["backend", "add", vip, "198.18.0.105", "--weight", "257"],
+            "weight 257 is out of range",
+        ),
+        (
+            vec!["backend", "add", vip, "fd00:198:18::105"],
+            "needs the same family",
+        ),
+        (
+            vec!["backend", "remove", vip, "198.18.0.105"],
+            "does not serve VIP",
+        ),
+        (
+            vec!["lookup", vip, "198.18.0.1"],
+            "client: '198.18.0.1' is not ADDRESS:PORT",
+        ),
+    ] {
+        let output = daemon.command(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "lb {args:?} succeeded");
+        assert!(stderr.contains(expected), "lb {args:?}: {stderr}");
+    }
+    let after = (
+        daemon.lb(&["vip", "list", "--json"]).unwrap(),
+        daemon.json(&["backend", "list"]).unwrap(),
+    );
+    assert_eq!(before.1, after.1, "refused changes altered the backends");
+
+    // SIGTERM detaches cleanly; a new `lb run` restores VIPs, backends, weights.
+    let pid = daemon.process.as_ref().unwrap().0.id();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = daemon.process.as_mut().unwrap().0.wait().unwrap();
+    assert!(
+        status.success(),
+        "lb run exited with {status}: {}",
+        daemon.log_text()
+    );
+    let link = netns::run(
+        "ip",
+        &["-n", &testbed.balancer(), "link", "show", netns::LB_IFACE],
+    )
+    .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "XDP program left attached"
+    );
+
+    daemon.restart(&testbed, &[]).unwrap();
+    daemon.wait_backends_active().unwrap();
+    let restored = daemon.json(&["backend", "list"]).unwrap();
+    let summary = |list: &serde_json::Value| -> Vec<(String, u64)> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b["address"].to_string(), b["weight"].as_u64().unwrap()))
+            .collect()
+    };
+    assert_eq!(summary(&restored), summary(&before.1));
+    let answers = client_requests(&testbed, "tcp", vip, CLIENT4, 25_000, 30).unwrap();
+    assert!(!tally(&answers).contains_key("ERROR"), "{answers:?}");
+}
