@@ -1,1 +1,313 @@
-fn main() {}
+//! Orchestration only: set-up, the demo, the test suite. No product logic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install every prerequisite (scripts/setup.sh); quick when all is present.
+    Setup,
+    /// Run the balancer: `lb run` with the given arguments, or, with none, a
+    /// demo in network namespaces (a client, the balancer, three backends).
+    Run {
+        /// Arguments for `lb run` (for example: --iface eth0 --config /etc/lb/lb.toml).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The whole suite: formatting, lints, unit, datapath and end-to-end tests (as root).
+    Test,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Task::Setup => setup(),
+        Task::Run { args } => {
+            setup()?;
+            cargo(&["build", "--release", "--workspace"])?;
+            if args.is_empty() {
+                demo(&root)
+            } else {
+                run_lb(&root, &args)
+            }
+        }
+        Task::Test => {
+            setup()?;
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--quiet",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            cargo(&["build", "--workspace"])?;
+            // Root-only tests fail instead of skipping, so a green run means they ran.
+            let mut child = Command::new(cargo_binary())
+                .args(["test", "--workspace"])
+                .env("LB_TESTS_REQUIRE_ROOT", "1")
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let mut totals = TestTotals::default();
+            let stdout = child.stdout.take().context("test output")?;
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let line = line?;
+                println!("{line}");
+                totals.add(&line);
+            }
+            let status = child.wait()?;
+            // One closing line for the whole suite (cargo's last line is a doc-test run).
+            println!(
+                "tests: {} passed, {} failed, {} skipped",
+                totals.passed, totals.failed, totals.ignored
+            );
+            if !status.success() || totals.failed > 0 {
+                bail!("tests failed");
+            }
+            if totals.passed == 0 {
+                bail!("no test ran");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Sums cargo's `test result: ok. N passed; N failed; N ignored; ...` lines.
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match label {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+fn cargo_binary() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(cargo_binary()).args(args).status()?;
+    if !status.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn setup() -> anyhow::Result<()> {
+    let status = Command::new("bash")
+        .arg("scripts/setup.sh")
+        .status()
+        .context("running scripts/setup.sh")?;
+    if !status.success() {
+        bail!("scripts/setup.sh failed (see its message above)");
+    }
+    Ok(())
+}
+
+fn run_lb(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let status = Command::new(root.join("target/release/lb"))
+        .arg("run")
+        .args(args)
+        .status()?;
+    if !status.success() {
+        bail!("lb run exited with {status}");
+    }
+    Ok(())
+}
+
+/// A child killed when dropped, so the demo cleans up on any error.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes the demo's namespaces when dropped.
+struct Testbed<'a>(&'a Path);
+
+impl Drop for Testbed<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(self.0).args(["down", DEMO_PREFIX]).status();
+    }
+}
+
+const DEMO_PREFIX: &str = "lbdemo-";
+const VIP: &str = "198.18.0.10:80";
+
+fn demo(root: &Path) -> anyhow::Result<()> {
+    let bin = root.join("target/release");
+    let testbed_bin = bin.join("lb-testbed");
+    let lb = bin.join("lb");
+    let dir = std::env::temp_dir().join("lb-demo");
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("lb.sock");
+    let state = dir.join("state.toml");
+    let _ = std::fs::remove_file(&state);
+
+    println!(
+        "== Building the demo testbed: namespaces {DEMO_PREFIX}client, {DEMO_PREFIX}lb, {DEMO_PREFIX}b1..b3 on one L2 segment"
+    );
+    let status = Command::new(&testbed_bin)
+        .args(["up", DEMO_PREFIX, "3"])
+        .status()?;
+    if !status.success() {
+        bail!("building the testbed failed");
+    }
+    let _testbed = Testbed(&testbed_bin);
+    let log = dir.join("lb.log");
+    let in_ns = |ns: &str, program: &Path, args: &[&str], stderr: Stdio| -> anyhow::Result<Guard> {
+        Ok(Guard(
+            Command::new("ip")
+                .args(["netns", "exec", &format!("{DEMO_PREFIX}{ns}")])
+                .arg(program)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()?,
+        ))
+    };
+    let _servers: Vec<Guard> = (1..=3)
+        .map(|i| {
+            in_ns(
+                &format!("b{i}"),
+                &testbed_bin,
+                &["serve", &format!("b{i}"), "80", "120"],
+                Stdio::null(),
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let socket_arg = socket.to_str().context("temp path")?;
+    let state_arg = state.to_str().context("temp path")?;
+    println!(
+        "== Starting lb run --iface eth0 in {DEMO_PREFIX}lb (its log: {})",
+        log.display()
+    );
+    let _daemon = in_ns(
+        "lb",
+        &lb,
+        &[
+            "--socket", socket_arg, "run", "--iface", "eth0", "--state", state_arg,
+        ],
+        std::fs::File::create(&log)?.into(),
+    )?;
+
+    let lb_cmd = |args: &[&str]| -> anyhow::Result<String> {
+        let output = Command::new(&lb)
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "lb {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lb_cmd(&["vip", "list"]).is_err() {
+        if Instant::now() > deadline {
+            bail!("lb run did not start");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for args in [
+        vec!["vip", "add", VIP],
+        vec!["backend", "add", VIP, "198.18.0.101"],
+        vec!["backend", "add", VIP, "198.18.0.102"],
+        vec!["backend", "add", VIP, "198.18.0.103"],
+    ] {
+        println!("$ lb {}\n{}", args.join(" "), lb_cmd(&args)?.trim_end());
+    }
+    while lb_cmd(&["backend", "list"])?.contains("resolving") {
+        if Instant::now() > deadline {
+            bail!("backend MACs did not resolve");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let connect = |first_port: &str| -> anyhow::Result<()> {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &format!("{DEMO_PREFIX}client")])
+            .arg(&testbed_bin)
+            .args(["client", "tcp", VIP, "198.18.0.1", first_port, "300"])
+            .output()?;
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let answer = line.split_once(' ').map_or("?", |(_, answer)| answer);
+            let key = if answer.starts_with("ERROR") {
+                "failed"
+            } else {
+                answer
+            };
+            *counts.entry(key.to_owned()).or_default() += 1;
+        }
+        println!("300 TCP connections from the client to {VIP} were answered by: {counts:?}");
+        Ok(())
+    };
+    println!("\n== Traffic");
+    connect("40000")?;
+    println!("\n$ lb backend list\n{}", lb_cmd(&["backend", "list"])?);
+    println!(
+        "$ lb lookup {VIP} 198.18.0.1:40000\n{}",
+        lb_cmd(&["lookup", VIP, "198.18.0.1:40000"])?
+    );
+    println!(
+        "$ lb backend remove {VIP} 198.18.0.102\n{}",
+        lb_cmd(&["backend", "remove", VIP, "198.18.0.102"])?
+    );
+    connect("41000")?;
+    println!("\n$ lb stats\n{}", lb_cmd(&["stats"])?);
+    println!(
+        "== Demo done; removing the namespaces. `scripts/testbed.sh up` keeps a testbed up to explore."
+    );
+    Ok(())
+}
