@@ -92,12 +92,7 @@ const _: () = assert!(size_of::<VipKey>() == 20);
 impl VipKey {
     pub fn new(address: IpAddr, port: u16, protocol: u8) -> Self {
         let (address, family) = address_bytes(address);
-        Self {
-            address,
-            port: port.to_be_bytes(),
-            protocol,
-            family,
-        }
+        Self { address, port: port.to_be_bytes(), protocol, family }
     }
 }
 
@@ -131,10 +126,7 @@ const _: () = assert!(size_of::<VipAddressKey>() == 20);
 impl VipAddressKey {
     pub fn new(address: IpAddr) -> Self {
         let (address, family) = address_bytes(address);
-        Self {
-            address,
-            family: u32::from(family),
-        }
+        Self { address, family: u32::from(family) }
     }
 }
 

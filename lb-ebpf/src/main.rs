@@ -83,19 +83,14 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     // SAFETY: read_volatile keeps the compiler from folding the load-time
     // globals to their compile-time defaults.
     let (seed, table_size) = unsafe {
-        (
-            core::ptr::read_volatile(&LB_HASH_SEED),
-            core::ptr::read_volatile(&LB_TABLE_SIZE),
-        )
+        (core::ptr::read_volatile(&LB_HASH_SEED), core::ptr::read_volatile(&LB_TABLE_SIZE))
     };
     if table_size == 0 {
         return Err(Reason::DropInternal);
     }
     let hash = lb_common::flow_hash(&flow, seed);
     let index = lb_common::table_index(vip.vip_index, vip.active_slot, table_size, hash);
-    let chunk = LB_MAGLEV
-        .get(index / MAGLEV_CHUNK)
-        .ok_or(Reason::DropInternal)?;
+    let chunk = LB_MAGLEV.get(index / MAGLEV_CHUNK).ok_or(Reason::DropInternal)?;
     let backend_slot = chunk[(index % MAGLEV_CHUNK) as usize];
     if backend_slot == NO_BACKEND {
         return Err(Reason::DropNoBackend);
@@ -117,16 +112,9 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
 /// (it is the host's traffic).
 #[inline(always)]
 fn refuse_if_ours(l3: &L3, reason: Reason) -> Reason {
-    let key = VipAddressKey {
-        address: l3.destination,
-        family: u32::from(l3.family),
-    };
+    let key = VipAddressKey { address: l3.destination, family: u32::from(l3.family) };
     // SAFETY: only the presence of the key is used.
-    if unsafe { LB_VIP_ADDRESSES.get(key) }.is_some() {
-        reason
-    } else {
-        Reason::PassNotVip
-    }
+    if unsafe { LB_VIP_ADDRESSES.get(key) }.is_some() { reason } else { Reason::PassNotVip }
 }
 
 #[cfg(target_arch = "bpf")]

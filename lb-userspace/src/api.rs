@@ -10,6 +10,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::health::{CheckOptions, CheckSpec};
 use crate::model::{Protocol, Vip};
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
@@ -19,6 +20,12 @@ pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 pub enum Request {
     VipAdd {
         vip: Vip,
+        check: CheckOptions,
+    },
+    /// Changes the given fields of a VIP's check.
+    CheckSet {
+        vip: Vip,
+        check: CheckOptions,
     },
     VipRemove {
         vip: Vip,
@@ -70,8 +77,14 @@ pub struct VipView {
     pub protocol: Protocol,
     /// Configured backends.
     pub backends: usize,
-    /// Backends in the installed Maglev table.
+    /// Backends in the installed Maglev table (MAC resolved).
     pub active_backends: usize,
+    /// Backends receiving new flows: the healthy ones.
+    pub serving_backends: usize,
+    /// No backend passes its checks, so the ones that did earlier keep
+    /// receiving traffic rather than the VIP black-holing it.
+    pub all_down: bool,
+    pub check: CheckSpec,
     pub packets: u64,
     pub bytes: u64,
     /// Over the last second.
@@ -85,8 +98,13 @@ pub struct BackendView {
     pub vip: String,
     pub address: IpAddr,
     pub weight: u32,
-    /// `active` (in the table) or `resolving` (waiting for its MAC).
+    /// `up` (passing checks, receiving new flows), `down` (failing checks),
+    /// or `resolving` (waiting for its MAC).
     pub state: String,
+    /// Unix time (seconds) of the last up/down transition.
+    pub since: f64,
+    /// The last failed check's error, until a check passes.
+    pub last_error: Option<String>,
     pub mac: Option<String>,
     /// Entries of the VIP's Maglev table that point at it.
     pub table_entries: u32,
@@ -121,15 +139,9 @@ pub enum ClientError {
     #[error(
         "cannot reach the daemon at {path}: {source} (is `lb run` running? use --socket to point elsewhere)"
     )]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    Connect { path: String, source: std::io::Error },
     #[error("talking to the daemon at {path} failed: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("the daemon's reply was not understood: {0}")]
     Decode(#[from] serde_json::Error),
 }
@@ -137,14 +149,9 @@ pub enum ClientError {
 /// Sends one request and waits for its reply.
 pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
     let path = socket.display().to_string();
-    let io = |source| ClientError::Io {
-        path: path.clone(),
-        source,
-    };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
-        path: path.clone(),
-        source,
-    })?;
+    let io = |source| ClientError::Io { path: path.clone(), source };
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|source| ClientError::Connect { path: path.clone(), source })?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;

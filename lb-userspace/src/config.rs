@@ -11,6 +11,15 @@
 //! address = "198.18.0.10:80"
 //! protocol = "tcp"       # default tcp
 //!
+//! [vip.check]            # optional; default: a tcp connect to the VIP port
+//! type = "http"          # tcp, http, ws or none
+//! path = "/health"
+//! status = "200-399"
+//! interval_ms = 300
+//! timeout_ms = 250
+//! rise = 2
+//! fall = 3
+//!
 //! [[vip.backend]]
 //! address = "198.18.1.1"
 //! weight = 1             # 1 to 256, default 1
@@ -24,6 +33,9 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::datapath::DatapathConfig;
+#[cfg(test)]
+use crate::health::CheckKind;
+use crate::health::{CheckOptions, CheckSpec};
 use crate::maglev::is_valid_table_size;
 use crate::model::{
     BackendSpec, DEFAULT_WEIGHT, DesiredState, Limits, Protocol, Vip, parse_address, parse_endpoint,
@@ -38,34 +50,20 @@ pub struct Config {
 
 impl Config {
     pub fn limits(&self) -> Limits {
-        Limits {
-            max_vips: self.datapath.max_vips,
-            max_backends: self.datapath.max_backends,
-        }
+        Limits { max_vips: self.datapath.max_vips, max_backends: self.datapath.max_backends }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("{path}:{line}: {field}: {message}")]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        field: String,
-        message: String,
-    },
+    Invalid { path: PathBuf, line: usize, field: String, message: String },
     #[error("{path}: writing the state failed: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 #[derive(Deserialize)]
@@ -84,6 +82,7 @@ struct FileIn {
 struct VipIn {
     address: Spanned<String>,
     protocol: Option<Spanned<String>>,
+    check: Option<Spanned<CheckOptions>>,
     #[serde(default)]
     backend: Vec<BackendIn>,
 }
@@ -108,16 +107,15 @@ struct FileOut {
 struct VipOut {
     address: String,
     protocol: Protocol,
+    check: CheckSpec,
     backend: Vec<BackendSpec>,
 }
 
 /// Reads and validates a config or state file. Nothing is applied here: a
 /// file with any error is refused as a whole.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     parse(&text, path)
 }
 
@@ -135,10 +133,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     };
 
     let defaults = DatapathConfig::default();
-    let mut datapath = DatapathConfig {
-        hash_seed: file.hash_seed.unwrap_or(defaults.hash_seed),
-        ..defaults
-    };
+    let mut datapath =
+        DatapathConfig { hash_seed: file.hash_seed.unwrap_or(defaults.hash_seed), ..defaults };
     if let Some(size) = &file.table_size {
         if !is_valid_table_size(*size.get_ref()) {
             return Err(invalid(
@@ -155,27 +151,16 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     }
     for (value, field, target) in [
         (&file.max_vips, "max_vips", &mut datapath.max_vips),
-        (
-            &file.max_backends,
-            "max_backends",
-            &mut datapath.max_backends,
-        ),
+        (&file.max_backends, "max_backends", &mut datapath.max_backends),
     ] {
         if let Some(value) = value {
             if *value.get_ref() == 0 {
-                return Err(invalid(
-                    value.span(),
-                    field,
-                    "must be at least 1".to_owned(),
-                ));
+                return Err(invalid(value.span(), field, "must be at least 1".to_owned()));
             }
             *target = *value.get_ref();
         }
     }
-    if datapath
-        .maglev_entries()
-        .is_none_or(|entries| entries.checked_mul(4).is_none())
-    {
+    if datapath.maglev_entries().is_none_or(|entries| entries.checked_mul(4).is_none()) {
         return Err(invalid(
             0..0,
             "max_vips",
@@ -186,10 +171,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         ));
     }
 
-    let mut config = Config {
-        datapath,
-        desired: DesiredState::default(),
-    };
+    let mut config = Config { datapath, desired: DesiredState::default() };
     let limits = config.limits();
     for vip_in in &file.vip {
         let endpoint = parse_endpoint(vip_in.address.get_ref())
@@ -202,22 +184,23 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 .map_err(|message| invalid(text.span(), "vip.protocol", message))?,
         };
         let vip = Vip::new(endpoint, protocol);
+        let check = vip_in.check.as_ref().map_or_else(CheckSpec::default, |check| {
+            check.get_ref().applied_to(&CheckSpec::default())
+        });
+        if let (Err(message), Some(check_in)) = (check.validate(), &vip_in.check) {
+            return Err(invalid(check_in.span(), "vip.check", message));
+        }
         config
             .desired
-            .add_vip(vip, limits)
+            .add_vip(vip, check, limits)
             .map_err(|error| invalid(vip_in.address.span(), "vip.address", error.to_string()))?;
         for backend_in in &vip_in.backend {
             let address = parse_address(backend_in.address.get_ref()).map_err(|message| {
                 invalid(backend_in.address.span(), "vip.backend.address", message)
             })?;
-            let weight = backend_in
-                .weight
-                .as_ref()
-                .map_or(DEFAULT_WEIGHT, |w| *w.get_ref());
-            config
-                .desired
-                .add_backend(&vip, BackendSpec { address, weight }, limits)
-                .map_err(|error| {
+            let weight = backend_in.weight.as_ref().map_or(DEFAULT_WEIGHT, |w| *w.get_ref());
+            config.desired.add_backend(&vip, BackendSpec { address, weight }, limits).map_err(
+                |error| {
                     let (span, field) = match &backend_in.weight {
                         Some(w)
                             if matches!(error, crate::model::ChangeError::WeightOutOfRange(_)) =>
@@ -227,7 +210,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                         _ => (backend_in.address.span(), "vip.backend.address"),
                     };
                     invalid(span, field, error.to_string())
-                })?;
+                },
+            )?;
         }
     }
     Ok(config)
@@ -244,10 +228,11 @@ pub fn render(config: &Config) -> String {
             .desired
             .vips
             .iter()
-            .map(|(vip, backends)| VipOut {
+            .map(|(vip, spec)| VipOut {
                 address: vip.endpoint().to_string(),
                 protocol: vip.protocol,
-                backend: backends.values().cloned().collect(),
+                check: spec.check.clone(),
+                backend: spec.backends.values().cloned().collect(),
             })
             .collect(),
     };
@@ -258,26 +243,14 @@ pub fn render(config: &Config) -> String {
 /// Writes the state atomically: a crash leaves either the old or the new
 /// file, never a partial one.
 pub fn save(config: &Config, path: &Path) -> Result<(), ConfigError> {
-    let write_error = |source| ConfigError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let directory = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let write_error = |source| ConfigError::Write { path: path.to_owned(), source };
+    let directory = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(directory).map_err(write_error)?;
     let mut temporary = tempfile::NamedTempFile::new_in(directory).map_err(write_error)?;
-    temporary
-        .write_all(render(config).as_bytes())
-        .map_err(write_error)?;
+    temporary.write_all(render(config).as_bytes()).map_err(write_error)?;
     temporary.as_file().sync_all().map_err(write_error)?;
-    temporary
-        .persist(path)
-        .map_err(|error| write_error(error.error))?;
-    std::fs::File::open(directory)
-        .and_then(|dir| dir.sync_all())
-        .map_err(write_error)?;
+    temporary.persist(path).map_err(|error| write_error(error.error))?;
+    std::fs::File::open(directory).and_then(|dir| dir.sync_all()).map_err(write_error)?;
     Ok(())
 }
 
@@ -308,11 +281,25 @@ address = "198.18.1.2"
 [[vip]]
 address = "[fd00:198:18::10]:53"
 protocol = "udp"
+
+[vip.check]
+type = "ws"
+path = "/socket"
+port = 9000
+rise = 1
+status = "101"
 "#;
         let config = parse(text, Path::new("lb.toml")).unwrap();
         assert_eq!(config.datapath.hash_seed, 7);
         assert_eq!(config.datapath.table_size, 251);
         assert_eq!(config.desired.vips.len(), 2);
+        let checks: Vec<&CheckSpec> =
+            config.desired.vips.values().map(|spec| &spec.check).collect();
+        assert_eq!(checks[0], &CheckSpec::default());
+        assert_eq!(
+            (checks[1].kind, checks[1].port, checks[1].path.as_str(), checks[1].rise),
+            (CheckKind::Ws, Some(9000), "/socket", 1)
+        );
         let reparsed = parse(&render(&config), Path::new("state.toml")).unwrap();
         assert_eq!(reparsed, config);
     }
@@ -333,15 +320,11 @@ protocol = "udp"
             "lb.toml:3: vip.protocol: unknown protocol 'sctp': expected tcp or udp"
         );
         assert_eq!(
-            error_of(&format!(
-                "{vip}[[vip.backend]]\naddress = \"198.18.1.300\"\n"
-            )),
+            error_of(&format!("{vip}[[vip.backend]]\naddress = \"198.18.1.300\"\n")),
             "lb.toml:4: vip.backend.address: '198.18.1.300' is not an IP address"
         );
         assert_eq!(
-            error_of(&format!(
-                "{vip}[[vip.backend]]\naddress = \"198.18.1.1\"\nweight = 0\n"
-            )),
+            error_of(&format!("{vip}[[vip.backend]]\naddress = \"198.18.1.1\"\nweight = 0\n")),
             "lb.toml:5: vip.backend.weight: weight 0 is out of range: expected 1 to 256"
         );
         assert_eq!(
@@ -355,6 +338,12 @@ protocol = "udp"
             "lb.toml:4: vip.address: VIP 198.18.0.10:80/tcp already exists"
         );
         assert!(error_of("max_vips = 0\n").starts_with("lb.toml:1: max_vips: must be at least 1"));
+        assert_eq!(
+            error_of(&format!("{vip}\n[vip.check]\ntype = \"tcp\"\nfall = 0\n")),
+            "lb.toml:4: vip.check: check fall 0 is out of range: expected 1 to 100"
+        );
+        let bad_type = error_of(&format!("{vip}[vip.check]\ntype = \"icmp\"\n"));
+        assert!(bad_type.contains("line 4") && bad_type.contains("icmp"), "{bad_type}");
         let unknown = error_of("tabel_size = 3\n");
         assert!(
             unknown.starts_with("lb.toml: ")

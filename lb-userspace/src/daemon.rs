@@ -3,9 +3,10 @@
 //! through [`Daemon::reconcile`] on one task, so changes never interleave.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use lb_common::TrafficCounters;
@@ -16,9 +17,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::api::{BackendView, Body, LookupView, Reply, Request, StatsView, VipView};
 use crate::config::{self, Config};
 use crate::datapath::{AttachMode, Datapath};
-use crate::model::{BackendSpec, Vip};
+use crate::health::{self, CheckKind, CheckSpec, Health, HealthState};
+use crate::model::{BackendSpec, ChangeError, Vip};
 use crate::neighbour::{self, Neighbours};
-use crate::reconcile::Reconciler;
+use crate::reconcile::{BackendHealth, HealthMap, Reconciler};
 
 pub const DEFAULT_STATE: &str = "/var/lib/lb/state.toml";
 
@@ -67,13 +69,18 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(64);
     let accept_task = tokio::spawn(serve(listener, calls_tx));
 
+    let (reports_tx, mut reports_rx) = mpsc::channel::<HealthReport>(256);
     let mut daemon = Daemon {
         config,
         reconciler: Reconciler::new(datapath),
         state_path: options.state.clone(),
         rates: Rates::default(),
+        checks: HashMap::new(),
+        reports: reports_tx,
+        next_generation: 0,
     };
-    daemon.reconciler.apply(&daemon.config.desired)?;
+    daemon.sync_checks(true);
+    daemon.reconciler.apply(&daemon.config.desired, &daemon.health_map())?;
     config::save(&daemon.config, &daemon.state_path)?;
     wanted_tx.send_replace(daemon.reconciler.wanted_neighbours());
 
@@ -93,6 +100,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 let _ = reply.send(answer);
             }
             Some(found) = neighbours_rx.recv() => daemon.neighbours_changed(found),
+            Some(report) = reports_rx.recv() => daemon.health_report(report),
             _ = tick.tick() => daemon.sample_rates(),
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: detaching"); break; }
             _ = terminate.recv() => { tracing::info!("SIGTERM: detaching"); break; }
@@ -100,6 +108,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     accept_task.abort();
     neighbour_task.abort();
+    for checker in daemon.checks.values() {
+        checker.task.abort();
+    }
     let _ = std::fs::remove_file(&options.socket);
     drop(daemon); // detaches the program and frees the maps
     Ok(())
@@ -149,11 +160,7 @@ async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
     let mut reader = BufReader::new(reader);
     loop {
         let mut line = Vec::new();
-        match (&mut reader)
-            .take(MAX_REQUEST_BYTES as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await
-        {
+        match (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -168,9 +175,7 @@ async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
                     if calls.send((request, reply_tx)).await.is_err() {
                         return;
                     }
-                    reply_rx
-                        .await
-                        .unwrap_or_else(|_| Reply::Error("the daemon is stopping".into()))
+                    reply_rx.await.unwrap_or_else(|_| Reply::Error("the daemon is stopping".into()))
                 }
             }
         };
@@ -214,6 +219,46 @@ struct Daemon {
     reconciler: Reconciler,
     state_path: PathBuf,
     rates: Rates,
+    /// One check task and health state per (VIP, backend).
+    checks: HashMap<(Vip, IpAddr), Checker>,
+    reports: mpsc::Sender<HealthReport>,
+    next_generation: u64,
+}
+
+/// A backend's check task and what its reports have established.
+struct Checker {
+    spec: CheckSpec,
+    /// Reports from an older task (before a spec change) carry another
+    /// generation and are ignored.
+    generation: u64,
+    task: tokio::task::JoinHandle<()>,
+    state: HealthState,
+}
+
+struct HealthReport {
+    vip: Vip,
+    backend: IpAddr,
+    generation: u64,
+    outcome: Result<(), String>,
+}
+
+/// Checks `backend` every interval until aborted, reporting each outcome.
+async fn check_loop(
+    vip: Vip,
+    backend: IpAddr,
+    spec: CheckSpec,
+    generation: u64,
+    reports: mpsc::Sender<HealthReport>,
+) {
+    let mut interval = tokio::time::interval(spec.interval());
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let outcome = health::check_once(&spec, backend, vip.port).await;
+        if reports.send(HealthReport { vip, backend, generation, outcome }).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Daemon {
@@ -228,42 +273,41 @@ impl Daemon {
         let limits = self.config.limits();
         let done = |message: String| Ok(Body::Done { message });
         match request {
-            Request::VipAdd { vip } => {
-                self.change(|state| state.add_vip(vip, limits))?;
+            Request::VipAdd { vip, check } => {
+                let check = check.applied_to(&CheckSpec::default());
+                self.change(|state| state.add_vip(vip, check, limits))?;
                 done(format!("VIP {vip} added"))
+            }
+            Request::CheckSet { vip, check } => {
+                let current =
+                    self.config.desired.vips.get(&vip).ok_or(ChangeError::UnknownVip(vip))?;
+                let check = check.applied_to(&current.check);
+                let summary = serde_json::to_string(&check)?;
+                self.change(|state| state.set_check(&vip, check))?;
+                done(format!("VIP {vip} check set to {summary}"))
             }
             Request::VipRemove { vip } => {
                 self.change(|state| state.remove_vip(&vip))?;
                 done(format!("VIP {vip} removed"))
             }
-            Request::BackendAdd {
-                vip,
-                address,
-                weight,
-            } => {
+            Request::BackendAdd { vip, address, weight } => {
                 self.change(|state| {
                     state.add_backend(&vip, BackendSpec { address, weight }, limits)
                 })?;
-                done(format!(
-                    "backend {address} (weight {weight}) added to VIP {vip}"
-                ))
+                done(format!("backend {address} (weight {weight}) added to VIP {vip}"))
             }
             Request::BackendRemove { vip, address } => {
                 self.change(|state| state.remove_backend(&vip, address))?;
                 done(format!("backend {address} removed from VIP {vip}"))
             }
-            Request::VipList => Ok(Body::Vips {
-                vips: self.vip_views()?,
-            }),
+            Request::VipList => Ok(Body::Vips { vips: self.vip_views()? }),
             Request::BackendList { vip } => {
                 if let Some(vip) = vip
                     && !self.config.desired.vips.contains_key(&vip)
                 {
-                    anyhow::bail!(crate::model::ChangeError::UnknownVip(vip));
+                    anyhow::bail!(ChangeError::UnknownVip(vip));
                 }
-                Ok(Body::Backends {
-                    backends: self.backend_views(vip.as_ref())?,
-                })
+                Ok(Body::Backends { backends: self.backend_views(vip.as_ref())? })
             }
             Request::Stats => Ok(Body::Stats(StatsView {
                 vips: self.vip_views()?,
@@ -278,10 +322,8 @@ impl Daemon {
                 tables_built: self.reconciler.tables_built(),
             })),
             Request::Lookup { vip, client } => {
-                let result = self
-                    .reconciler
-                    .lookup(&vip, client)
-                    .ok_or(crate::model::ChangeError::UnknownVip(vip))?;
+                let result =
+                    self.reconciler.lookup(&vip, client).ok_or(ChangeError::UnknownVip(vip))?;
                 Ok(Body::Lookup(LookupView {
                     vip: vip.to_string(),
                     client,
@@ -297,20 +339,121 @@ impl Daemon {
     /// refused or failed change leaves the running and saved state as before.
     fn change(
         &mut self,
-        edit: impl FnOnce(&mut crate::model::DesiredState) -> Result<(), crate::model::ChangeError>,
+        edit: impl FnOnce(&mut crate::model::DesiredState) -> Result<(), ChangeError>,
     ) -> anyhow::Result<()> {
         let mut next = self.config.clone();
         edit(&mut next.desired)?;
         config::save(&next, &self.state_path)?;
-        if let Err(error) = self.reconciler.apply(&next.desired) {
+        let previous = std::mem::replace(&mut self.config, next);
+        self.sync_checks(false);
+        if let Err(error) = self.reconciler.apply(&self.config.desired, &self.health_map()) {
             // Put back what was running and what was saved.
-            let _ = self.reconciler.apply(&self.config.desired);
+            self.config = previous;
+            self.sync_checks(false);
+            let _ = self.reconciler.apply(&self.config.desired, &self.health_map());
             let _ = config::save(&self.config, &self.state_path);
             return Err(error.into());
         }
         tracing::info!(state = %self.state_path.display(), "configuration changed and saved");
-        self.config = next;
         Ok(())
+    }
+
+    /// Starts, restarts and stops check tasks to match the configuration.
+    /// Backends present at start are decided by their first check; backends
+    /// added later start down and must pass `rise` checks.
+    fn sync_checks(&mut self, at_start: bool) {
+        let now = SystemTime::now();
+        let mut wanted: HashMap<(Vip, IpAddr), CheckSpec> = HashMap::new();
+        for (vip, spec) in &self.config.desired.vips {
+            for address in spec.backends.keys() {
+                wanted.insert((*vip, *address), spec.check.clone());
+            }
+        }
+        self.checks.retain(|key, checker| {
+            let keep = wanted.contains_key(key);
+            if !keep {
+                checker.task.abort();
+            }
+            keep
+        });
+        for (key, spec) in wanted {
+            if self.checks.get(&key).is_some_and(|checker| checker.spec == spec) {
+                continue;
+            }
+            let state = match self.checks.remove(&key) {
+                // A changed spec keeps the backend's health; its counts restart.
+                Some(old) => {
+                    old.task.abort();
+                    HealthState { successes: 0, failures: 0, ..old.state }
+                }
+                None if spec.kind == CheckKind::None => HealthState::new_unchecked(now),
+                None if at_start => HealthState::new_at_start(now),
+                None => HealthState::new_added(now),
+            };
+            let state =
+                if spec.kind == CheckKind::None { HealthState::new_unchecked(now) } else { state };
+            self.next_generation += 1;
+            let generation = self.next_generation;
+            let task = if spec.kind == CheckKind::None {
+                tokio::spawn(async {})
+            } else {
+                tokio::spawn(check_loop(
+                    key.0,
+                    key.1,
+                    spec.clone(),
+                    generation,
+                    self.reports.clone(),
+                ))
+            };
+            self.checks.insert(key, Checker { spec, generation, task, state });
+        }
+    }
+
+    fn health_map(&self) -> HealthMap {
+        self.checks
+            .iter()
+            .map(|(key, checker)| {
+                let up = checker.state.health == Health::Up;
+                (*key, BackendHealth { up, ever_up: checker.state.ever_up })
+            })
+            .collect()
+    }
+
+    fn health_report(&mut self, report: HealthReport) {
+        let key = (report.vip, report.backend);
+        let Some(checker) = self.checks.get_mut(&key) else { return };
+        if checker.generation != report.generation {
+            return;
+        }
+        let (rise, fall) = (checker.spec.rise, checker.spec.fall);
+        let Some(transition) = checker.state.observe(report.outcome, rise, fall, SystemTime::now())
+        else {
+            return;
+        };
+        match transition.to {
+            Health::Up => {
+                tracing::info!(vip = %report.vip, backend = %report.backend, reason = %transition.reason, "backend up")
+            }
+            Health::Down => {
+                tracing::warn!(vip = %report.vip, backend = %report.backend, reason = %transition.reason, "backend down")
+            }
+        }
+        let was_all_down =
+            self.reconciler.vip_status(&report.vip).is_some_and(|status| status.fail_open);
+        if let Err(error) = self.reconciler.apply(&self.config.desired, &self.health_map()) {
+            tracing::error!(%error, "installing tables after a health change failed");
+        }
+        let status = self.reconciler.vip_status(&report.vip);
+        let all_down = status.is_some_and(|status| status.fail_open);
+        if all_down && !was_all_down {
+            tracing::error!(
+                vip = %report.vip,
+                forwarding_to = status.map_or(0, |status| status.serving),
+                "every backend of the VIP is down: forwarding to those that were up before (fail-open) rather than dropping"
+            );
+        } else if was_all_down && !all_down {
+            tracing::info!(vip = %report.vip, "a backend of the VIP is up again: fail-open ended");
+        }
     }
 
     fn neighbours_changed(&mut self, found: Neighbours) {
@@ -321,7 +464,9 @@ impl Daemon {
                 changed = true;
             }
         }
-        if changed && let Err(error) = self.reconciler.apply(&self.config.desired) {
+        if changed
+            && let Err(error) = self.reconciler.apply(&self.config.desired, &self.health_map())
+        {
             tracing::error!(%error, "installing tables after a MAC change failed");
         }
     }
@@ -343,26 +488,21 @@ impl Daemon {
 
     fn vip_views(&self) -> anyhow::Result<Vec<VipView>> {
         let mut views = Vec::new();
-        for (vip, backends) in &self.config.desired.vips {
-            let index = self
-                .reconciler
-                .vip_index(vip)
-                .context("VIP not installed")?;
-            let counters = self.reconciler.datapath().vip_counters(index)?;
-            let active = self
-                .reconciler
-                .backends(vip)
-                .iter()
-                .filter(|b| b.table_entries > 0)
-                .count();
-            let (packets_per_second, bytes_per_second) = self.rates.get((VIP_KEY, index));
+        for (vip, spec) in &self.config.desired.vips {
+            let status = self.reconciler.vip_status(vip).context("VIP not installed")?;
+            let counters = self.reconciler.datapath().vip_counters(status.vip_index)?;
+            let (packets_per_second, bytes_per_second) =
+                self.rates.get((VIP_KEY, status.vip_index));
             views.push(VipView {
                 vip: vip.to_string(),
                 address: vip.address,
                 port: vip.port,
                 protocol: vip.protocol,
-                backends: backends.len(),
-                active_backends: active,
+                backends: spec.backends.len(),
+                active_backends: status.members,
+                serving_backends: if status.fail_open { 0 } else { status.serving },
+                all_down: status.fail_open,
+                check: spec.check.clone(),
                 packets: counters.packets,
                 bytes: counters.bytes,
                 packets_per_second,
@@ -374,27 +514,33 @@ impl Daemon {
 
     fn backend_views(&self, only: Option<&Vip>) -> anyhow::Result<Vec<BackendView>> {
         let mut views = Vec::new();
-        for (vip, specs) in &self.config.desired.vips {
+        for (vip, spec) in &self.config.desired.vips {
             if only.is_some_and(|only| only != vip) {
                 continue;
             }
             for installed in self.reconciler.backends(vip) {
-                let counters = self
-                    .reconciler
-                    .datapath()
-                    .backend_counters(installed.slot)?;
+                let counters = self.reconciler.datapath().backend_counters(installed.slot)?;
                 let (packets_per_second, bytes_per_second) =
                     self.rates.get((BACKEND_KEY, installed.slot));
+                let health =
+                    self.checks.get(&(*vip, installed.address)).map(|checker| &checker.state);
+                let state = match (installed.mac, health.map(|h| h.health)) {
+                    (None, _) => "resolving",
+                    (Some(_), Some(Health::Down)) => "down",
+                    (Some(_), _) => "up",
+                };
                 views.push(BackendView {
                     vip: vip.to_string(),
                     address: installed.address,
-                    weight: specs.get(&installed.address).map_or(0, |spec| spec.weight),
-                    state: if installed.mac.is_some() {
-                        "active"
-                    } else {
-                        "resolving"
-                    }
-                    .to_owned(),
+                    weight: spec.backends.get(&installed.address).map_or(0, |b| b.weight),
+                    state: state.to_owned(),
+                    since: health.map_or(0.0, |h| {
+                        h.since
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs_f64()
+                    }),
+                    last_error: health.and_then(|h| h.last_error.clone()),
                     mac: installed.mac.map(format_mac),
                     table_entries: installed.table_entries,
                     packets: counters.packets,
@@ -409,8 +555,5 @@ impl Daemon {
 }
 
 pub fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    mac.iter().map(|byte| format!("{byte:02x}")).collect::<Vec<_>>().join(":")
 }

@@ -47,9 +47,7 @@ impl Default for DatapathConfig {
 impl DatapathConfig {
     /// Entries of the Maglev map: two slots per VIP.
     pub fn maglev_entries(&self) -> Option<u32> {
-        self.max_vips
-            .checked_mul(SLOTS_PER_VIP)?
-            .checked_mul(self.table_size)
+        self.max_vips.checked_mul(SLOTS_PER_VIP)?.checked_mul(self.table_size)
     }
 }
 
@@ -74,23 +72,13 @@ pub enum DatapathError {
     #[error("loading the XDP object failed (are you root, with BPF and BTF available?): {0}")]
     Load(#[from] aya::EbpfError),
     #[error("the XDP object has no {kind} named {name}: the object and lb-common disagree")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
+    Missing { kind: &'static str, name: &'static str },
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("the XDP program was rejected by the kernel: {0}")]
     Program(#[source] ProgramError),
     #[error("attaching to interface {iface} in {mode} mode failed: {source}")]
-    Attach {
-        iface: String,
-        mode: &'static str,
-        source: ProgramError,
-    },
+    Attach { iface: String, mode: &'static str, source: ProgramError },
     #[error("mapping the Maglev table into memory failed: {0}")]
     Mmap(#[source] std::io::Error),
     #[error("test run failed: {0}")]
@@ -143,17 +131,13 @@ impl Datapath {
             .load(OBJECT)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
-            .ok_or(DatapathError::Missing {
-                kind: "program",
-                name: PROGRAM_NAME,
-            })?
+            .ok_or(DatapathError::Missing { kind: "program", name: PROGRAM_NAME })?
             .try_into()
             .map_err(DatapathError::Program)?;
         program.load().map_err(DatapathError::Program)?;
 
         let mut take = |name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or(DatapathError::Missing { kind: "map", name })
+            ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })
         };
         let vips = HashMap::try_from(take(MAP_VIPS)?).map_err(map_error(MAP_VIPS))?;
         let vip_addresses =
@@ -165,22 +149,15 @@ impl Datapath {
             .map_err(map_error(MAP_BACKEND_STATS))?;
         let reasons = PerCpuArray::try_from(take(MAP_REASONS)?).map_err(map_error(MAP_REASONS))?;
         let Map::Array(maglev_map) = take(MAP_MAGLEV)? else {
-            return Err(DatapathError::Missing {
-                kind: "array map",
-                name: MAP_MAGLEV,
-            });
+            return Err(DatapathError::Missing { kind: "array map", name: MAP_MAGLEV });
         };
         let length = maglev_elements as usize * size_of::<lb_common::MaglevChunk>();
         // SAFETY: the fd is a BPF array created with BPF_F_MMAPABLE holding
         // `length` bytes of values (64-byte elements, so no padding between
         // them); the kernel keeps the memory alive while it is mapped, and
         // nothing else in this process maps it.
-        let maglev = unsafe {
-            MmapOptions::new()
-                .len(length)
-                .map_mut(&maglev_map.fd().as_fd())
-        }
-        .map_err(DatapathError::Mmap)?;
+        let maglev = unsafe { MmapOptions::new().len(length).map_mut(&maglev_map.fd().as_fd()) }
+            .map_err(DatapathError::Mmap)?;
         Ok(Self {
             ebpf,
             config,
@@ -202,10 +179,7 @@ impl Datapath {
 
     fn program(&self) -> &Xdp {
         // Checked in load(): the program exists and is XDP.
-        let program = self
-            .ebpf
-            .program(PROGRAM_NAME)
-            .expect("program checked at load");
+        let program = self.ebpf.program(PROGRAM_NAME).expect("program checked at load");
         program.try_into().expect("program type checked at load")
     }
 
@@ -218,14 +192,11 @@ impl Datapath {
             .try_into()
             .expect("program type checked at load");
         let attempt = |program: &mut Xdp, mode: XdpMode, name: &'static str| {
-            program
-                .attach(iface, mode)
-                .map(|_| name)
-                .map_err(|source| DatapathError::Attach {
-                    iface: iface.to_owned(),
-                    mode: name,
-                    source,
-                })
+            program.attach(iface, mode).map(|_| name).map_err(|source| DatapathError::Attach {
+                iface: iface.to_owned(),
+                mode: name,
+                source,
+            })
         };
         let used = match mode {
             AttachMode::Native => attempt(program, XdpMode::Driver, "native")?,
@@ -274,11 +245,7 @@ impl Datapath {
     /// Fills one table slot. The caller installs it with [`Self::set_vip`]
     /// only after this returns, and never writes the slot the datapath reads.
     pub fn write_table(&mut self, vip_index: u32, slot: u32, table: &[u32]) {
-        assert_eq!(
-            table.len(),
-            self.config.table_size as usize,
-            "table of the wrong size"
-        );
+        assert_eq!(table.len(), self.config.table_size as usize, "table of the wrong size");
         let range = self.table_range(vip_index, slot);
         self.maglev[range].copy_from_slice(bytemuck::cast_slice(table));
     }
@@ -286,9 +253,7 @@ impl Datapath {
     /// The backend slot at `index` of LB_MAGLEV (see `lb_common::table_index`).
     pub fn maglev_entry(&self, index: u32) -> u32 {
         let start = index as usize * size_of::<u32>();
-        let bytes: [u8; 4] = self.maglev[start..start + 4]
-            .try_into()
-            .expect("four bytes");
+        let bytes: [u8; 4] = self.maglev[start..start + 4].try_into().expect("four bytes");
         u32::from_ne_bytes(bytes)
     }
 
@@ -313,20 +278,14 @@ impl Datapath {
     /// Records how many VIPs use `address` (0 removes it).
     pub fn set_vip_address(&mut self, key: VipAddressKey, count: u32) -> Result<(), DatapathError> {
         if count == 0 {
-            self.vip_addresses
-                .remove(&key)
-                .map_err(map_error(MAP_VIP_ADDRESSES))
+            self.vip_addresses.remove(&key).map_err(map_error(MAP_VIP_ADDRESSES))
         } else {
-            self.vip_addresses
-                .insert(key, count, 0)
-                .map_err(map_error(MAP_VIP_ADDRESSES))
+            self.vip_addresses.insert(key, count, 0).map_err(map_error(MAP_VIP_ADDRESSES))
         }
     }
 
     pub fn set_backend(&mut self, slot: u32, backend: Backend) -> Result<(), DatapathError> {
-        self.backends
-            .set(slot, backend, 0)
-            .map_err(map_error(MAP_BACKENDS))
+        self.backends.set(slot, backend, 0).map_err(map_error(MAP_BACKENDS))
     }
 
     /// Zeroes the counters of a VIP index or backend slot that is being reused.
@@ -353,10 +312,8 @@ impl Datapath {
         Reason::ALL
             .iter()
             .map(|&reason| {
-                let values = self
-                    .reasons
-                    .get(&(reason as u32), 0)
-                    .map_err(map_error(MAP_REASONS))?;
+                let values =
+                    self.reasons.get(&(reason as u32), 0).map_err(map_error(MAP_REASONS))?;
                 Ok((reason, values.iter().sum()))
             })
             .collect()
@@ -368,12 +325,10 @@ fn sum_traffic(
     index: u32,
 ) -> Result<TrafficCounters, aya::maps::MapError> {
     let values = map.get(&index, 0)?;
-    Ok(values
-        .iter()
-        .fold(TrafficCounters::default(), |total, cpu| TrafficCounters {
-            packets: total.packets + cpu.packets,
-            bytes: total.bytes + cpu.bytes,
-        }))
+    Ok(values.iter().fold(TrafficCounters::default(), |total, cpu| TrafficCounters {
+        packets: total.packets + cpu.packets,
+        bytes: total.bytes + cpu.bytes,
+    }))
 }
 
 fn reset(

@@ -25,9 +25,7 @@ pub struct Candidate {
 /// value walks the whole table.
 pub fn is_valid_table_size(size: u32) -> bool {
     size >= 3
-        && (2..)
-            .take_while(|d: &u32| d.saturating_mul(*d) <= size)
-            .all(|d| !size.is_multiple_of(d))
+        && (2..).take_while(|d: &u32| d.saturating_mul(*d) <= size).all(|d| !size.is_multiple_of(d))
 }
 
 /// Builds a table of `size` entries; each holds the position of a candidate
@@ -43,14 +41,9 @@ pub fn build_table(candidates: &[Candidate], size: u32) -> Vec<u32> {
     debug_assert!(is_valid_table_size(size), "table size {size} is not prime");
     let mut table = vec![NO_BACKEND; size as usize];
     // A zero weight takes no entries (and would never earn credit).
-    let claimants: Vec<usize> = (0..candidates.len())
-        .filter(|&i| candidates[i].weight > 0)
-        .collect();
-    let Some(max_weight) = claimants
-        .iter()
-        .map(|&i| u64::from(candidates[i].weight))
-        .max()
-    else {
+    let claimants: Vec<usize> =
+        (0..candidates.len()).filter(|&i| candidates[i].weight > 0).collect();
+    let Some(max_weight) = claimants.iter().map(|&i| u64::from(candidates[i].weight)).max() else {
         return table;
     };
     let size64 = u64::from(size);
@@ -91,6 +84,34 @@ pub fn build_table(candidates: &[Candidate], size: u32) -> Vec<u32> {
     table
 }
 
+/// The table actually installed: entry `e` keeps `T_all[e]` (the table of
+/// every configured backend) when that backend is serving, and otherwise
+/// takes `T_serving[e]` (the table of the serving ones). Still a pure
+/// function of the configuration and the health of each backend, so every
+/// balancer that sees the same health builds the same table; and a backend
+/// failing or recovering moves only its own entries, never a flow of a
+/// backend that stayed healthy. Returns positions in `all`.
+pub fn build_failover_table(all: &[Candidate], serving: &[bool], size: u32) -> Vec<u32> {
+    assert_eq!(all.len(), serving.len(), "one serving flag per candidate");
+    let mut table = build_table(all, size);
+    if serving.iter().all(|&s| s) {
+        return table;
+    }
+    let serving_positions: Vec<usize> = (0..all.len()).filter(|&i| serving[i]).collect();
+    let serving_candidates: Vec<Candidate> = serving_positions.iter().map(|&i| all[i]).collect();
+    let fallback = build_table(&serving_candidates, size);
+    for (entry, fallback_entry) in table.iter_mut().zip(fallback) {
+        if *entry != NO_BACKEND && !serving[*entry as usize] {
+            *entry = if fallback_entry == NO_BACKEND {
+                NO_BACKEND
+            } else {
+                serving_positions[fallback_entry as usize] as u32
+            };
+        }
+    }
+    table
+}
+
 /// Identity bytes of an address: IPv4 as its four bytes, IPv6 as sixteen, so
 /// that 10.0.0.1 and ::ffff:10.0.0.1 are distinct backends.
 fn address_identity(address: IpAddr) -> Vec<u8> {
@@ -126,10 +147,7 @@ mod tests {
 
     /// Entry-by-entry addresses, so tables built from different lists compare.
     fn owners(table: &[u32], candidates: &[Candidate]) -> Vec<IpAddr> {
-        table
-            .iter()
-            .map(|&entry| candidates[entry as usize].address)
-            .collect()
+        table.iter().map(|&entry| candidates[entry as usize].address).collect()
     }
 
     #[test]
@@ -147,11 +165,7 @@ mod tests {
         // builds this table must get these exact bytes.
         let table = build_table(&backends(10), M);
         let bytes: Vec<u8> = table.iter().flat_map(|entry| entry.to_le_bytes()).collect();
-        assert_eq!(
-            xxh3_64_with_seed(&bytes, 0),
-            4_014_470_220_597_683_818,
-            "table digest changed"
-        );
+        assert_eq!(xxh3_64_with_seed(&bytes, 0), 4_014_470_220_597_683_818, "table digest changed");
         assert_eq!(table, build_table(&backends(10), M));
     }
 
@@ -178,11 +192,8 @@ mod tests {
             let all = backends(count);
             let before = owners(&build_table(&all, M), &all);
             let removed = all[1].address;
-            let rest: Vec<Candidate> = all
-                .iter()
-                .copied()
-                .filter(|c| c.address != removed)
-                .collect();
+            let rest: Vec<Candidate> =
+                all.iter().copied().filter(|c| c.address != removed).collect();
             let after = owners(&build_table(&rest, M), &rest);
             let others_moved = before
                 .iter()
@@ -207,11 +218,7 @@ mod tests {
             let fewer = &all[..count as usize];
             let before = owners(&build_table(fewer, M), fewer);
             let after = owners(&build_table(&all, M), &all);
-            let moved = before
-                .iter()
-                .zip(&after)
-                .filter(|(old, new)| old != new)
-                .count();
+            let moved = before.iter().zip(&after).filter(|(old, new)| old != new).count();
             let fraction = moved as f64 / M as f64;
             let ideal = 1.0 / f64::from(count + 1);
             println!(
@@ -219,14 +226,8 @@ mod tests {
                 fraction * 100.0,
                 ideal * 100.0
             );
-            assert!(
-                fraction >= ideal * 0.99,
-                "add to {count}: {fraction} vs {ideal}"
-            );
-            assert!(
-                fraction - ideal < 0.01,
-                "add to {count}: {fraction} vs {ideal}"
-            );
+            assert!(fraction >= ideal * 0.99, "add to {count}: {fraction} vs {ideal}");
+            assert!(fraction - ideal < 0.01, "add to {count}: {fraction} vs {ideal}");
         }
     }
 
@@ -251,17 +252,48 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_backend_moves_only_its_own_entries_and_spreads_them_evenly() {
+        for count in [3u32, 10, 50] {
+            let all = backends(count);
+            let healthy = build_failover_table(&all, &vec![true; count as usize], M);
+            assert_eq!(healthy, build_table(&all, M));
+            let mut serving = vec![true; count as usize];
+            serving[1] = false;
+            let failed = build_failover_table(&all, &serving, M);
+            let mut moved_others = 0;
+            for (before, after) in healthy.iter().zip(&failed) {
+                assert_ne!(*after, 1, "the failed backend still has entries");
+                if *before != 1 && before != after {
+                    moved_others += 1;
+                }
+            }
+            assert_eq!(moved_others, 0, "{count} backends: flows of healthy backends moved");
+            // The failed backend's entries are spread over the others about evenly.
+            let counts = entries_per_backend(&failed, count as usize);
+            let fair = f64::from(M) / f64::from(count - 1);
+            for (position, &entries) in counts.iter().enumerate().filter(|(p, _)| *p != 1) {
+                let error = (entries as f64 - fair).abs() / fair;
+                assert!(
+                    error < 0.02,
+                    "{count} backends: backend {position} has {entries}, fair {fair:.0}"
+                );
+            }
+            // Recovery restores the original table exactly.
+            assert_eq!(build_failover_table(&all, &vec![true; count as usize], M), healthy);
+        }
+    }
+
+    #[test]
+    fn with_nothing_serving_the_table_is_empty() {
+        let all = backends(3);
+        assert!(build_failover_table(&all, &[false; 3], M).iter().all(|&e| e == NO_BACKEND));
+    }
+
+    #[test]
     fn empty_and_single_backend_sets() {
         assert!(build_table(&[], M).iter().all(|&entry| entry == NO_BACKEND));
         assert!(build_table(&backends(1), M).iter().all(|&entry| entry == 0));
-        let zero = [Candidate {
-            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            weight: 0,
-        }];
-        assert!(
-            build_table(&zero, M)
-                .iter()
-                .all(|&entry| entry == NO_BACKEND)
-        );
+        let zero = [Candidate { address: IpAddr::V4(Ipv4Addr::LOCALHOST), weight: 0 }];
+        assert!(build_table(&zero, M).iter().all(|&entry| entry == NO_BACKEND));
     }
 }

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use lb_userspace::api::{self, Body, Reply, Request};
 use lb_userspace::daemon::{self, RunOptions};
 use lb_userspace::datapath::AttachMode;
+use lb_userspace::health::CheckOptions;
 use lb_userspace::model::{DEFAULT_WEIGHT, Protocol, Vip, parse_address, parse_endpoint};
 
 /// A stateless L3/L4 load balancer on XDP: Maglev hashing, direct server return.
@@ -48,6 +49,9 @@ enum Command {
     /// Add, remove and list a VIP's backends.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Configure a VIP's health check.
+    #[command(subcommand)]
+    Check(CheckCommand),
     /// Packets, bytes and rates per VIP and backend, and the datapath's reason counters.
     Stats(Output),
     /// Which backend a client's flow goes to, computed with the kernel's hash and table.
@@ -65,12 +69,15 @@ enum Command {
 
 #[derive(Subcommand)]
 enum VipCommand {
-    /// Declare a VIP (it drops traffic until it has a backend).
+    /// Declare a VIP (it drops traffic until it has a backend). Its backends
+    /// are checked with a TCP connect to the VIP port unless --check says otherwise.
     Add {
         /// ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
         vip: String,
         #[command(flatten)]
         protocol: ProtocolArg,
+        #[command(flatten)]
+        check: CheckOptions,
     },
     /// Remove a VIP and its backends.
     Remove {
@@ -111,6 +118,19 @@ enum BackendCommand {
         protocol: ProtocolArg,
         #[command(flatten)]
         output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckCommand {
+    /// Change a VIP's check; options not given keep their current value.
+    /// Example: lb check set 198.18.0.10:80 --check ws --check-path /socket --fall 2
+    Set {
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        #[command(flatten)]
+        check: CheckOptions,
     },
 }
 
@@ -161,41 +181,22 @@ fn backend_arg(text: &str) -> anyhow::Result<IpAddr> {
 
 fn execute(cli: Cli) -> anyhow::Result<()> {
     let (request, json) = match cli.command {
-        Command::Run {
-            iface,
-            config,
-            state,
-            xdp_mode,
-        } => {
-            let options = RunOptions {
-                iface,
-                config,
-                state,
-                socket: cli.socket,
-                xdp_mode,
-            };
+        Command::Run { iface, config, state, xdp_mode } => {
+            let options = RunOptions { iface, config, state, socket: cli.socket, xdp_mode };
             let runtime = tokio::runtime::Runtime::new()?;
             return runtime.block_on(daemon::run(options));
         }
-        Command::Vip(VipCommand::Add { vip, protocol }) => (
-            Request::VipAdd {
-                vip: vip_arg(&vip, &protocol)?,
-            },
-            false,
-        ),
-        Command::Vip(VipCommand::Remove { vip, protocol }) => (
-            Request::VipRemove {
-                vip: vip_arg(&vip, &protocol)?,
-            },
-            false,
-        ),
+        Command::Vip(VipCommand::Add { vip, protocol, check }) => {
+            (Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check }, false)
+        }
+        Command::Check(CheckCommand::Set { vip, protocol, check }) => {
+            (Request::CheckSet { vip: vip_arg(&vip, &protocol)?, check }, false)
+        }
+        Command::Vip(VipCommand::Remove { vip, protocol }) => {
+            (Request::VipRemove { vip: vip_arg(&vip, &protocol)? }, false)
+        }
         Command::Vip(VipCommand::List(output)) => (Request::VipList, output.json),
-        Command::Backend(BackendCommand::Add {
-            vip,
-            backend,
-            weight,
-            protocol,
-        }) => (
+        Command::Backend(BackendCommand::Add { vip, backend, weight, protocol }) => (
             Request::BackendAdd {
                 vip: vip_arg(&vip, &protocol)?,
                 address: backend_arg(&backend)?,
@@ -203,41 +204,22 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             },
             false,
         ),
-        Command::Backend(BackendCommand::Remove {
-            vip,
-            backend,
-            protocol,
-        }) => (
+        Command::Backend(BackendCommand::Remove { vip, backend, protocol }) => (
             Request::BackendRemove {
                 vip: vip_arg(&vip, &protocol)?,
                 address: backend_arg(&backend)?,
             },
             false,
         ),
-        Command::Backend(BackendCommand::List {
-            vip,
-            protocol,
-            output,
-        }) => {
+        Command::Backend(BackendCommand::List { vip, protocol, output }) => {
             let vip = vip.map(|vip| vip_arg(&vip, &protocol)).transpose()?;
             (Request::BackendList { vip }, output.json)
         }
         Command::Stats(output) => (Request::Stats, output.json),
-        Command::Lookup {
-            vip,
-            client,
-            protocol,
-            output,
-        } => {
+        Command::Lookup { vip, client, protocol, output } => {
             let client: SocketAddr =
                 parse_endpoint(&client).map_err(|message| anyhow::anyhow!("client: {message}"))?;
-            (
-                Request::Lookup {
-                    vip: vip_arg(&vip, &protocol)?,
-                    client,
-                },
-                output.json,
-            )
+            (Request::Lookup { vip: vip_arg(&vip, &protocol)?, client }, output.json)
         }
     };
     match api::call(&cli.socket, &request)? {
@@ -265,29 +247,37 @@ fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
         Body::Done { message } => println!("{message}"),
         Body::Vips { vips } => {
             println!(
-                "{:<32} {:>8} {:>7} {:>12} {:>14} {:>10}",
-                "VIP", "BACKENDS", "ACTIVE", "PACKETS", "BYTES", "PPS"
+                "{:<32} {:>8} {:>7} {:>8} {:<6} {:>12} {:>14} {:>10}",
+                "VIP", "BACKENDS", "ACTIVE", "SERVING", "CHECK", "PACKETS", "BYTES", "PPS"
             );
             for vip in vips {
+                let serving = if vip.all_down {
+                    "ALL-DOWN".to_owned()
+                } else {
+                    vip.serving_backends.to_string()
+                };
+                let check = serde_json::to_value(vip.check.kind)?;
                 println!(
-                    "{:<32} {:>8} {:>7} {:>12} {:>14} {:>10.0}",
+                    "{:<32} {:>8} {:>7} {:>8} {:<6} {:>12} {:>14} {:>10.0}",
                     vip.vip,
                     vip.backends,
                     vip.active_backends,
+                    serving,
+                    check.as_str().unwrap_or("?"),
                     vip.packets,
                     vip.bytes,
                     vip.packets_per_second
                 );
             }
+            if vips.iter().any(|vip| vip.all_down) {
+                println!(
+                    "ALL-DOWN: every backend fails its checks; traffic goes to those that were up before (fail-open)"
+                );
+            }
         }
         Body::Backends { backends } => print_backends(backends),
         Body::Stats(stats) => {
-            print_body(
-                &Body::Vips {
-                    vips: stats.vips.clone(),
-                },
-                false,
-            )?;
+            print_body(&Body::Vips { vips: stats.vips.clone() }, false)?;
             println!();
             print_backends(&stats.backends);
             println!();
@@ -295,20 +285,16 @@ fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
             for (reason, count) in &stats.reasons {
                 println!("{reason:<28} {count:>12}");
             }
-            println!(
-                "\nMaglev tables installed since start: {}",
-                stats.tables_built
-            );
+            println!("\nMaglev tables installed since start: {}", stats.tables_built);
         }
         Body::Lookup(lookup) => match lookup.backend {
             Some(backend) => println!(
                 "{} from {} -> backend {} (hash {:#010x}, table entry {})",
                 lookup.vip, lookup.client, backend, lookup.hash, lookup.table_entry
             ),
-            None => println!(
-                "{} from {} -> no backend (the VIP drops it)",
-                lookup.vip, lookup.client
-            ),
+            None => {
+                println!("{} from {} -> no backend (the VIP drops it)", lookup.vip, lookup.client)
+            }
         },
     }
     Ok(())
@@ -316,20 +302,36 @@ fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
 
 fn print_backends(backends: &[api::BackendView]) {
     println!(
-        "{:<32} {:<24} {:>6} {:<9} {:<17} {:>7} {:>12} {:>10}",
-        "VIP", "BACKEND", "WEIGHT", "STATE", "MAC", "ENTRIES", "PACKETS", "PPS"
+        "{:<32} {:<24} {:>6} {:<9} {:>10} {:<17} {:>7} {:>12} {:>10}  LAST ERROR",
+        "VIP", "BACKEND", "WEIGHT", "STATE", "SINCE", "MAC", "ENTRIES", "PACKETS", "PPS"
     );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
     for backend in backends {
         println!(
-            "{:<32} {:<24} {:>6} {:<9} {:<17} {:>7} {:>12} {:>10.0}",
+            "{:<32} {:<24} {:>6} {:<9} {:>10} {:<17} {:>7} {:>12} {:>10.0}  {}",
             backend.vip,
             backend.address.to_string(),
             backend.weight,
             backend.state,
+            format_age(now - backend.since),
             backend.mac.as_deref().unwrap_or("-"),
             backend.table_entries,
             backend.packets,
-            backend.packets_per_second
+            backend.packets_per_second,
+            backend.last_error.as_deref().unwrap_or("-"),
         );
+    }
+}
+
+/// "12s ago", "5m ago", "3h ago".
+fn format_age(seconds: f64) -> String {
+    let seconds = seconds.max(0.0) as u64;
+    match seconds {
+        0..=119 => format!("{seconds}s ago"),
+        120..=7199 => format!("{}m ago", seconds / 60),
+        _ => format!("{}h ago", seconds / 3600),
     }
 }

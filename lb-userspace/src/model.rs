@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::health::CheckSpec;
+
 /// Backend weights accepted, inclusive. A weight is relative to the other
 /// backends of the same VIP.
 pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=256;
@@ -60,11 +62,7 @@ pub struct Vip {
 
 impl Vip {
     pub fn new(endpoint: SocketAddr, protocol: Protocol) -> Self {
-        Self {
-            address: endpoint.ip(),
-            port: endpoint.port(),
-            protocol,
-        }
+        Self { address: endpoint.ip(), port: endpoint.port(), protocol }
     }
 
     pub fn endpoint(&self) -> SocketAddr {
@@ -109,11 +107,18 @@ pub struct BackendSpec {
     pub weight: u32,
 }
 
+/// A VIP's configuration: how its backends are checked, and the backends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VipSpec {
+    pub check: CheckSpec,
+    pub backends: BTreeMap<IpAddr, BackendSpec>,
+}
+
 /// Everything configured: VIPs and their backends, ordered so that output and
 /// table building are deterministic.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    pub vips: BTreeMap<Vip, BTreeMap<IpAddr, BackendSpec>>,
+    pub vips: BTreeMap<Vip, VipSpec>,
 }
 
 /// Why a change to the desired state was refused. Each message names the
@@ -151,6 +156,8 @@ pub enum ChangeError {
         "VIP {vip} would have {count} backends, above the limit of {limit} (max_backends, shared by all VIPs)"
     )]
     TooManyBackends { vip: Vip, count: usize, limit: u32 },
+    #[error("{0}")]
+    BadCheck(String),
 }
 
 fn family_name(address: IpAddr) -> &'static str {
@@ -171,7 +178,13 @@ pub struct Limits {
 }
 
 impl DesiredState {
-    pub fn add_vip(&mut self, vip: Vip, limits: Limits) -> Result<(), ChangeError> {
+    pub fn add_vip(
+        &mut self,
+        vip: Vip,
+        check: CheckSpec,
+        limits: Limits,
+    ) -> Result<(), ChangeError> {
+        check.validate().map_err(ChangeError::BadCheck)?;
         if is_unusable(vip.address) {
             return Err(ChangeError::BadVipAddress(vip.address));
         }
@@ -183,21 +196,20 @@ impl DesiredState {
         }
         let count = self.vips.len() + 1;
         if count > limits.max_vips as usize {
-            return Err(ChangeError::TooManyVips {
-                vip,
-                count,
-                limit: limits.max_vips,
-            });
+            return Err(ChangeError::TooManyVips { vip, count, limit: limits.max_vips });
         }
-        self.vips.insert(vip, BTreeMap::new());
+        self.vips.insert(vip, VipSpec { check, backends: BTreeMap::new() });
+        Ok(())
+    }
+
+    pub fn set_check(&mut self, vip: &Vip, check: CheckSpec) -> Result<(), ChangeError> {
+        check.validate().map_err(ChangeError::BadCheck)?;
+        self.vips.get_mut(vip).ok_or(ChangeError::UnknownVip(*vip))?.check = check;
         Ok(())
     }
 
     pub fn remove_vip(&mut self, vip: &Vip) -> Result<(), ChangeError> {
-        self.vips
-            .remove(vip)
-            .map(|_| ())
-            .ok_or(ChangeError::UnknownVip(*vip))
+        self.vips.remove(vip).map(|_| ()).ok_or(ChangeError::UnknownVip(*vip))
     }
 
     pub fn add_backend(
@@ -220,16 +232,10 @@ impl DesiredState {
                 backend_family: family_name(backend.address),
             });
         }
-        let total: usize = self.vips.values().map(|backends| backends.len()).sum();
-        let backends = self
-            .vips
-            .get_mut(vip)
-            .ok_or(ChangeError::UnknownVip(*vip))?;
+        let total: usize = self.vips.values().map(|spec| spec.backends.len()).sum();
+        let backends = &mut self.vips.get_mut(vip).ok_or(ChangeError::UnknownVip(*vip))?.backends;
         if backends.contains_key(&backend.address) {
-            return Err(ChangeError::BackendExists {
-                vip: *vip,
-                backend: backend.address,
-            });
+            return Err(ChangeError::BackendExists { vip: *vip, backend: backend.address });
         }
         if total + 1 > limits.max_backends as usize {
             return Err(ChangeError::TooManyBackends {
@@ -243,10 +249,7 @@ impl DesiredState {
     }
 
     pub fn remove_backend(&mut self, vip: &Vip, backend: IpAddr) -> Result<(), ChangeError> {
-        let backends = self
-            .vips
-            .get_mut(vip)
-            .ok_or(ChangeError::UnknownVip(*vip))?;
+        let backends = &mut self.vips.get_mut(vip).ok_or(ChangeError::UnknownVip(*vip))?.backends;
         backends
             .remove(&backend)
             .map(|_| ())
@@ -258,97 +261,53 @@ impl DesiredState {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
-        max_vips: 2,
-        max_backends: 3,
-    };
+    const LIMITS: Limits = Limits { max_vips: 2, max_backends: 3 };
 
     fn vip(text: &str) -> Vip {
         Vip::new(parse_endpoint(text).unwrap(), Protocol::Tcp)
     }
 
     fn backend(text: &str, weight: u32) -> BackendSpec {
-        BackendSpec {
-            address: parse_address(text).unwrap(),
-            weight,
-        }
+        BackendSpec { address: parse_address(text).unwrap(), weight }
     }
 
     #[test]
     fn endpoints_and_addresses_parse_or_say_why() {
-        assert_eq!(
-            vip("[fd00:198:18::10]:443").to_string(),
-            "[fd00:198:18::10]:443/tcp"
-        );
-        assert!(
-            parse_endpoint("198.18.0.10")
-                .unwrap_err()
-                .contains("ADDRESS:PORT")
-        );
-        assert!(
-            parse_address("198.18.1.1:80")
-                .unwrap_err()
-                .contains("without a port")
-        );
-        assert_eq!(
-            parse_address("[fd00::1]").unwrap(),
-            "fd00::1".parse::<IpAddr>().unwrap()
-        );
-        assert!(
-            "sctp"
-                .parse::<Protocol>()
-                .unwrap_err()
-                .contains("tcp or udp")
-        );
+        assert_eq!(vip("[fd00:198:18::10]:443").to_string(), "[fd00:198:18::10]:443/tcp");
+        assert!(parse_endpoint("198.18.0.10").unwrap_err().contains("ADDRESS:PORT"));
+        assert!(parse_address("198.18.1.1:80").unwrap_err().contains("without a port"));
+        assert_eq!(parse_address("[fd00::1]").unwrap(), "fd00::1".parse::<IpAddr>().unwrap());
+        assert!("sctp".parse::<Protocol>().unwrap_err().contains("tcp or udp"));
     }
 
     #[test]
     fn refused_changes_leave_the_state_as_it_was() {
         let mut state = DesiredState::default();
         let web = vip("198.18.0.10:80");
-        state.add_vip(web, LIMITS).unwrap();
-        state
-            .add_backend(&web, backend("198.18.1.1", 1), LIMITS)
-            .unwrap();
+        state.add_vip(web, CheckSpec::default(), LIMITS).unwrap();
+        state.add_backend(&web, backend("198.18.1.1", 1), LIMITS).unwrap();
         let before = state.clone();
 
         let errors = [
-            state.add_vip(web, LIMITS).unwrap_err(),
-            state
-                .add_backend(&web, backend("198.18.1.1", 2), LIMITS)
-                .unwrap_err(),
-            state
-                .add_backend(&web, backend("198.18.1.2", 0), LIMITS)
-                .unwrap_err(),
-            state
-                .add_backend(&web, backend("198.18.1.2", 257), LIMITS)
-                .unwrap_err(),
-            state
-                .add_backend(&web, backend("fd00::2", 1), LIMITS)
-                .unwrap_err(),
+            state.add_vip(web, CheckSpec::default(), LIMITS).unwrap_err(),
+            state.add_backend(&web, backend("198.18.1.1", 2), LIMITS).unwrap_err(),
+            state.add_backend(&web, backend("198.18.1.2", 0), LIMITS).unwrap_err(),
+            state.add_backend(&web, backend("198.18.1.2", 257), LIMITS).unwrap_err(),
+            state.add_backend(&web, backend("fd00::2", 1), LIMITS).unwrap_err(),
             state
                 .add_backend(&vip("198.18.0.11:80"), backend("198.18.1.2", 1), LIMITS)
                 .unwrap_err(),
-            state
-                .remove_backend(&web, parse_address("198.18.1.9").unwrap())
-                .unwrap_err(),
-            state.add_vip(vip("0.0.0.0:80"), LIMITS).unwrap_err(),
-            state.add_vip(vip("198.18.0.10:0"), LIMITS).unwrap_err(),
+            state.remove_backend(&web, parse_address("198.18.1.9").unwrap()).unwrap_err(),
+            state.add_vip(vip("0.0.0.0:80"), CheckSpec::default(), LIMITS).unwrap_err(),
+            state.add_vip(vip("198.18.0.10:0"), CheckSpec::default(), LIMITS).unwrap_err(),
         ];
         assert_eq!(state, before);
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(messages[0], "VIP 198.18.0.10:80/tcp already exists");
-        assert_eq!(
-            messages[1],
-            "backend 198.18.1.1 already serves VIP 198.18.0.10:80/tcp"
-        );
+        assert_eq!(messages[1], "backend 198.18.1.1 already serves VIP 198.18.0.10:80/tcp");
         assert_eq!(messages[2], "weight 0 is out of range: expected 1 to 256");
         assert_eq!(messages[3], "weight 257 is out of range: expected 1 to 256");
-        assert!(
-            messages[4].contains("needs the same family"),
-            "{}",
-            messages[4]
-        );
+        assert!(messages[4].contains("needs the same family"), "{}", messages[4]);
         assert!(messages[5].contains("does not exist"), "{}", messages[5]);
         assert!(messages[6].contains("does not serve"), "{}", messages[6]);
     }
@@ -357,16 +316,14 @@ mod tests {
     fn limits_from_map_sizes_are_enforced() {
         let mut state = DesiredState::default();
         let web = vip("198.18.0.10:80");
-        state.add_vip(web, LIMITS).unwrap();
-        state.add_vip(vip("198.18.0.11:80"), LIMITS).unwrap();
+        state.add_vip(web, CheckSpec::default(), LIMITS).unwrap();
+        state.add_vip(vip("198.18.0.11:80"), CheckSpec::default(), LIMITS).unwrap();
         assert!(matches!(
-            state.add_vip(vip("198.18.0.12:80"), LIMITS),
+            state.add_vip(vip("198.18.0.12:80"), CheckSpec::default(), LIMITS),
             Err(ChangeError::TooManyVips { .. })
         ));
         for last in 1..=3 {
-            state
-                .add_backend(&web, backend(&format!("198.18.1.{last}"), 1), LIMITS)
-                .unwrap();
+            state.add_backend(&web, backend(&format!("198.18.1.{last}"), 1), LIMITS).unwrap();
         }
         assert!(matches!(
             state.add_backend(&web, backend("198.18.1.4", 1), LIMITS),

@@ -51,10 +51,7 @@ pub async fn run(
                 let mut found = Neighbours::new();
                 for address in &want {
                     match table.get(address) {
-                        Some(Entry {
-                            mac: Some(mac),
-                            state,
-                        }) if usable(*state) => {
+                        Some(Entry { mac: Some(mac), state }) if usable(*state) => {
                             found.insert(*address, *mac);
                         }
                         _ => {
@@ -133,13 +130,7 @@ fn parse_entry(message: &NeighbourMessage) -> Option<(IpAddr, Entry)> {
             _ => {}
         }
     }
-    Some((
-        address?,
-        Entry {
-            mac,
-            state: message.header.state,
-        },
-    ))
+    Some((address?, Entry { mac, state: message.header.state }))
 }
 
 /// Asks the kernel to resolve `address` on the interface, creating the entry

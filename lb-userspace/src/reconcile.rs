@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use lb_common::{Backend, FlowKey, NO_BACKEND, VipAddressKey, VipInfo, address_bytes};
 
 use crate::datapath::{Datapath, DatapathError};
-use crate::maglev::{Candidate, build_table};
+use crate::maglev::{Candidate, build_failover_table};
 use crate::model::{DesiredState, Vip};
 
 /// A table slot that stopped being read is not rewritten before this long:
@@ -28,9 +28,31 @@ struct InstalledVip {
     flipped_at: Instant,
     /// Backend address -> its slot in LB_BACKENDS (every configured backend).
     slots: BTreeMap<IpAddr, u32>,
-    /// The table's members in table order: (address, weight).
-    members: Vec<(IpAddr, u32)>,
+    /// The table's members in table order: (address, weight, serving).
+    members: Vec<Member>,
+    /// No member was up, so the ones that were up earlier serve (fail-open).
+    fail_open: bool,
 }
+
+/// A backend in a VIP's table: configured and with a resolved MAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Member {
+    address: IpAddr,
+    weight: u32,
+    serving: bool,
+}
+
+/// What the health checks say of a backend, as the reconcile step needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendHealth {
+    pub up: bool,
+    /// Up at some time since the daemon started: such backends serve when no
+    /// backend of the VIP is up (fail-open rather than black-holing).
+    pub ever_up: bool,
+}
+
+/// Health per (VIP, backend address). A backend without an entry counts as up.
+pub type HealthMap = BTreeMap<(Vip, IpAddr), BackendHealth>;
 
 /// Where a flow goes, computed with the kernel's hash from the installed table.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -50,6 +72,17 @@ pub struct InstalledBackend {
     pub table_entries: u32,
 }
 
+/// A VIP as installed.
+#[derive(Clone, Copy, Debug)]
+pub struct InstalledVipStatus {
+    pub vip_index: u32,
+    /// Backends in the table with a resolved MAC.
+    pub members: usize,
+    /// Members receiving new flows.
+    pub serving: usize,
+    pub fail_open: bool,
+}
+
 /// FIFO slot allocator: a freed slot goes to the back, so it is reused as
 /// late as possible.
 #[derive(Debug)]
@@ -59,9 +92,7 @@ struct Slots {
 
 impl Slots {
     fn new(count: u32) -> Self {
-        Self {
-            free: (0..count).collect(),
-        }
+        Self { free: (0..count).collect() }
     }
     fn take(&mut self) -> Option<u32> {
         self.free.pop_front()
@@ -117,11 +148,8 @@ impl Reconciler {
 
     /// Backend addresses whose MAC the datapath needs.
     pub fn wanted_neighbours(&self) -> Vec<IpAddr> {
-        let mut wanted: Vec<IpAddr> = self
-            .installed
-            .values()
-            .flat_map(|vip| vip.slots.keys().copied())
-            .collect();
+        let mut wanted: Vec<IpAddr> =
+            self.installed.values().flat_map(|vip| vip.slots.keys().copied()).collect();
         wanted.sort();
         wanted.dedup();
         wanted
@@ -138,15 +166,15 @@ impl Reconciler {
         self.macs.insert(address, mac) != Some(mac)
     }
 
-    /// Brings the maps in line with `desired`.
-    pub fn apply(&mut self, desired: &DesiredState) -> Result<(), ReconcileError> {
+    /// Brings the maps in line with `desired` and the backends' health.
+    pub fn apply(
+        &mut self,
+        desired: &DesiredState,
+        health: &HealthMap,
+    ) -> Result<(), ReconcileError> {
         // VIPs that went away: unpublish first, then free their slots.
-        let gone: Vec<Vip> = self
-            .installed
-            .keys()
-            .filter(|vip| !desired.vips.contains_key(vip))
-            .copied()
-            .collect();
+        let gone: Vec<Vip> =
+            self.installed.keys().filter(|vip| !desired.vips.contains_key(vip)).copied().collect();
         for vip in gone {
             self.datapath.remove_vip(&vip.key())?;
             let installed = self.installed.remove(&vip).expect("listed above");
@@ -156,12 +184,11 @@ impl Reconciler {
             self.vip_indexes.give_back(installed.vip_index);
         }
 
-        for (vip, backends) in &desired.vips {
+        for (vip, spec) in &desired.vips {
+            let backends = &spec.backends;
             if !self.installed.contains_key(vip) {
-                let vip_index = self
-                    .vip_indexes
-                    .take()
-                    .ok_or(ReconcileError::Exhausted("VIP index"))?;
+                let vip_index =
+                    self.vip_indexes.take().ok_or(ReconcileError::Exhausted("VIP index"))?;
                 self.datapath.reset_vip_stats(vip_index)?;
                 self.installed.insert(
                     *vip,
@@ -171,16 +198,11 @@ impl Reconciler {
                         flipped_at: Instant::now() - SLOT_QUIET_TIME,
                         slots: BTreeMap::new(),
                         members: Vec::new(),
+                        fail_open: false,
                     },
                 );
                 // Published with no backends (drops) until its table is installed.
-                self.datapath.set_vip(
-                    vip.key(),
-                    VipInfo {
-                        vip_index,
-                        ..Default::default()
-                    },
-                )?;
+                self.datapath.set_vip(vip.key(), VipInfo { vip_index, ..Default::default() })?;
             }
 
             // Backend slots: allocate new ones, program MACs, remember removals.
@@ -217,14 +239,35 @@ impl Reconciler {
                 }
             }
 
-            // Only backends with a resolved MAC go in the table.
-            let members: Vec<(IpAddr, u32)> = backends
+            // Only backends with a resolved MAC go in the table; healthy ones
+            // serve, and when none is healthy, those that were (fail-open).
+            let health_of = |address: IpAddr| {
+                health
+                    .get(&(*vip, address))
+                    .copied()
+                    .unwrap_or(BackendHealth { up: true, ever_up: true })
+            };
+            let mut members: Vec<Member> = backends
                 .values()
                 .filter(|backend| self.macs.contains_key(&backend.address))
-                .map(|backend| (backend.address, backend.weight))
+                .map(|backend| Member {
+                    address: backend.address,
+                    weight: backend.weight,
+                    serving: health_of(backend.address).up,
+                })
                 .collect();
-            if members != self.installed[vip].members || !self.is_published(vip) {
-                self.install_table(vip, members)?;
+            let fail_open = !members.is_empty() && members.iter().all(|member| !member.serving);
+            if fail_open {
+                for member in &mut members {
+                    member.serving = health_of(member.address).ever_up;
+                }
+            }
+            let installed = &self.installed[vip];
+            if members != installed.members
+                || fail_open != installed.fail_open
+                || !self.is_published(vip)
+            {
+                self.install_table(vip, members, fail_open)?;
             }
             // Removed backends are freed only once no table points at them.
             for slot in released {
@@ -244,31 +287,27 @@ impl Reconciler {
     fn install_table(
         &mut self,
         vip: &Vip,
-        members: Vec<(IpAddr, u32)>,
+        members: Vec<Member>,
+        fail_open: bool,
     ) -> Result<(), ReconcileError> {
         let table_size = self.datapath.config().table_size;
-        let installed = self
-            .installed
-            .get_mut(vip)
-            .expect("installed before its table");
+        let installed = self.installed.get_mut(vip).expect("installed before its table");
         let candidates: Vec<Candidate> = members
             .iter()
-            .map(|&(address, weight)| Candidate { address, weight })
+            .map(|member| Candidate { address: member.address, weight: member.weight })
             .collect();
-        let positions = build_table(&candidates, table_size);
-        let slots: Vec<u32> = members
-            .iter()
-            .map(|(address, _)| installed.slots[address])
-            .collect();
+        let serving: Vec<bool> = members.iter().map(|member| member.serving).collect();
+        let positions = build_failover_table(&candidates, &serving, table_size);
+        let serving_count = serving.iter().filter(|&&s| s).count() as u32;
+        let slots: Vec<u32> =
+            members.iter().map(|member| installed.slots[&member.address]).collect();
         let table: Vec<u32> = positions
             .iter()
-            .map(|&position| {
-                if position == NO_BACKEND {
-                    NO_BACKEND
-                } else {
-                    slots[position as usize]
-                }
-            })
+            .map(
+                |&position| {
+                    if position == NO_BACKEND { NO_BACKEND } else { slots[position as usize] }
+                },
+            )
             .collect();
 
         let quiet_for = installed.flipped_at.elapsed();
@@ -276,20 +315,20 @@ impl Reconciler {
             std::thread::sleep(SLOT_QUIET_TIME - quiet_for);
         }
         let next_slot = 1 - installed.active_slot;
-        self.datapath
-            .write_table(installed.vip_index, next_slot, &table);
+        self.datapath.write_table(installed.vip_index, next_slot, &table);
         self.datapath.set_vip(
             vip.key(),
             VipInfo {
                 vip_index: installed.vip_index,
                 active_slot: next_slot,
-                backend_count: members.len() as u32,
+                backend_count: serving_count,
                 flags: 0,
             },
         )?;
         installed.active_slot = next_slot;
         installed.flipped_at = Instant::now();
         installed.members = members;
+        installed.fail_open = fail_open;
         self.tables_built += 1;
         Ok(())
     }
@@ -325,6 +364,15 @@ impl Reconciler {
         self.installed.get(vip).map(|installed| installed.vip_index)
     }
 
+    pub fn vip_status(&self, vip: &Vip) -> Option<InstalledVipStatus> {
+        self.installed.get(vip).map(|installed| InstalledVipStatus {
+            vip_index: installed.vip_index,
+            members: installed.members.len(),
+            serving: installed.members.iter().filter(|member| member.serving).count(),
+            fail_open: installed.fail_open,
+        })
+    }
+
     /// Configured backends of `vip` with their slots and table shares.
     pub fn backends(&self, vip: &Vip) -> Vec<InstalledBackend> {
         let Some(installed) = self.installed.get(vip) else {
@@ -354,13 +402,8 @@ impl Reconciler {
         let installed = self.installed.get(vip)?;
         let info = self.datapath.vip(&vip.key())?;
         let config = self.datapath.config();
-        let flow = FlowKey::new(
-            client.ip(),
-            client.port(),
-            vip.address,
-            vip.port,
-            vip.protocol.number(),
-        );
+        let flow =
+            FlowKey::new(client.ip(), client.port(), vip.address, vip.port, vip.protocol.number());
         let hash = lb_common::flow_hash(&flow, config.hash_seed);
         let table_entry = hash % config.table_size;
         let backend = if info.backend_count == 0 {
@@ -369,16 +412,8 @@ impl Reconciler {
             let index =
                 lb_common::table_index(info.vip_index, info.active_slot, config.table_size, hash);
             let slot = self.datapath.maglev_entry(index);
-            installed
-                .slots
-                .iter()
-                .find(|(_, s)| **s == slot)
-                .map(|(address, _)| *address)
+            installed.slots.iter().find(|(_, s)| **s == slot).map(|(address, _)| *address)
         };
-        Some(LookupResult {
-            backend,
-            hash,
-            table_entry,
-        })
+        Some(LookupResult { backend, hash, table_entry })
     }
 }

@@ -16,11 +16,7 @@ use crate::netns::{LB_IFACE, Testbed};
 fn binary_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
     let dir = exe.parent().expect("a directory").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.parent().expect("target/<profile>").to_path_buf()
-    } else {
-        dir
-    }
+    if dir.ends_with("deps") { dir.parent().expect("target/<profile>").to_path_buf() } else { dir }
 }
 
 fn built_binary(name: &str) -> PathBuf {
@@ -61,11 +57,7 @@ pub fn spawn_in(
     log: Option<&Path>,
 ) -> anyhow::Result<Process> {
     let mut command = Command::new("ip");
-    command
-        .args(["netns", "exec", ns])
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null());
+    command.args(["netns", "exec", ns]).arg(program).args(args).stdin(Stdio::null());
     match log {
         Some(path) => {
             let file = std::fs::File::create(path)?;
@@ -75,23 +67,22 @@ pub fn spawn_in(
             command.stdout(Stdio::null()).stderr(Stdio::null());
         }
     }
-    Ok(Process(command.spawn().with_context(|| {
-        format!("starting {} in {ns}", program.display())
-    })?))
+    Ok(Process(command.spawn().with_context(|| format!("starting {} in {ns}", program.display()))?))
 }
 
 /// Test servers on `port` (TCP and UDP) in every backend, answering b1, b2, ...
 pub fn start_servers(testbed: &Testbed, port: u16) -> anyhow::Result<Vec<Process>> {
-    (1..=testbed.backends)
-        .map(|index| {
-            spawn_in(
-                &testbed.backend(index),
-                &testbed_binary(),
-                &["serve", &format!("b{index}"), &port.to_string(), "300"],
-                None,
-            )
-        })
-        .collect()
+    (1..=testbed.backends).map(|index| start_server(testbed, index, port)).collect()
+}
+
+/// The test server of backend `index` (answering `b<index>`), for five minutes at most.
+pub fn start_server(testbed: &Testbed, index: usize, port: u16) -> anyhow::Result<Process> {
+    spawn_in(
+        &testbed.backend(index),
+        &testbed_binary(),
+        &["serve", &format!("b{index}"), &port.to_string(), "300"],
+        None,
+    )
 }
 
 /// `count` requests from the client namespace, from source ports
@@ -107,14 +98,7 @@ pub fn client_requests(
     let output = Command::new("ip")
         .args(["netns", "exec", &testbed.client()])
         .arg(testbed_binary())
-        .args([
-            "client",
-            protocol,
-            vip,
-            source,
-            &first_port.to_string(),
-            &count.to_string(),
-        ])
+        .args(["client", protocol, vip, source, &first_port.to_string(), &count.to_string()])
         .output()?;
     if !output.status.success() {
         bail!("client failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -122,12 +106,7 @@ pub fn client_requests(
     Ok(String::from_utf8(output.stdout)?
         .lines()
         .filter_map(|line| line.split_once(' '))
-        .map(|(port, answer)| {
-            (
-                port.parse().expect("client prints ports"),
-                answer.to_owned(),
-            )
-        })
+        .map(|(port, answer)| (port.parse().expect("client prints ports"), answer.to_owned()))
         .collect())
 }
 
@@ -135,11 +114,7 @@ pub fn client_requests(
 pub fn tally(answers: &[(u16, String)]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for (_, answer) in answers {
-        let key = if answer.starts_with("ERROR") {
-            "ERROR".to_owned()
-        } else {
-            answer.clone()
-        };
+        let key = if answer.starts_with("ERROR") { "ERROR".to_owned() } else { answer.clone() };
         *counts.entry(key).or_default() += 1;
     }
     counts
@@ -185,12 +160,7 @@ impl Daemon {
             "native",
         ];
         args.extend_from_slice(extra);
-        self.process = Some(spawn_in(
-            &testbed.balancer(),
-            &lb_binary(),
-            &args,
-            Some(&self.log),
-        )?);
+        self.process = Some(spawn_in(&testbed.balancer(), &lb_binary(), &args, Some(&self.log))?);
         let deadline = Instant::now() + Duration::from_secs(15);
         while self.lb(&["vip", "list"]).is_err() {
             if Instant::now() > deadline {
@@ -219,11 +189,7 @@ impl Daemon {
     pub fn lb(&self, args: &[&str]) -> anyhow::Result<String> {
         let output = self.command(args);
         if !output.status.success() {
-            bail!(
-                "lb {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
+            bail!("lb {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
         }
         Ok(String::from_utf8(output.stdout)?)
     }
@@ -234,24 +200,29 @@ impl Daemon {
         Ok(serde_json::from_str(&self.lb(&full)?)?)
     }
 
-    /// Waits until every backend of every VIP has its MAC (state "active").
+    /// Waits until every backend of every VIP is up (MAC resolved, checks passing).
     pub fn wait_backends_active(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        self.wait_backends(|_| "up").map(|_| ())
+    }
+
+    /// Waits until each backend's state is what `want(address)` names;
+    /// returns how long that took.
+    pub fn wait_backends(&self, want: impl Fn(&str) -> &'static str) -> anyhow::Result<Duration> {
+        let start = Instant::now();
         loop {
             let backends = self.json(&["backend", "list"])?;
-            let states: Vec<&str> = backends
-                .as_array()
-                .context("list")?
-                .iter()
-                .filter_map(|b| b["state"].as_str())
-                .collect();
-            if !states.is_empty() && states.iter().all(|state| *state == "active") {
-                return Ok(());
+            let list = backends.as_array().context("list")?;
+            let done = !list.is_empty()
+                && list.iter().all(|b| {
+                    b["state"].as_str() == Some(want(b["address"].as_str().unwrap_or_default()))
+                });
+            if done {
+                return Ok(start.elapsed());
             }
-            if Instant::now() > deadline {
-                bail!("backends not resolved: {backends}");
+            if start.elapsed() > Duration::from_secs(15) {
+                bail!("backends did not reach the wanted states: {backends}");
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -30,16 +30,10 @@ pub fn backend6(index: usize) -> String {
 
 /// Runs a command, failing with its stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<Output> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
+    let output =
+        Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
     if !output.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(output)
 }
@@ -71,10 +65,7 @@ impl Testbed {
 
     /// Creates the topology, replacing any left over under the same prefix.
     pub fn up(prefix: &str, backends: usize) -> anyhow::Result<Self> {
-        let testbed = Self {
-            prefix: prefix.to_owned(),
-            backends,
-        };
+        let testbed = Self { prefix: prefix.to_owned(), backends };
         down(prefix);
         testbed.build().inspect_err(|_| down(prefix))?;
         Ok(testbed)
@@ -83,10 +74,7 @@ impl Testbed {
     fn build(&self) -> anyhow::Result<()> {
         let pass_object = std::env::temp_dir().join(format!("{}xdp-pass.o", self.prefix));
         std::fs::write(&pass_object, lb_userspace::datapath::PEER_PASS_OBJECT)?;
-        let pass_object = pass_object
-            .to_str()
-            .context("temp path is not UTF-8")?
-            .to_owned();
+        let pass_object = pass_object.to_str().context("temp path is not UTF-8")?.to_owned();
         for ns in self.namespaces() {
             run("ip", &["netns", "add", &ns])?;
             ip(&ns, &["link", "set", "lo", "up"])?;
@@ -96,12 +84,7 @@ impl Testbed {
         ip(&switch, &["link", "set", "br0", "up"])?;
 
         let mut hosts = vec![
-            (
-                self.client(),
-                "client".to_owned(),
-                CLIENT4.to_owned(),
-                CLIENT6.to_owned(),
-            ),
+            (self.client(), "client".to_owned(), CLIENT4.to_owned(), CLIENT6.to_owned()),
             (
                 self.balancer(),
                 "lb".to_owned(),
@@ -127,96 +110,36 @@ impl Testbed {
             )?;
             ip(&switch, &["link", "set", port, "master", "br0", "up"])?;
             ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", LB_IFACE])?;
-            ip(
-                ns,
-                &["addr", "add", &format!("{v6}/64"), "dev", LB_IFACE, "nodad"],
-            )?;
+            ip(ns, &["addr", "add", &format!("{v6}/64"), "dev", LB_IFACE, "nodad"])?;
             ip(ns, &["link", "set", LB_IFACE, "up"])?;
             // veth leaves checksums to "hardware" that does not exist; frames the
             // balancer bounces back out with XDP_TX would reach backends with
             // partial checksums. The sender's stack must fill them in.
-            run(
-                "ip",
-                &["netns", "exec", ns, "ethtool", "-K", LB_IFACE, "tx", "off"],
-            )?;
+            run("ip", &["netns", "exec", ns, "ethtool", "-K", LB_IFACE, "tx", "off"])?;
         }
         // The balancer must never route: any reply a client gets came straight
         // from a backend.
+        run("ip", &["netns", "exec", &self.balancer(), "sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
         run(
             "ip",
-            &[
-                "netns",
-                "exec",
-                &self.balancer(),
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=0",
-            ],
-        )?;
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.balancer(),
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.forwarding=0",
-            ],
+            &["netns", "exec", &self.balancer(), "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0"],
         )?;
         // veth hands XDP_TX frames only to a peer running XDP itself.
-        ip(
-            &switch,
-            &[
-                "link",
-                "set",
-                "dev",
-                "lb",
-                "xdp",
-                "obj",
-                &pass_object,
-                "sec",
-                "xdp",
-            ],
-        )?;
+        ip(&switch, &["link", "set", "dev", "lb", "xdp", "obj", &pass_object, "sec", "xdp"])?;
+        ip(&self.client(), &["route", "add", &format!("{VIP4}/32"), "via", "198.18.0.2"])?;
         ip(
             &self.client(),
-            &["route", "add", &format!("{VIP4}/32"), "via", "198.18.0.2"],
-        )?;
-        ip(
-            &self.client(),
-            &[
-                "-6",
-                "route",
-                "add",
-                &format!("{VIP6}/128"),
-                "via",
-                "fd00:198:18::2",
-            ],
+            &["-6", "route", "add", &format!("{VIP6}/128"), "via", "fd00:198:18::2"],
         )?;
         for index in 1..=self.backends {
             let ns = self.backend(index);
             // Direct server return: the backend owns the VIP but must not answer ARP for it.
             ip(&ns, &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
-            ip(
-                &ns,
-                &["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"],
-            )?;
-            for (key, value) in [
-                ("net.ipv4.conf.all.arp_ignore", "1"),
-                ("net.ipv4.conf.all.arp_announce", "2"),
-            ] {
-                run(
-                    "ip",
-                    &[
-                        "netns",
-                        "exec",
-                        &ns,
-                        "sysctl",
-                        "-qw",
-                        &format!("{key}={value}"),
-                    ],
-                )?;
+            ip(&ns, &["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
+            for (key, value) in
+                [("net.ipv4.conf.all.arp_ignore", "1"), ("net.ipv4.conf.all.arp_announce", "2")]
+            {
+                run("ip", &["netns", "exec", &ns, "sysctl", "-qw", &format!("{key}={value}")])?;
             }
         }
         Ok(())

@@ -46,9 +46,7 @@ pub fn frame(flow: Flow, shape: Shape, payload: &[u8]) -> Vec<u8> {
                     .tcp(flow.client_port, flow.vip_port, 1000, 64_000)
                     .syn()
                     .write(&mut out, payload),
-                L4::Udp => $ip
-                    .udp(flow.client_port, flow.vip_port)
-                    .write(&mut out, payload),
+                L4::Udp => $ip.udp(flow.client_port, flow.vip_port).write(&mut out, payload),
             }
         };
     }
@@ -108,17 +106,10 @@ pub fn insert_ipv6_extensions(frame: &[u8], extensions: &[(u8, usize)]) -> Vec<u
     let mut chain = Vec::new();
     // Build from the innermost outwards so every header names its successor.
     for &(kind, length) in extensions.iter().rev() {
-        assert!(
-            length >= 8 && length % 8 == 0,
-            "extension headers are 8-byte multiples"
-        );
+        assert!(length >= 8 && length % 8 == 0, "extension headers are 8-byte multiples");
         let mut header = vec![0u8; length];
         header[0] = next_header;
-        header[1] = if kind == 51 {
-            (length / 4 - 2) as u8
-        } else {
-            (length / 8 - 1) as u8
-        };
+        header[1] = if kind == 51 { (length / 4 - 2) as u8 } else { (length / 8 - 1) as u8 };
         header.extend_from_slice(&chain);
         chain = header;
         next_header = kind;

@@ -5,8 +5,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use lb_common::Reason;
 use lb_userspace::datapath::{Datapath, DatapathConfig};
+use lb_userspace::health::CheckSpec;
 use lb_userspace::model::{BackendSpec, DesiredState, Limits, Protocol, Vip};
-use lb_userspace::reconcile::Reconciler;
+use lb_userspace::reconcile::{HealthMap, Reconciler};
 use tests::packets::{
     BALANCER_MAC, Flow, L3_OFFSET, L4, Shape, dsr_rewritten, frame, insert_ipv6_extensions,
     make_ipv4_fragment,
@@ -16,16 +17,9 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
-const CONFIG: DatapathConfig = DatapathConfig {
-    hash_seed: 0x5eed,
-    table_size: 251,
-    max_vips: 8,
-    max_backends: 32,
-};
-const LIMITS: Limits = Limits {
-    max_vips: 8,
-    max_backends: 32,
-};
+const CONFIG: DatapathConfig =
+    DatapathConfig { hash_seed: 0x5eed, table_size: 251, max_vips: 8, max_backends: 32 };
+const LIMITS: Limits = Limits { max_vips: 8, max_backends: 32 };
 
 fn ip(text: &str) -> IpAddr {
     text.parse().expect("test address")
@@ -68,22 +62,15 @@ impl Fixture {
             (EMPTY4, Protocol::Tcp, &[][..]),
         ] {
             let vip = vip(endpoint, protocol);
-            desired.add_vip(vip, LIMITS).unwrap();
+            desired.add_vip(vip, CheckSpec::default(), LIMITS).unwrap();
             for backend in backends {
                 let address = ip(backend);
-                desired
-                    .add_backend(&vip, BackendSpec { address, weight: 1 }, LIMITS)
-                    .unwrap();
+                desired.add_backend(&vip, BackendSpec { address, weight: 1 }, LIMITS).unwrap();
                 reconciler.set_mac(address, backend_mac(address));
             }
         }
-        reconciler
-            .apply(&desired)
-            .expect("install the configuration");
-        Self {
-            reconciler,
-            desired,
-        }
+        reconciler.apply(&desired, &HealthMap::new()).expect("install the configuration");
+        Self { reconciler, desired }
     }
 
     fn reason_count(&self, reason: Reason) -> u64 {
@@ -97,11 +84,7 @@ impl Fixture {
             L4::Tcp => Protocol::Tcp,
             L4::Udp => Protocol::Udp,
         };
-        let vip = Vip {
-            address: flow.vip,
-            port: flow.vip_port,
-            protocol,
-        };
+        let vip = Vip { address: flow.vip, port: flow.vip_port, protocol };
         self.reconciler
             .lookup(&vip, SocketAddr::new(flow.client, flow.client_port))
             .and_then(|result| result.backend)
@@ -111,13 +94,7 @@ impl Fixture {
 
 fn flow(client: &str, client_port: u16, vip_endpoint: &str, l4: L4) -> Flow {
     let endpoint: SocketAddr = vip_endpoint.parse().unwrap();
-    Flow {
-        client: ip(client),
-        client_port,
-        vip: endpoint.ip(),
-        vip_port: endpoint.port(),
-        l4,
-    }
+    Flow { client: ip(client), client_port, vip: endpoint.ip(), vip_port: endpoint.port(), l4 }
 }
 
 enum Expect {
@@ -165,11 +142,8 @@ fn cases() -> Vec<Case> {
     make_ipv4_fragment(&mut first_fragment, true, 0);
     let mut later_fragment = frame(udp4, plain, payload);
     make_ipv4_fragment(&mut later_fragment, false, 100);
-    let mut fragment_not_ours = frame(
-        flow("198.18.0.1", 1, "198.18.0.99:53", L4::Udp),
-        plain,
-        payload,
-    );
+    let mut fragment_not_ours =
+        frame(flow("198.18.0.1", 1, "198.18.0.99:53", L4::Udp), plain, payload);
     make_ipv4_fragment(&mut fragment_not_ours, true, 0);
     let mut truncated_tcp = frame(tcp4, plain, b"");
     truncated_tcp.truncate(L3_OFFSET + 20 + 10);
@@ -183,14 +157,7 @@ fn cases() -> Vec<Case> {
     let mut icmp_to_vip = frame(tcp4, plain, payload);
     icmp_to_vip[L3_OFFSET + 9] = 1;
     // A third tag: splice an 802.1Q tag in front of a QinQ frame's tags.
-    let qinq = frame(
-        tcp4,
-        Shape {
-            vlans: &[100, 200],
-            ..plain
-        },
-        payload,
-    );
+    let qinq = frame(tcp4, Shape { vlans: &[100, 200], ..plain }, payload);
     let mut three_tags = qinq[..12].to_vec();
     three_tags.extend_from_slice(&[0x81, 0x00, 0x00, 0x0a]);
     three_tags.extend_from_slice(&qinq[12..]);
@@ -200,40 +167,15 @@ fn cases() -> Vec<Case> {
         forward("IPv4 UDP to a VIP", frame(udp4, plain, payload), udp4),
         forward("IPv6 TCP to a VIP", frame(tcp6, plain, payload), tcp6),
         forward("IPv6 UDP to a VIP", frame(udp6, plain, payload), udp6),
-        forward(
-            "one 802.1Q tag",
-            frame(
-                tcp4,
-                Shape {
-                    vlans: &[100],
-                    ..plain
-                },
-                payload,
-            ),
-            tcp4,
-        ),
+        forward("one 802.1Q tag", frame(tcp4, Shape { vlans: &[100], ..plain }, payload), tcp4),
         forward(
             "two VLAN tags (QinQ), IPv6",
-            frame(
-                udp6,
-                Shape {
-                    vlans: &[100, 200],
-                    ..plain
-                },
-                payload,
-            ),
+            frame(udp6, Shape { vlans: &[100, 200], ..plain }, payload),
             udp6,
         ),
         forward(
             "IPv4 with 8 bytes of options (IHL 7)",
-            frame(
-                tcp4,
-                Shape {
-                    ipv4_options: &[1, 1, 1, 1, 1, 1, 1, 0],
-                    ..plain
-                },
-                payload,
-            ),
+            frame(tcp4, Shape { ipv4_options: &[1, 1, 1, 1, 1, 1, 1, 0], ..plain }, payload),
             tcp4,
         ),
         forward(
@@ -248,54 +190,29 @@ fn cases() -> Vec<Case> {
         ),
         untouched(
             "TCP to a non-VIP address",
-            frame(
-                flow("198.18.0.1", 22, "198.18.0.99:22", L4::Tcp),
-                plain,
-                payload,
-            ),
+            frame(flow("198.18.0.1", 22, "198.18.0.99:22", L4::Tcp), plain, payload),
             XDP_PASS,
             Reason::PassNotVip,
         ),
         untouched(
             "VIP address, port without a VIP",
-            frame(
-                flow("198.18.0.1", 1234, "198.18.0.10:81", L4::Tcp),
-                plain,
-                payload,
-            ),
+            frame(flow("198.18.0.1", 1234, "198.18.0.10:81", L4::Tcp), plain, payload),
             XDP_PASS,
             Reason::PassNotVip,
         ),
         untouched(
             "VIP address and port, other protocol",
-            frame(
-                flow("198.18.0.1", 1234, "198.18.0.10:80", L4::Udp),
-                plain,
-                payload,
-            ),
+            frame(flow("198.18.0.1", 1234, "198.18.0.10:80", L4::Udp), plain, payload),
             XDP_PASS,
             Reason::PassNotVip,
         ),
-        untouched(
-            "ICMP to a VIP address",
-            icmp_to_vip,
-            XDP_PASS,
-            Reason::PassNotVip,
-        ),
+        untouched("ICMP to a VIP address", icmp_to_vip, XDP_PASS, Reason::PassNotVip),
         untouched("ARP", arp, XDP_PASS, Reason::PassNotIp),
         // BPF_PROG_TEST_RUN (like every driver) refuses frames under 14 bytes,
         // so the shortest malformed frame is one whose VLAN tag is cut short.
         untouched(
             "VLAN tag truncated",
-            frame(
-                tcp4,
-                Shape {
-                    vlans: &[100],
-                    ..plain
-                },
-                payload,
-            )[..16]
-                .to_vec(),
+            frame(tcp4, Shape { vlans: &[100], ..plain }, payload)[..16].to_vec(),
             XDP_PASS,
             Reason::PassMalformed,
         ),
@@ -305,36 +222,16 @@ fn cases() -> Vec<Case> {
             XDP_PASS,
             Reason::PassMalformed,
         ),
-        untouched(
-            "IPv4 IHL below 5",
-            ipv4_bad_ihl,
-            XDP_PASS,
-            Reason::PassMalformed,
-        ),
-        untouched(
-            "version 5 in an IPv4 frame",
-            ipv4_bad_version,
-            XDP_PASS,
-            Reason::PassMalformed,
-        ),
-        untouched(
-            "IPv4 IHL past the end",
-            ipv4_ihl_past_end,
-            XDP_PASS,
-            Reason::PassMalformed,
-        ),
+        untouched("IPv4 IHL below 5", ipv4_bad_ihl, XDP_PASS, Reason::PassMalformed),
+        untouched("version 5 in an IPv4 frame", ipv4_bad_version, XDP_PASS, Reason::PassMalformed),
+        untouched("IPv4 IHL past the end", ipv4_ihl_past_end, XDP_PASS, Reason::PassMalformed),
         untouched(
             "IPv6 header truncated",
             frame(tcp6, plain, payload)[..L3_OFFSET + 30].to_vec(),
             XDP_PASS,
             Reason::PassMalformed,
         ),
-        untouched(
-            "three VLAN tags",
-            three_tags,
-            XDP_PASS,
-            Reason::PassVlanDepth,
-        ),
+        untouched("three VLAN tags", three_tags, XDP_PASS, Reason::PassVlanDepth),
         untouched(
             "TCP header truncated, to a VIP",
             truncated_tcp,
@@ -347,24 +244,9 @@ fn cases() -> Vec<Case> {
             XDP_PASS,
             Reason::PassNotVip,
         ),
-        untouched(
-            "IPv4 first fragment to a VIP",
-            first_fragment,
-            XDP_DROP,
-            Reason::DropFragment,
-        ),
-        untouched(
-            "IPv4 later fragment to a VIP",
-            later_fragment,
-            XDP_DROP,
-            Reason::DropFragment,
-        ),
-        untouched(
-            "IPv4 fragment, not ours",
-            fragment_not_ours,
-            XDP_PASS,
-            Reason::PassNotVip,
-        ),
+        untouched("IPv4 first fragment to a VIP", first_fragment, XDP_DROP, Reason::DropFragment),
+        untouched("IPv4 later fragment to a VIP", later_fragment, XDP_DROP, Reason::DropFragment),
+        untouched("IPv4 fragment, not ours", fragment_not_ours, XDP_PASS, Reason::PassNotVip),
         untouched(
             "IPv6 fragment header to a VIP",
             insert_ipv6_extensions(&frame(udp6, plain, payload), &[(44, 8)]),
@@ -412,10 +294,9 @@ fn every_case_gives_the_expected_action_output_and_counter() {
         let before = fixture.reason_count(case.reason);
         let (action, output) = fixture.reconciler.datapath().test_run(&case.input).unwrap();
         let (want_action, want_output) = match case.expect {
-            Expect::Forward(flow) => (
-                XDP_TX,
-                dsr_rewritten(&case.input, backend_mac(fixture.expected_backend(flow))),
-            ),
+            Expect::Forward(flow) => {
+                (XDP_TX, dsr_rewritten(&case.input, backend_mac(fixture.expected_backend(flow))))
+            }
             Expect::Untouched(action) => (action, case.input.clone()),
         };
         let counted = fixture.reason_count(case.reason) - before;
@@ -428,11 +309,7 @@ fn every_case_gives_the_expected_action_output_and_counter() {
             ));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "failing cases:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -450,49 +327,28 @@ fn flows_spread_over_all_backends_exactly_where_lookup_says() {
             let (action, output) = fixture.reconciler.datapath().test_run(&input).unwrap();
             assert_eq!(action, XDP_TX);
             let backend = fixture.expected_backend(flow);
-            assert_eq!(
-                output,
-                dsr_rewritten(&input, backend_mac(backend)),
-                "port {port}"
-            );
-            assert_eq!(
-                &output[6..12],
-                &BALANCER_MAC,
-                "source MAC is the balancer's"
-            );
+            assert_eq!(output, dsr_rewritten(&input, backend_mac(backend)), "port {port}");
+            assert_eq!(&output[6..12], &BALANCER_MAC, "source MAC is the balancer's");
             landed.push(backend);
         }
         landed
     };
     let before = landed(&fixture);
     for backend in V4_BACKENDS {
-        let share = before
-            .iter()
-            .filter(|landed| **landed == ip(backend))
-            .count();
-        assert!(
-            (150..=250).contains(&share),
-            "{backend} got {share} of 600 flows"
-        );
+        let share = before.iter().filter(|landed| **landed == ip(backend)).count();
+        assert!((150..=250).contains(&share), "{backend} got {share} of 600 flows");
     }
 
     // Remove one backend: nothing goes to it any more, and the flows of the
     // others (apart from Maglev's small extra movement) stay where they were.
     let removed = ip(V4_BACKENDS[1]);
     fixture.desired.remove_backend(&vip4, removed).unwrap();
-    fixture.reconciler.apply(&fixture.desired).unwrap();
+    fixture.reconciler.apply(&fixture.desired, &HealthMap::new()).unwrap();
     let after = landed(&fixture);
     assert!(!after.contains(&removed));
-    let kept = before
-        .iter()
-        .zip(&after)
-        .filter(|(b, a)| **b != removed && b == a)
-        .count();
+    let kept = before.iter().zip(&after).filter(|(b, a)| **b != removed && b == a).count();
     let others = before.iter().filter(|b| **b != removed).count();
-    assert!(
-        kept as f64 >= others as f64 * 0.97,
-        "{kept} of {others} flows kept their backend"
-    );
+    assert!(kept as f64 >= others as f64 * 0.97, "{kept} of {others} flows kept their backend");
 }
 
 #[test]
@@ -509,17 +365,10 @@ fn counters_count_packets_and_bytes_per_vip_and_backend() {
     }
     let index = fixture.reconciler.vip_index(&vip4).unwrap();
     let vip_counters = fixture.reconciler.datapath().vip_counters(index).unwrap();
-    assert_eq!(
-        (vip_counters.packets, vip_counters.bytes),
-        (5, 5 * input.len() as u64)
-    );
+    assert_eq!((vip_counters.packets, vip_counters.bytes), (5, 5 * input.len() as u64));
     let target = fixture.expected_backend(flow);
     for backend in fixture.reconciler.backends(&vip4) {
-        let counters = fixture
-            .reconciler
-            .datapath()
-            .backend_counters(backend.slot)
-            .unwrap();
+        let counters = fixture.reconciler.datapath().backend_counters(backend.slot).unwrap();
         let want = if backend.address == target { 5 } else { 0 };
         assert_eq!(counters.packets, want, "backend {}", backend.address);
     }

@@ -12,19 +12,11 @@ const FLOWS: u16 = 300;
 /// Address of the backend whose server answers `name` (b1, b2, ...).
 fn address_of(name: &str, ipv6: bool) -> String {
     let index: usize = name.trim_start_matches('b').parse().expect("backend name");
-    if ipv6 {
-        netns::backend6(index)
-    } else {
-        netns::backend4(index)
-    }
+    if ipv6 { netns::backend6(index) } else { netns::backend4(index) }
 }
 
 fn endpoint(address: &str, port: u16) -> String {
-    if address.contains(':') {
-        format!("[{address}]:{port}")
-    } else {
-        format!("{address}:{port}")
-    }
+    if address.contains(':') { format!("[{address}]:{port}") } else { format!("{address}:{port}") }
 }
 
 /// Balance over three backends, `lb lookup` agreement for every flow, then
@@ -34,24 +26,12 @@ fn balance_remove_and_lookup(prefix: &str, protocol: &str, ipv6: bool) {
     let port = 8080;
     let _servers = start_servers(&testbed, port).expect("servers");
     let daemon = Daemon::start(&testbed, &[]).expect("lb run");
-    let (vip_address, client) = if ipv6 {
-        (VIP6, CLIENT6)
-    } else {
-        (VIP4, CLIENT4)
-    };
+    let (vip_address, client) = if ipv6 { (VIP6, CLIENT6) } else { (VIP4, CLIENT4) };
     let vip = endpoint(vip_address, port);
-    daemon
-        .lb(&["vip", "add", &vip, "--proto", protocol])
-        .unwrap();
+    daemon.lb(&["vip", "add", &vip, "--proto", protocol]).unwrap();
     for index in 1..=3 {
-        let backend = if ipv6 {
-            netns::backend6(index)
-        } else {
-            netns::backend4(index)
-        };
-        daemon
-            .lb(&["backend", "add", &vip, &backend, "--proto", protocol])
-            .unwrap();
+        let backend = if ipv6 { netns::backend6(index) } else { netns::backend4(index) };
+        daemon.lb(&["backend", "add", &vip, &backend, "--proto", protocol]).unwrap();
     }
     daemon.wait_backends_active().unwrap();
 
@@ -59,11 +39,7 @@ fn balance_remove_and_lookup(prefix: &str, protocol: &str, ipv6: bool) {
         let answers = client_requests(&testbed, protocol, &vip, client, first_port, FLOWS).unwrap();
         let counts = tally(&answers);
         println!("{protocol} {vip}: {FLOWS} flows from ports {first_port}.. landed {counts:?}");
-        assert_eq!(
-            counts.keys().map(String::as_str).collect::<Vec<_>>(),
-            expected,
-            "{counts:?}"
-        );
+        assert_eq!(counts.keys().map(String::as_str).collect::<Vec<_>>(), expected, "{counts:?}");
         let fair = usize::from(FLOWS) / expected.len();
         for (name, count) in &counts {
             assert!(
@@ -73,34 +49,19 @@ fn balance_remove_and_lookup(prefix: &str, protocol: &str, ipv6: bool) {
         }
         let mut disagreements = Vec::new();
         for (client_port, answer) in &answers {
-            let looked_up = daemon
-                .lookup(&vip, &endpoint(client, *client_port), protocol)
-                .unwrap();
+            let looked_up = daemon.lookup(&vip, &endpoint(client, *client_port), protocol).unwrap();
             if looked_up != address_of(answer, ipv6) {
                 disagreements.push(format!(
                     "port {client_port}: landed on {answer}, lookup says {looked_up}"
                 ));
             }
         }
-        assert!(
-            disagreements.is_empty(),
-            "lb lookup disagrees:\n{}",
-            disagreements.join("\n")
-        );
+        assert!(disagreements.is_empty(), "lb lookup disagrees:\n{}", disagreements.join("\n"));
         counts
     };
     check(20_000, &["b1", "b2", "b3"]);
 
-    daemon
-        .lb(&[
-            "backend",
-            "remove",
-            &vip,
-            &address_of("b2", ipv6),
-            "--proto",
-            protocol,
-        ])
-        .unwrap();
+    daemon.lb(&["backend", "remove", &vip, &address_of("b2", ipv6), "--proto", protocol]).unwrap();
     check(21_000, &["b1", "b3"]);
 
     let stats = daemon.json(&["stats"]).unwrap();
@@ -108,10 +69,7 @@ fn balance_remove_and_lookup(prefix: &str, protocol: &str, ipv6: bool) {
     assert!(forwarded >= 2 * u64::from(FLOWS), "forwarded {forwarded}");
     // Replies never pass the balancer: its namespace does not route, and the
     // VIP lives only on the backends, so every answer came straight from one.
-    println!(
-        "{protocol} {vip}: balancer forwarded {forwarded} packets; stats {}",
-        stats["vips"]
-    );
+    println!("{protocol} {vip}: balancer forwarded {forwarded} packets; stats {}", stats["vips"]);
 }
 
 #[test]
@@ -154,12 +112,8 @@ fn bad_input_changes_nothing_and_state_survives_a_restart() {
     let mut daemon = Daemon::start(&testbed, &[]).expect("lb run");
     let vip = "198.18.0.10:80";
     daemon.lb(&["vip", "add", vip]).unwrap();
-    daemon
-        .lb(&["backend", "add", vip, &netns::backend4(1), "--weight", "2"])
-        .unwrap();
-    daemon
-        .lb(&["backend", "add", vip, &netns::backend4(2)])
-        .unwrap();
+    daemon.lb(&["backend", "add", vip, &netns::backend4(1), "--weight", "2"]).unwrap();
+    daemon.lb(&["backend", "add", vip, &netns::backend4(2)]).unwrap();
     let before = (
         daemon.lb(&["vip", "list", "--json"]).unwrap(),
         daemon.json(&["backend", "list"]).unwrap(),
@@ -168,22 +122,10 @@ fn bad_input_changes_nothing_and_state_survives_a_restart() {
     for (args, expected) in [
         (vec!["vip", "add", "198.18.0.10"], "is not ADDRESS:PORT"),
         (vec!["vip", "add", vip], "already exists"),
-        (
-            vec!["vip", "add", "198.18.0.11:80", "--proto", "sctp"],
-            "expected tcp or udp",
-        ),
-        (
-            vec!["backend", "add", vip, "198.18.0.300"],
-            "'198.18.0.300' is not an IP address",
-        ),
-        (
-            vec!["backend", "add", vip, "198.18.0.101:80"],
-            "without a port",
-        ),
-        (
-            vec!["backend", "add", vip, &netns::backend4(1)],
-            "already serves VIP",
-        ),
+        (vec!["vip", "add", "198.18.0.11:80", "--proto", "sctp"], "expected tcp or udp"),
+        (vec!["backend", "add", vip, "198.18.0.300"], "'198.18.0.300' is not an IP address"),
+        (vec!["backend", "add", vip, "198.18.0.101:80"], "without a port"),
+        (vec!["backend", "add", vip, &netns::backend4(1)], "already serves VIP"),
         (
             vec!["backend", "add", "198.18.0.99:80", "198.18.0.105"],
             "VIP 198.18.0.99:80/tcp does not exist",
@@ -196,18 +138,9 @@ fn bad_input_changes_nothing_and_state_survives_a_restart() {
             vec!["backend", "add", vip, "198.18.0.105", "--weight", "257"],
             "weight 257 is out of range",
         ),
-        (
-            vec!["backend", "add", vip, "fd00:198:18::105"],
-            "needs the same family",
-        ),
-        (
-            vec!["backend", "remove", vip, "198.18.0.105"],
-            "does not serve VIP",
-        ),
-        (
-            vec!["lookup", vip, "198.18.0.1"],
-            "client: '198.18.0.1' is not ADDRESS:PORT",
-        ),
+        (vec!["backend", "add", vip, "fd00:198:18::105"], "needs the same family"),
+        (vec!["backend", "remove", vip, "198.18.0.105"], "does not serve VIP"),
+        (vec!["lookup", vip, "198.18.0.1"], "client: '198.18.0.1' is not ADDRESS:PORT"),
     ] {
         let output = daemon.command(&args);
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -225,16 +158,9 @@ fn bad_input_changes_nothing_and_state_survives_a_restart() {
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let status = daemon.process.as_mut().unwrap().0.wait().unwrap();
-    assert!(
-        status.success(),
-        "lb run exited with {status}: {}",
-        daemon.log_text()
-    );
-    let link = netns::run(
-        "ip",
-        &["-n", &testbed.balancer(), "link", "show", netns::LB_IFACE],
-    )
-    .unwrap();
+    assert!(status.success(), "lb run exited with {status}: {}", daemon.log_text());
+    let link =
+        netns::run("ip", &["-n", &testbed.balancer(), "link", "show", netns::LB_IFACE]).unwrap();
     assert!(
         !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
         "XDP program left attached"

@@ -38,24 +38,12 @@ fn main() -> anyhow::Result<()> {
         Task::Run { args } => {
             setup()?;
             cargo(&["build", "--release", "--workspace"])?;
-            if args.is_empty() {
-                demo(&root)
-            } else {
-                run_lb(&root, &args)
-            }
+            if args.is_empty() { demo(&root) } else { run_lb(&root, &args) }
         }
         Task::Test => {
             setup()?;
             cargo(&["fmt", "--all", "--check"])?;
-            cargo(&[
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--quiet",
-                "--",
-                "-D",
-                "warnings",
-            ])?;
+            cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
             cargo(&["build", "--workspace"])?;
             // Root-only tests fail instead of skipping, so a green run means they ran.
             let mut child = Command::new(cargo_binary())
@@ -149,10 +137,7 @@ fn setup() -> anyhow::Result<()> {
 }
 
 fn run_lb(root: &Path, args: &[String]) -> anyhow::Result<()> {
-    let status = Command::new(root.join("target/release/lb"))
-        .arg("run")
-        .args(args)
-        .status()?;
+    let status = Command::new(root.join("target/release/lb")).arg("run").args(args).status()?;
     if !status.success() {
         bail!("lb run exited with {status}");
     }
@@ -194,9 +179,7 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     println!(
         "== Building the demo testbed: namespaces {DEMO_PREFIX}client, {DEMO_PREFIX}lb, {DEMO_PREFIX}b1..b3 on one L2 segment"
     );
-    let status = Command::new(&testbed_bin)
-        .args(["up", DEMO_PREFIX, "3"])
-        .status()?;
+    let status = Command::new(&testbed_bin).args(["up", DEMO_PREFIX, "3"]).status()?;
     if !status.success() {
         bail!("building the testbed failed");
     }
@@ -225,31 +208,18 @@ fn demo(root: &Path) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let socket_arg = socket.to_str().context("temp path")?;
     let state_arg = state.to_str().context("temp path")?;
-    println!(
-        "== Starting lb run --iface eth0 in {DEMO_PREFIX}lb (its log: {})",
-        log.display()
-    );
+    println!("== Starting lb run --iface eth0 in {DEMO_PREFIX}lb (its log: {})", log.display());
     let _daemon = in_ns(
         "lb",
         &lb,
-        &[
-            "--socket", socket_arg, "run", "--iface", "eth0", "--state", state_arg,
-        ],
+        &["--socket", socket_arg, "run", "--iface", "eth0", "--state", state_arg],
         std::fs::File::create(&log)?.into(),
     )?;
 
     let lb_cmd = |args: &[&str]| -> anyhow::Result<String> {
-        let output = Command::new(&lb)
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .output()?;
+        let output = Command::new(&lb).arg("--socket").arg(&socket).args(args).output()?;
         if !output.status.success() {
-            bail!(
-                "lb {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr)
-            );
+            bail!("lb {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     };
@@ -283,11 +253,7 @@ fn demo(root: &Path) -> anyhow::Result<()> {
         let mut counts = std::collections::BTreeMap::<String, usize>::new();
         for line in String::from_utf8_lossy(&output.stdout).lines() {
             let answer = line.split_once(' ').map_or("?", |(_, answer)| answer);
-            let key = if answer.starts_with("ERROR") {
-                "failed"
-            } else {
-                answer
-            };
+            let key = if answer.starts_with("ERROR") { "failed" } else { answer };
             *counts.entry(key.to_owned()).or_default() += 1;
         }
         println!("300 TCP connections from the client to {VIP} were answered by: {counts:?}");

@@ -36,10 +36,7 @@ pub fn parse_ethernet(ctx: &XdpContext) -> Result<L2, Reason> {
         offset += VlanHdr::LEN;
     }
     match ether_type {
-        ETH_P_IPV4 | ETH_P_IPV6 => Ok(L2 {
-            ether_type,
-            l3_offset: offset,
-        }),
+        ETH_P_IPV4 | ETH_P_IPV6 => Ok(L2 { ether_type, l3_offset: offset }),
         ETH_P_8021Q | ETH_P_8021AD => Err(Reason::PassVlanDepth),
         _ => Err(Reason::PassNotIp),
     }

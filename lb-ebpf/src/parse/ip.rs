@@ -45,11 +45,7 @@ pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<L3, Reason> {
         destination,
         protocol: ip.proto,
         l4_offset: offset + header_len,
-        unhashable: if is_fragment {
-            Some(Reason::DropFragment)
-        } else {
-            None
-        },
+        unhashable: if is_fragment { Some(Reason::DropFragment) } else { None },
     })
 }
 

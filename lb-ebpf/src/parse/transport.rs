@@ -21,19 +21,13 @@ pub fn parse_ports(ctx: &XdpContext, offset: usize, protocol: u8) -> Option<Port
             let tcp = ptr_at::<TcpHdr>(ctx, offset)?;
             // SAFETY: ptr_at checked the fixed TCP header is within the packet.
             let tcp = unsafe { &*tcp };
-            Some(Ports {
-                source: tcp.source,
-                destination: tcp.dest,
-            })
+            Some(Ports { source: tcp.source, destination: tcp.dest })
         }
         PROTO_UDP => {
             let udp = ptr_at::<UdpHdr>(ctx, offset)?;
             // SAFETY: ptr_at checked the UDP header is within the packet.
             let udp = unsafe { &*udp };
-            Some(Ports {
-                source: udp.src,
-                destination: udp.dst,
-            })
+            Some(Ports { source: udp.src, destination: udp.dst })
         }
         _ => None,
     }

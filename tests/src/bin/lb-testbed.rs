@@ -16,7 +16,10 @@ const USAGE: &str = "usage:
   lb-testbed status [PREFIX]            list them
   lb-testbed serve NAME PORT SECONDS    TCP and UDP server answering NAME (stops after SECONDS)
   lb-testbed client tcp|udp VIP:PORT SOURCE FIRST_PORT COUNT
-                                        COUNT requests from SOURCE:FIRST_PORT.., prints 'PORT ANSWER'";
+                                        COUNT requests from SOURCE:FIRST_PORT.., prints 'PORT ANSWER'
+  lb-testbed client-loop tcp|udp VIP:PORT SOURCE FIRST_PORT SECONDS INTERVAL_MS
+                                        a request every INTERVAL_MS for SECONDS, each from the next
+                                        port; prints 'MILLISECONDS PORT ANSWER'";
 
 const DEFAULT_PREFIX: &str = "lbt-";
 
@@ -26,27 +29,15 @@ fn main() -> anyhow::Result<()> {
     match arg(0) {
         Some("up") => {
             let prefix = arg(1).unwrap_or(DEFAULT_PREFIX);
-            let backends = arg(2)
-                .map_or(Ok(3), str::parse)
-                .context("BACKENDS must be a number")?;
+            let backends = arg(2).map_or(Ok(3), str::parse).context("BACKENDS must be a number")?;
             let testbed = netns::Testbed::up(prefix, backends)?;
-            println!(
-                "testbed {prefix}: namespaces {}",
-                netns::list(prefix).join(" ")
-            );
+            println!("testbed {prefix}: namespaces {}", netns::list(prefix).join(" "));
             std::mem::forget(testbed); // stays up until `down`
         }
         Some("down") => netns::down(arg(1).unwrap_or(DEFAULT_PREFIX)),
         Some("status") => {
             let names = netns::list(arg(1).unwrap_or(DEFAULT_PREFIX));
-            println!(
-                "{}",
-                if names.is_empty() {
-                    "down".to_owned()
-                } else {
-                    names.join(" ")
-                }
-            );
+            println!("{}", if names.is_empty() { "down".to_owned() } else { names.join(" ") });
         }
         Some("serve") => {
             let (Some(name), Some(port), Some(seconds)) = (arg(1), arg(2), arg(3)) else {
@@ -60,13 +51,42 @@ fn main() -> anyhow::Result<()> {
             else {
                 anyhow::bail!("{USAGE}");
             };
-            client(
-                protocol,
-                vip.parse()?,
-                source.parse()?,
-                first.parse()?,
-                count.parse()?,
-            )?;
+            client(protocol, vip.parse()?, source.parse()?, first.parse()?, count.parse()?)?;
+        }
+        Some("client-loop") => {
+            let (
+                Some(protocol),
+                Some(vip),
+                Some(source),
+                Some(first),
+                Some(seconds),
+                Some(interval),
+            ) = (arg(1), arg(2), arg(3), arg(4), arg(5), arg(6))
+            else {
+                anyhow::bail!("{USAGE}");
+            };
+            let duration = Duration::from_secs(seconds.parse()?);
+            let interval = Duration::from_millis(interval.parse()?);
+            let vip: SocketAddr = vip.parse()?;
+            let source: std::net::IpAddr = source.parse()?;
+            let domain = if vip.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+            let start = Instant::now();
+            let mut port: u16 = first.parse()?;
+            while start.elapsed() < duration {
+                let sent = Instant::now();
+                let local = SocketAddr::new(source, port);
+                let answer = match protocol {
+                    "udp" => udp_request(domain, local, vip),
+                    _ => tcp_request(domain, local, vip),
+                };
+                let elapsed = sent.duration_since(start).as_millis();
+                match answer {
+                    Ok(answer) => println!("{elapsed} {port} {answer}"),
+                    Err(error) => println!("{elapsed} {port} ERROR {error}"),
+                }
+                port = port.wrapping_add(1).max(1024);
+                std::thread::sleep(interval.saturating_sub(sent.elapsed()));
+            }
         }
         _ => anyhow::bail!("{USAGE}"),
     }
@@ -92,8 +112,18 @@ fn serve(name: &str, port: u16, lifetime: Duration) -> anyhow::Result<()> {
     while Instant::now() < deadline {
         match tcp.accept() {
             Ok((mut stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.write_all(name.as_bytes());
+                let name = name.to_owned();
+                // Answer, half-close, then drain what the client sent, so a client
+                // that sends a request (a health check) reads the answer and EOF
+                // rather than a reset.
+                std::thread::spawn(move || {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.write_all(name.as_bytes());
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                    let mut sink = [0u8; 1024];
+                    while matches!(stream.read(&mut sink), Ok(read) if read > 0) {}
+                });
             }
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
@@ -108,11 +138,7 @@ fn client(
     first: u16,
     count: u16,
 ) -> anyhow::Result<()> {
-    let domain = if vip.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
+    let domain = if vip.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
     for port in first..first.saturating_add(count) {
         let local = SocketAddr::new(source, port);
         let answer = match protocol {
