@@ -8,6 +8,7 @@
 mod dsr;
 mod maps;
 mod parse;
+mod runtime;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
@@ -116,17 +117,6 @@ fn refuse_if_ours(l3: &L3, reason: Reason) -> Reason {
     // SAFETY: only the presence of the key is used.
     if unsafe { LB_VIP_ADDRESSES.get(key) }.is_some() { reason } else { Reason::PassNotVip }
 }
-
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[cfg(target_arch = "bpf")]
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
