@@ -3,10 +3,12 @@
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .context("lb-userspace has no parent directory")?
-        .join("lb-ebpf");
+        .context("lb-userspace has no parent directory")?;
+    // The XDP program compiles lb-common in too; aya-build only watches lb-ebpf.
+    println!("cargo:rerun-if-changed={}", workspace.join("lb-common").display());
+    let root = workspace.join("lb-ebpf");
     let root = root.to_str().context("workspace path is not UTF-8")?;
     aya_build::build_ebpf(
         [aya_build::Package { name: "lb-ebpf", root_dir: root, ..Default::default() }],

@@ -28,6 +28,10 @@ pub const MAP_VIP_STATS: &str = "LB_VIP_STATS";
 pub const MAP_BACKEND_STATS: &str = "LB_BACKEND_STATS";
 /// `PerCpuArray<u64>`: one counter per [`Reason`].
 pub const MAP_REASONS: &str = "LB_REASONS";
+/// `LruHashMap<FlowKey, FlowEntry>`: established flows and their backend.
+pub const MAP_FLOWS: &str = "LB_FLOWS";
+/// `PerCpuArray<u64>`: one counter per [`FlowEvent`].
+pub const MAP_FLOW_EVENTS: &str = "LB_FLOW_EVENTS";
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "lb_xdp";
@@ -36,11 +40,19 @@ pub const PROGRAM_NAME: &str = "lb_xdp";
 pub const GLOBAL_HASH_SEED: &str = "LB_HASH_SEED";
 /// Global (`u32`): entries in one Maglev table (a prime).
 pub const GLOBAL_TABLE_SIZE: &str = "LB_TABLE_SIZE";
+/// Global (`u64`): nanoseconds after which an idle UDP flow is forgotten.
+pub const GLOBAL_UDP_IDLE_NS: &str = "LB_UDP_IDLE_NS";
 
 /// Defaults for the sizes the control plane sets at load time.
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
 pub const DEFAULT_MAX_VIPS: u32 = 64;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
+/// Flows the flow table holds before the least recently used are evicted.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
+/// A flow's `last_seen_ns` is refreshed at most this often, so a busy flow
+/// does not write shared memory on every packet.
+pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 
 /// A Maglev table entry that points at no backend (a VIP without backends).
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -107,10 +119,14 @@ pub struct VipInfo {
     pub active_slot: u32,
     /// Backends in the active table; 0 means every packet is dropped as `NoBackend`.
     pub backend_count: u32,
-    /// Reserved for per-VIP options; zero today.
+    /// `VIP_FLAG_*` bits.
     pub flags: u32,
 }
 const _: () = assert!(size_of::<VipInfo>() == 16);
+
+/// Hash on the client address alone, so that all of a client's connections
+/// (to any VIP with the same backend set) land on one backend.
+pub const VIP_FLAG_CLIENT_IP_AFFINITY: u32 = 1;
 
 /// Key of [`MAP_VIP_ADDRESSES`]: consulted only for packets that cannot be
 /// hashed (fragments, unreadable L4), to decide between drop and pass.
@@ -144,9 +160,77 @@ pub struct Backend {
 }
 const _: () = assert!(size_of::<Backend>() == 32);
 
+/// `Backend::flags` bit: the backend fails its health checks. Flows in the
+/// flow table that point at it are sent to the Maglev choice instead.
+pub const BACKEND_FLAG_DOWN: u16 = 1;
+
 impl Backend {
     pub fn has_mac(&self) -> bool {
         self.mac != [0; 6]
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.flags & BACKEND_FLAG_DOWN != 0
+    }
+}
+
+/// Value of [`MAP_FLOWS`]: where an established flow goes. Written by the
+/// datapath only; the daemon reads it to count active flows per backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEntry {
+    /// Backend slot the flow was given.
+    pub backend_slot: u32,
+    /// VIP the flow belongs to (a reused key of another VIP does not match).
+    pub vip_index: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of a recent packet, refreshed at
+    /// most every [`FLOW_REFRESH_NS`].
+    pub last_seen_ns: u64,
+    /// `FLOW_FLAG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FlowEntry>() == 24);
+
+/// The client sent a FIN: the flow still follows its entry, but no longer
+/// counts as active.
+pub const FLOW_FLAG_CLOSING: u32 = 1;
+
+/// What the flow table did for a VIP packet. Indexes [`MAP_FLOW_EVENTS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEvent {
+    /// A new flow (TCP SYN, or a UDP packet without an entry) took the Maglev choice.
+    Created = 0,
+    /// The flow followed its entry.
+    Hit = 1,
+    /// A TCP packet other than a SYN without an entry (after a restart, or
+    /// from another balancer): it took the Maglev choice, which was recorded.
+    MissFallback = 2,
+    /// The flow's backend is down: it took the Maglev choice among the others.
+    Rescued = 3,
+    /// A UDP flow idle longer than the timeout started over as a new flow.
+    Expired = 4,
+}
+
+impl FlowEvent {
+    pub const COUNT: u32 = 5;
+    pub const ALL: [FlowEvent; Self::COUNT as usize] = [
+        FlowEvent::Created,
+        FlowEvent::Hit,
+        FlowEvent::MissFallback,
+        FlowEvent::Rescued,
+        FlowEvent::Expired,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            FlowEvent::Created => "created",
+            FlowEvent::Hit => "hit",
+            FlowEvent::MissFallback => "miss_fallback",
+            FlowEvent::Rescued => "rescued",
+            FlowEvent::Expired => "expired",
+        }
     }
 }
 
@@ -235,8 +319,9 @@ impl Reason {
 // ---------------------------------------------------------------------------
 
 /// The fields a flow is hashed on, laid out without padding so its bytes are
-/// the hash input.
-#[repr(C)]
+/// the hash input. Aligned to 8 so that building one on the BPF stack takes
+/// a few wide stores rather than a memset call, which BPF cannot make.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowKey {
     pub client_address: [u8; 16],
@@ -245,8 +330,9 @@ pub struct FlowKey {
     pub client_port: [u8; 2],
     /// Network byte order.
     pub vip_port: [u8; 2],
-    pub protocol: u8,
-    pub _pad: [u8; 3],
+    /// The IP protocol number, widened to 32 bits: a zeroed byte array as
+    /// padding would compile to a memset call, which BPF cannot make.
+    pub protocol: u32,
 }
 const FLOW_KEY_LEN: usize = 40;
 const _: () = assert!(size_of::<FlowKey>() == FLOW_KEY_LEN);
@@ -258,15 +344,15 @@ impl FlowKey {
             vip_address: address_bytes(vip).0,
             client_port: client_port.to_be_bytes(),
             vip_port: vip_port.to_be_bytes(),
-            protocol,
-            _pad: [0; 3],
+            protocol: u32::from(protocol),
         }
     }
 
     #[inline(always)]
     fn as_bytes(&self) -> &[u8; FLOW_KEY_LEN] {
-        // SAFETY: FlowKey is repr(C), made only of u8 arrays (alignment 1, no
-        // implicit padding) and exactly FLOW_KEY_LEN bytes long (asserted above).
+        // SAFETY: FlowKey is repr(C), made only of u8 arrays (no padding between
+        // fields) and exactly FLOW_KEY_LEN bytes long (asserted above), so it
+        // needs no tail padding for its alignment of 8 either.
         unsafe { &*(self as *const FlowKey as *const [u8; FLOW_KEY_LEN]) }
     }
 }
@@ -275,6 +361,24 @@ impl FlowKey {
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     xxhash_rust::const_xxh32::xxh32(key.as_bytes(), seed)
+}
+
+/// The hash of a VIP with client-address affinity: a function of the
+/// client's address alone, so all of a client's connections (to any VIP with
+/// the same backend set) land on one backend. The address fills a whole
+/// 40-byte key: hashing the 16 bytes alone leaves a bounds check in xxh32's
+/// tail that the verifier rejects, and zeroed fields would need a memset.
+#[inline(always)]
+pub fn client_hash(key: &FlowKey, seed: u32) -> u32 {
+    let address = key.client_address;
+    let client_only = FlowKey {
+        client_address: address,
+        vip_address: address,
+        client_port: [address[0], address[1]],
+        vip_port: [address[2], address[3]],
+        protocol: 0,
+    };
+    flow_hash(&client_only, seed)
 }
 
 /// Table entries per element of [`MAP_MAGLEV`]. The kernel rounds array
@@ -308,4 +412,8 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TrafficCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowEntry {}
 }

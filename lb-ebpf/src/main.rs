@@ -6,17 +6,16 @@
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 mod dsr;
+mod flows;
 mod maps;
 mod parse;
 mod runtime;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{
-    FlowKey, MAGLEV_CHUNK, NO_BACKEND, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey, VipKey,
-};
+use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey, VipKey};
 
-use maps::{LB_BACKEND_STATS, LB_BACKENDS, LB_MAGLEV, LB_VIP_ADDRESSES, LB_VIP_STATS, LB_VIPS};
+use maps::{LB_BACKEND_STATS, LB_VIP_ADDRESSES, LB_VIP_STATS, LB_VIPS};
 use parse::{
     ethernet::{ETH_P_IPV4, parse_ethernet},
     ip::{L3, parse_ipv4, parse_ipv6},
@@ -30,6 +29,10 @@ static LB_HASH_SEED: u32 = 0;
 /// Entries per Maglev table, set by the control plane at load time.
 #[unsafe(no_mangle)]
 static LB_TABLE_SIZE: u32 = lb_common::DEFAULT_TABLE_SIZE;
+
+/// Idle time after which a UDP flow is forgotten, set at load time.
+#[unsafe(no_mangle)]
+static LB_UDP_IDLE_NS: u64 = lb_common::DEFAULT_UDP_IDLE_NS;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -69,37 +72,24 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     // SAFETY: the value is copied out at once; the daemon replaces entries
     // whole, so the copy is one consistent version.
     let vip = *unsafe { LB_VIPS.get(vip_key) }.ok_or(Reason::PassNotVip)?;
-    if vip.backend_count == 0 {
-        return Err(Reason::DropNoBackend);
-    }
 
     let flow = FlowKey {
         client_address: l3.source,
         vip_address: l3.destination,
         client_port: ports.source,
         vip_port: ports.destination,
-        protocol: l3.protocol,
-        _pad: [0; 3],
+        protocol: u32::from(l3.protocol),
     };
     // SAFETY: read_volatile keeps the compiler from folding the load-time
     // globals to their compile-time defaults.
-    let (seed, table_size) = unsafe {
-        (core::ptr::read_volatile(&LB_HASH_SEED), core::ptr::read_volatile(&LB_TABLE_SIZE))
+    let settings = unsafe {
+        flows::Settings {
+            hash_seed: core::ptr::read_volatile(&LB_HASH_SEED),
+            table_size: core::ptr::read_volatile(&LB_TABLE_SIZE),
+            udp_idle_ns: core::ptr::read_volatile(&LB_UDP_IDLE_NS),
+        }
     };
-    if table_size == 0 {
-        return Err(Reason::DropInternal);
-    }
-    let hash = lb_common::flow_hash(&flow, seed);
-    let index = lb_common::table_index(vip.vip_index, vip.active_slot, table_size, hash);
-    let chunk = LB_MAGLEV.get(index / MAGLEV_CHUNK).ok_or(Reason::DropInternal)?;
-    let backend_slot = chunk[(index % MAGLEV_CHUNK) as usize];
-    if backend_slot == NO_BACKEND {
-        return Err(Reason::DropNoBackend);
-    }
-    let backend = LB_BACKENDS.get(backend_slot).ok_or(Reason::DropInternal)?;
-    if !backend.has_mac() {
-        return Err(Reason::DropBackendUnresolved);
-    }
+    let (backend_slot, backend) = flows::choose(&flow, &vip, ports.tcp_flags, &settings)?;
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = dsr::forward(ctx, backend)?;

@@ -6,11 +6,12 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE, MaglevChunk, Reason,
-    SLOTS_PER_VIP, TrafficCounters, VipAddressKey, VipInfo, VipKey, maglev_elements,
+    Backend, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
+    FlowEntry, FlowEvent, FlowKey, MaglevChunk, Reason, SLOTS_PER_VIP, TrafficCounters,
+    VipAddressKey, VipInfo, VipKey, maglev_elements,
 };
 
 /// VipKey -> VipInfo. Written by the daemon on every VIP or table change;
@@ -52,3 +53,16 @@ pub static LB_BACKEND_STATS: PerCpuArray<TrafficCounters> =
 /// Reason -> packets that left the program for that reason, per CPU.
 #[map]
 pub static LB_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+/// FlowKey -> FlowEntry: the backend of every established flow. Written by
+/// the datapath (new flows, refreshes at most once a second, FIN/RST); read
+/// by the daemon for active-flow counts. One table shared by all CPUs, so a
+/// flow keeps its backend whichever CPU its packets reach. Sized by
+/// flow_table_size; the least recently used flows are evicted when full.
+#[map]
+pub static LB_FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// FlowEvent -> packets, per CPU: which flow-table path VIP packets took.
+#[map]
+pub static LB_FLOW_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FlowEvent::COUNT, 0);

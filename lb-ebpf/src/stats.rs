@@ -1,15 +1,23 @@
 //! Counter updates: the only place the datapath writes its statistics maps.
 
 use aya_ebpf::maps::PerCpuArray;
-use lb_common::{Reason, TrafficCounters};
+use lb_common::{FlowEvent, Reason, TrafficCounters};
 
-use crate::maps::LB_REASONS;
+use crate::maps::{LB_FLOW_EVENTS, LB_REASONS};
 
 #[inline(always)]
 pub fn count_reason(reason: Reason) {
     if let Some(counter) = LB_REASONS.get_ptr_mut(reason as u32) {
         // SAFETY: the pointer comes from a per-CPU map lookup, so it is valid
         // for this program run and no other CPU writes this copy.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_flow_event(event: FlowEvent) {
+    if let Some(counter) = LB_FLOW_EVENTS.get_ptr_mut(event as u32) {
+        // SAFETY: as in count_reason, a per-CPU value owned by this CPU.
         unsafe { *counter += 1 };
     }
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::health::{CheckOptions, CheckSpec};
-use crate::model::{Protocol, Vip};
+use crate::model::{Affinity, Protocol, Vip};
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 
@@ -21,6 +21,8 @@ pub enum Request {
     VipAdd {
         vip: Vip,
         check: CheckOptions,
+        #[serde(default)]
+        affinity: Affinity,
     },
     /// Changes the given fields of a VIP's check.
     CheckSet {
@@ -32,6 +34,18 @@ pub enum Request {
     },
     VipList,
     BackendAdd {
+        vip: Vip,
+        address: IpAddr,
+        weight: u32,
+    },
+    /// Stops (`draining: true`) or resumes new flows to a backend.
+    BackendDrain {
+        vip: Vip,
+        address: IpAddr,
+        draining: bool,
+    },
+    /// Changes a backend's weight.
+    BackendSet {
         vip: Vip,
         address: IpAddr,
         weight: u32,
@@ -84,6 +98,7 @@ pub struct VipView {
     /// No backend passes its checks, so the ones that did earlier keep
     /// receiving traffic rather than the VIP black-holing it.
     pub all_down: bool,
+    pub affinity: Affinity,
     pub check: CheckSpec,
     pub packets: u64,
     pub bytes: u64,
@@ -98,9 +113,13 @@ pub struct BackendView {
     pub vip: String,
     pub address: IpAddr,
     pub weight: u32,
-    /// `up` (passing checks, receiving new flows), `down` (failing checks),
-    /// or `resolving` (waiting for its MAC).
+    /// `up` (passing checks, receiving new flows), `draining` (passing
+    /// checks, no new flows), `down` (failing checks), or `resolving`
+    /// (waiting for its MAC).
     pub state: String,
+    /// Flows in the flow table that are neither closing nor idle: when a
+    /// draining backend reaches 0, it can be removed without breaking any.
+    pub active_flows: u64,
     /// Unix time (seconds) of the last up/down transition.
     pub since: f64,
     /// The last failed check's error, until a check passes.
@@ -122,14 +141,22 @@ pub struct StatsView {
     pub reasons: BTreeMap<String, u64>,
     /// Maglev tables built and installed since `lb run` started.
     pub tables_built: u64,
+    /// Packets per flow-table path (`created`, `hit`, `miss_fallback`, `rescued`, `expired`).
+    pub flow_events: BTreeMap<String, u64>,
+    pub flow_table_size: u32,
+    /// Memory the kernel charges for the flow table, when it says.
+    pub flow_table_memory_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LookupView {
     pub vip: String,
     pub client: SocketAddr,
-    /// None when the VIP has no backend in its table.
+    /// Where a new connection of this flow goes; None when the VIP has no
+    /// backend in its table.
     pub backend: Option<IpAddr>,
+    /// Where the flow's established connection goes, if the flow table has it.
+    pub established_backend: Option<IpAddr>,
     pub hash: u32,
     pub table_entry: u32,
 }

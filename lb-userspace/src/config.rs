@@ -6,10 +6,14 @@
 //! table_size = 65537     # a prime
 //! max_vips = 64
 //! max_backends = 4096
+//! flow_table_size = 1048576
+//! udp_idle_timeout_ms = 30000
+//! tcp_idle_timeout_ms = 3600000
 //!
 //! [[vip]]
 //! address = "198.18.0.10:80"
 //! protocol = "tcp"       # default tcp
+//! affinity = "flow"      # or "client-ip"
 //!
 //! [vip.check]            # optional; default: a tcp connect to the VIP port
 //! type = "http"          # tcp, http, ws or none
@@ -23,6 +27,7 @@
 //! [[vip.backend]]
 //! address = "198.18.1.1"
 //! weight = 1             # 1 to 256, default 1
+//! draining = false       # true: no new flows, established ones continue
 //! ```
 
 use std::io::Write as _;
@@ -38,7 +43,8 @@ use crate::health::CheckKind;
 use crate::health::{CheckOptions, CheckSpec};
 use crate::maglev::is_valid_table_size;
 use crate::model::{
-    BackendSpec, DEFAULT_WEIGHT, DesiredState, Limits, Protocol, Vip, parse_address, parse_endpoint,
+    Affinity, BackendSpec, DEFAULT_WEIGHT, DesiredState, Limits, Protocol, Vip, parse_address,
+    parse_endpoint,
 };
 
 /// Everything `lb run` needs besides its command line.
@@ -73,6 +79,9 @@ struct FileIn {
     table_size: Option<Spanned<u32>>,
     max_vips: Option<Spanned<u32>>,
     max_backends: Option<Spanned<u32>>,
+    flow_table_size: Option<Spanned<u32>>,
+    udp_idle_timeout_ms: Option<Spanned<u64>>,
+    tcp_idle_timeout_ms: Option<Spanned<u64>>,
     #[serde(default)]
     vip: Vec<VipIn>,
 }
@@ -82,6 +91,7 @@ struct FileIn {
 struct VipIn {
     address: Spanned<String>,
     protocol: Option<Spanned<String>>,
+    affinity: Option<Affinity>,
     check: Option<Spanned<CheckOptions>>,
     #[serde(default)]
     backend: Vec<BackendIn>,
@@ -92,6 +102,8 @@ struct VipIn {
 struct BackendIn {
     address: Spanned<String>,
     weight: Option<Spanned<u32>>,
+    #[serde(default)]
+    draining: bool,
 }
 
 #[derive(Serialize)]
@@ -100,6 +112,9 @@ struct FileOut {
     table_size: u32,
     max_vips: u32,
     max_backends: u32,
+    flow_table_size: u32,
+    udp_idle_timeout_ms: u64,
+    tcp_idle_timeout_ms: u64,
     vip: Vec<VipOut>,
 }
 
@@ -107,6 +122,7 @@ struct FileOut {
 struct VipOut {
     address: String,
     protocol: Protocol,
+    affinity: Affinity,
     check: CheckSpec,
     backend: Vec<BackendSpec>,
 }
@@ -152,10 +168,24 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     for (value, field, target) in [
         (&file.max_vips, "max_vips", &mut datapath.max_vips),
         (&file.max_backends, "max_backends", &mut datapath.max_backends),
+        (&file.flow_table_size, "flow_table_size", &mut datapath.flow_table_size),
     ] {
         if let Some(value) = value {
             if *value.get_ref() == 0 {
                 return Err(invalid(value.span(), field, "must be at least 1".to_owned()));
+            }
+            *target = *value.get_ref();
+        }
+    }
+    for (value, field, target) in [
+        (&file.udp_idle_timeout_ms, "udp_idle_timeout_ms", &mut datapath.udp_idle_timeout_ms),
+        (&file.tcp_idle_timeout_ms, "tcp_idle_timeout_ms", &mut datapath.tcp_idle_timeout_ms),
+    ] {
+        if let Some(value) = value {
+            if !(1_000..=86_400_000).contains(value.get_ref()) {
+                let message =
+                    format!("{} ms is out of range: expected 1000 to 86400000", value.get_ref());
+                return Err(invalid(value.span(), field, message));
             }
             *target = *value.get_ref();
         }
@@ -190,28 +220,26 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         if let (Err(message), Some(check_in)) = (check.validate(), &vip_in.check) {
             return Err(invalid(check_in.span(), "vip.check", message));
         }
+        let affinity = vip_in.affinity.unwrap_or_default();
         config
             .desired
-            .add_vip(vip, check, limits)
+            .add_vip(vip, check, affinity, limits)
             .map_err(|error| invalid(vip_in.address.span(), "vip.address", error.to_string()))?;
         for backend_in in &vip_in.backend {
             let address = parse_address(backend_in.address.get_ref()).map_err(|message| {
                 invalid(backend_in.address.span(), "vip.backend.address", message)
             })?;
             let weight = backend_in.weight.as_ref().map_or(DEFAULT_WEIGHT, |w| *w.get_ref());
-            config.desired.add_backend(&vip, BackendSpec { address, weight }, limits).map_err(
-                |error| {
-                    let (span, field) = match &backend_in.weight {
-                        Some(w)
-                            if matches!(error, crate::model::ChangeError::WeightOutOfRange(_)) =>
-                        {
-                            (w.span(), "vip.backend.weight")
-                        }
-                        _ => (backend_in.address.span(), "vip.backend.address"),
-                    };
-                    invalid(span, field, error.to_string())
-                },
-            )?;
+            let backend = BackendSpec { address, weight, draining: backend_in.draining };
+            config.desired.add_backend(&vip, backend, limits).map_err(|error| {
+                let (span, field) = match &backend_in.weight {
+                    Some(w) if matches!(error, crate::model::ChangeError::WeightOutOfRange(_)) => {
+                        (w.span(), "vip.backend.weight")
+                    }
+                    _ => (backend_in.address.span(), "vip.backend.address"),
+                };
+                invalid(span, field, error.to_string())
+            })?;
         }
     }
     Ok(config)
@@ -224,6 +252,9 @@ pub fn render(config: &Config) -> String {
         table_size: config.datapath.table_size,
         max_vips: config.datapath.max_vips,
         max_backends: config.datapath.max_backends,
+        flow_table_size: config.datapath.flow_table_size,
+        udp_idle_timeout_ms: config.datapath.udp_idle_timeout_ms,
+        tcp_idle_timeout_ms: config.datapath.tcp_idle_timeout_ms,
         vip: config
             .desired
             .vips
@@ -231,6 +262,7 @@ pub fn render(config: &Config) -> String {
             .map(|(vip, spec)| VipOut {
                 address: vip.endpoint().to_string(),
                 protocol: vip.protocol,
+                affinity: spec.affinity,
                 check: spec.check.clone(),
                 backend: spec.backends.values().cloned().collect(),
             })
@@ -277,10 +309,12 @@ weight = 3
 
 [[vip.backend]]
 address = "198.18.1.2"
+draining = true
 
 [[vip]]
 address = "[fd00:198:18::10]:53"
 protocol = "udp"
+affinity = "client-ip"
 
 [vip.check]
 type = "ws"

@@ -61,6 +61,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(config.datapath)?;
     let mode = datapath.attach(&options.iface, options.xdp_mode)?;
     tracing::info!(iface = %options.iface, mode, "XDP program attached");
+    tracing::info!(
+        flows = datapath.config().flow_table_size,
+        memory_bytes = datapath.flow_table_memory(),
+        "flow table created"
+    );
 
     let listener = bind_socket(&options.socket)?;
     let (wanted_tx, wanted_rx) = watch::channel(Vec::new());
@@ -273,9 +278,9 @@ impl Daemon {
         let limits = self.config.limits();
         let done = |message: String| Ok(Body::Done { message });
         match request {
-            Request::VipAdd { vip, check } => {
+            Request::VipAdd { vip, check, affinity } => {
                 let check = check.applied_to(&CheckSpec::default());
-                self.change(|state| state.add_vip(vip, check, limits))?;
+                self.change(|state| state.add_vip(vip, check, affinity, limits))?;
                 done(format!("VIP {vip} added"))
             }
             Request::CheckSet { vip, check } => {
@@ -292,9 +297,25 @@ impl Daemon {
             }
             Request::BackendAdd { vip, address, weight } => {
                 self.change(|state| {
-                    state.add_backend(&vip, BackendSpec { address, weight }, limits)
+                    state.add_backend(&vip, BackendSpec::new(address, weight), limits)
                 })?;
                 done(format!("backend {address} (weight {weight}) added to VIP {vip}"))
+            }
+            Request::BackendDrain { vip, address, draining } => {
+                self.change(|state| state.set_draining(&vip, address, draining))?;
+                if draining {
+                    done(format!(
+                        "backend {address} of VIP {vip} is draining: no new flows, established ones continue (watch ACTIVE FLOWS in `lb backend list`)"
+                    ))
+                } else {
+                    done(format!("backend {address} of VIP {vip} takes new flows again"))
+                }
+            }
+            Request::BackendSet { vip, address, weight } => {
+                self.change(|state| state.set_weight(&vip, address, weight))?;
+                done(format!(
+                    "backend {address} of VIP {vip} now has weight {weight}; established flows stay where they are"
+                ))
             }
             Request::BackendRemove { vip, address } => {
                 self.change(|state| state.remove_backend(&vip, address))?;
@@ -320,6 +341,15 @@ impl Daemon {
                     .map(|(reason, count)| (reason.name().to_owned(), count))
                     .collect(),
                 tables_built: self.reconciler.tables_built(),
+                flow_events: self
+                    .reconciler
+                    .datapath()
+                    .flow_event_counters()?
+                    .into_iter()
+                    .map(|(event, count)| (event.name().to_owned(), count))
+                    .collect(),
+                flow_table_size: self.config.datapath.flow_table_size,
+                flow_table_memory_bytes: self.reconciler.datapath().flow_table_memory(),
             })),
             Request::Lookup { vip, client } => {
                 let result =
@@ -328,6 +358,7 @@ impl Daemon {
                     vip: vip.to_string(),
                     client,
                     backend: result.backend,
+                    established_backend: result.established_backend,
                     hash: result.hash,
                     table_entry: result.table_entry,
                 }))
@@ -502,6 +533,7 @@ impl Daemon {
                 active_backends: status.members,
                 serving_backends: if status.fail_open { 0 } else { status.serving },
                 all_down: status.fail_open,
+                affinity: spec.affinity,
                 check: spec.check.clone(),
                 packets: counters.packets,
                 bytes: counters.bytes,
@@ -514,6 +546,7 @@ impl Daemon {
 
     fn backend_views(&self, only: Option<&Vip>) -> anyhow::Result<Vec<BackendView>> {
         let mut views = Vec::new();
+        let active_flows = self.reconciler.datapath().active_flows();
         for (vip, spec) in &self.config.desired.vips {
             if only.is_some_and(|only| only != vip) {
                 continue;
@@ -524,9 +557,11 @@ impl Daemon {
                     self.rates.get((BACKEND_KEY, installed.slot));
                 let health =
                     self.checks.get(&(*vip, installed.address)).map(|checker| &checker.state);
+                let draining = spec.backends.get(&installed.address).is_some_and(|b| b.draining);
                 let state = match (installed.mac, health.map(|h| h.health)) {
                     (None, _) => "resolving",
                     (Some(_), Some(Health::Down)) => "down",
+                    (Some(_), _) if draining => "draining",
                     (Some(_), _) => "up",
                 };
                 views.push(BackendView {
@@ -534,6 +569,7 @@ impl Daemon {
                     address: installed.address,
                     weight: spec.backends.get(&installed.address).map_or(0, |b| b.weight),
                     state: state.to_owned(),
+                    active_flows: active_flows.get(&installed.slot).copied().unwrap_or(0),
                     since: health.map_or(0.0, |h| {
                         h.since
                             .duration_since(SystemTime::UNIX_EPOCH)

@@ -8,9 +8,10 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
-    Backend, GLOBAL_HASH_SEED, GLOBAL_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV,
-    MAP_REASONS, MAP_VIP_ADDRESSES, MAP_VIP_STATS, MAP_VIPS, PROGRAM_NAME, Reason, SLOTS_PER_VIP,
-    TrafficCounters, VipAddressKey, VipInfo, VipKey,
+    Backend, FLOW_FLAG_CLOSING, FlowEntry, FlowEvent, FlowKey, GLOBAL_HASH_SEED, GLOBAL_TABLE_SIZE,
+    GLOBAL_UDP_IDLE_NS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOW_EVENTS, MAP_FLOWS, MAP_MAGLEV,
+    MAP_REASONS, MAP_VIP_ADDRESSES, MAP_VIP_STATS, MAP_VIPS, PROGRAM_NAME, PROTO_TCP, Reason,
+    SLOTS_PER_VIP, TrafficCounters, VipAddressKey, VipInfo, VipKey,
 };
 use memmap2::{MmapMut, MmapOptions};
 
@@ -31,6 +32,13 @@ pub struct DatapathConfig {
     pub table_size: u32,
     pub max_vips: u32,
     pub max_backends: u32,
+    /// Flows the flow table holds (least recently used evicted beyond).
+    pub flow_table_size: u32,
+    /// A UDP flow idle this long is forgotten (its next packet is a new flow).
+    pub udp_idle_timeout_ms: u64,
+    /// A TCP flow idle this long no longer counts as active (it stays in the
+    /// table, and keeps its backend, until evicted).
+    pub tcp_idle_timeout_ms: u64,
 }
 
 impl Default for DatapathConfig {
@@ -40,6 +48,9 @@ impl Default for DatapathConfig {
             table_size: lb_common::DEFAULT_TABLE_SIZE,
             max_vips: lb_common::DEFAULT_MAX_VIPS,
             max_backends: lb_common::DEFAULT_MAX_BACKENDS,
+            flow_table_size: lb_common::DEFAULT_FLOW_TABLE_SIZE,
+            udp_idle_timeout_ms: lb_common::DEFAULT_UDP_IDLE_NS / 1_000_000,
+            tcp_idle_timeout_ms: 3_600_000,
         }
     }
 }
@@ -99,6 +110,8 @@ pub struct Datapath {
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     reasons: PerCpuArray<MapData, u64>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    flow_events: PerCpuArray<MapData, u64>,
     /// The Maglev array, written through memory: installing a table is one
     /// copy instead of one syscall per entry.
     maglev: MmapMut,
@@ -119,8 +132,11 @@ impl Datapath {
             return Err(too_large());
         }
         let maglev_elements = lb_common::maglev_elements(maglev_entries);
+        let udp_idle_ns = config.udp_idle_timeout_ms.saturating_mul(1_000_000);
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_HASH_SEED, &config.hash_seed, true)
+            .override_global(GLOBAL_UDP_IDLE_NS, &udp_idle_ns, true)
+            .map_max_entries(MAP_FLOWS, config.flow_table_size)
             .override_global(GLOBAL_TABLE_SIZE, &config.table_size, true)
             .map_max_entries(MAP_VIPS, config.max_vips)
             .map_max_entries(MAP_VIP_ADDRESSES, config.max_vips)
@@ -148,6 +164,9 @@ impl Datapath {
         let backend_stats = PerCpuArray::try_from(take(MAP_BACKEND_STATS)?)
             .map_err(map_error(MAP_BACKEND_STATS))?;
         let reasons = PerCpuArray::try_from(take(MAP_REASONS)?).map_err(map_error(MAP_REASONS))?;
+        let flows = HashMap::try_from(take(MAP_FLOWS)?).map_err(map_error(MAP_FLOWS))?;
+        let flow_events =
+            PerCpuArray::try_from(take(MAP_FLOW_EVENTS)?).map_err(map_error(MAP_FLOW_EVENTS))?;
         let Map::Array(maglev_map) = take(MAP_MAGLEV)? else {
             return Err(DatapathError::Missing { kind: "array map", name: MAP_MAGLEV });
         };
@@ -167,6 +186,8 @@ impl Datapath {
             vip_stats,
             backend_stats,
             reasons,
+            flows,
+            flow_events,
             maglev,
             _maglev_map: maglev_map,
             attached: None,
@@ -318,6 +339,66 @@ impl Datapath {
             })
             .collect()
     }
+}
+
+impl Datapath {
+    /// Packets per [`FlowEvent`], summed over CPUs, in `FlowEvent::ALL` order.
+    pub fn flow_event_counters(&self) -> Result<Vec<(FlowEvent, u64)>, DatapathError> {
+        FlowEvent::ALL
+            .iter()
+            .map(|&event| {
+                let values =
+                    self.flow_events.get(&(event as u32), 0).map_err(map_error(MAP_FLOW_EVENTS))?;
+                Ok((event, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Active flows per backend slot: entries neither closing nor idle past
+    /// their protocol's timeout. Walks the whole flow table (about a second
+    /// per million flows), so callers should not do it per packet or often.
+    pub fn active_flows(&self) -> std::collections::HashMap<u32, u64> {
+        let now = monotonic_ns();
+        let tcp_idle = self.config.tcp_idle_timeout_ms.saturating_mul(1_000_000);
+        let udp_idle = self.config.udp_idle_timeout_ms.saturating_mul(1_000_000);
+        let mut counts = std::collections::HashMap::new();
+        for (key, entry) in self.flows.iter().filter_map(Result::ok) {
+            let idle = if key.protocol == u32::from(PROTO_TCP) { tcp_idle } else { udp_idle };
+            if entry.flags & FLOW_FLAG_CLOSING == 0
+                && now.saturating_sub(entry.last_seen_ns) <= idle
+            {
+                *counts.entry(entry.backend_slot).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// The flow-table entry of one flow, as the datapath recorded it.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
+        self.flows.get(key, 0).ok()
+    }
+
+    /// Memory the kernel charges for the flow table (its `memlock`), if known.
+    pub fn flow_table_memory(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd as _;
+        let fd = self.flows_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines().find_map(|line| line.strip_prefix("memlock:")?.trim().parse().ok())
+    }
+
+    fn flows_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use aya::maps::IterableMap as _;
+        self.flows.map().fd().as_fd()
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC
+    // is always available on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn sum_traffic(

@@ -9,7 +9,7 @@ use lb_userspace::api::{self, Body, Reply, Request};
 use lb_userspace::daemon::{self, RunOptions};
 use lb_userspace::datapath::AttachMode;
 use lb_userspace::health::CheckOptions;
-use lb_userspace::model::{DEFAULT_WEIGHT, Protocol, Vip, parse_address, parse_endpoint};
+use lb_userspace::model::{Affinity, DEFAULT_WEIGHT, Protocol, Vip, parse_address, parse_endpoint};
 
 /// A stateless L3/L4 load balancer on XDP: Maglev hashing, direct server return.
 #[derive(Parser)]
@@ -76,6 +76,10 @@ enum VipCommand {
         vip: String,
         #[command(flatten)]
         protocol: ProtocolArg,
+        /// What picks a new flow's backend: the whole flow, or the client
+        /// address only (all of a client's connections on one backend).
+        #[arg(long, value_enum, default_value = "flow")]
+        affinity: Affinity,
         #[command(flatten)]
         check: CheckOptions,
     },
@@ -100,6 +104,31 @@ enum BackendCommand {
         backend: String,
         /// Relative share of new flows, 1 to 256.
         #[arg(long, default_value_t = DEFAULT_WEIGHT)]
+        weight: u32,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Stop new flows to a backend; its established flows continue. Remove it
+    /// once `lb backend list` shows 0 active flows.
+    Drain {
+        vip: String,
+        backend: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Let a drained backend take new flows again.
+    Undrain {
+        vip: String,
+        backend: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Change a backend's weight; established flows stay where they are.
+    Set {
+        vip: String,
+        backend: String,
+        /// Relative share of new flows, 1 to 256.
+        #[arg(long)]
         weight: u32,
         #[command(flatten)]
         protocol: ProtocolArg,
@@ -186,9 +215,33 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             return runtime.block_on(daemon::run(options));
         }
-        Command::Vip(VipCommand::Add { vip, protocol, check }) => {
-            (Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check }, false)
+        Command::Vip(VipCommand::Add { vip, protocol, affinity, check }) => {
+            (Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check, affinity }, false)
         }
+        Command::Backend(BackendCommand::Drain { vip, backend, protocol }) => (
+            Request::BackendDrain {
+                vip: vip_arg(&vip, &protocol)?,
+                address: backend_arg(&backend)?,
+                draining: true,
+            },
+            false,
+        ),
+        Command::Backend(BackendCommand::Undrain { vip, backend, protocol }) => (
+            Request::BackendDrain {
+                vip: vip_arg(&vip, &protocol)?,
+                address: backend_arg(&backend)?,
+                draining: false,
+            },
+            false,
+        ),
+        Command::Backend(BackendCommand::Set { vip, backend, weight, protocol }) => (
+            Request::BackendSet {
+                vip: vip_arg(&vip, &protocol)?,
+                address: backend_arg(&backend)?,
+                weight,
+            },
+            false,
+        ),
         Command::Check(CheckCommand::Set { vip, protocol, check }) => {
             (Request::CheckSet { vip: vip_arg(&vip, &protocol)?, check }, false)
         }
@@ -285,25 +338,49 @@ fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
             for (reason, count) in &stats.reasons {
                 println!("{reason:<28} {count:>12}");
             }
-            println!("\nMaglev tables installed since start: {}", stats.tables_built);
-        }
-        Body::Lookup(lookup) => match lookup.backend {
-            Some(backend) => println!(
-                "{} from {} -> backend {} (hash {:#010x}, table entry {})",
-                lookup.vip, lookup.client, backend, lookup.hash, lookup.table_entry
-            ),
-            None => {
-                println!("{} from {} -> no backend (the VIP drops it)", lookup.vip, lookup.client)
+            println!();
+            println!("{:<28} {:>12}", "FLOW TABLE", "PACKETS");
+            for (event, count) in &stats.flow_events {
+                println!("{event:<28} {count:>12}");
             }
-        },
+            let memory = stats
+                .flow_table_memory_bytes
+                .map_or("unknown".to_owned(), |bytes| format!("{} MiB", bytes >> 20));
+            println!("\nFlow table: {} flows, {memory}", stats.flow_table_size);
+            println!("Maglev tables installed since start: {}", stats.tables_built);
+        }
+        Body::Lookup(lookup) => {
+            match lookup.backend {
+                Some(backend) => println!(
+                    "{} from {} -> new connections: backend {} (hash {:#010x}, table entry {})",
+                    lookup.vip, lookup.client, backend, lookup.hash, lookup.table_entry
+                ),
+                None => println!(
+                    "{} from {} -> new connections: no backend (the VIP drops them)",
+                    lookup.vip, lookup.client
+                ),
+            }
+            if let Some(established) = lookup.established_backend {
+                println!("  established flow in the flow table -> backend {established}");
+            }
+        }
     }
     Ok(())
 }
 
 fn print_backends(backends: &[api::BackendView]) {
     println!(
-        "{:<32} {:<24} {:>6} {:<9} {:>10} {:<17} {:>7} {:>12} {:>10}  LAST ERROR",
-        "VIP", "BACKEND", "WEIGHT", "STATE", "SINCE", "MAC", "ENTRIES", "PACKETS", "PPS"
+        "{:<32} {:<24} {:>6} {:<9} {:>10} {:>12} {:<17} {:>7} {:>12} {:>10}  LAST ERROR",
+        "VIP",
+        "BACKEND",
+        "WEIGHT",
+        "STATE",
+        "SINCE",
+        "ACTIVE FLOWS",
+        "MAC",
+        "ENTRIES",
+        "PACKETS",
+        "PPS"
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -311,12 +388,13 @@ fn print_backends(backends: &[api::BackendView]) {
         .as_secs_f64();
     for backend in backends {
         println!(
-            "{:<32} {:<24} {:>6} {:<9} {:>10} {:<17} {:>7} {:>12} {:>10.0}  {}",
+            "{:<32} {:<24} {:>6} {:<9} {:>10} {:>12} {:<17} {:>7} {:>12} {:>10.0}  {}",
             backend.vip,
             backend.address.to_string(),
             backend.weight,
             backend.state,
             format_age(now - backend.since),
+            backend.active_flows,
             backend.mac.as_deref().unwrap_or("-"),
             backend.table_entries,
             backend.packets,

@@ -105,12 +105,35 @@ pub fn parse_address(text: &str) -> Result<IpAddr, String> {
 pub struct BackendSpec {
     pub address: IpAddr,
     pub weight: u32,
+    /// Receives no new flows; its established flows continue.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+}
+
+impl BackendSpec {
+    pub fn new(address: IpAddr, weight: u32) -> Self {
+        Self { address, weight, draining: false }
+    }
+}
+
+/// What a VIP hashes to pick a backend for a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Affinity {
+    /// The whole flow (client address and port, VIP, protocol): connections
+    /// spread evenly, even from one client.
+    #[default]
+    Flow,
+    /// The client address only: all of a client's connections go to one
+    /// backend (and to the same one on VIPs with the same backend set).
+    ClientIp,
 }
 
 /// A VIP's configuration: how its backends are checked, and the backends.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VipSpec {
     pub check: CheckSpec,
+    pub affinity: Affinity,
     pub backends: BTreeMap<IpAddr, BackendSpec>,
 }
 
@@ -182,6 +205,7 @@ impl DesiredState {
         &mut self,
         vip: Vip,
         check: CheckSpec,
+        affinity: Affinity,
         limits: Limits,
     ) -> Result<(), ChangeError> {
         check.validate().map_err(ChangeError::BadCheck)?;
@@ -198,7 +222,7 @@ impl DesiredState {
         if count > limits.max_vips as usize {
             return Err(ChangeError::TooManyVips { vip, count, limit: limits.max_vips });
         }
-        self.vips.insert(vip, VipSpec { check, backends: BTreeMap::new() });
+        self.vips.insert(vip, VipSpec { check, affinity, backends: BTreeMap::new() });
         Ok(())
     }
 
@@ -248,6 +272,35 @@ impl DesiredState {
         Ok(())
     }
 
+    fn backend_mut(&mut self, vip: &Vip, backend: IpAddr) -> Result<&mut BackendSpec, ChangeError> {
+        let backends = &mut self.vips.get_mut(vip).ok_or(ChangeError::UnknownVip(*vip))?.backends;
+        backends.get_mut(&backend).ok_or(ChangeError::UnknownBackend { vip: *vip, backend })
+    }
+
+    /// Stops (or resumes) new flows to a backend; its established flows continue.
+    pub fn set_draining(
+        &mut self,
+        vip: &Vip,
+        backend: IpAddr,
+        draining: bool,
+    ) -> Result<(), ChangeError> {
+        self.backend_mut(vip, backend)?.draining = draining;
+        Ok(())
+    }
+
+    pub fn set_weight(
+        &mut self,
+        vip: &Vip,
+        backend: IpAddr,
+        weight: u32,
+    ) -> Result<(), ChangeError> {
+        if !WEIGHT_RANGE.contains(&weight) {
+            return Err(ChangeError::WeightOutOfRange(weight));
+        }
+        self.backend_mut(vip, backend)?.weight = weight;
+        Ok(())
+    }
+
     pub fn remove_backend(&mut self, vip: &Vip, backend: IpAddr) -> Result<(), ChangeError> {
         let backends = &mut self.vips.get_mut(vip).ok_or(ChangeError::UnknownVip(*vip))?.backends;
         backends
@@ -268,7 +321,7 @@ mod tests {
     }
 
     fn backend(text: &str, weight: u32) -> BackendSpec {
-        BackendSpec { address: parse_address(text).unwrap(), weight }
+        BackendSpec::new(parse_address(text).unwrap(), weight)
     }
 
     #[test]
@@ -284,12 +337,12 @@ mod tests {
     fn refused_changes_leave_the_state_as_it_was() {
         let mut state = DesiredState::default();
         let web = vip("198.18.0.10:80");
-        state.add_vip(web, CheckSpec::default(), LIMITS).unwrap();
+        state.add_vip(web, CheckSpec::default(), Affinity::Flow, LIMITS).unwrap();
         state.add_backend(&web, backend("198.18.1.1", 1), LIMITS).unwrap();
         let before = state.clone();
 
         let errors = [
-            state.add_vip(web, CheckSpec::default(), LIMITS).unwrap_err(),
+            state.add_vip(web, CheckSpec::default(), Affinity::Flow, LIMITS).unwrap_err(),
             state.add_backend(&web, backend("198.18.1.1", 2), LIMITS).unwrap_err(),
             state.add_backend(&web, backend("198.18.1.2", 0), LIMITS).unwrap_err(),
             state.add_backend(&web, backend("198.18.1.2", 257), LIMITS).unwrap_err(),
@@ -298,8 +351,12 @@ mod tests {
                 .add_backend(&vip("198.18.0.11:80"), backend("198.18.1.2", 1), LIMITS)
                 .unwrap_err(),
             state.remove_backend(&web, parse_address("198.18.1.9").unwrap()).unwrap_err(),
-            state.add_vip(vip("0.0.0.0:80"), CheckSpec::default(), LIMITS).unwrap_err(),
-            state.add_vip(vip("198.18.0.10:0"), CheckSpec::default(), LIMITS).unwrap_err(),
+            state
+                .add_vip(vip("0.0.0.0:80"), CheckSpec::default(), Affinity::Flow, LIMITS)
+                .unwrap_err(),
+            state
+                .add_vip(vip("198.18.0.10:0"), CheckSpec::default(), Affinity::Flow, LIMITS)
+                .unwrap_err(),
         ];
         assert_eq!(state, before);
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -316,10 +373,10 @@ mod tests {
     fn limits_from_map_sizes_are_enforced() {
         let mut state = DesiredState::default();
         let web = vip("198.18.0.10:80");
-        state.add_vip(web, CheckSpec::default(), LIMITS).unwrap();
-        state.add_vip(vip("198.18.0.11:80"), CheckSpec::default(), LIMITS).unwrap();
+        state.add_vip(web, CheckSpec::default(), Affinity::Flow, LIMITS).unwrap();
+        state.add_vip(vip("198.18.0.11:80"), CheckSpec::default(), Affinity::Flow, LIMITS).unwrap();
         assert!(matches!(
-            state.add_vip(vip("198.18.0.12:80"), CheckSpec::default(), LIMITS),
+            state.add_vip(vip("198.18.0.12:80"), CheckSpec::default(), Affinity::Flow, LIMITS),
             Err(ChangeError::TooManyVips { .. })
         ));
         for last in 1..=3 {

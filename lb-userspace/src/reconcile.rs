@@ -7,11 +7,14 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use lb_common::{Backend, FlowKey, NO_BACKEND, VipAddressKey, VipInfo, address_bytes};
+use lb_common::{
+    BACKEND_FLAG_DOWN, Backend, FlowKey, NO_BACKEND, VIP_FLAG_CLIENT_IP_AFFINITY, VipAddressKey,
+    VipInfo, address_bytes,
+};
 
 use crate::datapath::{Datapath, DatapathError};
 use crate::maglev::{Candidate, build_failover_table};
-use crate::model::{DesiredState, Vip};
+use crate::model::{Affinity, DesiredState, Vip};
 
 /// A table slot that stopped being read is not rewritten before this long:
 /// far beyond the microseconds a packet that read the old slot index needs.
@@ -32,6 +35,14 @@ struct InstalledVip {
     members: Vec<Member>,
     /// No member was up, so the ones that were up earlier serve (fail-open).
     fail_open: bool,
+    /// `VipInfo::flags` as installed.
+    flags: u32,
+}
+
+impl InstalledVip {
+    fn address_of(&self, slot: u32) -> Option<IpAddr> {
+        self.slots.iter().find(|(_, s)| **s == slot).map(|(address, _)| *address)
+    }
 }
 
 /// A backend in a VIP's table: configured and with a resolved MAC.
@@ -57,7 +68,10 @@ pub type HealthMap = BTreeMap<(Vip, IpAddr), BackendHealth>;
 /// Where a flow goes, computed with the kernel's hash from the installed table.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LookupResult {
+    /// Where a new connection of this flow goes (the Maglev choice).
     pub backend: Option<IpAddr>,
+    /// Where the flow's established connection goes, if the flow table has it.
+    pub established_backend: Option<IpAddr>,
     pub hash: u32,
     pub table_entry: u32,
 }
@@ -199,6 +213,7 @@ impl Reconciler {
                         slots: BTreeMap::new(),
                         members: Vec::new(),
                         fail_open: false,
+                        flags: 0,
                     },
                 );
                 // Published with no backends (drops) until its table is installed.
@@ -226,21 +241,11 @@ impl Reconciler {
                         installed.slots.insert(*address, slot);
                     }
                 }
-                for (address, slot) in &installed.slots {
-                    let (bytes, family) = address_bytes(*address);
-                    let backend = Backend {
-                        mac: self.macs.get(address).copied().unwrap_or_default(),
-                        flags: 0,
-                        address: bytes,
-                        family,
-                        _pad: [0; 7],
-                    };
-                    self.datapath.set_backend(*slot, backend)?;
-                }
             }
 
-            // Only backends with a resolved MAC go in the table; healthy ones
-            // serve, and when none is healthy, those that were (fail-open).
+            // Only backends with a resolved MAC go in the table. New flows go to
+            // those that are up and not draining; when none is up, to those that
+            // were (fail-open).
             let health_of = |address: IpAddr| {
                 health
                     .get(&(*vip, address))
@@ -253,21 +258,44 @@ impl Reconciler {
                 .map(|backend| Member {
                     address: backend.address,
                     weight: backend.weight,
-                    serving: health_of(backend.address).up,
+                    serving: health_of(backend.address).up && !backend.draining,
                 })
                 .collect();
-            let fail_open = !members.is_empty() && members.iter().all(|member| !member.serving);
+            let fail_open =
+                !members.is_empty() && members.iter().all(|member| !health_of(member.address).up);
             if fail_open {
                 for member in &mut members {
-                    member.serving = health_of(member.address).ever_up;
+                    member.serving =
+                        health_of(member.address).ever_up && !backends[&member.address].draining;
                 }
             }
+            let flags = match spec.affinity {
+                Affinity::Flow => 0,
+                Affinity::ClientIp => VIP_FLAG_CLIENT_IP_AFFINITY,
+            };
             let installed = &self.installed[vip];
             if members != installed.members
                 || fail_open != installed.fail_open
+                || flags != installed.flags
                 || !self.is_published(vip)
             {
-                self.install_table(vip, members, fail_open)?;
+                self.install_table(vip, members, fail_open, flags)?;
+            }
+
+            // Backend entries after the table: a backend marked down loses its
+            // established flows to a table that no longer contains it.
+            for (address, slot) in &self.installed[vip].slots {
+                let (bytes, family) = address_bytes(*address);
+                let health = health_of(*address);
+                let kept_by_fail_open = fail_open && health.ever_up;
+                let backend = Backend {
+                    mac: self.macs.get(address).copied().unwrap_or_default(),
+                    flags: if health.up || kept_by_fail_open { 0 } else { BACKEND_FLAG_DOWN },
+                    address: bytes,
+                    family,
+                    _pad: [0; 7],
+                };
+                self.datapath.set_backend(*slot, backend)?;
             }
             // Removed backends are freed only once no table points at them.
             for slot in released {
@@ -289,6 +317,7 @@ impl Reconciler {
         vip: &Vip,
         members: Vec<Member>,
         fail_open: bool,
+        flags: u32,
     ) -> Result<(), ReconcileError> {
         let table_size = self.datapath.config().table_size;
         let installed = self.installed.get_mut(vip).expect("installed before its table");
@@ -322,13 +351,14 @@ impl Reconciler {
                 vip_index: installed.vip_index,
                 active_slot: next_slot,
                 backend_count: serving_count,
-                flags: 0,
+                flags,
             },
         )?;
         installed.active_slot = next_slot;
         installed.flipped_at = Instant::now();
         installed.members = members;
         installed.fail_open = fail_open;
+        installed.flags = flags;
         self.tables_built += 1;
         Ok(())
     }
@@ -404,7 +434,11 @@ impl Reconciler {
         let config = self.datapath.config();
         let flow =
             FlowKey::new(client.ip(), client.port(), vip.address, vip.port, vip.protocol.number());
-        let hash = lb_common::flow_hash(&flow, config.hash_seed);
+        let hash = if info.flags & VIP_FLAG_CLIENT_IP_AFFINITY != 0 {
+            lb_common::client_hash(&flow, config.hash_seed)
+        } else {
+            lb_common::flow_hash(&flow, config.hash_seed)
+        };
         let table_entry = hash % config.table_size;
         let backend = if info.backend_count == 0 {
             None
@@ -412,8 +446,13 @@ impl Reconciler {
             let index =
                 lb_common::table_index(info.vip_index, info.active_slot, config.table_size, hash);
             let slot = self.datapath.maglev_entry(index);
-            installed.slots.iter().find(|(_, s)| **s == slot).map(|(address, _)| *address)
+            installed.address_of(slot)
         };
-        Some(LookupResult { backend, hash, table_entry })
+        let established_backend = self
+            .datapath
+            .flow(&flow)
+            .filter(|entry| entry.vip_index == info.vip_index)
+            .and_then(|entry| installed.address_of(entry.backend_slot));
+        Some(LookupResult { backend, established_backend, hash, table_entry })
     }
 }

@@ -26,8 +26,21 @@ pub struct Flow {
     pub l4: L4,
 }
 
+/// Which TCP segment a frame carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Segment {
+    /// A connection's first segment.
+    #[default]
+    Syn,
+    /// A segment of an established connection.
+    Ack,
+    Fin,
+    Rst,
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Shape {
+    pub segment: Segment,
     /// VLAN IDs, outermost first (0 to 2 of them).
     pub vlans: &'static [u16],
     /// IPv4 options bytes (a multiple of 4).
@@ -42,10 +55,16 @@ pub fn frame(flow: Flow, shape: Shape, payload: &[u8]) -> Vec<u8> {
     macro_rules! finish {
         ($ip:expr) => {
             match flow.l4 {
-                L4::Tcp => $ip
-                    .tcp(flow.client_port, flow.vip_port, 1000, 64_000)
-                    .syn()
-                    .write(&mut out, payload),
+                L4::Tcp => {
+                    let tcp = $ip.tcp(flow.client_port, flow.vip_port, 1000, 64_000);
+                    let tcp = match shape.segment {
+                        Segment::Syn => tcp.syn(),
+                        Segment::Ack => tcp.ack(1),
+                        Segment::Fin => tcp.ack(1).fin(),
+                        Segment::Rst => tcp.rst(),
+                    };
+                    tcp.write(&mut out, payload)
+                }
                 L4::Udp => $ip.udp(flow.client_port, flow.vip_port).write(&mut out, payload),
             }
         };

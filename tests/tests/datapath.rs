@@ -3,22 +3,32 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use lb_common::Reason;
+use lb_common::{FlowEvent, Reason};
 use lb_userspace::datapath::{Datapath, DatapathConfig};
 use lb_userspace::health::CheckSpec;
-use lb_userspace::model::{BackendSpec, DesiredState, Limits, Protocol, Vip};
-use lb_userspace::reconcile::{HealthMap, Reconciler};
+use lb_userspace::model::{Affinity, BackendSpec, DesiredState, Limits, Protocol, Vip};
+use lb_userspace::reconcile::{BackendHealth, HealthMap, Reconciler};
 use tests::packets::{
-    BALANCER_MAC, Flow, L3_OFFSET, L4, Shape, dsr_rewritten, frame, insert_ipv6_extensions,
-    make_ipv4_fragment,
+    BALANCER_MAC, Flow, L3_OFFSET, L4, Segment, Shape, dsr_rewritten, frame,
+    insert_ipv6_extensions, make_ipv4_fragment,
 };
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
-const CONFIG: DatapathConfig =
-    DatapathConfig { hash_seed: 0x5eed, table_size: 251, max_vips: 8, max_backends: 32 };
+/// A UDP flow idle for this long is forgotten (short, so the test can wait it out).
+const UDP_IDLE_MS: u64 = 200;
+
+const CONFIG: DatapathConfig = DatapathConfig {
+    hash_seed: 0x5eed,
+    table_size: 251,
+    max_vips: 8,
+    max_backends: 32,
+    flow_table_size: 4096,
+    udp_idle_timeout_ms: UDP_IDLE_MS,
+    tcp_idle_timeout_ms: 3_600_000,
+};
 const LIMITS: Limits = Limits { max_vips: 8, max_backends: 32 };
 
 fn ip(text: &str) -> IpAddr {
@@ -62,10 +72,10 @@ impl Fixture {
             (EMPTY4, Protocol::Tcp, &[][..]),
         ] {
             let vip = vip(endpoint, protocol);
-            desired.add_vip(vip, CheckSpec::default(), LIMITS).unwrap();
+            desired.add_vip(vip, CheckSpec::default(), Affinity::Flow, LIMITS).unwrap();
             for backend in backends {
                 let address = ip(backend);
-                desired.add_backend(&vip, BackendSpec { address, weight: 1 }, LIMITS).unwrap();
+                desired.add_backend(&vip, BackendSpec::new(address, 1), LIMITS).unwrap();
                 reconciler.set_mac(address, backend_mac(address));
             }
         }
@@ -372,4 +382,219 @@ fn counters_count_packets_and_bytes_per_vip_and_backend() {
         let want = if backend.address == target { 5 } else { 0 };
         assert_eq!(counters.packets, want, "backend {}", backend.address);
     }
+}
+
+// --- the flow table -----------------------------------------------------------
+
+impl Fixture {
+    /// Runs one frame of `flow`; returns the backend it was sent to (by MAC).
+    fn send(&self, flow: Flow, segment: Segment) -> IpAddr {
+        let input = frame(flow, Shape { segment, ..Shape::default() }, b"data");
+        let (action, output) = self.reconciler.datapath().test_run(&input).unwrap();
+        assert_eq!(action, XDP_TX, "{flow:?} {segment:?} was not forwarded");
+        let mac: [u8; 6] = output[0..6].try_into().unwrap();
+        let every = V4_BACKENDS.iter().chain(&V6_BACKENDS).chain(&["198.18.1.4"]);
+        every.map(|b| ip(b)).find(|b| backend_mac(*b) == mac).expect("a known backend MAC")
+    }
+
+    fn apply(&mut self, health: &HealthMap) {
+        self.reconciler.apply(&self.desired, health).unwrap();
+    }
+
+    fn flow_events(&self) -> Vec<(FlowEvent, u64)> {
+        self.reconciler.datapath().flow_event_counters().unwrap()
+    }
+}
+
+fn event(events: &[(FlowEvent, u64)], which: FlowEvent) -> u64 {
+    events.iter().find(|(e, _)| *e == which).unwrap().1
+}
+
+fn tcp_flows(first_port: u16, count: u16) -> Vec<Flow> {
+    (0..count).map(|i| flow("198.18.0.1", first_port + i, TCP4, L4::Tcp)).collect()
+}
+
+/// Adds 198.18.1.4 to the IPv4 TCP VIP, which moves about a quarter of its table.
+fn add_fourth_backend(fixture: &mut Fixture) {
+    let address = ip("198.18.1.4");
+    fixture
+        .desired
+        .add_backend(&vip(TCP4, Protocol::Tcp), BackendSpec::new(address, 1), LIMITS)
+        .unwrap();
+    fixture.reconciler.set_mac(address, backend_mac(address));
+    fixture.apply(&HealthMap::new());
+}
+
+#[test]
+fn established_flows_keep_their_backend_when_the_table_changes() {
+    if !tests::privileged("established_flows_keep_their_backend_when_the_table_changes") {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    let flows = tcp_flows(30_000, 400);
+    let before: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Syn)).collect();
+    add_fourth_backend(&mut fixture);
+
+    let new_choice: Vec<IpAddr> = flows.iter().map(|f| fixture.expected_backend(*f)).collect();
+    let table_moved = before.iter().zip(&new_choice).filter(|(b, n)| b != n).count();
+    assert!(table_moved > 50, "the table change moved only {table_moved} of 400 flows");
+
+    // Established segments follow the flow table, not the new Maglev choice.
+    let hits_before = event(&fixture.flow_events(), FlowEvent::Hit);
+    let after: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Ack)).collect();
+    assert_eq!(after, before, "established flows changed backend");
+    assert_eq!(event(&fixture.flow_events(), FlowEvent::Hit) - hits_before, 400);
+
+    // A new connection (SYN) on the same ports takes the new table.
+    let renewed: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Syn)).collect();
+    assert_eq!(renewed, new_choice);
+    // And lookup reports both views of such a flow.
+    let result = fixture
+        .reconciler
+        .lookup(&vip(TCP4, Protocol::Tcp), SocketAddr::new(flows[0].client, flows[0].client_port))
+        .unwrap();
+    assert_eq!(
+        (result.backend, result.established_backend),
+        (Some(new_choice[0]), Some(renewed[0]))
+    );
+}
+
+#[test]
+fn a_segment_without_an_entry_falls_back_to_maglev_and_is_recorded() {
+    if !tests::privileged("a_segment_without_an_entry_falls_back_to_maglev_and_is_recorded") {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    let flows = tcp_flows(31_000, 100);
+    let first: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Ack)).collect();
+    let expected: Vec<IpAddr> = flows.iter().map(|f| fixture.expected_backend(*f)).collect();
+    assert_eq!(first, expected, "a mid-connection segment with no entry takes the Maglev choice");
+    assert_eq!(event(&fixture.flow_events(), FlowEvent::MissFallback), 100);
+    add_fourth_backend(&mut fixture);
+    let later: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Ack)).collect();
+    assert_eq!(later, first, "the fallback choice was recorded and kept");
+}
+
+#[test]
+fn drained_backends_get_no_new_flows_but_keep_established_ones() {
+    if !tests::privileged("drained_backends_get_no_new_flows_but_keep_established_ones") {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    let flows = tcp_flows(32_000, 300);
+    let before: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Syn)).collect();
+    let drained = ip(V4_BACKENDS[0]);
+    let on_drained = before.iter().filter(|b| **b == drained).count();
+    assert!(on_drained > 50);
+    fixture.desired.set_draining(&vip(TCP4, Protocol::Tcp), drained, true).unwrap();
+    fixture.apply(&HealthMap::new());
+
+    let established: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Ack)).collect();
+    assert_eq!(established, before, "established flows of every backend, drained or not, continue");
+    let new_flows: Vec<IpAddr> =
+        tcp_flows(33_000, 300).iter().map(|f| fixture.send(*f, Segment::Syn)).collect();
+    assert!(!new_flows.contains(&drained), "a drained backend got a SYN");
+    let active = fixture.reconciler.datapath().active_flows();
+    let slot = fixture.reconciler.backends(&vip(TCP4, Protocol::Tcp))[0].slot;
+    assert_eq!(
+        active.get(&slot).copied(),
+        Some(on_drained as u64),
+        "active flows of the drained backend"
+    );
+
+    // A FIN stops a flow counting as active; a RST removes it.
+    let drained_flows: Vec<Flow> =
+        flows.iter().zip(&before).filter(|(_, b)| **b == drained).map(|(f, _)| *f).collect();
+    fixture.send(drained_flows[0], Segment::Fin);
+    fixture.send(drained_flows[1], Segment::Rst);
+    let active = fixture.reconciler.datapath().active_flows();
+    assert_eq!(active.get(&slot).copied(), Some(on_drained as u64 - 2));
+    assert!(
+        fixture.reconciler.datapath().flow(&to_key(drained_flows[1])).is_none(),
+        "RST kept the entry"
+    );
+}
+
+#[test]
+fn a_backend_that_goes_down_loses_its_established_flows_to_healthy_ones() {
+    if !tests::privileged("a_backend_that_goes_down_loses_its_established_flows_to_healthy_ones") {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    let vip4 = vip(TCP4, Protocol::Tcp);
+    let flows = tcp_flows(34_000, 300);
+    let before: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Syn)).collect();
+    let dead = ip(V4_BACKENDS[2]);
+    let mut health = HealthMap::new();
+    health.insert((vip4, dead), BackendHealth { up: false, ever_up: true });
+    fixture.apply(&health);
+    let after: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Ack)).collect();
+    for ((flow, old), new) in flows.iter().zip(&before).zip(&after) {
+        if *old == dead {
+            assert_ne!(*new, dead, "{flow:?} still goes to the dead backend");
+            assert_eq!(*new, fixture.expected_backend(*flow), "rescued to the Maglev choice");
+        } else {
+            assert_eq!(new, old, "a healthy backend's flow moved");
+        }
+    }
+    let rescued = before.iter().filter(|b| **b == dead).count() as u64;
+    assert_eq!(event(&fixture.flow_events(), FlowEvent::Rescued), rescued);
+}
+
+#[test]
+fn idle_udp_flows_expire() {
+    if !tests::privileged("idle_udp_flows_expire") {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    let udp = flow("198.18.0.1", 35_000, UDP4, L4::Udp);
+    let first = fixture.send(udp, Segment::Syn);
+    // Move this flow's Maglev choice: take its backend out of the table.
+    let vip4 = vip(UDP4, Protocol::Udp);
+    fixture.desired.set_draining(&vip4, first, true).unwrap();
+    fixture.apply(&HealthMap::new());
+    assert_eq!(fixture.send(udp, Segment::Syn), first, "a live UDP flow keeps its backend");
+    std::thread::sleep(std::time::Duration::from_millis(UDP_IDLE_MS * 2));
+    let expired_before = event(&fixture.flow_events(), FlowEvent::Expired);
+    let after = fixture.send(udp, Segment::Syn);
+    assert_ne!(after, first, "an idle UDP flow did not expire");
+    assert_eq!(after, fixture.expected_backend(udp));
+    assert_eq!(event(&fixture.flow_events(), FlowEvent::Expired), expired_before + 1);
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_clients_connections_together() {
+    if !tests::privileged("client_ip_affinity_keeps_a_clients_connections_together") {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    let sticky = vip("198.18.0.30:443", Protocol::Tcp);
+    fixture.desired.add_vip(sticky, CheckSpec::default(), Affinity::ClientIp, LIMITS).unwrap();
+    for backend in V4_BACKENDS {
+        fixture.desired.add_backend(&sticky, BackendSpec::new(ip(backend), 1), LIMITS).unwrap();
+    }
+    fixture.apply(&HealthMap::new());
+    let mut clients_seen = std::collections::BTreeSet::new();
+    for client in 1..=30u8 {
+        let client = format!("198.18.2.{client}");
+        let landed: std::collections::BTreeSet<IpAddr> = (0..20)
+            .map(|port| {
+                fixture.send(flow(&client, 40_000 + port, "198.18.0.30:443", L4::Tcp), Segment::Syn)
+            })
+            .collect();
+        assert_eq!(landed.len(), 1, "client {client}'s connections spread over {landed:?}");
+        let looked_up =
+            fixture.reconciler.lookup(&sticky, format!("{client}:1").parse().unwrap()).unwrap();
+        assert_eq!(looked_up.backend, landed.first().copied());
+        clients_seen.extend(landed);
+    }
+    assert_eq!(clients_seen.len(), 3, "30 clients should still spread over the backends");
+}
+
+fn to_key(flow: Flow) -> lb_common::FlowKey {
+    let protocol = match flow.l4 {
+        L4::Tcp => lb_common::PROTO_TCP,
+        L4::Udp => lb_common::PROTO_UDP,
+    };
+    lb_common::FlowKey::new(flow.client, flow.client_port, flow.vip, flow.vip_port, protocol)
 }

@@ -35,10 +35,10 @@ pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<L3, Reason> {
     // More-fragments flag or a non-zero offset: either way the ports of the
     // flow are missing from all but one piece.
     let is_fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
-    let mut source = [0u8; 16];
-    let mut destination = [0u8; 16];
-    source[..4].copy_from_slice(&ip.src_addr);
-    destination[..4].copy_from_slice(&ip.dst_addr);
+    let [s0, s1, s2, s3] = ip.src_addr;
+    let [d0, d1, d2, d3] = ip.dst_addr;
+    let source = [s0, s1, s2, s3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let destination = [d0, d1, d2, d3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     Ok(L3 {
         family: FAMILY_IPV4,
         source,
