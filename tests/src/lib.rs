@@ -5,6 +5,7 @@
 pub mod harness;
 pub mod netns;
 pub mod packets;
+pub mod websocket;
 
 /// Whether this process may load BPF programs and create namespaces. When it
 /// may not, the test prints why it is skipped; under `cargo xtask test`

@@ -598,3 +598,22 @@ fn to_key(flow: Flow) -> lb_common::FlowKey {
     };
     lb_common::FlowKey::new(flow.client, flow.client_port, flow.vip, flow.vip_port, protocol)
 }
+
+#[test]
+fn the_default_flow_table_holds_a_million_flows_and_reports_its_memory() {
+    if !tests::privileged("the_default_flow_table_holds_a_million_flows_and_reports_its_memory") {
+        return;
+    }
+    let config = DatapathConfig::default();
+    assert!(config.flow_table_size >= 1_000_000);
+    let datapath = Datapath::load(config).expect("load with default sizes");
+    let bytes = datapath.flow_table_memory().expect("the kernel reports memlock in fdinfo");
+    let per_flow = bytes as f64 / f64::from(config.flow_table_size);
+    println!(
+        "FIGURE flow table: {} flows, {} MiB, {per_flow:.0} bytes per flow",
+        config.flow_table_size,
+        bytes >> 20
+    );
+    // Key (40) and value (24) plus the kernel's element header.
+    assert!((64.0..512.0).contains(&per_flow), "{per_flow} bytes per flow");
+}

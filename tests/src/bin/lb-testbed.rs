@@ -17,6 +17,9 @@ const USAGE: &str = "usage:
   lb-testbed serve NAME PORT SECONDS    TCP and UDP server answering NAME (stops after SECONDS)
   lb-testbed client tcp|udp VIP:PORT SOURCE FIRST_PORT COUNT
                                         COUNT requests from SOURCE:FIRST_PORT.., prints 'PORT ANSWER'
+  lb-testbed ws-serve NAME PORT SECONDS WebSocket server answering NAME:message
+  lb-testbed ws-clients VIP:PORT COUNT  COUNT WebSocket connections, then commands on stdin
+                                        (round, open N, reconnect, quit), one JSON line each
   lb-testbed client-loop tcp|udp VIP:PORT SOURCE FIRST_PORT SECONDS INTERVAL_MS
                                         a request every INTERVAL_MS for SECONDS, each from the next
                                         port; prints 'MILLISECONDS PORT ANSWER'";
@@ -52,6 +55,23 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("{USAGE}");
             };
             client(protocol, vip.parse()?, source.parse()?, first.parse()?, count.parse()?)?;
+        }
+        Some("ws-serve") => {
+            let (Some(name), Some(port), Some(seconds)) = (arg(1), arg(2), arg(3)) else {
+                anyhow::bail!("{USAGE}");
+            };
+            let lifetime = Duration::from_secs(seconds.parse()?);
+            runtime()?.block_on(tests::websocket::serve(
+                name.to_owned(),
+                port.parse()?,
+                lifetime,
+            ))?;
+        }
+        Some("ws-clients") => {
+            let (Some(vip), Some(count)) = (arg(1), arg(2)) else {
+                anyhow::bail!("{USAGE}");
+            };
+            runtime()?.block_on(tests::websocket::clients(vip.parse()?, count.parse()?))?;
         }
         Some("client-loop") => {
             let (
@@ -91,6 +111,10 @@ fn main() -> anyhow::Result<()> {
         _ => anyhow::bail!("{USAGE}"),
     }
     Ok(())
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
 fn serve(name: &str, port: u16, lifetime: Duration) -> anyhow::Result<()> {

@@ -1,0 +1,185 @@
+//! WebSocket servers and a many-connection client for the long-lived
+//! connection tests. Servers answer every text message with `NAME:message`,
+//! so each reply says which backend holds the connection.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _, stream};
+use serde_json::json;
+use tokio::io::AsyncBufReadExt as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Serves WebSocket connections on `port` for `lifetime`, then exits.
+pub async fn serve(name: String, port: u16, lifetime: Duration) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::from(([0u8; 16], port))).await?;
+    let accept = async {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let name = name.clone();
+            tokio::spawn(async move {
+                // Health checks and port probes that are not WebSocket fail here; fine.
+                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(message)) = socket.next().await {
+                    let reply = match message {
+                        Message::Text(text) => Message::text(format!("{name}:{text}")),
+                        Message::Close(_) => return,
+                        _ => continue,
+                    };
+                    if socket.send(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    };
+    let _ = tokio::time::timeout(lifetime, accept).await;
+    Ok(())
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+struct Connection {
+    socket: Option<Socket>,
+    /// The backend that answered this connection's first message.
+    backend: String,
+    broken: bool,
+}
+
+/// How long one exchange may take before the connection counts as broken.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections opened or exercised at once.
+const CONCURRENCY: usize = 256;
+
+async fn open(url: &str) -> anyhow::Result<Connection> {
+    let (mut socket, _) =
+        tokio::time::timeout(EXCHANGE_TIMEOUT, tokio_tungstenite::connect_async(url)).await??;
+    let backend = exchange(&mut socket, "hello").await?;
+    Ok(Connection { socket: Some(socket), backend, broken: false })
+}
+
+/// Sends `text`, returns the name of the backend that echoed it.
+async fn exchange(socket: &mut Socket, text: &str) -> anyhow::Result<String> {
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        socket.send(Message::text(text.to_owned())).await?;
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(reply))) => {
+                    let (backend, echoed) = reply
+                        .split_once(':')
+                        .ok_or_else(|| anyhow::anyhow!("odd reply {reply}"))?;
+                    anyhow::ensure!(echoed == text, "reply {reply} to {text}");
+                    return Ok(backend.to_owned());
+                }
+                Some(Ok(Message::Close(_))) | None => anyhow::bail!("closed"),
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => return Err(error.into()),
+            }
+        }
+    })
+    .await?
+}
+
+fn tally<'a>(backends: impl Iterator<Item = &'a String>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for backend in backends {
+        *counts.entry(backend.clone()).or_default() += 1;
+    }
+    counts
+}
+
+/// Opens `count` connections to `ws://vip/`, then obeys commands on stdin,
+/// answering each with one JSON line on stdout:
+/// - `round`: one message on every open connection; counts those that
+///   broke now, and those answered by another backend than at first.
+/// - `open N`: N more connections; where they landed.
+/// - `reconnect`: reopens every broken connection; where they landed.
+/// - `quit`.
+pub async fn clients(vip: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let url = format!("ws://{vip}/");
+    let mut connections = open_many(&url, count).await;
+    let opened = connections.iter().filter(|c| !c.broken).count();
+    println!(
+        "{}",
+        json!({ "command": "start", "opened": opened, "failed": count - opened,
+                "backends": tally(connections.iter().filter(|c| !c.broken).map(|c| &c.backend)) })
+    );
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut round = 0u64;
+    while let Some(line) = lines.next_line().await? {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let report = match words.as_slice() {
+            ["round"] => {
+                round += 1;
+                let text = format!("round-{round}");
+                let results: Vec<(bool, bool)> = stream::iter(connections.iter_mut())
+                    .map(|connection| {
+                        let text = text.clone();
+                        async move {
+                            let Some(socket) = connection.socket.as_mut() else {
+                                return (false, false);
+                            };
+                            match exchange(socket, &text).await {
+                                Ok(backend) => (false, backend != connection.backend),
+                                Err(_) => {
+                                    connection.broken = true;
+                                    connection.socket = None;
+                                    (true, false)
+                                }
+                            }
+                        }
+                    })
+                    .buffer_unordered(CONCURRENCY)
+                    .collect()
+                    .await;
+                let newly_broken = results.iter().filter(|(broken, _)| *broken).count();
+                let moved = results.iter().filter(|(_, moved)| *moved).count();
+                let broken_by_backend =
+                    tally(connections.iter().filter(|c| c.broken).map(|c| &c.backend));
+                json!({ "command": "round", "round": round,
+                        "ok": connections.iter().filter(|c| !c.broken).count(),
+                        "newly_broken": newly_broken, "moved": moved,
+                        "broken_by_backend": broken_by_backend })
+            }
+            ["open", n] => {
+                let fresh = open_many(&url, n.parse()?).await;
+                let report = json!({ "command": "open",
+                        "failed": fresh.iter().filter(|c| c.broken).count(),
+                        "backends": tally(fresh.iter().filter(|c| !c.broken).map(|c| &c.backend)) });
+                connections.extend(fresh);
+                report
+            }
+            ["reconnect"] => {
+                let broken = connections.iter().filter(|c| c.broken).count();
+                connections.retain(|c| !c.broken);
+                let fresh = open_many(&url, broken).await;
+                let report = json!({ "command": "reconnect", "attempted": broken,
+                        "failed": fresh.iter().filter(|c| c.broken).count(),
+                        "backends": tally(fresh.iter().filter(|c| !c.broken).map(|c| &c.backend)) });
+                connections.extend(fresh);
+                report
+            }
+            ["quit"] => return Ok(()),
+            _ => json!({ "command": line, "error": "unknown command" }),
+        };
+        println!("{report}");
+    }
+    Ok(())
+}
+
+async fn open_many(url: &str, count: usize) -> Vec<Connection> {
+    stream::iter(0..count)
+        .map(|_| async {
+            open(url).await.unwrap_or(Connection {
+                socket: None,
+                backend: String::new(),
+                broken: true,
+            })
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await
+}
