@@ -183,8 +183,8 @@ pub struct FlowEntry {
     pub backend_slot: u32,
     /// VIP the flow belongs to (a reused key of another VIP does not match).
     pub vip_index: u32,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of a recent packet, refreshed at
-    /// most every [`FLOW_REFRESH_NS`].
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of a recent packet,
+    /// refreshed at most every [`FLOW_REFRESH_NS`].
     pub last_seen_ns: u64,
     /// `FLOW_FLAG_*` bits.
     pub flags: u32,

@@ -25,6 +25,12 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb
 pub static PEER_PASS_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
 
+/// Programs for `cargo xtask bench` (floors, a new-flow wrapper, a traffic
+/// generator and a sink); see lb-ebpf/src/bin/bench-programs.rs. Never
+/// attached by `lb run`.
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-programs"));
+
 /// Sizes and seeds fixed when the program is loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DatapathConfig {
@@ -198,7 +204,8 @@ impl Datapath {
         self.config
     }
 
-    fn program(&self) -> &Xdp {
+    /// The loaded XDP program (for test runs and for tail calls into it).
+    pub fn program(&self) -> &Xdp {
         // Checked in load(): the program exists and is XDP.
         let program = self.ebpf.program(PROGRAM_NAME).expect("program checked at load");
         program.try_into().expect("program type checked at load")
@@ -392,12 +399,12 @@ impl Datapath {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC
-    // is always available on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    // SAFETY: clock_gettime writes into the timespec we own; the clock is
+    // always available on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 

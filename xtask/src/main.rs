@@ -27,6 +27,12 @@ enum Task {
     },
     /// The whole suite: formatting, lints, unit, datapath and end-to-end tests (as root).
     Test,
+    /// The benchmark suite (as root): per-packet cost, forwarded pps against the
+    /// floor and nftables, control-plane rebuild times. Writes target/bench/.
+    Bench {
+        /// Only one section: costs, throughput or control.
+        section: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +45,16 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             cargo(&["build", "--release", "--workspace"])?;
             if args.is_empty() { demo(&root) } else { run_lb(&root, &args) }
+        }
+        Task::Bench { section } => {
+            setup()?;
+            cargo(&["build", "--release", "--workspace"])?;
+            let status =
+                Command::new(root.join("target/release/lb-bench")).args(section).status()?;
+            if !status.success() {
+                bail!("the bench failed");
+            }
+            Ok(())
         }
         Task::Test => {
             setup()?;

@@ -1,0 +1,149 @@
+//! Programs for `cargo xtask bench` only; never attached by `lb run`.
+//!
+//! - `bench_drop`, `bench_mac_swap`: the floor a balancer is measured against
+//!   (XDP_DROP, and XDP_TX after swapping MACs).
+//! - `bench_new_flow`: BPF_PROG_TEST_RUN repeats one frame without restoring
+//!   it, so a balancer run that records a flow would hit the flow table from
+//!   the second repeat on. This wrapper writes a fresh source port into the
+//!   frame on every repeat, then tail-calls the balancer: every repeat is a
+//!   new flow.
+//! - `bench_generator`: the same fresh port per frame, then XDP_TX: with
+//!   BPF_F_TEST_XDP_LIVE_FRAMES it transmits many flows out of an interface.
+//! - `bench_sink`: counts arriving frames by the last byte of their
+//!   destination MAC (the backend), then drops them.
+// Built for the BPF target by lb-userspace's build.rs; on the host (cargo
+// build/clippy --workspace) it compiles to an empty program.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_get_smp_processor_id,
+    macros::{map, xdp},
+    maps::{PerCpuArray, ProgramArray},
+    programs::XdpContext,
+};
+
+#[path = "../runtime.rs"]
+mod runtime;
+
+/// Distinct source ports (flows) the bench cycles through, set at load.
+#[unsafe(no_mangle)]
+static BENCH_FLOWS: u32 = 64_000;
+
+/// Index 0: the balancer, for `bench_new_flow` to tail-call.
+#[map]
+static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Per-CPU sequence number that varies the source port.
+#[map]
+static BENCH_SEQUENCE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Destination MAC last byte -> frames received, per CPU.
+#[map]
+static BENCH_ARRIVALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(256, 0);
+
+#[xdp]
+pub fn bench_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
+#[xdp]
+pub fn bench_mac_swap(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + 12 > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: the check above keeps both MAC addresses within the frame.
+    // The MACs move as integers: byte-array copies between the two places
+    // compile to a memmove, which BPF cannot call.
+    unsafe {
+        use core::ptr::{read_unaligned, write_unaligned};
+        let destination =
+            (read_unaligned(start as *const u32), read_unaligned((start + 4) as *const u16));
+        let source =
+            (read_unaligned((start + 6) as *const u32), read_unaligned((start + 10) as *const u16));
+        write_unaligned(start as *mut u32, source.0);
+        write_unaligned((start + 4) as *mut u16, source.1);
+        write_unaligned((start + 6) as *mut u32, destination.0);
+        write_unaligned((start + 10) as *mut u16, destination.1);
+    }
+    xdp_action::XDP_TX
+}
+
+/// Writes the next sequence number into the source port of an untagged
+/// IPv4 (no options) or IPv6 (no extension headers) frame, as the bench builds.
+#[inline(always)]
+fn vary_source_port(ctx: &XdpContext) -> bool {
+    // SAFETY: read_volatile keeps the load-time value from being folded.
+    let flows = unsafe { core::ptr::read_volatile(&BENCH_FLOWS) }.max(1);
+    let start = ctx.data();
+    if start + 14 > ctx.data_end() {
+        return false;
+    }
+    // SAFETY: the check above keeps the EtherType within the frame.
+    let ether_type = unsafe { *((start + 12) as *const [u8; 2]) };
+    let offset = if ether_type == [0x86, 0xdd] { 14 + 40 } else { 14 + 20 };
+    if start + offset + 2 > ctx.data_end() {
+        return false;
+    }
+    let Some(sequence) = BENCH_SEQUENCE.get_ptr_mut(0) else { return false };
+    // SAFETY: a per-CPU value owned by this CPU, and the port lies within the
+    // frame (checked above).
+    unsafe {
+        *sequence = (*sequence).wrapping_add(1);
+        let port = (1024 + (*sequence % flows) % 64_000) as u16;
+        *((start + offset) as *mut [u8; 2]) = port.to_be_bytes();
+    }
+    true
+}
+
+#[xdp]
+pub fn bench_new_flow(ctx: XdpContext) -> u32 {
+    if !vary_source_port(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: index 0 holds an XDP program (the balancer) or is empty, in
+    // which case the call returns and we abort.
+    unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+/// The generator's flows differ per CPU (the CPU number is added to the
+/// client address's last byte; CPU 0 keeps it), as RSS would keep a flow on
+/// one CPU: generators on two CPUs must not share flows.
+#[xdp]
+pub fn bench_generator(ctx: XdpContext) -> u32 {
+    if !vary_source_port(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    let start = ctx.data();
+    if start + 14 + 40 > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: the check above keeps both candidate bytes within the frame.
+    unsafe {
+        let ether_type = *((start + 12) as *const [u8; 2]);
+        let last =
+            if ether_type == [0x86, 0xdd] { start + 14 + 8 + 15 } else { start + 14 + 12 + 3 };
+        let cpu = bpf_get_smp_processor_id() as u8;
+        *(last as *mut u8) = (*(last as *const u8)).wrapping_add(cpu);
+    }
+    xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn bench_sink(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + 6 <= ctx.data_end() {
+        // SAFETY: the check above keeps the destination MAC within the frame.
+        let last = unsafe { *((start + 5) as *const u8) };
+        if let Some(count) = BENCH_ARRIVALS.get_ptr_mut(u32::from(last)) {
+            // SAFETY: a per-CPU value owned by this CPU.
+            unsafe { *count += 1 };
+        }
+    }
+    xdp_action::XDP_DROP
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
