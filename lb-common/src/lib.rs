@@ -32,6 +32,40 @@ pub const MAP_REASONS: &str = "LB_REASONS";
 pub const MAP_FLOWS: &str = "LB_FLOWS";
 /// `PerCpuArray<u64>`: one counter per [`FlowEvent`].
 pub const MAP_FLOW_EVENTS: &str = "LB_FLOW_EVENTS";
+/// `Array<Layout>` (one entry): the sizes and seed the maps were made with,
+/// so that a restarted daemon adopting pinned maps can check they fit.
+pub const MAP_LAYOUT: &str = "LB_LAYOUT";
+
+/// Every map, in the order they are pinned and adopted.
+pub const ALL_MAPS: [&str; 10] = [
+    MAP_VIPS,
+    MAP_VIP_ADDRESSES,
+    MAP_MAGLEV,
+    MAP_BACKENDS,
+    MAP_VIP_STATS,
+    MAP_BACKEND_STATS,
+    MAP_REASONS,
+    MAP_FLOWS,
+    MAP_FLOW_EVENTS,
+    MAP_LAYOUT,
+];
+
+/// Bumped whenever a map's key or value layout changes: pinned maps of
+/// another version are refused rather than misread.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Value of [`MAP_LAYOUT`]. Written by the daemon that creates the maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Layout {
+    pub version: u32,
+    pub hash_seed: u32,
+    pub table_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub flow_table_size: u32,
+    pub udp_idle_timeout_ms: u64,
+}
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "lb_xdp";
@@ -148,6 +182,7 @@ impl VipAddressKey {
 
 /// Value of [`MAP_BACKENDS`], indexed by backend slot. A slot is allocated by
 /// the daemon per (VIP, backend address) so that statistics are per VIP.
+/// Address and VIP index let a restarted daemon find its slots again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
@@ -155,8 +190,10 @@ pub struct Backend {
     pub mac: [u8; 6],
     pub flags: u16,
     pub address: [u8; 16],
+    /// 0 for an unused slot.
     pub family: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    pub vip_index: u32,
 }
 const _: () = assert!(size_of::<Backend>() == 32);
 
@@ -416,4 +453,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Layout {}
 }

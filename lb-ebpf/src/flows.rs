@@ -43,9 +43,15 @@ pub fn choose(
             let entry = unsafe { &mut *entry };
             let expired = !is_tcp && now.saturating_sub(entry.last_seen_ns) > settings.udp_idle_ns;
             let backend = LB_BACKENDS.get(entry.backend_slot);
+            // The entry's backend must still be this VIP's, resolved and up: a
+            // removed backend's slot is cleared (and may be reused later).
             match backend {
                 Some(backend)
-                    if !expired && entry.vip_index == vip.vip_index && !backend.is_down() =>
+                    if !expired
+                        && entry.vip_index == vip.vip_index
+                        && backend.vip_index == vip.vip_index
+                        && backend.has_mac()
+                        && !backend.is_down() =>
                 {
                     if tcp_flags & TCP_RST != 0 {
                         let _ = LB_FLOWS.remove(flow);

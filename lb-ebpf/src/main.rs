@@ -59,7 +59,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     if l3.protocol != PROTO_TCP && l3.protocol != PROTO_UDP {
         return Err(Reason::PassNotVip);
     }
-    let Some(ports) = parse_ports(ctx, l3.l4_offset, l3.protocol) else {
+    let Some(ports) = parse_ports(ctx, l3.l4_offset, l3.l3_end, l3.protocol) else {
         return Err(refuse_if_ours(&l3, Reason::DropMalformedL4));
     };
 

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
-    FlowEntry, FlowEvent, FlowKey, MaglevChunk, Reason, SLOTS_PER_VIP, TrafficCounters,
+    FlowEntry, FlowEvent, FlowKey, Layout, MaglevChunk, Reason, SLOTS_PER_VIP, TrafficCounters,
     VipAddressKey, VipInfo, VipKey, maglev_elements,
 };
 
@@ -62,6 +62,11 @@ pub static LB_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::
 #[map]
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// One entry: the sizes and seed the maps were created with. Written by the
+/// daemon that creates them, read by a daemon adopting them. Never read here.
+#[map]
+pub static LB_LAYOUT: Array<Layout> = Array::with_max_entries(1, 0);
 
 /// FlowEvent -> packets, per CPU: which flow-table path VIP packets took.
 #[map]

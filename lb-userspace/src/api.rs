@@ -164,21 +164,21 @@ pub struct LookupView {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot reach the daemon at {path}: {source} (is `lb run` running? use --socket to point elsewhere)"
+        "cannot reach the daemon at {path}: {error} (is `lb run` running? use --socket to point elsewhere)"
     )]
-    Connect { path: String, source: std::io::Error },
-    #[error("talking to the daemon at {path} failed: {source}")]
-    Io { path: String, source: std::io::Error },
-    #[error("the daemon's reply was not understood: {0}")]
+    Connect { path: String, error: std::io::Error },
+    #[error("talking to the daemon at {path} failed: {error}")]
+    Io { path: String, error: std::io::Error },
+    #[error("the daemon's reply was not understood")]
     Decode(#[from] serde_json::Error),
 }
 
 /// Sends one request and waits for its reply.
 pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
     let path = socket.display().to_string();
-    let io = |source| ClientError::Io { path: path.clone(), source };
+    let io = |error| ClientError::Io { path: path.clone(), error };
     let mut stream = UnixStream::connect(socket)
-        .map_err(|source| ClientError::Connect { path: path.clone(), source })?;
+        .map_err(|error| ClientError::Connect { path: path.clone(), error })?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;

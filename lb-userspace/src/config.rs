@@ -62,14 +62,14 @@ impl Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("{path}:{line}: {field}: {message}")]
     Invalid { path: PathBuf, line: usize, field: String, message: String },
-    #[error("{path}: writing the state failed: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path}: writing the state failed: {error}")]
+    Write { path: PathBuf, error: std::io::Error },
 }
 
 #[derive(Deserialize)]
@@ -131,7 +131,7 @@ struct VipOut {
 /// file with any error is refused as a whole.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        .map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
     parse(&text, path)
 }
 
@@ -275,7 +275,7 @@ pub fn render(config: &Config) -> String {
 /// Writes the state atomically: a crash leaves either the old or the new
 /// file, never a partial one.
 pub fn save(config: &Config, path: &Path) -> Result<(), ConfigError> {
-    let write_error = |source| ConfigError::Write { path: path.to_owned(), source };
+    let write_error = |error| ConfigError::Write { path: path.to_owned(), error };
     let directory = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(directory).map_err(write_error)?;
     let mut temporary = tempfile::NamedTempFile::new_in(directory).map_err(write_error)?;

@@ -27,12 +27,43 @@ pub const DEFAULT_STATE: &str = "/var/lib/lb/state.toml";
 /// The longest request line accepted on the control socket.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
 pub struct RunOptions {
     pub iface: String,
     pub config: Option<PathBuf>,
     pub state: PathBuf,
     pub socket: PathBuf,
     pub xdp_mode: AttachMode,
+    /// Program link and maps are pinned in `pin_dir/IFACE`.
+    pub pin_dir: PathBuf,
+    /// Unpin on exit, so the program detaches (default: keep forwarding).
+    pub detach_on_exit: bool,
+}
+
+/// Where one interface's datapath is pinned.
+pub fn pin_dir_for(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join(iface)
+}
+
+/// Mounts bpffs on /sys/fs/bpf when the pin directory is below it and it is
+/// missing (as inside `ip netns exec`, which remounts /sys).
+fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(root) || crate::datapath::is_bpffs(root) {
+        return Ok(());
+    }
+    let target = std::ffi::CString::new("/sys/fs/bpf")?;
+    let kind = std::ffi::CString::new("bpf")?;
+    // SAFETY: mount with valid C strings and no data; it changes only this
+    // process's mount namespace view of /sys/fs/bpf.
+    let result =
+        unsafe { libc::mount(kind.as_ptr(), target.as_ptr(), kind.as_ptr(), 0, std::ptr::null()) };
+    if result != 0 {
+        anyhow::bail!("mounting bpffs on /sys/fs/bpf failed: {}", std::io::Error::last_os_error());
+    }
+    tracing::info!("mounted bpffs on /sys/fs/bpf");
+    Ok(())
 }
 
 type Call = (Request, oneshot::Sender<Reply>);
@@ -58,9 +89,24 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = initial_config(&options)?;
     let ifindex = neighbour::interface_index(&options.iface)
         .with_context(|| format!("interface '{}' not found (see `ip link`)", options.iface))?;
-    let mut datapath = Datapath::load(config.datapath)?;
+    ensure_bpffs(&options.pin_dir)?;
+    let pins = pin_dir_for(&options.pin_dir, &options.iface);
+    let mut datapath = Datapath::load_pinned(config.datapath, &pins)?;
+    let adopted = datapath.adopted();
+    if adopted {
+        let forwarded = datapath
+            .reason_counters()?
+            .into_iter()
+            .find(|(reason, _)| *reason == lb_common::Reason::Forwarded)
+            .map_or(0, |(_, count)| count);
+        let flows: u64 = datapath.active_flows().values().sum();
+        tracing::info!(
+            pins = %pins.display(), active_flows = flows, forwarded_packets = forwarded,
+            "found a pinned datapath still forwarding: adopting its maps, flows and counters"
+        );
+    }
     let mode = datapath.attach(&options.iface, options.xdp_mode)?;
-    tracing::info!(iface = %options.iface, mode, "XDP program attached");
+    tracing::info!(iface = %options.iface, mode, pins = %pins.display(), "XDP program attached");
     tracing::info!(
         flows = datapath.config().flow_table_size,
         memory_bytes = datapath.flow_table_memory(),
@@ -84,7 +130,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         reports: reports_tx,
         next_generation: 0,
     };
-    daemon.sync_checks(true);
+    daemon.sync_checks(if adopted { Start::Adopted } else { Start::Fresh });
     daemon.reconciler.apply(&daemon.config.desired, &daemon.health_map())?;
     config::save(&daemon.config, &daemon.state_path)?;
     wanted_tx.send_replace(daemon.reconciler.wanted_neighbours());
@@ -117,7 +163,17 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         checker.task.abort();
     }
     let _ = std::fs::remove_file(&options.socket);
-    drop(daemon); // detaches the program and frees the maps
+    if options.detach_on_exit {
+        daemon.reconciler.datapath_mut().unpin()?;
+        tracing::info!("--detach-on-exit: pins removed; the program detaches now");
+    } else {
+        tracing::info!(
+            pins = %pins.display(),
+            "the XDP program keeps forwarding with its last tables; `lb run` adopts it, `lb unload --iface {}` removes it",
+            options.iface
+        );
+    }
+    drop(daemon);
     Ok(())
 }
 
@@ -218,6 +274,17 @@ impl Rates {
 
 const VIP_KEY: bool = true;
 const BACKEND_KEY: bool = false;
+
+/// When check tasks are created.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// `lb run` with a fresh datapath.
+    Fresh,
+    /// `lb run` adopting a pinned datapath that is forwarding.
+    Adopted,
+    /// A change while running.
+    Running,
+}
 
 struct Daemon {
     config: Config,
@@ -376,11 +443,11 @@ impl Daemon {
         edit(&mut next.desired)?;
         config::save(&next, &self.state_path)?;
         let previous = std::mem::replace(&mut self.config, next);
-        self.sync_checks(false);
+        self.sync_checks(Start::Running);
         if let Err(error) = self.reconciler.apply(&self.config.desired, &self.health_map()) {
             // Put back what was running and what was saved.
             self.config = previous;
-            self.sync_checks(false);
+            self.sync_checks(Start::Running);
             let _ = self.reconciler.apply(&self.config.desired, &self.health_map());
             let _ = config::save(&self.config, &self.state_path);
             return Err(error.into());
@@ -390,9 +457,10 @@ impl Daemon {
     }
 
     /// Starts, restarts and stops check tasks to match the configuration.
-    /// Backends present at start are decided by their first check; backends
-    /// added later start down and must pass `rise` checks.
-    fn sync_checks(&mut self, at_start: bool) {
+    /// Backends present at start are decided by their first check (those of
+    /// an adopted datapath keep serving meanwhile); backends added later
+    /// start down and must pass `rise` checks.
+    fn sync_checks(&mut self, start: Start) {
         let now = SystemTime::now();
         let mut wanted: HashMap<(Vip, IpAddr), CheckSpec> = HashMap::new();
         for (vip, spec) in &self.config.desired.vips {
@@ -418,7 +486,8 @@ impl Daemon {
                     HealthState { successes: 0, failures: 0, ..old.state }
                 }
                 None if spec.kind == CheckKind::None => HealthState::new_unchecked(now),
-                None if at_start => HealthState::new_at_start(now),
+                None if start == Start::Adopted => HealthState::new_adopted(now),
+                None if start == Start::Fresh => HealthState::new_at_start(now),
                 None => HealthState::new_added(now),
             };
             let state =

@@ -5,15 +5,19 @@
 use std::os::fd::AsFd as _;
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
     Backend, FLOW_FLAG_CLOSING, FlowEntry, FlowEvent, FlowKey, GLOBAL_HASH_SEED, GLOBAL_TABLE_SIZE,
-    GLOBAL_UDP_IDLE_NS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOW_EVENTS, MAP_FLOWS, MAP_MAGLEV,
-    MAP_REASONS, MAP_VIP_ADDRESSES, MAP_VIP_STATS, MAP_VIPS, PROGRAM_NAME, PROTO_TCP, Reason,
-    SLOTS_PER_VIP, TrafficCounters, VipAddressKey, VipInfo, VipKey,
+    GLOBAL_UDP_IDLE_NS, LAYOUT_VERSION, Layout, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOW_EVENTS,
+    MAP_FLOWS, MAP_LAYOUT, MAP_MAGLEV, MAP_REASONS, MAP_VIP_ADDRESSES, MAP_VIP_STATS, MAP_VIPS,
+    PROGRAM_NAME, PROTO_TCP, Reason, SLOTS_PER_VIP, TrafficCounters, VipAddressKey, VipInfo,
+    VipKey,
 };
 use memmap2::{MmapMut, MmapOptions};
+use std::path::{Path, PathBuf};
 
 /// The compiled XDP object, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -86,24 +90,34 @@ pub enum DatapathError {
         "max_vips {max_vips} x 2 x table_size {table_size} Maglev entries do not fit a BPF array"
     )]
     TableTooLarge { max_vips: u32, table_size: u32 },
-    #[error("loading the XDP object failed (are you root, with BPF and BTF available?): {0}")]
+    #[error("loading the XDP object failed (are you root, with BPF and BTF available?)")]
     Load(#[from] aya::EbpfError),
     #[error("the XDP object has no {kind} named {name}: the object and lb-common disagree")]
     Missing { kind: &'static str, name: &'static str },
-    #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
-    #[error("the XDP program was rejected by the kernel: {0}")]
+    #[error("map {name}: {error}")]
+    Map { name: &'static str, error: aya::maps::MapError },
+    #[error("the XDP program was rejected by the kernel")]
     Program(#[source] ProgramError),
-    #[error("attaching to interface {iface} in {mode} mode failed: {source}")]
-    Attach { iface: String, mode: &'static str, source: ProgramError },
-    #[error("mapping the Maglev table into memory failed: {0}")]
+    #[error("attaching to interface {iface} in {mode} mode failed: {error}")]
+    Attach { iface: String, mode: &'static str, error: ProgramError },
+    #[error("mapping the Maglev table into memory failed")]
     Mmap(#[source] std::io::Error),
-    #[error("test run failed: {0}")]
+    #[error("test run failed")]
     TestRun(#[source] ProgramError),
+    #[error("pin directory {dir}: {error}")]
+    PinDir { dir: PathBuf, error: std::io::Error },
+    #[error(
+        "{dir} is not on a bpf filesystem, so nothing can be pinned there: mount one (mount -t bpf bpf {dir}) or choose another --pin-dir"
+    )]
+    NotBpffs { dir: PathBuf },
+    #[error("the datapath pinned in {} does not fit this configuration ({differences}). Keep the old settings, or replace it: `lb unload --iface IFACE` removes it (traffic to the VIPs stops until the next lb run loads a new one)", dir.display())]
+    IncompatiblePins { dir: PathBuf, differences: String },
+    #[error("pinned link {}: {error}", path.display())]
+    PinnedLink { path: PathBuf, error: String },
 }
 
 fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
-    move |source| DatapathError::Map { name, source }
+    move |error| DatapathError::Map { name, error }
 }
 
 /// The loaded program and its maps.
@@ -123,12 +137,60 @@ pub struct Datapath {
     maglev: MmapMut,
     _maglev_map: MapData,
     attached: Option<(String, &'static str)>,
+    /// Where the link and maps are pinned, when they are.
+    pin_dir: Option<PathBuf>,
+    /// Maps found pinned (a restart) rather than created.
+    adopted: bool,
+    /// The link kept attached across restarts, when pinned by us.
+    pinned_link: Option<PinnedLink>,
+}
+
+/// The link's pin, beside the maps' pins in the pin directory.
+const LINK_PIN: &str = "link";
+/// statfs magic of a bpf filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `path` lies on a bpf filesystem (where pins can live).
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is a valid C string.
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+    }
 }
 
 impl Datapath {
-    /// Loads the XDP program and creates its maps with the configured sizes.
-    /// Nothing is attached yet.
+    /// Loads the XDP program and creates its maps with the configured sizes,
+    /// unpinned (they live as long as this object). Nothing is attached yet.
     pub fn load(config: DatapathConfig) -> Result<Self, DatapathError> {
+        Self::open(config, None)
+    }
+
+    /// Like [`Self::load`], with every map pinned in `dir` (a directory on a
+    /// bpf filesystem). Maps already pinned there, by an earlier `lb run`,
+    /// are adopted with their contents, after checking they were made with
+    /// this configuration's sizes and seed.
+    pub fn load_pinned(config: DatapathConfig, dir: &Path) -> Result<Self, DatapathError> {
+        let parent = dir.parent().unwrap_or(dir);
+        std::fs::create_dir_all(parent)
+            .map_err(|error| DatapathError::PinDir { dir: dir.to_owned(), error })?;
+        if !is_bpffs(parent) {
+            return Err(DatapathError::NotBpffs { dir: parent.to_owned() });
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|error| DatapathError::PinDir { dir: dir.to_owned(), error })?;
+        Self::open(config, Some(dir))
+    }
+
+    /// Whether the maps were adopted from an earlier `lb run`.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    fn open(config: DatapathConfig, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
         let too_large = || DatapathError::TableTooLarge {
             max_vips: config.max_vips,
             table_size: config.table_size,
@@ -139,7 +201,13 @@ impl Datapath {
         }
         let maglev_elements = lb_common::maglev_elements(maglev_entries);
         let udp_idle_ns = config.udp_idle_timeout_ms.saturating_mul(1_000_000);
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            for name in lb_common::ALL_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
             .override_global(GLOBAL_HASH_SEED, &config.hash_seed, true)
             .override_global(GLOBAL_UDP_IDLE_NS, &udp_idle_ns, true)
             .map_max_entries(MAP_FLOWS, config.flow_table_size)
@@ -151,6 +219,8 @@ impl Datapath {
             .map_max_entries(MAP_BACKENDS, config.max_backends)
             .map_max_entries(MAP_BACKEND_STATS, config.max_backends)
             .load(OBJECT)?;
+        // Before anything reads or writes them: do pinned maps fit this configuration?
+        let adopted = check_layout(&mut ebpf, &config, pin_dir)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(DatapathError::Missing { kind: "program", name: PROGRAM_NAME })?
@@ -197,6 +267,9 @@ impl Datapath {
             maglev,
             _maglev_map: maglev_map,
             attached: None,
+            pin_dir: pin_dir.map(Path::to_owned),
+            adopted,
+            pinned_link: None,
         })
     }
 
@@ -220,13 +293,30 @@ impl Datapath {
             .try_into()
             .expect("program type checked at load");
         let attempt = |program: &mut Xdp, mode: XdpMode, name: &'static str| {
-            program.attach(iface, mode).map(|_| name).map_err(|source| DatapathError::Attach {
-                iface: iface.to_owned(),
-                mode: name,
-                source,
+            program.attach(iface, mode).map(|link| (link, name)).map_err(|error| {
+                DatapathError::Attach { iface: iface.to_owned(), mode: name, error }
             })
         };
-        let used = match mode {
+        // A link pinned by an earlier `lb run` keeps the old program attached:
+        // swap this one in atomically, so no packet goes unhandled.
+        if let Some(link_pin) = self.pin_dir.as_ref().map(|dir| dir.join(LINK_PIN))
+            && link_pin.exists()
+        {
+            let pinned = PinnedLink::from_pin(&link_pin).map_err(|error| {
+                DatapathError::PinnedLink { path: link_pin.clone(), error: error.to_string() }
+            })?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|error| {
+                DatapathError::PinnedLink { path: link_pin.clone(), error: error.to_string() }
+            })?;
+            program.attach_to_link(link).map_err(|error| DatapathError::Attach {
+                iface: iface.to_owned(),
+                mode: "pinned link",
+                error,
+            })?;
+            self.attached = Some((iface.to_owned(), "pinned link (replaced atomically)"));
+            return Ok("pinned link (replaced atomically)");
+        }
+        let (link_id, used) = match mode {
             AttachMode::Native => attempt(program, XdpMode::Driver, "native")?,
             AttachMode::Skb => attempt(program, XdpMode::Skb, "skb")?,
             AttachMode::Auto => match attempt(program, XdpMode::Driver, "native") {
@@ -241,7 +331,35 @@ impl Datapath {
             },
         };
         self.attached = Some((iface.to_owned(), used));
+        if let Some(dir) = &self.pin_dir {
+            // Pin the link so the program stays attached when lb run stops.
+            let program: &mut Xdp =
+                self.ebpf.program_mut(PROGRAM_NAME).expect("checked").try_into().expect("checked");
+            let link = program.take_link(link_id).map_err(DatapathError::Program)?;
+            let path = dir.join(LINK_PIN);
+            let pinned = FdLink::try_from(link)
+                .map_err(|error| DatapathError::PinnedLink {
+                    path: path.clone(),
+                    error: error.to_string(),
+                })?
+                .pin(&path)
+                .map_err(|error| DatapathError::PinnedLink {
+                    path: path.clone(),
+                    error: error.to_string(),
+                })?;
+            self.pinned_link = Some(pinned);
+        }
         Ok(used)
+    }
+
+    /// Removes every pin, so the program detaches and the maps go once this
+    /// object is dropped: `lb run --detach-on-exit`.
+    pub fn unpin(&mut self) -> Result<(), DatapathError> {
+        if let Some(dir) = self.pin_dir.take() {
+            remove_pins(&dir)?;
+        }
+        self.pinned_link = None;
+        Ok(())
     }
 
     /// Runs the program once on `packet` through BPF_PROG_TEST_RUN. Returns the
@@ -349,6 +467,19 @@ impl Datapath {
 }
 
 impl Datapath {
+    /// Every VIP entry in the map (for adopting pinned maps).
+    pub fn vip_entries(&self) -> Vec<(VipKey, VipInfo)> {
+        self.vips.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Every backend slot in use (family set), with its entry.
+    pub fn backend_entries(&self) -> Vec<(u32, Backend)> {
+        (0..self.config.max_backends)
+            .filter_map(|slot| self.backends.get(&slot, 0).ok().map(|backend| (slot, backend)))
+            .filter(|(_, backend)| backend.family != 0)
+            .collect()
+    }
+
     /// Packets per [`FlowEvent`], summed over CPUs, in `FlowEvent::ALL` order.
     pub fn flow_event_counters(&self) -> Result<Vec<(FlowEvent, u64)>, DatapathError> {
         FlowEvent::ALL
@@ -406,6 +537,70 @@ pub fn monotonic_ns() -> u64 {
     // always available on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Removes a pin directory's link and map pins (`lb unload`). Objects still
+/// open elsewhere live on until closed; once nothing holds the link, the
+/// program detaches.
+pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
+    let pin_error = |error| DatapathError::PinDir { dir: dir.to_owned(), error };
+    for name in std::iter::once(LINK_PIN).chain(lb_common::ALL_MAPS) {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(pin_error(error)),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(pin_error(error)),
+    }
+}
+
+/// Writes the layout into fresh maps, or checks the layout of adopted ones.
+/// Returns whether the maps were adopted.
+fn check_layout(
+    ebpf: &mut Ebpf,
+    config: &DatapathConfig,
+    pin_dir: Option<&Path>,
+) -> Result<bool, DatapathError> {
+    let map =
+        ebpf.map_mut(MAP_LAYOUT).ok_or(DatapathError::Missing { kind: "map", name: MAP_LAYOUT })?;
+    let mut layout_map: Array<&mut MapData, Layout> =
+        Array::try_from(map).map_err(map_error(MAP_LAYOUT))?;
+    let wanted = Layout {
+        version: LAYOUT_VERSION,
+        hash_seed: config.hash_seed,
+        table_size: config.table_size,
+        max_vips: config.max_vips,
+        max_backends: config.max_backends,
+        flow_table_size: config.flow_table_size,
+        udp_idle_timeout_ms: config.udp_idle_timeout_ms,
+    };
+    let found = layout_map.get(&0, 0).map_err(map_error(MAP_LAYOUT))?;
+    if found == Layout::default() {
+        layout_map.set(0, wanted, 0).map_err(map_error(MAP_LAYOUT))?;
+        return Ok(false);
+    }
+    if found == wanted {
+        return Ok(true);
+    }
+    let dir = pin_dir.map_or_else(PathBuf::new, Path::to_owned);
+    let differences: Vec<String> = [
+        ("layout version", u64::from(found.version), u64::from(wanted.version)),
+        ("hash_seed", found.hash_seed.into(), wanted.hash_seed.into()),
+        ("table_size", found.table_size.into(), wanted.table_size.into()),
+        ("max_vips", found.max_vips.into(), wanted.max_vips.into()),
+        ("max_backends", found.max_backends.into(), wanted.max_backends.into()),
+        ("flow_table_size", found.flow_table_size.into(), wanted.flow_table_size.into()),
+        ("udp_idle_timeout_ms", found.udp_idle_timeout_ms, wanted.udp_idle_timeout_ms),
+    ]
+    .into_iter()
+    .filter(|(_, pinned, configured)| pinned != configured)
+    .map(|(field, pinned, configured)| format!("{field} is {pinned} there but {configured} here"))
+    .collect();
+    Err(DatapathError::IncompatiblePins { dir, differences: differences.join(", ") })
 }
 
 fn sum_traffic(

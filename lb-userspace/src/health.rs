@@ -255,6 +255,18 @@ impl HealthState {
         Self { decided: false, ..Self::new_added(now) }
     }
 
+    /// A backend of a datapath adopted from an earlier `lb run`: it was
+    /// serving, so it keeps serving until its first check says otherwise.
+    pub fn new_adopted(now: SystemTime) -> Self {
+        Self {
+            health: Health::Up,
+            decided: false,
+            ever_up: true,
+            last_error: None,
+            ..Self::new_added(now)
+        }
+    }
+
     /// An always-up backend (check kind `none`).
     pub fn new_unchecked(now: SystemTime) -> Self {
         Self { health: Health::Up, ever_up: true, last_error: None, ..Self::new_added(now) }

@@ -42,6 +42,23 @@ enum Command {
         /// native (driver) mode, skb (generic) mode, or auto: native, else skb with a warning.
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: AttachMode,
+        /// bpffs directory where the program link and maps are pinned (in a
+        /// subdirectory per interface), so the datapath keeps forwarding while
+        /// lb run restarts. A new lb run adopts what it finds there.
+        #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Detach the program when lb run stops (default: keep forwarding).
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Remove a datapath left pinned by lb run: the program detaches and the
+    /// VIPs on that interface stop being balanced. Refused while lb run serves.
+    Unload {
+        /// The interface lb run was attached to.
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Declare, remove and list VIPs.
     #[command(subcommand)]
@@ -189,6 +206,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -210,10 +229,36 @@ fn backend_arg(text: &str) -> anyhow::Result<IpAddr> {
 
 fn execute(cli: Cli) -> anyhow::Result<()> {
     let (request, json) = match cli.command {
-        Command::Run { iface, config, state, xdp_mode } => {
-            let options = RunOptions { iface, config, state, socket: cli.socket, xdp_mode };
+        Command::Run { iface, config, state, xdp_mode, pin_dir, detach_on_exit } => {
+            let options = RunOptions {
+                iface,
+                config,
+                state,
+                socket: cli.socket,
+                xdp_mode,
+                pin_dir,
+                detach_on_exit,
+            };
             let runtime = tokio::runtime::Runtime::new()?;
             return runtime.block_on(daemon::run(options));
+        }
+        Command::Unload { iface, pin_dir } => {
+            if std::os::unix::net::UnixStream::connect(&cli.socket).is_ok() {
+                anyhow::bail!(
+                    "lb run is serving {}: stop it first (with --detach-on-exit to detach at once)",
+                    cli.socket.display()
+                );
+            }
+            let dir = daemon::pin_dir_for(&pin_dir, &iface);
+            if !dir.exists() {
+                anyhow::bail!("nothing is pinned in {} (see --pin-dir)", dir.display());
+            }
+            lb_userspace::datapath::remove_pins(&dir)?;
+            println!(
+                "removed the pins in {}: the program detaches from {iface} as nothing holds it now",
+                dir.display()
+            );
+            return Ok(());
         }
         Command::Vip(VipCommand::Add { vip, protocol, affinity, check }) => {
             (Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check, affinity }, false)

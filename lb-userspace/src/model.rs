@@ -72,6 +72,26 @@ impl Vip {
     pub fn key(&self) -> lb_common::VipKey {
         lb_common::VipKey::new(self.address, self.port, self.protocol.number())
     }
+
+    /// The VIP a map key stands for; None for a key no `Vip` could produce.
+    pub fn from_key(key: &lb_common::VipKey) -> Option<Self> {
+        let address = address_from_bytes(key.address, key.family)?;
+        let protocol = match key.protocol {
+            lb_common::PROTO_TCP => Protocol::Tcp,
+            lb_common::PROTO_UDP => Protocol::Udp,
+            _ => return None,
+        };
+        Some(Self { address, port: u16::from_be_bytes(key.port), protocol })
+    }
+}
+
+/// The inverse of `lb_common::address_bytes`.
+pub fn address_from_bytes(bytes: [u8; 16], family: u8) -> Option<IpAddr> {
+    match family {
+        lb_common::FAMILY_IPV4 => Some(IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])),
+        lb_common::FAMILY_IPV6 => Some(IpAddr::from(bytes)),
+        _ => None,
+    }
 }
 
 impl fmt::Display for Vip {

@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::datapath::{Datapath, DatapathError};
 use crate::maglev::{Candidate, build_failover_table};
-use crate::model::{Affinity, DesiredState, Vip};
+use crate::model::{Affinity, DesiredState, Vip, address_from_bytes};
 
 /// A table slot that stopped being read is not rewritten before this long:
 /// far beyond the microseconds a packet that read the old slot index needs.
@@ -135,17 +135,64 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
+    /// Takes over a datapath. When its maps were adopted from an earlier
+    /// `lb run`, the VIP indexes, table slots, backend slots and MACs found
+    /// in them are kept, so established flows (which name backend slots)
+    /// still reach the same backends, and every table in use stays intact.
     pub fn new(datapath: Datapath) -> Self {
         let config = datapath.config();
-        Self {
-            datapath,
+        let mut reconciler = Self {
             installed: BTreeMap::new(),
             vip_indexes: Slots::new(config.max_vips),
             backend_slots: Slots::new(config.max_backends),
             macs: HashMap::new(),
             vip_addresses: BTreeMap::new(),
             tables_built: 0,
+            datapath,
+        };
+        if reconciler.datapath.adopted() {
+            reconciler.adopt();
         }
+        reconciler
+    }
+
+    fn adopt(&mut self) {
+        let backends = self.datapath.backend_entries();
+        for (key, info) in self.datapath.vip_entries() {
+            let Some(vip) = Vip::from_key(&key) else { continue };
+            let mut slots = BTreeMap::new();
+            for (slot, backend) in backends.iter().filter(|(_, b)| b.vip_index == info.vip_index) {
+                let Some(address) = address_from_bytes(backend.address, backend.family) else {
+                    continue;
+                };
+                slots.insert(address, *slot);
+                if backend.has_mac() {
+                    self.macs.insert(address, backend.mac);
+                }
+            }
+            self.vip_indexes.free.retain(|index| *index != info.vip_index);
+            self.backend_slots.free.retain(|slot| !slots.values().any(|s| s == slot));
+            self.installed.insert(
+                vip,
+                InstalledVip {
+                    vip_index: info.vip_index,
+                    active_slot: info.active_slot,
+                    // The old daemon may have flipped just now.
+                    flipped_at: Instant::now(),
+                    slots,
+                    // Unknown: the first apply rebuilds (the same) table.
+                    members: Vec::new(),
+                    fail_open: false,
+                    flags: info.flags,
+                },
+            );
+        }
+        tracing::info!(
+            vips = self.installed.len(),
+            backends = backends.len(),
+            macs = self.macs.len(),
+            "adopted the pinned datapath of an earlier lb run"
+        );
     }
 
     pub fn datapath(&self) -> &Datapath {
@@ -293,7 +340,8 @@ impl Reconciler {
                     flags: if health.up || kept_by_fail_open { 0 } else { BACKEND_FLAG_DOWN },
                     address: bytes,
                     family,
-                    _pad: [0; 7],
+                    _pad: [0; 3],
+                    vip_index: self.installed[vip].vip_index,
                 };
                 self.datapath.set_backend(*slot, backend)?;
             }

@@ -126,17 +126,46 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub state: PathBuf,
     pub log: PathBuf,
+    /// This daemon's `--pin-dir`, on the tests' bpffs.
+    pub pin_dir: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// A bpffs in the host's mount namespace, visible inside `ip netns exec`
+/// (which remounts only /sys), so pins outlive one `lb run`.
+const TEST_BPFFS: &str = "/run/lb-tests/bpf";
+
+fn test_bpffs() -> anyhow::Result<PathBuf> {
+    let root = PathBuf::from(TEST_BPFFS);
+    std::fs::create_dir_all(&root)?;
+    if !lb_userspace::datapath::is_bpffs(&root) {
+        crate::netns::run("mount", &["-t", "bpf", "bpf", TEST_BPFFS])?;
+    }
+    Ok(root)
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.process = None;
+        // Unpin everything, or each test would leave a datapath (and its flow
+        // table) in the kernel.
+        let _ = lb_userspace::datapath::remove_pins(&self.pin_dir.join(LB_IFACE));
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
 }
 
 impl Daemon {
     pub fn start(testbed: &Testbed, extra: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        // bpffs refuses names with a dot, which temp dir names start with.
+        let unique =
+            dir.path().file_name().context("temp dir name")?.to_string_lossy().replace('.', "");
         let mut daemon = Self {
             process: None,
             socket: dir.path().join("lb.sock"),
             state: dir.path().join("state.toml"),
             log: dir.path().join("lb.log"),
+            pin_dir: test_bpffs()?.join(unique),
             _dir: dir,
         };
         daemon.restart(testbed, extra)?;
@@ -148,6 +177,7 @@ impl Daemon {
         self.process = None;
         let socket = self.socket.to_str().context("path")?.to_owned();
         let state = self.state.to_str().context("path")?.to_owned();
+        let pin_dir = self.pin_dir.to_str().context("path")?.to_owned();
         let mut args = vec![
             "--socket",
             &socket,
@@ -158,6 +188,8 @@ impl Daemon {
             &state,
             "--xdp-mode",
             "native",
+            "--pin-dir",
+            &pin_dir,
         ];
         args.extend_from_slice(extra);
         self.process = Some(spawn_in(&testbed.balancer(), &lb_binary(), &args, Some(&self.log))?);

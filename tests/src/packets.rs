@@ -109,6 +109,19 @@ pub fn dsr_rewritten(input: &[u8], backend_mac: [u8; 6]) -> Vec<u8> {
     output
 }
 
+/// Cuts an untagged IP frame to `length` bytes and sets the IP length field
+/// to match, so that the IP packet itself is short (not just the frame).
+pub fn truncate_ip(frame: &[u8], length: usize) -> Vec<u8> {
+    let mut out = frame[..length].to_vec();
+    let ip_len = length - L3_OFFSET;
+    if out[L3_OFFSET] >> 4 == 4 {
+        out[L3_OFFSET + 2..L3_OFFSET + 4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+    } else {
+        out[L3_OFFSET + 4..L3_OFFSET + 6].copy_from_slice(&((ip_len - 40) as u16).to_be_bytes());
+    }
+    out
+}
+
 /// Marks an untagged IPv4 frame as a fragment (more-fragments flag and the
 /// given offset in 8-byte units). Checksums are left alone: the datapath
 /// does not verify them.

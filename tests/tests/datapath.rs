@@ -10,7 +10,7 @@ use lb_userspace::model::{Affinity, BackendSpec, DesiredState, Limits, Protocol,
 use lb_userspace::reconcile::{BackendHealth, HealthMap, Reconciler};
 use tests::packets::{
     BALANCER_MAC, Flow, L3_OFFSET, L4, Segment, Shape, dsr_rewritten, frame,
-    insert_ipv6_extensions, make_ipv4_fragment,
+    insert_ipv6_extensions, make_ipv4_fragment, truncate_ip,
 };
 
 const XDP_DROP: u32 = 1;
@@ -155,11 +155,14 @@ fn cases() -> Vec<Case> {
     let mut fragment_not_ours =
         frame(flow("198.18.0.1", 1, "198.18.0.99:53", L4::Udp), plain, payload);
     make_ipv4_fragment(&mut fragment_not_ours, true, 0);
-    let mut truncated_tcp = frame(tcp4, plain, b"");
-    truncated_tcp.truncate(L3_OFFSET + 20 + 10);
-    let mut truncated_tcp_not_ours =
-        frame(flow("198.18.0.1", 1, "198.18.0.99:80", L4::Tcp), plain, b"");
-    truncated_tcp_not_ours.truncate(L3_OFFSET + 20 + 10);
+    let truncated_tcp = truncate_ip(&frame(tcp4, plain, b""), L3_OFFSET + 20 + 10);
+    let mut ip_longer_than_frame = frame(tcp4, plain, payload);
+    ip_longer_than_frame.truncate(ip_longer_than_frame.len() - 4);
+    let truncated_tcp_not_ours = truncate_ip(
+        &frame(flow("198.18.0.1", 1, "198.18.0.99:80", L4::Tcp), plain, b""),
+        L3_OFFSET + 20 + 10,
+    );
+
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&tests::packets::CLIENT_MAC);
     arp.extend_from_slice(&[0x08, 0x06]);
@@ -243,6 +246,12 @@ fn cases() -> Vec<Case> {
         ),
         untouched("three VLAN tags", three_tags, XDP_PASS, Reason::PassVlanDepth),
         untouched(
+            "IPv4 total length past the end of the frame",
+            ip_longer_than_frame,
+            XDP_PASS,
+            Reason::PassMalformed,
+        ),
+        untouched(
             "TCP header truncated, to a VIP",
             truncated_tcp,
             XDP_DROP,
@@ -280,7 +289,10 @@ fn cases() -> Vec<Case> {
         ),
         untouched(
             "IPv6 extension header truncated, to a VIP",
-            insert_ipv6_extensions(&frame(udp6, plain, b""), &[(0, 8)])[..L3_OFFSET + 41].to_vec(),
+            truncate_ip(
+                &insert_ipv6_extensions(&frame(udp6, plain, b""), &[(0, 8)]),
+                L3_OFFSET + 41,
+            ),
             XDP_DROP,
             Reason::DropMalformedL4,
         ),
@@ -616,4 +628,25 @@ fn the_default_flow_table_holds_a_million_flows_and_reports_its_memory() {
     );
     // Key (40) and value (24) plus the kernel's element header.
     assert!((64.0..512.0).contains(&per_flow), "{per_flow} bytes per flow");
+}
+
+#[test]
+fn flows_of_a_removed_backend_are_rescued_not_sent_to_an_empty_slot() {
+    if !tests::privileged("flows_of_a_removed_backend_are_rescued_not_sent_to_an_empty_slot") {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    let flows = tcp_flows(36_000, 300);
+    let before: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Syn)).collect();
+    let removed = ip(V4_BACKENDS[0]);
+    fixture.desired.remove_backend(&vip(TCP4, Protocol::Tcp), removed).unwrap();
+    fixture.apply(&HealthMap::new());
+    for (flow, old) in flows.iter().zip(&before) {
+        let now = fixture.send(*flow, Segment::Ack);
+        if *old == removed {
+            assert_eq!(now, fixture.expected_backend(*flow), "{flow:?} not rescued");
+        } else {
+            assert_eq!(now, *old, "{flow:?} of a remaining backend moved");
+        }
+    }
 }

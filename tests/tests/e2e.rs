@@ -39,6 +39,19 @@ fn balance_remove_and_lookup(prefix: &str, protocol: &str, ipv6: bool) {
         let answers = client_requests(&testbed, protocol, &vip, client, first_port, FLOWS).unwrap();
         let counts = tally(&answers);
         println!("{protocol} {vip}: {FLOWS} flows from ports {first_port}.. landed {counts:?}");
+        for (port, answer) in answers.iter().filter(|(_, answer)| answer.starts_with("ERROR")) {
+            println!("  port {port}: {answer}");
+        }
+        if counts.contains_key("ERROR") {
+            // For diagnosis: did a health check flap meanwhile?
+            for line in daemon
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("backend down") || l.contains("backend up"))
+            {
+                println!("  daemon: {line}");
+            }
+        }
         assert_eq!(counts.keys().map(String::as_str).collect::<Vec<_>>(), expected, "{counts:?}");
         let fair = usize::from(FLOWS) / expected.len();
         for (name, count) in &counts {
@@ -109,7 +122,7 @@ fn bad_input_changes_nothing_and_state_survives_a_restart() {
     }
     let testbed = Testbed::up("lbe-st-", 2).expect("testbed");
     let _servers = start_servers(&testbed, 80).expect("servers");
-    let mut daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    let mut daemon = Daemon::start(&testbed, &["--detach-on-exit"]).expect("lb run");
     let vip = "198.18.0.10:80";
     daemon.lb(&["vip", "add", vip]).unwrap();
     daemon.lb(&["backend", "add", vip, &netns::backend4(1), "--weight", "2"]).unwrap();
@@ -153,7 +166,8 @@ fn bad_input_changes_nothing_and_state_survives_a_restart() {
     );
     assert_eq!(before.1, after.1, "refused changes altered the backends");
 
-    // SIGTERM detaches cleanly; a new `lb run` restores VIPs, backends, weights.
+    // SIGTERM with --detach-on-exit detaches; a new `lb run` restores VIPs,
+    // backends and weights from the state file.
     let pid = daemon.process.as_ref().unwrap().0.id();
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };

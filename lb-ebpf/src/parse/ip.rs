@@ -14,6 +14,9 @@ pub struct L3 {
     /// The transport protocol once extension headers are skipped.
     pub protocol: u8,
     pub l4_offset: usize,
+    /// Where the IP packet ends by its own length field (the frame may be
+    /// longer: Ethernet pads short frames). Headers are read only before it.
+    pub l3_end: usize,
     /// Set when the destination is known but the packet cannot be hashed
     /// (a fragment, or an IPv6 header chain we do not walk to its end).
     pub unhashable: Option<Reason>,
@@ -28,8 +31,10 @@ pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<L3, Reason> {
     if ip.vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
         return Err(Reason::PassMalformed);
     }
-    // Options are allowed; they only have to be present in full.
-    if ctx.data() + offset + header_len > ctx.data_end() {
+    // Options are allowed; they only have to be present in full. The total
+    // length must cover the header and fit in the frame.
+    let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if total_len < header_len || ctx.data() + offset + total_len > ctx.data_end() {
         return Err(Reason::PassMalformed);
     }
     // More-fragments flag or a non-zero offset: either way the ports of the
@@ -45,6 +50,7 @@ pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<L3, Reason> {
         destination,
         protocol: ip.proto,
         l4_offset: offset + header_len,
+        l3_end: offset + total_len,
         unhashable: if is_fragment { Some(Reason::DropFragment) } else { None },
     })
 }
@@ -65,7 +71,8 @@ pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<L3, Reason> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, offset).ok_or(Reason::PassMalformed)?;
     // SAFETY: ptr_at checked the fixed header is within the packet.
     let ip = unsafe { &*ip };
-    if ip.vcf[0] >> 4 != 6 {
+    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
+    if ip.vcf[0] >> 4 != 6 || ctx.data() + offset + Ipv6Hdr::LEN + payload_len > ctx.data_end() {
         return Err(Reason::PassMalformed);
     }
     let mut l3 = L3 {
@@ -74,13 +81,15 @@ pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<L3, Reason> {
         destination: ip.dst_addr,
         protocol: ip.next_hdr,
         l4_offset: offset + Ipv6Hdr::LEN,
+        l3_end: offset + Ipv6Hdr::LEN + payload_len,
         unhashable: None,
     };
     for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
         let header_len = match l3.protocol {
             NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DESTINATION_OPTIONS | NEXT_AUTH => {
                 // Every one of these starts with (next header, length).
-                let Some(ext) = ptr_at::<[u8; 2]>(ctx, l3.l4_offset) else {
+                let inside = l3.l4_offset + 2 <= l3.l3_end;
+                let Some(ext) = ptr_at::<[u8; 2]>(ctx, l3.l4_offset).filter(|_| inside) else {
                     l3.unhashable = Some(Reason::DropMalformedL4);
                     return Ok(l3);
                 };

@@ -20,9 +20,14 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// The ports of a TCP or UDP header at `offset`; None when it is truncated.
+/// The ports of a TCP or UDP header at `offset`; None when it is truncated,
+/// in the frame or by the IP packet's length (`l3_end`).
 #[inline(always)]
-pub fn parse_ports(ctx: &XdpContext, offset: usize, protocol: u8) -> Option<Ports> {
+pub fn parse_ports(ctx: &XdpContext, offset: usize, l3_end: usize, protocol: u8) -> Option<Ports> {
+    let header_len = if protocol == PROTO_TCP { TcpHdr::LEN } else { UdpHdr::LEN };
+    if offset + header_len > l3_end {
+        return None;
+    }
     match protocol {
         PROTO_TCP => {
             let tcp = ptr_at::<TcpHdr>(ctx, offset)?;

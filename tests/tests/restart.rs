@@ -1,0 +1,127 @@
+//! Restarts without interruption: the datapath is pinned, so killing `lb run`
+//! leaves it forwarding, and a new `lb run` adopts it, tables, flows and
+//! counters included.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tests::harness::{Daemon, start_servers, testbed_binary};
+use tests::netns::{self, CLIENT4, LB_IFACE, Testbed};
+
+const VIP: &str = "198.18.0.10:80";
+
+fn xdp_attached(testbed: &Testbed) -> bool {
+    let link = netns::run("ip", &["-n", &testbed.balancer(), "link", "show", LB_IFACE]).unwrap();
+    String::from_utf8_lossy(&link.stdout).contains("prog/xdp")
+}
+
+#[test]
+fn sigkill_restart_and_a_backend_change_break_no_connection() {
+    if !tests::privileged("sigkill_restart_and_a_backend_change_break_no_connection") {
+        return;
+    }
+    let testbed = Testbed::up("lbe-rs-", 3).expect("testbed");
+    let _servers = start_servers(&testbed, 80).expect("servers");
+    let mut daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    daemon.lb(&["vip", "add", VIP]).unwrap();
+    for index in 1..=2 {
+        daemon.lb(&["backend", "add", VIP, &netns::backend4(index)]).unwrap();
+    }
+    daemon.wait_backends_active().unwrap();
+
+    // Continuous connections for 8 s, one every 10 ms.
+    let client = Command::new("ip")
+        .args(["netns", "exec", &testbed.client()])
+        .arg(testbed_binary())
+        .args(["client-loop", "tcp", VIP, CLIENT4, "30000", "8", "10"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // SIGKILL: no chance to clean up. The pinned program keeps forwarding.
+    let pid = daemon.process.as_ref().unwrap().0.id();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = daemon.process.as_mut().unwrap().0.wait();
+    assert!(xdp_attached(&testbed), "the program went with the daemon");
+    std::thread::sleep(Duration::from_millis(1000));
+
+    daemon.restart(&testbed, &[]).unwrap();
+    let log = daemon.log_text();
+    let adopted =
+        log.lines().find(|line| line.contains("adopting its maps")).unwrap_or_default().to_owned();
+    println!("FIGURE restarted daemon: {adopted}");
+    assert!(adopted.contains("active_flows=") && !adopted.contains("forwarded_packets=0"), "{log}");
+    let stats = daemon.json(&["stats"]).unwrap();
+    assert!(
+        stats["reasons"]["forwarded"].as_u64().unwrap() > 100,
+        "counters were not kept: {stats}"
+    );
+
+    // A backend change through the restarted daemon.
+    daemon.lb(&["backend", "add", VIP, &netns::backend4(3)]).unwrap();
+    daemon.wait_backends_active().unwrap();
+
+    let output = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let failures: Vec<&&str> = lines.iter().filter(|line| line.contains("ERROR")).collect();
+    let after_b3 = lines.iter().filter(|line| line.ends_with(" b3")).count();
+    println!(
+        "FIGURE {} connections across SIGKILL, restart and adding b3: {} failed, {after_b3} reached b3",
+        lines.len(),
+        failures.len()
+    );
+    assert!(lines.len() > 400, "too few connections: {}", lines.len());
+    assert!(failures.is_empty(), "connections failed: {failures:?}");
+    assert!(after_b3 > 0, "the backend added after the restart got nothing");
+}
+
+#[test]
+fn an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it() {
+    if !tests::privileged("an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it") {
+        return;
+    }
+    let testbed = Testbed::up("lbe-pn-", 1).expect("testbed");
+    let mut daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    daemon.lb(&["vip", "add", VIP]).unwrap();
+    let refused = daemon.command(&[
+        "unload",
+        "--iface",
+        LB_IFACE,
+        "--pin-dir",
+        daemon.pin_dir.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("lb run is serving"), "{refused:?}");
+
+    // SIGTERM without --detach-on-exit: the program stays.
+    let pid = daemon.process.as_ref().unwrap().0.id();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert!(daemon.process.as_mut().unwrap().0.wait().unwrap().success());
+    assert!(xdp_attached(&testbed));
+
+    // Another table size does not fit the pinned maps: refused, saying how.
+    let config = daemon.state.with_file_name("other.toml");
+    std::fs::write(&config, "table_size = 251\n").unwrap();
+    let error =
+        daemon.restart(&testbed, &["--config", config.to_str().unwrap()]).unwrap_err().to_string();
+    assert!(
+        error.contains("does not fit this configuration (table_size is 65537 there but 251 here)")
+            && error.contains("lb unload --iface"),
+        "{error}"
+    );
+    daemon.process = None;
+
+    let unloaded = daemon.command(&[
+        "unload",
+        "--iface",
+        LB_IFACE,
+        "--pin-dir",
+        daemon.pin_dir.to_str().unwrap(),
+    ]);
+    assert!(unloaded.status.success(), "{unloaded:?}");
+    assert!(!xdp_attached(&testbed), "lb unload left the program attached");
+}
