@@ -33,6 +33,15 @@ enum Task {
         /// Only one section: costs, throughput or control.
         section: Option<String>,
     },
+    /// A long hostile-input fuzz run of the datapath (as root).
+    Fuzz {
+        /// Packets to generate.
+        #[arg(long, default_value_t = 20_000_000)]
+        packets: u64,
+        /// Generator seed (default: from the clock; printed, to replay a failure).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +62,27 @@ fn main() -> anyhow::Result<()> {
                 Command::new(root.join("target/release/lb-bench")).args(section).status()?;
             if !status.success() {
                 bail!("the bench failed");
+            }
+            Ok(())
+        }
+        Task::Fuzz { packets, seed } => {
+            setup()?;
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_secs())
+            });
+            println!(
+                "fuzzing {packets} packets with seed {seed} (replay: cargo xtask fuzz --packets {packets} --seed {seed})"
+            );
+            let status = Command::new(cargo_binary())
+                .args(["test", "--release", "-p", "tests", "--test", "fuzz", "--", "--nocapture"])
+                .env("LB_FUZZ_PACKETS", packets.to_string())
+                .env("LB_FUZZ_SEED", seed.to_string())
+                .env("LB_TESTS_REQUIRE_ROOT", "1")
+                .status()?;
+            if !status.success() {
+                bail!("the fuzz run found failures (seed {seed})");
             }
             Ok(())
         }
