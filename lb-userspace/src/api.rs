@@ -141,6 +141,8 @@ pub struct StatsView {
     pub reasons: BTreeMap<String, u64>,
     /// Maglev tables built and installed since `lb run` started.
     pub tables_built: u64,
+    /// Time spent building and installing them.
+    pub table_rebuild_seconds: f64,
     /// Packets per flow-table path (`created`, `hit`, `miss_fallback`, `rescued`, `expired`).
     pub flow_events: BTreeMap<String, u64>,
     pub flow_table_size: u32,

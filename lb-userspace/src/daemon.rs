@@ -39,6 +39,10 @@ pub struct RunOptions {
     pub pin_dir: PathBuf,
     /// Unpin on exit, so the program detaches (default: keep forwarding).
     pub detach_on_exit: bool,
+    /// Where the Prometheus endpoint listens; None turns it off.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Group allowed to use the control socket (mode 0660); None: root only (0600).
+    pub socket_group: Option<String>,
 }
 
 /// Where one interface's datapath is pinned.
@@ -113,11 +117,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         "flow table created"
     );
 
-    let listener = bind_socket(&options.socket)?;
+    let listener = bind_socket(&options.socket, options.socket_group.as_deref())?;
+    let metrics_listener = match options.metrics {
+        Some(address) => Some((crate::metrics::bind(address).await?, address)),
+        None => None,
+    };
     let (wanted_tx, wanted_rx) = watch::channel(Vec::new());
     let (neighbours_tx, mut neighbours_rx) = mpsc::channel(4);
     let neighbour_task = tokio::spawn(neighbour::run(ifindex, wanted_rx, neighbours_tx));
     let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(64);
+    let metrics_task = metrics_listener.map(|(listener, address)| {
+        tracing::info!(%address, "serving Prometheus metrics on /metrics");
+        tokio::spawn(crate::metrics::serve(listener, calls_tx.clone()))
+    });
     let accept_task = tokio::spawn(serve(listener, calls_tx));
 
     let (reports_tx, mut reports_rx) = mpsc::channel::<HealthReport>(256);
@@ -159,6 +171,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     accept_task.abort();
     neighbour_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     for checker in daemon.checks.values() {
         checker.task.abort();
     }
@@ -177,9 +192,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the control socket with mode 0600. A socket file left by a daemon
-/// that died is replaced; one that still answers means another daemon runs.
-fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+/// Binds the control socket: mode 0600 (root only), or 0660 owned by
+/// `group`. Anyone else is refused by the kernel before reaching us. A
+/// socket file left by a daemon that died is replaced; one that still
+/// answers means another daemon runs.
+fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
+    let gid = group.map(group_id).transpose()?;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
@@ -196,8 +214,30 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    match gid {
+        None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?,
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        }
+    }
     Ok(listener)
+}
+
+/// The id of a group, by name (or number).
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    let c_name = std::ffi::CString::new(name).context("group name has a NUL byte")?;
+    // SAFETY: getgrnam reads the C string we own and returns a pointer to a
+    // static buffer (or null), which we read at once on this thread.
+    let entry = unsafe { libc::getgrnam(c_name.as_ptr()) };
+    if entry.is_null() {
+        anyhow::bail!("--socket-group: no group named '{name}' (see /etc/group)");
+    }
+    // SAFETY: entry is non-null and points to a valid struct group.
+    Ok(unsafe { (*entry).gr_gid })
 }
 
 async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
@@ -408,6 +448,7 @@ impl Daemon {
                     .map(|(reason, count)| (reason.name().to_owned(), count))
                     .collect(),
                 tables_built: self.reconciler.tables_built(),
+                table_rebuild_seconds: self.reconciler.table_rebuild_time().as_secs_f64(),
                 flow_events: self
                     .reconciler
                     .datapath()

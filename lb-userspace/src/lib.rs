@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod neighbour;
 pub mod reconcile;

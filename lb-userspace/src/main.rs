@@ -50,6 +50,12 @@ enum Command {
         /// Detach the program when lb run stops (default: keep forwarding).
         #[arg(long)]
         detach_on_exit: bool,
+        /// Prometheus endpoint address (GET /metrics), or `off`.
+        #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics)]
+        metrics: MetricsAddress,
+        /// Let this group use the control socket too (mode 0660; default 0600, root only).
+        #[arg(long)]
+        socket_group: Option<String>,
     },
     /// Remove a datapath left pinned by lb run: the program detaches and the
     /// VIPs on that interface stop being balanced. Refused while lb run serves.
@@ -191,6 +197,17 @@ fn parse_protocol(text: &str) -> Result<Protocol, String> {
     text.parse()
 }
 
+/// `--metrics`: an address, or `off`.
+#[derive(Clone, Debug)]
+struct MetricsAddress(Option<SocketAddr>);
+
+fn parse_metrics(text: &str) -> Result<MetricsAddress, String> {
+    if text == "off" {
+        return Ok(MetricsAddress(None));
+    }
+    parse_endpoint(text).map(|address| MetricsAddress(Some(address)))
+}
+
 #[derive(Args)]
 struct Output {
     /// Print JSON (schema in the README) instead of a table.
@@ -229,7 +246,16 @@ fn backend_arg(text: &str) -> anyhow::Result<IpAddr> {
 
 fn execute(cli: Cli) -> anyhow::Result<()> {
     let (request, json) = match cli.command {
-        Command::Run { iface, config, state, xdp_mode, pin_dir, detach_on_exit } => {
+        Command::Run {
+            iface,
+            config,
+            state,
+            xdp_mode,
+            pin_dir,
+            detach_on_exit,
+            metrics,
+            socket_group,
+        } => {
             let options = RunOptions {
                 iface,
                 config,
@@ -238,6 +264,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 xdp_mode,
                 pin_dir,
                 detach_on_exit,
+                metrics: metrics.0,
+                socket_group,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             return runtime.block_on(daemon::run(options));

@@ -132,6 +132,7 @@ pub struct Reconciler {
     macs: HashMap<IpAddr, Mac>,
     vip_addresses: BTreeMap<VipAddressKey, u32>,
     tables_built: u64,
+    table_rebuild_time: Duration,
 }
 
 impl Reconciler {
@@ -148,6 +149,7 @@ impl Reconciler {
             macs: HashMap::new(),
             vip_addresses: BTreeMap::new(),
             tables_built: 0,
+            table_rebuild_time: Duration::ZERO,
             datapath,
         };
         if reconciler.datapath.adopted() {
@@ -205,6 +207,11 @@ impl Reconciler {
 
     pub fn tables_built(&self) -> u64 {
         self.tables_built
+    }
+
+    /// Time spent building and installing tables (excluding the slot quiet wait).
+    pub fn table_rebuild_time(&self) -> Duration {
+        self.table_rebuild_time
     }
 
     /// Backend addresses whose MAC the datapath needs.
@@ -367,6 +374,7 @@ impl Reconciler {
         fail_open: bool,
         flags: u32,
     ) -> Result<(), ReconcileError> {
+        let started = Instant::now();
         let table_size = self.datapath.config().table_size;
         let installed = self.installed.get_mut(vip).expect("installed before its table");
         let candidates: Vec<Candidate> = members
@@ -387,10 +395,12 @@ impl Reconciler {
             )
             .collect();
 
+        let building = started.elapsed();
         let quiet_for = installed.flipped_at.elapsed();
         if quiet_for < SLOT_QUIET_TIME {
             std::thread::sleep(SLOT_QUIET_TIME - quiet_for);
         }
+        let installing = Instant::now();
         let next_slot = 1 - installed.active_slot;
         self.datapath.write_table(installed.vip_index, next_slot, &table);
         self.datapath.set_vip(
@@ -408,6 +418,7 @@ impl Reconciler {
         installed.fail_open = fail_open;
         installed.flags = flags;
         self.tables_built += 1;
+        self.table_rebuild_time += building + installing.elapsed();
         Ok(())
     }
 

@@ -17,6 +17,7 @@ const USAGE: &str = "usage:
   lb-testbed serve NAME PORT SECONDS    TCP and UDP server answering NAME (stops after SECONDS)
   lb-testbed client tcp|udp VIP:PORT SOURCE FIRST_PORT COUNT
                                         COUNT requests from SOURCE:FIRST_PORT.., prints 'PORT ANSWER'
+  lb-testbed http-get ADDR:PORT PATH    prints the body of an HTTP GET (5 s at most)
   lb-testbed ws-serve NAME PORT SECONDS WebSocket server answering NAME:message
   lb-testbed ws-clients VIP:PORT COUNT  COUNT WebSocket connections, then commands on stdin
                                         (round, open N, reconnect, quit), one JSON line each
@@ -55,6 +56,21 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("{USAGE}");
             };
             client(protocol, vip.parse()?, source.parse()?, first.parse()?, count.parse()?)?;
+        }
+        Some("http-get") => {
+            let (Some(address), Some(path)) = (arg(1), arg(2)) else {
+                anyhow::bail!("{USAGE}");
+            };
+            let address: SocketAddr = address.parse()?;
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+            anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+            print!("{body}");
         }
         Some("ws-serve") => {
             let (Some(name), Some(port), Some(seconds)) = (arg(1), arg(2), arg(3)) else {

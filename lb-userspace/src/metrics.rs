@@ -1,0 +1,224 @@
+//! The Prometheus endpoint (`lb run --metrics ADDR:PORT`): a GET of
+//! `/metrics` answers with the same figures `lb stats --json` gives, in the
+//! Prometheus text exposition format (0.0.4). The numbers come from the
+//! daemon through the control API, so the two never disagree.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{Body, Reply, Request, StatsView};
+
+type Call = (Request, oneshot::Sender<Reply>);
+
+/// Serves `/metrics` on `listener` until the task is aborted.
+pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, calls)).await;
+        });
+    }
+}
+
+pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|error| anyhow::anyhow!("metrics endpoint {address}: {error} (choose another --metrics ADDR:PORT, or --metrics off)"))
+}
+
+async fn answer(mut stream: TcpStream, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        let read = stream.read(&mut buffer).await?;
+        if read == 0 {
+            break;
+        }
+        request.extend_from_slice(&buffer[..read]);
+    }
+    let first_line =
+        String::from_utf8_lossy(&request).lines().next().unwrap_or_default().to_owned();
+    let (status, body) = if first_line.starts_with("GET /metrics ") || first_line == "GET /metrics"
+    {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let stats = match calls.send((Request::Stats, reply_tx)).await {
+            Ok(()) => reply_rx.await.ok(),
+            Err(_) => None,
+        };
+        match stats {
+            Some(Reply::Ok(Body::Stats(stats))) => ("200 OK", render(&stats)),
+            _ => ("503 Service Unavailable", "the daemon did not answer\n".to_owned()),
+        }
+    } else {
+        ("404 Not Found", "only /metrics is served here\n".to_owned())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// A label value, escaped as the exposition format requires.
+fn label(value: &str) -> String {
+    value.replace('\\', r"\\").replace('"', "\\\"").replace('\n', r"\n")
+}
+
+/// The stats in Prometheus text format. Names follow Prometheus
+/// conventions: `lb_` prefix, base units, `_total` for counters.
+pub fn render(stats: &StatsView) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let vip_label = |vip: &str| format!("{{vip=\"{}\"}}", label(vip));
+    let backend_label = |vip: &str, backend: &str| {
+        format!("{{vip=\"{}\",backend=\"{}\"}}", label(vip), label(backend))
+    };
+
+    family(
+        "lb_vip_packets_total",
+        "counter",
+        "Packets forwarded for the VIP.",
+        stats.vips.iter().map(|v| (vip_label(&v.vip), v.packets.to_string())).collect(),
+    );
+    family(
+        "lb_vip_bytes_total",
+        "counter",
+        "Bytes (whole frames) forwarded for the VIP.",
+        stats.vips.iter().map(|v| (vip_label(&v.vip), v.bytes.to_string())).collect(),
+    );
+    family(
+        "lb_vip_backends",
+        "gauge",
+        "Backends configured for the VIP.",
+        stats.vips.iter().map(|v| (vip_label(&v.vip), v.backends.to_string())).collect(),
+    );
+    family(
+        "lb_vip_serving_backends",
+        "gauge",
+        "Backends of the VIP receiving new flows.",
+        stats.vips.iter().map(|v| (vip_label(&v.vip), v.serving_backends.to_string())).collect(),
+    );
+    family(
+        "lb_vip_all_down",
+        "gauge",
+        "1 when every backend fails its checks and the VIP fails open.",
+        stats.vips.iter().map(|v| (vip_label(&v.vip), u8::from(v.all_down).to_string())).collect(),
+    );
+    family(
+        "lb_backend_packets_total",
+        "counter",
+        "Packets forwarded to the backend.",
+        stats
+            .backends
+            .iter()
+            .map(|b| (backend_label(&b.vip, &b.address.to_string()), b.packets.to_string()))
+            .collect(),
+    );
+    family(
+        "lb_backend_bytes_total",
+        "counter",
+        "Bytes (whole frames) forwarded to the backend.",
+        stats
+            .backends
+            .iter()
+            .map(|b| (backend_label(&b.vip, &b.address.to_string()), b.bytes.to_string()))
+            .collect(),
+    );
+    family(
+        "lb_backend_active_flows",
+        "gauge",
+        "Flows in the flow table neither closing nor idle.",
+        stats
+            .backends
+            .iter()
+            .map(|b| (backend_label(&b.vip, &b.address.to_string()), b.active_flows.to_string()))
+            .collect(),
+    );
+    family(
+        "lb_backend_up",
+        "gauge",
+        "1 when the backend passes its health checks (up or draining).",
+        stats
+            .backends
+            .iter()
+            .map(|b| {
+                let up = matches!(b.state.as_str(), "up" | "draining");
+                (backend_label(&b.vip, &b.address.to_string()), u8::from(up).to_string())
+            })
+            .collect(),
+    );
+    family(
+        "lb_backend_state",
+        "gauge",
+        "1 for the backend's current state (up, draining, down, resolving).",
+        stats
+            .backends
+            .iter()
+            .map(|b| {
+                let labels = format!(
+                    "{{vip=\"{}\",backend=\"{}\",state=\"{}\"}}",
+                    label(&b.vip),
+                    b.address,
+                    label(&b.state)
+                );
+                (labels, "1".to_owned())
+            })
+            .collect(),
+    );
+    family(
+        "lb_datapath_packets_total",
+        "counter",
+        "Packets by the reason the datapath forwarded, passed or dropped them.",
+        stats
+            .reasons
+            .iter()
+            .map(|(reason, count)| (format!("{{reason=\"{}\"}}", label(reason)), count.to_string()))
+            .collect(),
+    );
+    family(
+        "lb_flow_table_events_total",
+        "counter",
+        "VIP packets by flow-table path (created, hit, miss_fallback, rescued, expired).",
+        stats
+            .flow_events
+            .iter()
+            .map(|(event, count)| (format!("{{event=\"{}\"}}", label(event)), count.to_string()))
+            .collect(),
+    );
+    family(
+        "lb_flow_table_size",
+        "gauge",
+        "Flows the flow table holds before evicting.",
+        vec![(String::new(), stats.flow_table_size.to_string())],
+    );
+    family(
+        "lb_table_rebuilds_total",
+        "counter",
+        "Maglev tables built and installed since lb run started.",
+        vec![(String::new(), stats.tables_built.to_string())],
+    );
+    family(
+        "lb_table_rebuild_seconds_total",
+        "counter",
+        "Time spent building and installing Maglev tables.",
+        vec![(String::new(), format!("{:.6}", stats.table_rebuild_seconds))],
+    );
+    out
+}

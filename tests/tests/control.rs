@@ -1,0 +1,133 @@
+//! Protected control: the socket refuses other users and survives garbage;
+//! the Prometheus endpoint reports what `lb stats --json` reports.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+
+use tests::harness::{Daemon, client_requests, lb_binary, start_servers, testbed_binary};
+use tests::netns::{self, CLIENT4, Testbed};
+
+const VIP: &str = "198.18.0.10:80";
+
+fn reply_to(stream: &mut UnixStream, line: &[u8]) -> String {
+    stream.write_all(line).unwrap();
+    let mut reply = String::new();
+    BufReader::new(stream.try_clone().unwrap()).read_line(&mut reply).unwrap();
+    reply
+}
+
+#[test]
+fn the_control_socket_refuses_other_users_and_survives_garbage() {
+    if !tests::privileged("the_control_socket_refuses_other_users_and_survives_garbage") {
+        return;
+    }
+    let testbed = Testbed::up("lbe-ct-", 1).expect("testbed");
+    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    daemon.lb(&["vip", "add", VIP]).unwrap();
+    let before = daemon.lb(&["vip", "list", "--json"]).unwrap();
+
+    let mode = std::fs::metadata(&daemon.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    // Let another user reach the socket file, so the socket's own mode is what refuses it.
+    let directory = daemon.socket.parent().unwrap();
+    std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let other = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(lb_binary())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["vip", "remove", VIP])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success() && stderr.contains("Permission denied"),
+        "another user got: {stderr}"
+    );
+
+    let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+    for garbage in [
+        &b"hello\n"[..],
+        b"{\"command\":\"vip_add\"}\n",
+        b"{\"command\":\"format_disk\"}\n",
+        b"\xff\xfe\n",
+    ] {
+        let reply = reply_to(&mut stream, garbage);
+        assert!(reply.starts_with("{\"error\":\"malformed request"), "{garbage:?} -> {reply}");
+    }
+    let mut huge = vec![b'x'; 70 * 1024];
+    huge.push(b'\n');
+    let reply = reply_to(&mut stream, &huge);
+    assert!(reply.contains("request longer than"), "{reply}");
+    // The daemon serves on, and nothing changed.
+    assert_eq!(daemon.lb(&["vip", "list", "--json"]).unwrap(), before);
+}
+
+#[test]
+fn metrics_report_what_lb_stats_reports() {
+    if !tests::privileged("metrics_report_what_lb_stats_reports") {
+        return;
+    }
+    let testbed = Testbed::up("lbe-mt-", 2).expect("testbed");
+    let _servers = start_servers(&testbed, 80).expect("servers");
+    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    daemon.lb(&["vip", "add", VIP]).unwrap();
+    for index in 1..=2 {
+        daemon.lb(&["backend", "add", VIP, &netns::backend4(index)]).unwrap();
+    }
+    daemon.wait_backends_active().unwrap();
+    client_requests(&testbed, "tcp", VIP, CLIENT4, 26_000, 100).unwrap();
+
+    let scrape = Command::new("ip")
+        .args(["netns", "exec", &testbed.balancer()])
+        .arg(testbed_binary())
+        .args(["http-get", "127.0.0.1:9464", "/metrics"])
+        .output()
+        .unwrap();
+    assert!(scrape.status.success(), "{}", String::from_utf8_lossy(&scrape.stderr));
+    let metrics = String::from_utf8(scrape.stdout).unwrap();
+    let stats = daemon.json(&["stats"]).unwrap();
+    let sample = |line_start: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|line| line.starts_with(line_start))
+            .unwrap_or_else(|| panic!("no {line_start} in:\n{metrics}"));
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64
+    };
+    let vip = stats["vips"][0]["vip"].as_str().unwrap();
+    assert!(metrics.contains("# TYPE lb_vip_packets_total counter"));
+    assert_eq!(
+        sample(&format!("lb_vip_packets_total{{vip=\"{vip}\"}}")),
+        stats["vips"][0]["packets"].as_u64().unwrap()
+    );
+    assert_eq!(
+        sample(&format!("lb_vip_bytes_total{{vip=\"{vip}\"}}")),
+        stats["vips"][0]["bytes"].as_u64().unwrap()
+    );
+    for backend in stats["backends"].as_array().unwrap() {
+        let labels =
+            format!("{{vip=\"{vip}\",backend=\"{}\"}}", backend["address"].as_str().unwrap());
+        assert_eq!(
+            sample(&format!("lb_backend_packets_total{labels}")),
+            backend["packets"].as_u64().unwrap()
+        );
+        assert_eq!(
+            sample(&format!("lb_backend_active_flows{labels}")),
+            backend["active_flows"].as_u64().unwrap()
+        );
+        assert_eq!(sample(&format!("lb_backend_up{labels}")), 1);
+    }
+    assert_eq!(
+        sample("lb_datapath_packets_total{reason=\"forwarded\"}"),
+        stats["reasons"]["forwarded"].as_u64().unwrap()
+    );
+    assert_eq!(sample("lb_table_rebuilds_total"), stats["tables_built"].as_u64().unwrap());
+    assert!(stats["vips"][0]["packets"].as_u64().unwrap() >= 100 * 3, "{stats}");
+    println!(
+        "FIGURE /metrics: {} lines; lb_vip_packets_total = {}",
+        metrics.lines().count(),
+        stats["vips"][0]["packets"]
+    );
+}
