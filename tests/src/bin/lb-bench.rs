@@ -74,6 +74,21 @@ struct ControlRow {
 }
 
 #[derive(Serialize)]
+struct ConnectionRow {
+    system: String,
+    /// New TCP connections per second (connect, read the answer, close), 8 client threads.
+    connections_per_second: f64,
+    failed_connections: u64,
+    /// WebSocket connections asked for and opened.
+    concurrent_asked: u64,
+    concurrent_opened: u64,
+    /// Memory of the balancer with no connections, then holding them.
+    memory_idle_bytes: u64,
+    memory_loaded_bytes: u64,
+    memory_note: String,
+}
+
+#[derive(Serialize)]
 struct Target {
     target: String,
     measured: String,
@@ -84,6 +99,7 @@ struct Target {
 struct Results {
     per_packet: Vec<CostRow>,
     throughput: Vec<ThroughputRow>,
+    connections: Vec<ConnectionRow>,
     control_plane: Vec<ControlRow>,
     targets: Vec<Target>,
     notes: Vec<String>,
@@ -119,6 +135,12 @@ fn main() -> anyhow::Result<()> {
         print_throughput(&throughput_rows);
     }
     let throughput = throughput_rows;
+    let mut connections = Vec::new();
+    if wanted("connections") {
+        println!("\n== 4. Connections: rate and memory, against HAProxy (TCP mode)");
+        connections = self::connections()?;
+        print_connections(&connections);
+    }
     let mut control_plane = Vec::new();
     if wanted("control") {
         println!("\n== 3. Control plane: rebuild and install one 65,537-entry table");
@@ -144,13 +166,14 @@ fn main() -> anyhow::Result<()> {
     let results = Results {
         per_packet,
         throughput,
+        connections,
         control_plane,
         targets,
         notes: vec![
             "New-flow rows go through bench_new_flow, which writes a fresh source port and tail-calls the balancer; its own cost (measured by tail-calling XDP_DROP) is subtracted.".into(),
             "Throughput: the generator and the system under test share the machine's cores, so absolute figures are lower than on dedicated hardware; compare ratios. On a 2-CPU machine the 2-core rows measure contention with the generator rather than scaling.".into(),
             "nftables DNAT runs on its own core (RPS to CPU 1) while lb and the reflector share the generator's core: the comparison is tilted against lb.".into(),
-            "HAProxy rows (connection rate, memory at 10k/100k connections) are not measured yet.".into(),
+            "Connections: 100k concurrent connections are not measured: a proxy needs two descriptors per connection and this machine caps a process at 20,000.".into(),
         ],
     };
     std::fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(&results)?)?;
@@ -839,6 +862,175 @@ fn print_throughput(rows: &[ThroughputRow]) {
         println!(
             "{:<20} {:>5} {:>7} {:>6.2} Mpps {:>6.2} Mpps  {:?}",
             row.system, row.cores, row.flows, row.offered_mpps, row.forwarded_mpps, row.arrivals
+        );
+    }
+}
+
+// --- 4. connections -------------------------------------------------------------
+
+const CONCURRENT: u64 = 10_000;
+/// The most connections HAProxy can be given here: a proxy needs two
+/// descriptors per connection, and this machine caps a process at 20,000
+/// (HAProxy refuses to start with a higher maxconn).
+const HAPROXY_MAXCONN: u32 = 9_900;
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn connection_rate(testbed: &tests::netns::Testbed, target: &str) -> anyhow::Result<(f64, u64)> {
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", &testbed.client()])
+        .arg(tests::harness::testbed_binary())
+        .args(["conn-rate", target, "5", "8"])
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut numbers = text.split_whitespace().map(|n| n.parse::<u64>().unwrap_or(0));
+    let (ok, failed) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    Ok((ok as f64 / 5.0, failed))
+}
+
+/// Holds `count` WebSocket connections to `target` through the client
+/// namespace; returns (opened, the holder process) until the caller quits it.
+fn hold_websockets(
+    testbed: &tests::netns::Testbed,
+    target: &str,
+    count: u64,
+) -> anyhow::Result<(u64, std::process::Child)> {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &testbed.client()])
+        .arg(tests::harness::testbed_binary())
+        .args(["ws-clients", target, &count.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
+    let started: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+    Ok((started["opened"].as_u64().unwrap_or(0), child))
+}
+
+fn quit(mut holder: std::process::Child) {
+    use std::io::Write as _;
+    if let Some(stdin) = holder.stdin.as_mut() {
+        let _ = writeln!(stdin, "quit");
+    }
+    let _ = holder.wait();
+}
+
+fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
+    use tests::harness::{Daemon, Process, spawn_in, start_servers, testbed_binary};
+    let testbed = tests::netns::Testbed::up("lbb-c-", 3)?;
+    let _servers = start_servers(&testbed, 80)?;
+    let _ws_servers: Vec<Process> = (1..=3)
+        .map(|index| {
+            spawn_in(
+                &testbed.backend(index),
+                &testbed_binary(),
+                &["ws-serve", &format!("b{index}"), "8081", "600"],
+                None,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+
+    // The balancer: the real daemon.
+    let daemon = Daemon::start(&testbed, &["--metrics", "off"])?;
+    for port in ["80", "8081"] {
+        let vip = format!("198.18.0.10:{port}");
+        daemon.lb(&["vip", "add", &vip])?;
+        for index in 1..=3 {
+            daemon.lb(&["backend", "add", &vip, &tests::netns::backend4(index)])?;
+        }
+    }
+    daemon.wait_backends_active()?;
+    let lb_pid = daemon.process.as_ref().context("daemon")?.0.id();
+
+    // HAProxy in TCP mode on the balancer's own address, to the same servers.
+    let servers = |port: u16| -> String {
+        (1..=3).map(|i| format!("  server b{i} {}:{port}\n", tests::netns::backend4(i))).collect()
+    };
+    let config = format!(
+        "global\n  maxconn {HAPROXY_MAXCONN}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\
+         frontend rate\n  bind 198.18.0.2:8080\n  default_backend rate\nbackend rate\n  balance roundrobin\n{}\
+         frontend websockets\n  bind 198.18.0.2:9081\n  default_backend websockets\nbackend websockets\n  balance roundrobin\n{}",
+        servers(80),
+        servers(8081)
+    );
+    let config_path = std::env::temp_dir().join("lbb-haproxy.cfg");
+    std::fs::write(&config_path, config)?;
+    let haproxy_log = std::env::temp_dir().join("lbb-haproxy.log");
+    let haproxy = spawn_in(
+        &testbed.balancer(),
+        Path::new("/usr/sbin/haproxy"),
+        &["-db", "-f", config_path.to_str().context("path")?],
+        Some(&haproxy_log),
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let haproxy_pid = haproxy.0.id();
+
+    let mut rows = Vec::new();
+    for (system, rate_target, ws_target, pid, note) in [
+        (
+            "lb",
+            "198.18.0.10:80",
+            "198.18.0.10:8081",
+            lb_pid,
+            "daemon RSS; the datapath's maps are preallocated and do not grow (flow table: 128 bytes x flow_table_size)",
+        ),
+        (
+            "HAProxy 2.6 (TCP mode)",
+            "198.18.0.2:8080",
+            "198.18.0.2:9081",
+            haproxy_pid,
+            "process RSS; maxconn 9,900, the most a 20,000-descriptor cap allows (two per proxied connection)",
+        ),
+    ] {
+        let (rate, failed) = connection_rate(&testbed, rate_target)?;
+        let idle = rss_bytes(pid);
+        let (opened, holder) = hold_websockets(&testbed, ws_target, CONCURRENT)?;
+        let loaded = rss_bytes(pid);
+        quit(holder);
+        rows.push(ConnectionRow {
+            system: system.into(),
+            connections_per_second: rate,
+            failed_connections: failed,
+            concurrent_asked: CONCURRENT,
+            concurrent_opened: opened,
+            memory_idle_bytes: idle,
+            memory_loaded_bytes: loaded,
+            memory_note: note.into(),
+        });
+    }
+    let haproxy_said = std::fs::read_to_string(&haproxy_log).unwrap_or_default();
+    if let Some(line) =
+        haproxy_said.lines().find(|line| line.contains("FD limit") || line.contains("maxconn"))
+    {
+        println!("haproxy: {line}");
+    }
+    drop(haproxy);
+    Ok(rows)
+}
+
+fn print_connections(rows: &[ConnectionRow]) {
+    println!(
+        "{:<24} {:>12} {:>7} {:>16} {:>12} {:>12}",
+        "SYSTEM", "CONN/S", "FAILED", "10k WS OPENED", "MEM IDLE", "MEM LOADED"
+    );
+    for row in rows {
+        println!(
+            "{:<24} {:>12.0} {:>7} {:>16} {:>9} MiB {:>9} MiB",
+            row.system,
+            row.connections_per_second,
+            row.failed_connections,
+            format!("{} of {}", row.concurrent_opened, row.concurrent_asked),
+            row.memory_idle_bytes >> 20,
+            row.memory_loaded_bytes >> 20
         );
     }
 }

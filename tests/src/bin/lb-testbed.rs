@@ -18,6 +18,9 @@ const USAGE: &str = "usage:
   lb-testbed client tcp|udp VIP:PORT SOURCE FIRST_PORT COUNT
                                         COUNT requests from SOURCE:FIRST_PORT.., prints 'PORT ANSWER'
   lb-testbed http-get ADDR:PORT PATH    prints the body of an HTTP GET (5 s at most)
+  lb-testbed conn-rate ADDR:PORT SECONDS THREADS
+                                        new TCP connections (connect, read the answer, close)
+                                        as fast as THREADS threads go for SECONDS; prints 'OK FAILED'
   lb-testbed ws-serve NAME PORT SECONDS WebSocket server answering NAME:message
   lb-testbed ws-clients VIP:PORT COUNT  COUNT WebSocket connections, then commands on stdin
                                         (round, open N, reconnect, quit), one JSON line each
@@ -71,6 +74,40 @@ fn main() -> anyhow::Result<()> {
             let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
             anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
             print!("{body}");
+        }
+        Some("conn-rate") => {
+            let (Some(address), Some(seconds), Some(threads)) = (arg(1), arg(2), arg(3)) else {
+                anyhow::bail!("{USAGE}");
+            };
+            let address: SocketAddr = address.parse()?;
+            let deadline = Instant::now() + Duration::from_secs(seconds.parse()?);
+            let workers: Vec<_> = (0..threads.parse::<usize>()?)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let (mut ok, mut failed) = (0u64, 0u64);
+                        while Instant::now() < deadline {
+                            let answered = std::net::TcpStream::connect_timeout(
+                                &address,
+                                Duration::from_secs(2),
+                            )
+                            .and_then(|mut stream| {
+                                stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                                let mut answer = String::new();
+                                stream.read_to_string(&mut answer).map(|_| !answer.is_empty())
+                            });
+                            if matches!(answered, Ok(true)) { ok += 1 } else { failed += 1 }
+                        }
+                        (ok, failed)
+                    })
+                })
+                .collect();
+            let (mut ok, mut failed) = (0, 0);
+            for worker in workers {
+                let (o, f) = worker.join().map_err(|_| anyhow::anyhow!("worker panicked"))?;
+                ok += o;
+                failed += f;
+            }
+            println!("{ok} {failed}");
         }
         Some("ws-serve") => {
             let (Some(name), Some(port), Some(seconds)) = (arg(1), arg(2), arg(3)) else {
