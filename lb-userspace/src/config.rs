@@ -56,7 +56,7 @@ pub struct Config {
 
 impl Config {
     pub fn limits(&self) -> Limits {
-        Limits { max_vips: self.datapath.max_vips, max_backends: self.datapath.max_backends }
+        self.datapath.limits()
     }
 }
 

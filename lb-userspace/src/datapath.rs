@@ -66,6 +66,11 @@ impl Default for DatapathConfig {
 }
 
 impl DatapathConfig {
+    /// What the map sizes allow the desired state to hold.
+    pub const fn limits(&self) -> crate::model::Limits {
+        crate::model::Limits { max_vips: self.max_vips, max_backends: self.max_backends }
+    }
+
     /// Entries of the Maglev map: two slots per VIP.
     pub fn maglev_entries(&self) -> Option<u32> {
         self.max_vips.checked_mul(SLOTS_PER_VIP)?.checked_mul(self.table_size)

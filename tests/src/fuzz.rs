@@ -15,9 +15,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use lb_common::Reason;
 use lb_userspace::datapath::{Datapath, DatapathConfig};
-use lb_userspace::health::CheckSpec;
-use lb_userspace::model::{Affinity, BackendSpec, DesiredState, Limits, Protocol, Vip};
-use lb_userspace::reconcile::{HealthMap, Reconciler};
+use lb_userspace::model::{Protocol, Vip};
+use lb_userspace::reconcile::Reconciler;
+
+use crate::fixture::{VipDecl, addresses, balancer};
 use rand::rngs::SmallRng;
 use rand::{RngExt as _, SeedableRng as _};
 
@@ -47,31 +48,36 @@ impl Target {
             flow_table_size: 65_536,
             ..DatapathConfig::default()
         };
-        let limits = Limits { max_vips: 8, max_backends: 32 };
-        let mut reconciler = Reconciler::new(Datapath::load(config)?);
-        let mut desired = DesiredState::default();
+        let declared = [
+            ("198.18.0.10:80", Protocol::Tcp, addresses(&["198.18.1.1", "198.18.1.2"])),
+            ("198.18.0.10:53", Protocol::Udp, addresses(&["198.18.1.3", "198.18.1.4"])),
+            (
+                "[fd00:198:18::10]:80",
+                Protocol::Tcp,
+                addresses(&["fd00:198:18:1::1", "fd00:198:18:1::2"]),
+            ),
+            (
+                "[fd00:198:18::10]:53",
+                Protocol::Udp,
+                addresses(&["fd00:198:18:1::3", "fd00:198:18:1::4"]),
+            ),
+        ];
+        // Every backend address gets its own MAC (its last byte, marked).
+        let mac = |address: IpAddr| -> [u8; 6] {
+            let last = match address {
+                IpAddr::V4(v4) => v4.octets()[3],
+                IpAddr::V6(v6) => v6.octets()[15] | 0x80,
+            };
+            [0x02, 0, 0, 0, 2, last]
+        };
+        let decls: Vec<VipDecl> = declared.iter().map(|(e, p, b)| (*e, *p, b.as_slice())).collect();
+        let (reconciler, _) = balancer(config, &decls, mac)?;
         let mut vips = BTreeMap::new();
-        let mut mac = 0u8;
-        for (endpoint, protocol, backends) in [
-            ("198.18.0.10:80", Protocol::Tcp, ["198.18.1.1", "198.18.1.2"]),
-            ("198.18.0.10:53", Protocol::Udp, ["198.18.1.3", "198.18.1.4"]),
-            ("[fd00:198:18::10]:80", Protocol::Tcp, ["fd00:198:18:1::1", "fd00:198:18:1::2"]),
-            ("[fd00:198:18::10]:53", Protocol::Udp, ["fd00:198:18:1::3", "fd00:198:18:1::4"]),
-        ] {
-            let vip = Vip::new(endpoint.parse::<SocketAddr>()?, protocol);
-            desired.add_vip(vip, CheckSpec::default(), Affinity::Flow, limits)?;
-            let mut macs = BTreeSet::new();
-            for backend in backends {
-                let address: IpAddr = backend.parse()?;
-                desired.add_backend(&vip, BackendSpec::new(address, 1), limits)?;
-                mac += 1;
-                let backend_mac = [0x02, 0, 0, 0, 2, mac];
-                reconciler.set_mac(address, backend_mac);
-                macs.insert(backend_mac);
-            }
+        for (endpoint, protocol, backends) in &declared {
+            let vip = Vip::new(endpoint.parse::<SocketAddr>()?, *protocol);
+            let macs: BTreeSet<[u8; 6]> = backends.iter().map(|address| mac(*address)).collect();
             vips.insert((vip.address, vip.port, protocol.number()), macs);
         }
-        reconciler.apply(&desired, &HealthMap::new())?;
         let vip_addresses = vips.keys().map(|(address, _, _)| *address).collect();
         Ok(Self { reconciler, vips, vip_addresses })
     }

@@ -2,6 +2,7 @@
 //! packet builders, and network-namespace topologies that clean up after
 //! themselves.
 
+pub mod fixture;
 pub mod fuzz;
 pub mod harness;
 pub mod netns;

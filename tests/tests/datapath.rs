@@ -8,6 +8,7 @@ use lb_userspace::datapath::{Datapath, DatapathConfig};
 use lb_userspace::health::CheckSpec;
 use lb_userspace::model::{Affinity, BackendSpec, DesiredState, Limits, Protocol, Vip};
 use lb_userspace::reconcile::{BackendHealth, HealthMap, Reconciler};
+use tests::fixture::{addresses, balancer};
 use tests::packets::{
     BALANCER_MAC, Flow, L3_OFFSET, L4, Segment, Shape, dsr_rewritten, frame,
     insert_ipv6_extensions, make_ipv4_fragment, truncate_ip,
@@ -29,7 +30,7 @@ const CONFIG: DatapathConfig = DatapathConfig {
     udp_idle_timeout_ms: UDP_IDLE_MS,
     tcp_idle_timeout_ms: 3_600_000,
 };
-const LIMITS: Limits = Limits { max_vips: 8, max_backends: 32 };
+const LIMITS: Limits = CONFIG.limits();
 
 fn ip(text: &str) -> IpAddr {
     text.parse().expect("test address")
@@ -62,24 +63,19 @@ const V6_BACKENDS: [&str; 3] = ["fd00:198:18:1::1", "fd00:198:18:1::2", "fd00:19
 
 impl Fixture {
     fn new() -> Self {
-        let mut desired = DesiredState::default();
-        let mut reconciler = Reconciler::new(Datapath::load(CONFIG).expect("load the XDP object"));
-        for (endpoint, protocol, backends) in [
-            (TCP4, Protocol::Tcp, &V4_BACKENDS[..]),
-            (UDP4, Protocol::Udp, &V4_BACKENDS[..]),
-            (TCP6, Protocol::Tcp, &V6_BACKENDS[..]),
-            (UDP6, Protocol::Udp, &V6_BACKENDS[..]),
-            (EMPTY4, Protocol::Tcp, &[][..]),
-        ] {
-            let vip = vip(endpoint, protocol);
-            desired.add_vip(vip, CheckSpec::default(), Affinity::Flow, LIMITS).unwrap();
-            for backend in backends {
-                let address = ip(backend);
-                desired.add_backend(&vip, BackendSpec::new(address, 1), LIMITS).unwrap();
-                reconciler.set_mac(address, backend_mac(address));
-            }
-        }
-        reconciler.apply(&desired, &HealthMap::new()).expect("install the configuration");
+        let (v4, v6) = (addresses(&V4_BACKENDS), addresses(&V6_BACKENDS));
+        let (reconciler, desired) = balancer(
+            CONFIG,
+            &[
+                (TCP4, Protocol::Tcp, &v4),
+                (UDP4, Protocol::Udp, &v4),
+                (TCP6, Protocol::Tcp, &v6),
+                (UDP6, Protocol::Udp, &v6),
+                (EMPTY4, Protocol::Tcp, &[]),
+            ],
+            backend_mac,
+        )
+        .expect("load the XDP object and install the configuration");
         Self { reconciler, desired }
     }
 

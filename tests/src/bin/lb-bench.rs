@@ -25,9 +25,8 @@ use aya::maps::{PerCpuArray, ProgramArray};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{FlowEvent, Reason};
-use lb_userspace::datapath::{BENCH_OBJECT, Datapath, DatapathConfig, PEER_PASS_OBJECT};
-use lb_userspace::health::CheckSpec;
-use lb_userspace::model::{Affinity, BackendSpec, DesiredState, Limits, Protocol, Vip};
+use lb_userspace::datapath::{BENCH_OBJECT, DatapathConfig, PEER_PASS_OBJECT};
+use lb_userspace::model::{Protocol, Vip};
 use lb_userspace::reconcile::{HealthMap, Reconciler};
 use serde::Serialize;
 use tests::netns::run;
@@ -194,25 +193,26 @@ fn mac_of(index: usize) -> [u8; 6] {
 
 /// A reconciler with four VIPs (TCP/UDP, IPv4/IPv6) of ten backends each.
 fn balancer(config: DatapathConfig) -> anyhow::Result<Reconciler> {
-    let mut reconciler = Reconciler::new(Datapath::load(config)?);
-    let limits = Limits { max_vips: config.max_vips, max_backends: config.max_backends };
-    let mut desired = DesiredState::default();
-    for (endpoint, protocol, prefix) in [
-        ("198.18.0.10:80", Protocol::Tcp, "198.18.1."),
-        ("198.18.0.10:53", Protocol::Udp, "198.18.1."),
-        ("[fd00:198:18::10]:80", Protocol::Tcp, "fd00:198:18:1::"),
-        ("[fd00:198:18::10]:53", Protocol::Udp, "fd00:198:18:1::"),
-    ] {
-        let vip = Vip::new(endpoint.parse::<SocketAddr>()?, protocol);
-        desired.add_vip(vip, CheckSpec::default(), Affinity::Flow, limits)?;
-        for index in 1..=10 {
-            let address = ip(&format!("{prefix}{index}"));
-            desired.add_backend(&vip, BackendSpec::new(address, 1), limits)?;
-            reconciler.set_mac(address, mac_of(index));
-        }
-    }
-    reconciler.apply(&desired, &HealthMap::new())?;
+    let v4: Vec<IpAddr> = (1..=10).map(|i| ip(&format!("198.18.1.{i}"))).collect();
+    let v6: Vec<IpAddr> = (1..=10).map(|i| ip(&format!("fd00:198:18:1::{i}"))).collect();
+    let (reconciler, _) = tests::fixture::balancer(
+        config,
+        &[
+            ("198.18.0.10:80", Protocol::Tcp, &v4),
+            ("198.18.0.10:53", Protocol::Udp, &v4),
+            ("[fd00:198:18::10]:80", Protocol::Tcp, &v6),
+            ("[fd00:198:18::10]:53", Protocol::Udp, &v6),
+        ],
+        |address| mac_of(last_byte(address)),
+    )?;
     Ok(reconciler)
+}
+
+fn last_byte(address: IpAddr) -> usize {
+    match address {
+        IpAddr::V4(v4) => usize::from(v4.octets()[3]),
+        IpAddr::V6(v6) => usize::from(v6.octets()[15]),
+    }
 }
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
@@ -773,17 +773,14 @@ fn install(system: &str) -> anyhow::Result<Installed> {
         "lb" => in_netns(LB_NS, || {
             let config =
                 DatapathConfig { max_vips: 4, max_backends: 16, ..DatapathConfig::default() };
-            let mut reconciler = Reconciler::new(Datapath::load(config)?);
-            let limits = Limits { max_vips: 4, max_backends: 16 };
-            let mut desired = DesiredState::default();
-            let vip = Vip::new("198.18.0.10:80".parse()?, Protocol::Tcp);
-            desired.add_vip(vip, CheckSpec::default(), Affinity::Flow, limits)?;
-            for index in 1..=3 {
-                let address = ip(&format!("198.18.0.{}", 100 + index));
-                desired.add_backend(&vip, BackendSpec::new(address, 1), limits)?;
-                reconciler.set_mac(address, mac_of(index));
-            }
-            reconciler.apply(&desired, &HealthMap::new())?;
+            // The sink counts arrivals by the backend MAC's last byte: 1 to 3.
+            let backends: Vec<IpAddr> =
+                (1..=3).map(|i| ip(&format!("198.18.0.{}", 100 + i))).collect();
+            let (mut reconciler, _) = tests::fixture::balancer(
+                config,
+                &[("198.18.0.10:80", Protocol::Tcp, &backends)],
+                |address| mac_of(last_byte(address) - 100),
+            )?;
             reconciler
                 .datapath_mut()
                 .attach(LB_IFACE, lb_userspace::datapath::AttachMode::Native)?;
@@ -1046,19 +1043,22 @@ fn control_plane() -> anyhow::Result<Vec<ControlRow>> {
             flow_table_size: 1024,
             ..DatapathConfig::default()
         };
-        let limits = Limits { max_vips: 2, max_backends: 1100 };
-        let mut reconciler = Reconciler::new(Datapath::load(config)?);
-        let mut desired = DesiredState::default();
+        let addresses: Vec<IpAddr> = (0..backends)
+            .map(|index| IpAddr::from([198, 19, (index / 250) as u8, (index % 250 + 1) as u8]))
+            .collect();
+        let (mut reconciler, mut desired) = tests::fixture::balancer(
+            config,
+            &[("198.18.0.10:80", Protocol::Tcp, &addresses)],
+            |address| match address {
+                IpAddr::V4(v4) => [0x02, 0, 0, v4.octets()[2], v4.octets()[3], 1],
+                IpAddr::V6(_) => [0x02, 0, 0, 0, 0, 1],
+            },
+        )?;
         let vip = Vip::new("198.18.0.10:80".parse()?, Protocol::Tcp);
-        desired.add_vip(vip, CheckSpec::default(), Affinity::Flow, limits)?;
-        let mut candidates = Vec::new();
-        for index in 0..backends {
-            let address = IpAddr::from([198, 19, (index / 250) as u8, (index % 250 + 1) as u8]);
-            desired.add_backend(&vip, BackendSpec::new(address, 1), limits)?;
-            reconciler.set_mac(address, [0x02, 0, 0, (index >> 8) as u8, index as u8, 1]);
-            candidates.push(lb_userspace::maglev::Candidate { address, weight: 1 });
-        }
-        reconciler.apply(&desired, &HealthMap::new())?;
+        let candidates: Vec<lb_userspace::maglev::Candidate> = addresses
+            .iter()
+            .map(|address| lb_userspace::maglev::Candidate { address: *address, weight: 1 })
+            .collect();
         let mut builds = Vec::new();
         let mut installs = Vec::new();
         for round in 0..RUNS {

@@ -1,0 +1,40 @@
+//! A balancer declared in one call, for the datapath tests, the fuzz test and
+//! the bench: the real datapath, the real reconcile step, and a MAC for every
+//! backend (no neighbour resolution outside a testbed).
+
+use std::net::{IpAddr, SocketAddr};
+
+use lb_userspace::datapath::{Datapath, DatapathConfig};
+use lb_userspace::health::CheckSpec;
+use lb_userspace::model::{Affinity, BackendSpec, DesiredState, Protocol, Vip};
+use lb_userspace::reconcile::{HealthMap, Reconciler};
+
+/// One VIP: `ADDRESS:PORT`, protocol, backends.
+pub type VipDecl<'a> = (&'a str, Protocol, &'a [IpAddr]);
+
+/// Loads the datapath with `config`, declares `vips` (every backend weight 1,
+/// default check, flow affinity) with MACs from `mac`, and installs them.
+pub fn balancer(
+    config: DatapathConfig,
+    vips: &[VipDecl<'_>],
+    mac: impl Fn(IpAddr) -> [u8; 6],
+) -> anyhow::Result<(Reconciler, DesiredState)> {
+    let limits = config.limits();
+    let mut reconciler = Reconciler::new(Datapath::load(config)?);
+    let mut desired = DesiredState::default();
+    for (endpoint, protocol, backends) in vips {
+        let vip = Vip::new(endpoint.parse::<SocketAddr>()?, *protocol);
+        desired.add_vip(vip, CheckSpec::default(), Affinity::Flow, limits)?;
+        for address in *backends {
+            desired.add_backend(&vip, BackendSpec::new(*address, 1), limits)?;
+            reconciler.set_mac(*address, mac(*address));
+        }
+    }
+    reconciler.apply(&desired, &HealthMap::new())?;
+    Ok((reconciler, desired))
+}
+
+/// Addresses from text, for declaring backends.
+pub fn addresses(texts: &[&str]) -> Vec<IpAddr> {
+    texts.iter().map(|text| text.parse().expect("a test address")).collect()
+}
