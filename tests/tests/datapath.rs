@@ -646,3 +646,31 @@ fn flows_of_a_removed_backend_are_rescued_not_sent_to_an_empty_slot() {
         }
     }
 }
+
+#[test]
+fn established_flows_of_a_removed_vip_are_not_forwarded() {
+    if !tests::privileged("established_flows_of_a_removed_vip_are_not_forwarded") {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    let vip4 = vip(TCP4, Protocol::Tcp);
+    let flows = tcp_flows(37_000, 50);
+    for flow in &flows {
+        fixture.send(*flow, Segment::Syn);
+    }
+    let spec = fixture.desired.vips[&vip4].clone();
+    fixture.desired.remove_vip(&vip4).unwrap();
+    fixture.apply(&HealthMap::new());
+    for flow in &flows {
+        let input = frame(*flow, Shape { segment: Segment::Ack, ..Shape::default() }, b"data");
+        let (action, output) = fixture.reconciler.datapath().test_run(&input).unwrap();
+        assert_eq!((action, output), (XDP_PASS, input), "{flow:?} forwarded after its VIP went");
+    }
+    // The same VIP again: its flows go to its backends as its table says
+    // (old entries point at released slots, so they are rescued).
+    fixture.desired.vips.insert(vip4, spec);
+    fixture.apply(&HealthMap::new());
+    for flow in &flows {
+        assert_eq!(fixture.send(*flow, Segment::Ack), fixture.expected_backend(*flow));
+    }
+}
