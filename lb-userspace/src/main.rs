@@ -69,7 +69,7 @@ enum Command {
     /// Declare, remove and list VIPs.
     #[command(subcommand)]
     Vip(VipCommand),
-    /// Add, remove and list a VIP's backends.
+    /// Add, remove, drain, reweigh and list a VIP's backends.
     #[command(subcommand)]
     Backend(BackendCommand),
     /// Configure a VIP's health check.
@@ -118,8 +118,8 @@ enum VipCommand {
 
 #[derive(Subcommand)]
 enum BackendCommand {
-    /// Add a backend to a VIP. Its MAC is resolved automatically; it takes
-    /// traffic once resolved.
+    /// Add a backend to a VIP. Its MAC is resolved automatically; it takes new
+    /// flows once resolved and past `rise` passing health checks.
     Add {
         /// The VIP as ADDRESS:PORT.
         vip: String,
