@@ -4,6 +4,7 @@
 
 pub mod fixture;
 pub mod fuzz;
+pub mod generator;
 pub mod harness;
 pub mod netns;
 pub mod packets;

@@ -28,6 +28,28 @@ pub fn backend6(index: usize) -> String {
     format!("fd00:198:18::{}", 100 + index)
 }
 
+/// Moves the calling thread into network namespace `ns` (other threads stay).
+pub fn enter(ns: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::File::open(format!("/run/netns/{ns}"))
+        .with_context(|| format!("namespace {ns}"))?;
+    // SAFETY: setns on a namespace fd we hold; it affects only this thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("entering namespace {ns}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A MAC address of an interface in a namespace.
+pub fn mac(ns: &str, iface: &str) -> anyhow::Result<[u8; 6]> {
+    let output = run("ip", &["-n", ns, "-j", "link", "show", iface])?;
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let text = links[0]["address"].as_str().context("no MAC")?;
+    let bytes: Vec<u8> =
+        text.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("odd MAC {text}"))
+}
+
 /// Runs a command, failing with its stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<Output> {
     let output =
@@ -124,8 +146,11 @@ impl Testbed {
             "ip",
             &["netns", "exec", &self.balancer(), "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0"],
         )?;
-        // veth hands XDP_TX frames only to a peer running XDP itself.
-        ip(&switch, &["link", "set", "dev", "lb", "xdp", "obj", &pass_object, "sec", "xdp"])?;
+        // veth hands XDP_TX frames only to a peer running XDP itself: the
+        // balancer transmits that way, and so does the generator on the client.
+        for port in ["lb", "client"] {
+            ip(&switch, &["link", "set", "dev", port, "xdp", "obj", &pass_object, "sec", "xdp"])?;
+        }
         ip(&self.client(), &["route", "add", &format!("{VIP4}/32"), "via", "198.18.0.2"])?;
         ip(
             &self.client(),

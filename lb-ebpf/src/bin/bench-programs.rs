@@ -30,6 +30,11 @@ mod runtime;
 #[unsafe(no_mangle)]
 static BENCH_FLOWS: u32 = 64_000;
 
+/// Client addresses the generator cycles through (IPv4: the last byte of
+/// the template's source address plus 0..this), set at load. 1: no change.
+#[unsafe(no_mangle)]
+static BENCH_ADDRESSES: u32 = 1;
+
 /// Index 0: the balancer, for `bench_new_flow` to tail-call.
 #[map]
 static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
@@ -71,35 +76,36 @@ pub fn bench_mac_swap(ctx: XdpContext) -> u32 {
 }
 
 /// Writes the next sequence number into the source port of an untagged
-/// IPv4 (no options) or IPv6 (no extension headers) frame, as the bench builds.
+/// IPv4 (no options) or IPv6 (no extension headers) frame, as the bench
+/// builds; returns the sequence number.
 #[inline(always)]
-fn vary_source_port(ctx: &XdpContext) -> bool {
+fn vary_source_port(ctx: &XdpContext) -> Option<u32> {
     // SAFETY: read_volatile keeps the load-time value from being folded.
     let flows = unsafe { core::ptr::read_volatile(&BENCH_FLOWS) }.max(1);
     let start = ctx.data();
     if start + 14 > ctx.data_end() {
-        return false;
+        return None;
     }
     // SAFETY: the check above keeps the EtherType within the frame.
     let ether_type = unsafe { *((start + 12) as *const [u8; 2]) };
     let offset = if ether_type == [0x86, 0xdd] { 14 + 40 } else { 14 + 20 };
     if start + offset + 2 > ctx.data_end() {
-        return false;
+        return None;
     }
-    let Some(sequence) = BENCH_SEQUENCE.get_ptr_mut(0) else { return false };
+    let sequence = BENCH_SEQUENCE.get_ptr_mut(0)?;
     // SAFETY: a per-CPU value owned by this CPU, and the port lies within the
     // frame (checked above).
     unsafe {
         *sequence = (*sequence).wrapping_add(1);
         let port = (1024 + (*sequence % flows) % 64_000) as u16;
         *((start + offset) as *mut [u8; 2]) = port.to_be_bytes();
+        Some(*sequence)
     }
-    true
 }
 
 #[xdp]
 pub fn bench_new_flow(ctx: XdpContext) -> u32 {
-    if !vary_source_port(&ctx) {
+    if vary_source_port(&ctx).is_none() {
         return xdp_action::XDP_ABORTED;
     }
     // SAFETY: index 0 holds an XDP program (the balancer) or is empty, in
@@ -113,9 +119,9 @@ pub fn bench_new_flow(ctx: XdpContext) -> u32 {
 /// one CPU: generators on two CPUs must not share flows.
 #[xdp]
 pub fn bench_generator(ctx: XdpContext) -> u32 {
-    if !vary_source_port(&ctx) {
+    let Some(sequence) = vary_source_port(&ctx) else {
         return xdp_action::XDP_ABORTED;
-    }
+    };
     let start = ctx.data();
     if start + 14 + 40 > ctx.data_end() {
         return xdp_action::XDP_ABORTED;
@@ -126,7 +132,28 @@ pub fn bench_generator(ctx: XdpContext) -> u32 {
         let last =
             if ether_type == [0x86, 0xdd] { start + 14 + 8 + 15 } else { start + 14 + 12 + 3 };
         let cpu = bpf_get_smp_processor_id() as u8;
-        *(last as *mut u8) = (*(last as *const u8)).wrapping_add(cpu);
+        let addresses = core::ptr::read_volatile(&BENCH_ADDRESSES).max(1);
+        let old = *(last as *const u8);
+        let new = old.wrapping_add(cpu).wrapping_add((sequence / 7 % addresses) as u8);
+        *(last as *mut u8) = new;
+        if ether_type == [0x08, 0x00] {
+            // Keep the IPv4 header valid (RFC 1624 incremental update of the
+            // word holding the changed byte), and drop the UDP checksum,
+            // which IPv4 allows, rather than recompute it.
+            let checksum = (start + 14 + 10) as *mut [u8; 2];
+            let word = (start + 14 + 14) as *const [u8; 2];
+            let new_word = u16::from_be_bytes(*word);
+            let old_word = (new_word & 0xff00) | u16::from(old);
+            let mut sum = u32::from(!u16::from_be_bytes(*checksum))
+                + u32::from(!old_word)
+                + u32::from(new_word);
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum = (sum & 0xffff) + (sum >> 16);
+            *checksum = (!(sum as u16)).to_be_bytes();
+            if *((start + 14 + 9) as *const u8) == 17 {
+                *((start + 14 + 20 + 6) as *mut [u8; 2]) = [0, 0];
+            }
+        }
     }
     xdp_action::XDP_TX
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use aya::maps::{PerCpuArray, ProgramArray};
-use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
+use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{FlowEvent, Reason};
 use lb_userspace::datapath::{BENCH_OBJECT, DatapathConfig, PEER_PASS_OBJECT};
@@ -576,7 +576,7 @@ impl Generator {
                 std::thread::spawn(move || -> anyhow::Result<()> {
                     pin_to_cpu(cpu)?;
                     enter_netns(GEN_NS)?;
-                    live_frames(&fd?, &frame, ifindex)
+                    tests::generator::live_frames(&fd?, &frame, ifindex, GEN_REPEAT)
                 })
             })
             .collect();
@@ -614,64 +614,6 @@ fn enter_netns(ns: &str) -> anyhow::Result<()> {
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         bail!("setns {ns}: {}", std::io::Error::last_os_error());
     }
-    Ok(())
-}
-
-/// BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES: every frame the
-/// generator returns XDP_TX for leaves through `ifindex` for real. aya's
-/// TestRun needs the Xdp object, which is not Send, so this calls the
-/// syscall through aya's program fd with the same attributes.
-fn live_frames(fd: &aya::programs::ProgramFd, frame: &[u8], ifindex: u32) -> anyhow::Result<()> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let context: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-    }
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-    let mut attr = TestAttr {
-        prog_fd: fd.as_fd().as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat: GEN_REPEAT,
-        ctx_size_in: size_of_val(&context) as u32,
-        ctx_in: context.as_ptr() as u64,
-        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
-        batch_size: 64,
-        ..Default::default()
-    };
-    // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_TEST_RUN whose
-    // pointers (frame, context) outlive the call; the kernel reads
-    // size_of::<TestAttr>() bytes of it.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestAttr,
-            size_of::<TestAttr>() as u32,
-        )
-    };
-    if result != 0 {
-        bail!("live-frames test run: {}", std::io::Error::last_os_error());
-    }
-    let _ = TestRunAttrs::new().xdp_live_frames(64); // aya's name for the same mode
     Ok(())
 }
 

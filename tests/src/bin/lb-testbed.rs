@@ -18,6 +18,11 @@ const USAGE: &str = "usage:
   lb-testbed client tcp|udp VIP:PORT SOURCE FIRST_PORT COUNT
                                         COUNT requests from SOURCE:FIRST_PORT.., prints 'PORT ANSWER'
   lb-testbed http-get ADDR:PORT PATH    prints the body of an HTTP GET (5 s at most)
+  lb-testbed generate PREFIX VIP:PORT FLOWS ADDRESSES COUNT SECONDS RATE [SIZE]
+                                        UDP frames from the testbed's client to the VIP through the
+                                        balancer with XDP live frames: FLOWS source ports, ADDRESSES
+                                        client addresses (198.18.0.20..), at RATE pps (0: flat out),
+                                        COUNT frames or SECONDS at most; prints a JSON summary
   lb-testbed conn-rate ADDR:PORT SECONDS THREADS
                                         new TCP connections (connect, read the answer, close)
                                         as fast as THREADS threads go for SECONDS; prints 'OK FAILED'
@@ -59,6 +64,54 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("{USAGE}");
             };
             client(protocol, vip.parse()?, source.parse()?, first.parse()?, count.parse()?)?;
+        }
+        Some("generate") => {
+            let (
+                Some(prefix),
+                Some(vip),
+                Some(flows),
+                Some(addresses),
+                Some(count),
+                Some(seconds),
+                Some(rate),
+            ) = (arg(1), arg(2), arg(3), arg(4), arg(5), arg(6), arg(7))
+            else {
+                anyhow::bail!("{USAGE}");
+            };
+            let vip: SocketAddr = vip.parse()?;
+            anyhow::ensure!(
+                vip.is_ipv4(),
+                "the generator sends IPv4 (it keeps the IPv4 header checksum right)"
+            );
+            let size: usize = arg(8).map_or(Ok(64), str::parse)?;
+            let testbed = netns::Testbed { prefix: prefix.to_owned(), backends: 0 };
+            let (client, balancer) = (testbed.client(), testbed.balancer());
+            let source_mac = netns::mac(&client, netns::LB_IFACE)?;
+            let balancer_mac = netns::mac(&balancer, netns::LB_IFACE)?;
+            std::mem::forget(testbed); // not ours to remove
+            let flow = tests::packets::Flow {
+                client: "198.18.0.20".parse()?,
+                client_port: 1024,
+                vip: vip.ip(),
+                vip_port: vip.port(),
+                l4: tests::packets::L4::Udp,
+            };
+            let payload = vec![0u8; size.saturating_sub(14 + 20 + 8 + 4).max(1)];
+            let mut frame = tests::packets::frame(flow, tests::packets::Shape::default(), &payload);
+            frame[0..6].copy_from_slice(&balancer_mac);
+            frame[6..12].copy_from_slice(&source_mac);
+            netns::enter(&client)?;
+            let ifindex = lb_userspace::neighbour::interface_index(netns::LB_IFACE)?;
+            let ebpf = tests::generator::load(flows.parse()?, addresses.parse()?)?;
+            let sent = tests::generator::send(
+                &ebpf,
+                &frame,
+                ifindex,
+                count.parse()?,
+                seconds.parse()?,
+                rate.parse()?,
+            )?;
+            println!("{}", serde_json::to_string(&sent)?);
         }
         Some("http-get") => {
             let (Some(address), Some(path)) = (arg(1), arg(2)) else {
