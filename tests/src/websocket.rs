@@ -11,6 +11,7 @@ use serde_json::json;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Serves WebSocket connections on `port` for `lifetime`, then exits.
@@ -22,7 +23,11 @@ pub async fn serve(name: String, port: u16, lifetime: Duration) -> anyhow::Resul
             let name = name.clone();
             tokio::spawn(async move {
                 // Health checks and port probes that are not WebSocket fail here; fine.
-                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else { return };
+                let Ok(mut socket) =
+                    tokio_tungstenite::accept_async_with_config(stream, Some(config())).await
+                else {
+                    return;
+                };
                 while let Some(Ok(message)) = socket.next().await {
                     let reply = match message {
                         Message::Text(text) => Message::text(format!("{name}:{text}")),
@@ -42,6 +47,13 @@ pub async fn serve(name: String, port: u16, lifetime: Duration) -> anyhow::Resul
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Small buffers: the test messages are a few bytes, and tungstenite's
+/// default 128 KiB per direction per connection would take over a gigabyte
+/// per process at the connection counts the tests and the bench hold.
+fn config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
+}
+
 struct Connection {
     socket: Option<Socket>,
     /// The backend that answered this connection's first message.
@@ -55,8 +67,11 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONCURRENCY: usize = 256;
 
 async fn open(url: &str) -> anyhow::Result<Connection> {
-    let (mut socket, _) =
-        tokio::time::timeout(EXCHANGE_TIMEOUT, tokio_tungstenite::connect_async(url)).await??;
+    let (mut socket, _) = tokio::time::timeout(
+        EXCHANGE_TIMEOUT,
+        tokio_tungstenite::connect_async_with_config(url, Some(config()), true),
+    )
+    .await??;
     let backend = exchange(&mut socket, "hello").await?;
     Ok(Connection { socket: Some(socket), backend, broken: false })
 }
