@@ -289,14 +289,17 @@ impl Datapath {
         program.try_into().expect("program type checked at load")
     }
 
+    fn program_mut(&mut self) -> &mut Xdp {
+        // Checked in load(): the program exists and is XDP.
+        let program = self.ebpf.program_mut(PROGRAM_NAME).expect("program checked at load");
+        program.try_into().expect("program type checked at load")
+    }
+
     /// Attaches to `iface`. Returns the mode actually used ("native" or "skb").
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str, DatapathError> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .expect("program checked at load")
-            .try_into()
-            .expect("program type checked at load");
+        let pinned_link =
+            self.pin_dir.as_ref().map(|dir| dir.join(LINK_PIN)).filter(|path| path.exists());
+        let program = self.program_mut();
         let attempt = |program: &mut Xdp, mode: XdpMode, name: &'static str| {
             program.attach(iface, mode).map(|link| (link, name)).map_err(|error| {
                 DatapathError::Attach { iface: iface.to_owned(), mode: name, error }
@@ -304,9 +307,7 @@ impl Datapath {
         };
         // A link pinned by an earlier `lb run` keeps the old program attached:
         // swap this one in atomically, so no packet goes unhandled.
-        if let Some(link_pin) = self.pin_dir.as_ref().map(|dir| dir.join(LINK_PIN))
-            && link_pin.exists()
-        {
+        if let Some(link_pin) = pinned_link {
             let pinned = PinnedLink::from_pin(&link_pin).map_err(|error| {
                 DatapathError::PinnedLink { path: link_pin.clone(), error: error.to_string() }
             })?;
@@ -338,9 +339,8 @@ impl Datapath {
         self.attached = Some((iface.to_owned(), used));
         if let Some(dir) = &self.pin_dir {
             // Pin the link so the program stays attached when lb run stops.
-            let program: &mut Xdp =
-                self.ebpf.program_mut(PROGRAM_NAME).expect("checked").try_into().expect("checked");
-            let link = program.take_link(link_id).map_err(DatapathError::Program)?;
+            let dir = dir.clone();
+            let link = self.program_mut().take_link(link_id).map_err(DatapathError::Program)?;
             let path = dir.join(LINK_PIN);
             let pinned = FdLink::try_from(link)
                 .map_err(|error| DatapathError::PinnedLink {
