@@ -466,14 +466,9 @@ fn in_netns<T: Send + 'static>(
     ns: &str,
     work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
-    let path = format!("/run/netns/{ns}");
+    let ns = ns.to_owned();
     std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: setns on a namespace fd we hold; it affects only this thread.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {path}: {}", std::io::Error::last_os_error());
-        }
+        tests::netns::enter(&ns)?;
         work()
     })
     .join()
@@ -509,15 +504,6 @@ impl Topology {
         for ns in [GEN_NS, LB_NS] {
             let _ = std::process::Command::new("ip").args(["netns", "del", ns]).output();
         }
-    }
-
-    fn mac(ns: &str, iface: &str) -> anyhow::Result<[u8; 6]> {
-        let output = run("ip", &["-n", ns, "-j", "link", "show", iface])?;
-        let links: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-        let text = links[0]["address"].as_str().context("no MAC")?;
-        let bytes: Vec<u8> =
-            text.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
-        bytes.try_into().map_err(|_| anyhow::anyhow!("odd MAC {text}"))
     }
 }
 
@@ -575,7 +561,7 @@ impl Generator {
                 let ifindex = self.ifindex;
                 std::thread::spawn(move || -> anyhow::Result<()> {
                     pin_to_cpu(cpu)?;
-                    enter_netns(GEN_NS)?;
+                    tests::netns::enter(GEN_NS)?;
                     tests::generator::live_frames(&fd?, &frame, ifindex, GEN_REPEAT)
                 })
             })
@@ -607,20 +593,10 @@ fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn enter_netns(ns: &str) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
-    // SAFETY: setns on a namespace fd we hold; it affects only this thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns {ns}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 fn throughput() -> anyhow::Result<Vec<ThroughputRow>> {
     let _topology = Topology::up()?;
-    let lb_mac = Topology::mac(LB_NS, LB_IFACE)?;
-    let gen_mac = Topology::mac(GEN_NS, GEN_IFACE)?;
+    let lb_mac = tests::netns::mac(LB_NS, LB_IFACE)?;
+    let gen_mac = tests::netns::mac(GEN_NS, GEN_IFACE)?;
     // An established-flow frame from the generator to the VIP.
     let flow = Flow {
         client: ip("198.18.0.1"),
