@@ -619,9 +619,9 @@ impl Daemon {
             {
                 self.rates.sample((VIP_KEY, index), counters);
             }
-            for backend in self.reconciler.backends(vip) {
-                if let Ok(counters) = self.reconciler.datapath().backend_counters(backend.slot) {
-                    self.rates.sample((BACKEND_KEY, backend.slot), counters);
+            for slot in self.reconciler.backend_slots(vip) {
+                if let Ok(counters) = self.reconciler.datapath().backend_counters(slot) {
+                    self.rates.sample((BACKEND_KEY, slot), counters);
                 }
             }
         }

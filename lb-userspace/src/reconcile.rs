@@ -463,6 +463,15 @@ impl Reconciler {
     }
 
     /// Configured backends of `vip` with their slots and table shares.
+    /// The backend slots of `vip`, without counting table entries (which
+    /// [`Self::backends`] does by scanning the whole table).
+    pub fn backend_slots(&self, vip: &Vip) -> Vec<u32> {
+        self.installed
+            .get(vip)
+            .map(|installed| installed.slots.values().copied().collect())
+            .unwrap_or_default()
+    }
+
     pub fn backends(&self, vip: &Vip) -> Vec<InstalledBackend> {
         let Some(installed) = self.installed.get(vip) else {
             return Vec::new();
