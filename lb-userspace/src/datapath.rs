@@ -460,14 +460,11 @@ impl Datapath {
 
     /// Packets per [`Reason`], summed over CPUs, in `Reason::ALL` order.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DatapathError> {
-        Reason::ALL
-            .iter()
-            .map(|&reason| {
-                let values =
-                    self.reasons.get(&(reason as u32), 0).map_err(map_error(MAP_REASONS))?;
-                Ok((reason, values.iter().sum()))
-            })
-            .collect()
+        per_cpu_totals(
+            &self.reasons,
+            MAP_REASONS,
+            Reason::ALL.map(|reason| (reason, reason as u32)),
+        )
     }
 }
 
@@ -487,14 +484,11 @@ impl Datapath {
 
     /// Packets per [`FlowEvent`], summed over CPUs, in `FlowEvent::ALL` order.
     pub fn flow_event_counters(&self) -> Result<Vec<(FlowEvent, u64)>, DatapathError> {
-        FlowEvent::ALL
-            .iter()
-            .map(|&event| {
-                let values =
-                    self.flow_events.get(&(event as u32), 0).map_err(map_error(MAP_FLOW_EVENTS))?;
-                Ok((event, values.iter().sum()))
-            })
-            .collect()
+        per_cpu_totals(
+            &self.flow_events,
+            MAP_FLOW_EVENTS,
+            FlowEvent::ALL.map(|event| (event, event as u32)),
+        )
     }
 
     /// Active flows per backend slot: entries neither closing nor idle past
@@ -606,6 +600,21 @@ fn check_layout(
     .map(|(field, pinned, configured)| format!("{field} is {pinned} there but {configured} here"))
     .collect();
     Err(DatapathError::IncompatiblePins { dir, differences: differences.join(", ") })
+}
+
+/// Each labelled index of a per-CPU counter array, summed over CPUs.
+fn per_cpu_totals<L, const N: usize>(
+    map: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+    indexes: [(L, u32); N],
+) -> Result<Vec<(L, u64)>, DatapathError> {
+    indexes
+        .into_iter()
+        .map(|(label, index)| {
+            let values = map.get(&index, 0).map_err(map_error(name))?;
+            Ok((label, values.iter().sum()))
+        })
+        .collect()
 }
 
 fn sum_traffic(
