@@ -100,6 +100,12 @@ impl Testbed {
         for ns in self.namespaces() {
             run("ip", &["netns", "add", &ns])?;
             ip(&ns, &["link", "set", "lo", "up"])?;
+            // No duplicate address detection on links made from here on: a
+            // tentative link-local address stalls IPv6 neighbour discovery for
+            // the first second, which failed the first IPv6 connection of a test.
+            for key in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
+                run("ip", &["netns", "exec", &ns, "sysctl", "-qw", &format!("{key}=0")])?;
+            }
         }
         let switch = self.switch();
         ip(&switch, &["link", "add", "br0", "type", "bridge"])?;
