@@ -1,6 +1,8 @@
 //! The control API between `lb` commands and `lb run`: one JSON object per
-//! line over a Unix socket, a request then its reply. The reply bodies are
-//! also what `--json` prints, so their field names are a stable interface.
+//! line over a Unix socket, a request then its reply. Both halves of the
+//! protocol live here: the types, the framing and its size limit, the
+//! client's call and the server's read. The reply bodies are also what
+//! `--json` prints, so their field names are a stable interface.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -9,11 +11,19 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _};
+use tokio::sync::oneshot;
 
-use crate::health::{CheckOptions, CheckSpec};
-use crate::model::{Affinity, Protocol, Vip};
+use crate::model::{Affinity, CheckOptions, CheckSpec, Protocol, Vip};
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
+
+/// The longest request line the daemon accepts.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A request on its way to the daemon's loop, with where its reply goes.
+/// The control socket and the metrics endpoint both send these.
+pub type Call = (Request, oneshot::Sender<Reply>);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
@@ -175,16 +185,78 @@ pub enum ClientError {
     Decode(#[from] serde_json::Error),
 }
 
-/// Sends one request and waits for its reply.
+/// One message as it goes on the wire: JSON and a newline.
+pub fn encode_line<T: Serialize>(message: &T) -> String {
+    let mut line = serde_json::to_string(message).expect("API messages always serialize");
+    line.push('\n');
+    line
+}
+
+/// Sends one request and waits for its reply (the client's half).
 pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
     let path = socket.display().to_string();
     let io = |error| ClientError::Io { path: path.clone(), error };
     let mut stream = UnixStream::connect(socket)
         .map_err(|error| ClientError::Connect { path: path.clone(), error })?;
-    let mut line = serde_json::to_string(request)?;
-    line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(io)?;
+    stream.write_all(encode_line(request).as_bytes()).map_err(io)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(io)?;
     Ok(serde_json::from_str(&reply)?)
+}
+
+/// One request line as the server read it.
+#[derive(Debug, PartialEq)]
+pub enum Incoming {
+    Request(Request),
+    /// Not a request (the parser's words): the reply says why, and the
+    /// connection goes on.
+    Malformed(String),
+    /// Longer than [`MAX_REQUEST_BYTES`]: the reply says so and the
+    /// connection ends, since the rest of the line cannot be trusted.
+    TooLong,
+}
+
+/// Reads the next request line (the server's half); None when the client
+/// has closed or the connection failed. Never reads more than the limit.
+pub async fn read_request<R: AsyncBufRead + Unpin>(reader: &mut R) -> Option<Incoming> {
+    let mut line = Vec::new();
+    match (&mut *reader).take(MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line).await {
+        Ok(0) | Err(_) => return None,
+        Ok(_) => {}
+    }
+    if line.len() > MAX_REQUEST_BYTES {
+        return Some(Incoming::TooLong);
+    }
+    Some(match serde_json::from_slice::<Request>(&line) {
+        Ok(request) => Incoming::Request(request),
+        Err(error) => Incoming::Malformed(error.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_server_reads_requests_refuses_garbage_and_stops_at_the_limit() {
+        let good = encode_line(&Request::Stats);
+        let long = format!("{}\n", "x".repeat(MAX_REQUEST_BYTES + 10));
+        let input = format!("{good}not json\n{long}{good}");
+        let mut reader = tokio::io::BufReader::new(input.as_bytes());
+        assert_eq!(read_request(&mut reader).await, Some(Incoming::Request(Request::Stats)));
+        let garbage = read_request(&mut reader).await.expect("a line");
+        assert!(
+            matches!(&garbage, Incoming::Malformed(error) if error.contains("expected ident")),
+            "{garbage:?}"
+        );
+        assert_eq!(read_request(&mut reader).await, Some(Incoming::TooLong));
+    }
+
+    #[test]
+    fn lines_are_one_json_object_and_a_newline() {
+        let line = encode_line(&Request::BackendList { vip: None });
+        assert_eq!(line, "{\"command\":\"backend_list\",\"vip\":null}\n");
+        let back: Request = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(back, Request::BackendList { vip: None });
+    }
 }

@@ -37,14 +37,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::datapath::DatapathConfig;
-#[cfg(test)]
-use crate::health::CheckKind;
-use crate::health::{CheckOptions, CheckSpec};
 use crate::maglev::is_valid_table_size;
+#[cfg(test)]
+use crate::model::CheckKind;
 use crate::model::{
-    Affinity, BackendSpec, DEFAULT_WEIGHT, DesiredState, Limits, Protocol, Vip, parse_address,
-    parse_endpoint,
+    Affinity, BackendSpec, CheckOptions, CheckSpec, DEFAULT_WEIGHT, DatapathConfig, DesiredState,
+    Limits, Protocol, Vip, parse_address, parse_endpoint,
 };
 
 /// Everything `lb run` needs besides its command line.

@@ -1,9 +1,11 @@
 //! The balancer's control plane: the `lb` binary's library.
 //!
-//! `cli` (in main.rs) talks to `daemon` through `api`; `daemon` owns the
-//! desired state and is the only writer of the maps, through `reconcile`
-//! and `datapath`; `maglev` is pure; `neighbour` only reports MACs.
+//! Dependencies flow one way: `cli` -> `api` -> `daemon` -> `reconcile` ->
+//! `datapath`, with `model`, `maglev` and lb-common at the bottom. `daemon`
+//! owns the desired state and is the only writer of the maps, through
+//! `reconcile`; `health` and `neighbour` only report; `maglev` is pure.
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod datapath;

@@ -11,9 +11,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{Body, Reply, Request, StatsView};
-
-type Call = (Request, oneshot::Sender<Reply>);
+use crate::api::{Body, Call, Reply, Request, StatsView};
 
 /// Serves `/metrics` on `listener` until the task is aborted.
 pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) {

@@ -14,7 +14,7 @@ use rtnetlink::packet_route::neighbour::{
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::reconcile::Mac;
+use crate::model::Mac;
 
 /// How often the table is read again (a backend whose MAC changes is
 /// followed within this time).
@@ -23,16 +23,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Resolved MACs of the wanted addresses.
 pub type Neighbours = BTreeMap<IpAddr, Mac>;
 
+/// The index of interface `iface`, as the kernel names it in netlink.
 pub fn interface_index(iface: &str) -> std::io::Result<u32> {
-    let name = std::ffi::CString::new(iface).map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in interface name")
-    })?;
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(index)
+    nix::net::if_::if_nametoindex(iface).map_err(std::io::Error::from)
 }
 
 /// Runs until `updates` is closed.

@@ -4,10 +4,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use lb_userspace::datapath::{Datapath, DatapathConfig};
-use lb_userspace::health::CheckSpec;
-use lb_userspace::model::{Affinity, BackendSpec, DesiredState, Protocol, Vip};
-use lb_userspace::reconcile::{HealthMap, Reconciler};
+use lb_userspace::datapath::Datapath;
+use lb_userspace::model::{
+    Affinity, BackendSpec, CheckSpec, DatapathConfig, DesiredState, HealthMap, Protocol, Vip,
+};
+use lb_userspace::reconcile::Reconciler;
 
 /// One VIP: `ADDRESS:PORT`, protocol, backends.
 pub type VipDecl<'a> = (&'a str, Protocol, &'a [IpAddr]);

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use lb_common::Reason;
-use lb_userspace::datapath::{Datapath, DatapathConfig};
-use lb_userspace::model::{Protocol, Vip};
+use lb_userspace::datapath::Datapath;
+use lb_userspace::model::{DatapathConfig, Protocol, Vip};
 use lb_userspace::reconcile::Reconciler;
 
 use crate::fixture::{VipDecl, addresses, balancer};

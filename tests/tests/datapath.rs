@@ -4,10 +4,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{FlowEvent, Reason};
-use lb_userspace::datapath::{Datapath, DatapathConfig};
-use lb_userspace::health::CheckSpec;
-use lb_userspace::model::{Affinity, BackendSpec, DesiredState, Limits, Protocol, Vip};
-use lb_userspace::reconcile::{BackendHealth, HealthMap, Reconciler};
+use lb_userspace::datapath::{Datapath, Maps as _};
+use lb_userspace::model::{
+    Affinity, BackendHealth, BackendSpec, CheckSpec, DatapathConfig, DesiredState, HealthMap,
+    Limits, Protocol, Vip,
+};
+use lb_userspace::reconcile::Reconciler;
 use tests::fixture::{addresses, balancer};
 use tests::packets::{
     BALANCER_MAC, Flow, L3_OFFSET, L4, Segment, Shape, dsr_rewritten, frame,

@@ -4,23 +4,27 @@
 //! and installs it without a packet ever seeing a half-written table.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use lb_common::{
-    BACKEND_FLAG_DOWN, Backend, FlowKey, NO_BACKEND, VIP_FLAG_CLIENT_IP_AFFINITY, VipAddressKey,
-    VipInfo, address_bytes,
+    BACKEND_FLAG_DOWN, Backend, NO_BACKEND, VIP_FLAG_CLIENT_IP_AFFINITY, VipAddressKey, VipInfo,
+    address_bytes,
 };
 
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::{Datapath, DatapathError, Maps};
 use crate::maglev::{Candidate, build_failover_table};
-use crate::model::{Affinity, DesiredState, Vip, address_from_bytes};
+use crate::model::{
+    Affinity, BackendHealth, DesiredState, HealthMap, Mac, Vip, address_from_bytes,
+};
+
+mod read;
+
+pub use read::{InstalledBackend, InstalledVipStatus, LookupResult};
 
 /// A table slot that stopped being read is not rewritten before this long:
 /// far beyond the microseconds a packet that read the old slot index needs.
 const SLOT_QUIET_TIME: Duration = Duration::from_millis(5);
-
-pub type Mac = [u8; 6];
 
 /// What is installed for one VIP.
 #[derive(Debug)]
@@ -53,50 +57,6 @@ struct Member {
     serving: bool,
 }
 
-/// What the health checks say of a backend, as the reconcile step needs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendHealth {
-    pub up: bool,
-    /// Up at some time since the daemon started: such backends serve when no
-    /// backend of the VIP is up (fail-open rather than black-holing).
-    pub ever_up: bool,
-}
-
-/// Health per (VIP, backend address). A backend without an entry counts as up.
-pub type HealthMap = BTreeMap<(Vip, IpAddr), BackendHealth>;
-
-/// Where a flow goes, computed with the kernel's hash from the installed table.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct LookupResult {
-    /// Where a new connection of this flow goes (the Maglev choice).
-    pub backend: Option<IpAddr>,
-    /// Where the flow's established connection goes, if the flow table has it.
-    pub established_backend: Option<IpAddr>,
-    pub hash: u32,
-    pub table_entry: u32,
-}
-
-/// A configured backend as installed.
-#[derive(Clone, Debug)]
-pub struct InstalledBackend {
-    pub address: IpAddr,
-    pub slot: u32,
-    pub mac: Option<Mac>,
-    /// Entries of the active table that point at it.
-    pub table_entries: u32,
-}
-
-/// A VIP as installed.
-#[derive(Clone, Copy, Debug)]
-pub struct InstalledVipStatus {
-    pub vip_index: u32,
-    /// Backends in the table with a resolved MAC.
-    pub members: usize,
-    /// Members receiving new flows.
-    pub serving: usize,
-    pub fail_open: bool,
-}
-
 /// FIFO slot allocator: a freed slot goes to the back, so it is reused as
 /// late as possible.
 #[derive(Debug)]
@@ -124,8 +84,10 @@ pub enum ReconcileError {
     Exhausted(&'static str),
 }
 
-pub struct Reconciler {
-    datapath: Datapath,
+/// The installed state of the maps, and the only writer of them. `M` is the
+/// real [`Datapath`] except in unit tests.
+pub struct Reconciler<M: Maps = Datapath> {
+    datapath: M,
     installed: BTreeMap<Vip, InstalledVip>,
     vip_indexes: Slots,
     backend_slots: Slots,
@@ -135,12 +97,12 @@ pub struct Reconciler {
     table_rebuild_time: Duration,
 }
 
-impl Reconciler {
+impl<M: Maps> Reconciler<M> {
     /// Takes over a datapath. When its maps were adopted from an earlier
     /// `lb run`, the VIP indexes, table slots, backend slots and MACs found
     /// in them are kept, so established flows (which name backend slots)
     /// still reach the same backends, and every table in use stays intact.
-    pub fn new(datapath: Datapath) -> Self {
+    pub fn new(datapath: M) -> Self {
         let config = datapath.config();
         let mut reconciler = Self {
             installed: BTreeMap::new(),
@@ -197,11 +159,11 @@ impl Reconciler {
         );
     }
 
-    pub fn datapath(&self) -> &Datapath {
+    pub fn datapath(&self) -> &M {
         &self.datapath
     }
 
-    pub fn datapath_mut(&mut self) -> &mut Datapath {
+    pub fn datapath_mut(&mut self) -> &mut M {
         &mut self.datapath
     }
 
@@ -445,82 +407,5 @@ impl Reconciler {
         }
         self.vip_addresses = counts;
         Ok(())
-    }
-
-    // --- reading ---------------------------------------------------------------
-
-    pub fn vip_index(&self, vip: &Vip) -> Option<u32> {
-        self.installed.get(vip).map(|installed| installed.vip_index)
-    }
-
-    pub fn vip_status(&self, vip: &Vip) -> Option<InstalledVipStatus> {
-        self.installed.get(vip).map(|installed| InstalledVipStatus {
-            vip_index: installed.vip_index,
-            members: installed.members.len(),
-            serving: installed.members.iter().filter(|member| member.serving).count(),
-            fail_open: installed.fail_open,
-        })
-    }
-
-    /// Configured backends of `vip` with their slots and table shares.
-    /// The backend slots of `vip`, without counting table entries (which
-    /// [`Self::backends`] does by scanning the whole table).
-    pub fn backend_slots(&self, vip: &Vip) -> Vec<u32> {
-        self.installed
-            .get(vip)
-            .map(|installed| installed.slots.values().copied().collect())
-            .unwrap_or_default()
-    }
-
-    pub fn backends(&self, vip: &Vip) -> Vec<InstalledBackend> {
-        let Some(installed) = self.installed.get(vip) else {
-            return Vec::new();
-        };
-        let mut entries: HashMap<u32, u32> = HashMap::new();
-        if let Some(info) = self.datapath.vip(&vip.key()) {
-            for slot in self.datapath.table(info.vip_index, info.active_slot) {
-                *entries.entry(*slot).or_default() += 1;
-            }
-        }
-        installed
-            .slots
-            .iter()
-            .map(|(address, slot)| InstalledBackend {
-                address: *address,
-                slot: *slot,
-                mac: self.macs.get(address).copied(),
-                table_entries: entries.get(slot).copied().unwrap_or(0),
-            })
-            .collect()
-    }
-
-    /// Which backend the datapath sends `client`'s flow to, read from the
-    /// maps the kernel reads, with the kernel's hash.
-    pub fn lookup(&self, vip: &Vip, client: SocketAddr) -> Option<LookupResult> {
-        let installed = self.installed.get(vip)?;
-        let info = self.datapath.vip(&vip.key())?;
-        let config = self.datapath.config();
-        let flow =
-            FlowKey::new(client.ip(), client.port(), vip.address, vip.port, vip.protocol.number());
-        let hash = if info.flags & VIP_FLAG_CLIENT_IP_AFFINITY != 0 {
-            lb_common::client_hash(&flow, config.hash_seed)
-        } else {
-            lb_common::flow_hash(&flow, config.hash_seed)
-        };
-        let table_entry = hash % config.table_size;
-        let backend = if info.backend_count == 0 {
-            None
-        } else {
-            let index =
-                lb_common::table_index(info.vip_index, info.active_slot, config.table_size, hash);
-            let slot = self.datapath.maglev_entry(index);
-            installed.address_of(slot)
-        };
-        let established_backend = self
-            .datapath
-            .flow(&flow)
-            .filter(|entry| entry.vip_index == info.vip_index)
-            .and_then(|entry| installed.address_of(entry.backend_slot));
-        Some(LookupResult { backend, established_backend, hash, table_entry })
     }
 }

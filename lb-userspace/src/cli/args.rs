@@ -1,0 +1,215 @@
+//! The command line: every `lb` command, argument and `--help` text (clap).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::api;
+use crate::daemon;
+use crate::datapath::AttachMode;
+use crate::model::{Affinity, CheckOptions, DEFAULT_WEIGHT, Protocol, parse_endpoint};
+
+/// A stateless L3/L4 load balancer on XDP: Maglev hashing, direct server return.
+#[derive(Parser)]
+#[command(name = "lb", version, propagate_version = true)]
+pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = api::DEFAULT_SOCKET, env = "LB_SOCKET")]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load and attach the datapath, apply the configuration, serve the control socket.
+    ///
+    /// The configuration comes from --config when given (it replaces the saved
+    /// state), else from the state file, else starts empty. Every change is
+    /// saved to the state file. SIGINT or SIGTERM detaches the program.
+    Run {
+        /// Interface to attach to (the one that receives VIP traffic).
+        #[arg(long)]
+        iface: String,
+        /// TOML configuration: settings and VIPs (see README, "Configuration").
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where the configuration is saved after every change.
+        #[arg(long, default_value = daemon::DEFAULT_STATE)]
+        state: PathBuf,
+        /// native (driver) mode, skb (generic) mode, or auto: native, else skb with a warning.
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: AttachMode,
+        /// bpffs directory where the program link and maps are pinned (in a
+        /// subdirectory per interface), so the datapath keeps forwarding while
+        /// lb run restarts. A new lb run adopts what it finds there.
+        #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Detach the program when lb run stops (default: keep forwarding).
+        #[arg(long)]
+        detach_on_exit: bool,
+        /// Prometheus endpoint address (GET /metrics), or `off`.
+        #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics)]
+        metrics: MetricsAddress,
+        /// Let this group use the control socket too (mode 0660; default 0600, root only).
+        #[arg(long)]
+        socket_group: Option<String>,
+    },
+    /// Remove a datapath left pinned by lb run: the program detaches and the
+    /// VIPs on that interface stop being balanced. Refused while lb run serves.
+    Unload {
+        /// The interface lb run was attached to.
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Declare, remove and list VIPs.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Add, remove, drain, reweigh and list a VIP's backends.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Configure a VIP's health check.
+    #[command(subcommand)]
+    Check(CheckCommand),
+    /// Packets, bytes and rates per VIP and backend, and the datapath's reason counters.
+    Stats(Output),
+    /// Which backend a client's flow goes to, computed with the kernel's hash and table.
+    Lookup {
+        /// VIP as ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
+        vip: String,
+        /// Client as ADDRESS:PORT.
+        client: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VipCommand {
+    /// Declare a VIP (it drops traffic until it has a backend). Its backends
+    /// are checked with a TCP connect to the VIP port unless --check says otherwise.
+    Add {
+        /// ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        /// What picks a new flow's backend: the whole flow, or the client
+        /// address only (all of a client's connections on one backend).
+        #[arg(long, value_enum, default_value = "flow")]
+        affinity: Affinity,
+        #[command(flatten)]
+        check: CheckOptions,
+    },
+    /// Remove a VIP and its backends.
+    Remove {
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// List VIPs.
+    List(Output),
+}
+
+#[derive(Subcommand)]
+pub enum BackendCommand {
+    /// Add a backend to a VIP. Its MAC is resolved automatically; it takes new
+    /// flows once resolved and past `rise` passing health checks.
+    Add {
+        /// The VIP as ADDRESS:PORT.
+        vip: String,
+        /// The backend's address (no port: backends serve the VIP's port).
+        backend: String,
+        /// Relative share of new flows, 1 to 256.
+        #[arg(long, default_value_t = DEFAULT_WEIGHT)]
+        weight: u32,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Stop new flows to a backend; its established flows continue. Remove it
+    /// once `lb backend list` shows 0 active flows.
+    Drain {
+        vip: String,
+        backend: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Let a drained backend take new flows again.
+    Undrain {
+        vip: String,
+        backend: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Change a backend's weight; established flows stay where they are.
+    Set {
+        vip: String,
+        backend: String,
+        /// Relative share of new flows, 1 to 256.
+        #[arg(long)]
+        weight: u32,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Remove a backend from a VIP.
+    Remove {
+        vip: String,
+        backend: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// List backends, of one VIP or of all.
+    List {
+        vip: Option<String>,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CheckCommand {
+    /// Change a VIP's check; options not given keep their current value.
+    /// Example: lb check set 198.18.0.10:80 --check ws --check-path /socket --fall 2
+    Set {
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        #[command(flatten)]
+        check: CheckOptions,
+    },
+}
+
+#[derive(Args)]
+pub struct ProtocolArg {
+    /// The VIP's protocol.
+    #[arg(long = "proto", default_value = "tcp", value_parser = parse_protocol)]
+    pub protocol: Protocol,
+}
+
+fn parse_protocol(text: &str) -> Result<Protocol, String> {
+    text.parse()
+}
+
+/// `--metrics`: an address, or `off`.
+#[derive(Clone, Debug)]
+pub struct MetricsAddress(pub Option<SocketAddr>);
+
+fn parse_metrics(text: &str) -> Result<MetricsAddress, String> {
+    if text == "off" {
+        return Ok(MetricsAddress(None));
+    }
+    parse_endpoint(text).map(|address| MetricsAddress(Some(address)))
+}
+
+#[derive(Args)]
+pub struct Output {
+    /// Print JSON (schema in the README) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

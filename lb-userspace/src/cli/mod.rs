@@ -1,0 +1,137 @@
+//! The `lb` command-line client: parses arguments (`args`), turns them into
+//! a control request, sends it through `api`, and prints the reply
+//! (`output`). It never touches BPF; `lb run` hands over to the daemon.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::api::{self, Reply, Request};
+use crate::daemon::{self, RunOptions};
+use crate::model::{Vip, parse_address, parse_endpoint};
+
+pub mod args;
+mod output;
+
+use args::{BackendCommand, CheckCommand, Cli, Command, ProtocolArg, VipCommand};
+
+fn vip_arg(text: &str, protocol: &ProtocolArg) -> anyhow::Result<Vip> {
+    let endpoint = parse_endpoint(text).map_err(|message| anyhow::anyhow!("VIP: {message}"))?;
+    Ok(Vip::new(endpoint, protocol.protocol))
+}
+
+fn backend_arg(text: &str) -> anyhow::Result<IpAddr> {
+    parse_address(text).map_err(|message| anyhow::anyhow!("backend: {message}"))
+}
+
+/// Runs one `lb` command to completion.
+pub fn execute(cli: Cli) -> anyhow::Result<()> {
+    let (request, json) = match cli.command {
+        Command::Run {
+            iface,
+            config,
+            state,
+            xdp_mode,
+            pin_dir,
+            detach_on_exit,
+            metrics,
+            socket_group,
+        } => {
+            let options = RunOptions {
+                iface,
+                config,
+                state,
+                socket: cli.socket,
+                xdp_mode,
+                pin_dir,
+                detach_on_exit,
+                metrics: metrics.0,
+                socket_group,
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            return runtime.block_on(daemon::run(options));
+        }
+        Command::Unload { iface, pin_dir } => {
+            if std::os::unix::net::UnixStream::connect(&cli.socket).is_ok() {
+                anyhow::bail!(
+                    "lb run is serving {}: stop it first (with --detach-on-exit to detach at once)",
+                    cli.socket.display()
+                );
+            }
+            let dir = crate::datapath::pin_dir_for(&pin_dir, &iface);
+            if !dir.exists() {
+                anyhow::bail!("nothing is pinned in {} (see --pin-dir)", dir.display());
+            }
+            crate::datapath::remove_pins(&dir)?;
+            println!(
+                "removed the pins in {}: the program detaches from {iface} as nothing holds it now",
+                dir.display()
+            );
+            return Ok(());
+        }
+        Command::Vip(VipCommand::Add { vip, protocol, affinity, check }) => {
+            (Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check, affinity }, false)
+        }
+        Command::Backend(BackendCommand::Drain { vip, backend, protocol }) => (
+            Request::BackendDrain {
+                vip: vip_arg(&vip, &protocol)?,
+                address: backend_arg(&backend)?,
+                draining: true,
+            },
+            false,
+        ),
+        Command::Backend(BackendCommand::Undrain { vip, backend, protocol }) => (
+            Request::BackendDrain {
+                vip: vip_arg(&vip, &protocol)?,
+                address: backend_arg(&backend)?,
+                draining: false,
+            },
+            false,
+        ),
+        Command::Backend(BackendCommand::Set { vip, backend, weight, protocol }) => (
+            Request::BackendSet {
+                vip: vip_arg(&vip, &protocol)?,
+                address: backend_arg(&backend)?,
+                weight,
+            },
+            false,
+        ),
+        Command::Check(CheckCommand::Set { vip, protocol, check }) => {
+            (Request::CheckSet { vip: vip_arg(&vip, &protocol)?, check }, false)
+        }
+        Command::Vip(VipCommand::Remove { vip, protocol }) => {
+            (Request::VipRemove { vip: vip_arg(&vip, &protocol)? }, false)
+        }
+        Command::Vip(VipCommand::List(output)) => (Request::VipList, output.json),
+        Command::Backend(BackendCommand::Add { vip, backend, weight, protocol }) => (
+            Request::BackendAdd {
+                vip: vip_arg(&vip, &protocol)?,
+                address: backend_arg(&backend)?,
+                weight,
+            },
+            false,
+        ),
+        Command::Backend(BackendCommand::Remove { vip, backend, protocol }) => (
+            Request::BackendRemove {
+                vip: vip_arg(&vip, &protocol)?,
+                address: backend_arg(&backend)?,
+            },
+            false,
+        ),
+        Command::Backend(BackendCommand::List { vip, protocol, output }) => {
+            let vip = vip.map(|vip| vip_arg(&vip, &protocol)).transpose()?;
+            (Request::BackendList { vip }, output.json)
+        }
+        Command::Stats(output) => (Request::Stats, output.json),
+        Command::Lookup { vip, client, protocol, output } => {
+            let client: SocketAddr =
+                parse_endpoint(&client).map_err(|message| anyhow::anyhow!("client: {message}"))?;
+            (Request::Lookup { vip: vip_arg(&vip, &protocol)?, client }, output.json)
+        }
+    };
+    match api::call(&cli.socket, &request)? {
+        Reply::Error(message) => anyhow::bail!("{message}"),
+        Reply::Ok(body) => {
+            output::print_body(&body, json)?;
+            Ok(())
+        }
+    }
+}

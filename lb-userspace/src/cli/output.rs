@@ -1,0 +1,133 @@
+//! How `lb` prints replies: aligned tables for people, or `--json`.
+
+use crate::api::{self, Body};
+
+pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
+    if json {
+        let value = match body {
+            Body::Done { message } => serde_json::json!({ "message": message }),
+            Body::Vips { vips } => serde_json::to_value(vips)?,
+            Body::Backends { backends } => serde_json::to_value(backends)?,
+            Body::Stats(stats) => serde_json::to_value(stats)?,
+            Body::Lookup(lookup) => serde_json::to_value(lookup)?,
+        };
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    match body {
+        Body::Done { message } => println!("{message}"),
+        Body::Vips { vips } => {
+            println!(
+                "{:<32} {:>8} {:>7} {:>8} {:<6} {:>12} {:>14} {:>10}",
+                "VIP", "BACKENDS", "ACTIVE", "SERVING", "CHECK", "PACKETS", "BYTES", "PPS"
+            );
+            for vip in vips {
+                let serving = if vip.all_down {
+                    "ALL-DOWN".to_owned()
+                } else {
+                    vip.serving_backends.to_string()
+                };
+                let check = serde_json::to_value(vip.check.kind)?;
+                println!(
+                    "{:<32} {:>8} {:>7} {:>8} {:<6} {:>12} {:>14} {:>10.0}",
+                    vip.vip,
+                    vip.backends,
+                    vip.active_backends,
+                    serving,
+                    check.as_str().unwrap_or("?"),
+                    vip.packets,
+                    vip.bytes,
+                    vip.packets_per_second
+                );
+            }
+            if vips.iter().any(|vip| vip.all_down) {
+                println!(
+                    "ALL-DOWN: every backend fails its checks; traffic goes to those that were up before (fail-open)"
+                );
+            }
+        }
+        Body::Backends { backends } => print_backends(backends),
+        Body::Stats(stats) => {
+            print_body(&Body::Vips { vips: stats.vips.clone() }, false)?;
+            println!();
+            print_backends(&stats.backends);
+            println!();
+            println!("{:<28} {:>12}", "REASON", "PACKETS");
+            for (reason, count) in &stats.reasons {
+                println!("{reason:<28} {count:>12}");
+            }
+            println!();
+            println!("{:<28} {:>12}", "FLOW TABLE", "PACKETS");
+            for (event, count) in &stats.flow_events {
+                println!("{event:<28} {count:>12}");
+            }
+            let memory = stats
+                .flow_table_memory_bytes
+                .map_or("unknown".to_owned(), |bytes| format!("{} MiB", bytes >> 20));
+            println!("\nFlow table: {} flows, {memory}", stats.flow_table_size);
+            println!("Maglev tables installed since start: {}", stats.tables_built);
+        }
+        Body::Lookup(lookup) => {
+            match lookup.backend {
+                Some(backend) => println!(
+                    "{} from {} -> new connections: backend {} (hash {:#010x}, table entry {})",
+                    lookup.vip, lookup.client, backend, lookup.hash, lookup.table_entry
+                ),
+                None => println!(
+                    "{} from {} -> new connections: no backend (the VIP drops them)",
+                    lookup.vip, lookup.client
+                ),
+            }
+            if let Some(established) = lookup.established_backend {
+                println!("  established flow in the flow table -> backend {established}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_backends(backends: &[api::BackendView]) {
+    println!(
+        "{:<32} {:<24} {:>6} {:<9} {:>10} {:>12} {:<17} {:>7} {:>12} {:>10}  LAST ERROR",
+        "VIP",
+        "BACKEND",
+        "WEIGHT",
+        "STATE",
+        "SINCE",
+        "ACTIVE FLOWS",
+        "MAC",
+        "ENTRIES",
+        "PACKETS",
+        "PPS"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    for backend in backends {
+        println!(
+            "{:<32} {:<24} {:>6} {:<9} {:>10} {:>12} {:<17} {:>7} {:>12} {:>10.0}  {}",
+            backend.vip,
+            backend.address.to_string(),
+            backend.weight,
+            backend.state,
+            format_age(now - backend.since),
+            backend.active_flows,
+            backend.mac.as_deref().unwrap_or("-"),
+            backend.table_entries,
+            backend.packets,
+            backend.packets_per_second,
+            backend.last_error.as_deref().unwrap_or("-"),
+        );
+    }
+}
+
+/// "12s ago", "5m ago", "3h ago".
+fn format_age(seconds: f64) -> String {
+    let seconds = seconds.max(0.0) as u64;
+    match seconds {
+        0..=119 => format!("{seconds}s ago"),
+        120..=7199 => format!("{}m ago", seconds / 60),
+        _ => format!("{}h ago", seconds / 3600),
+    }
+}

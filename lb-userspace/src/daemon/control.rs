@@ -1,0 +1,99 @@
+//! The control socket: binding it with the right owner and mode, accepting
+//! connections, and passing each request line to the daemon's loop as a
+//! [`Call`]. Garbage is answered here and never reaches the daemon.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::io::{AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{Call, Incoming, MAX_REQUEST_BYTES, Reply, encode_line, read_request};
+
+/// Binds the control socket: mode 0600 (root only), or 0660 owned by
+/// `group`. Anyone else is refused by the kernel before reaching us. A
+/// socket file left by a daemon that died is replaced; one that still
+/// answers means another daemon runs.
+pub fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
+    let gid = group.map(group_id).transpose()?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another `lb run` is serving {} (stop it, or pass another --socket)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    match gid {
+        None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?,
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        }
+    }
+    Ok(listener)
+}
+
+/// The id of a group, by name (or number).
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => anyhow::bail!("--socket-group: no group named '{name}' (see /etc/group)"),
+        Err(errno) => anyhow::bail!("--socket-group: looking up group '{name}': {errno}"),
+    }
+}
+
+/// Accepts control connections until the task is aborted.
+pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(stream, calls.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accepting a control connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Answers request lines until the client closes. Garbage gets an error reply
+/// and never reaches the daemon's state; an over-long line ends the connection.
+async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader);
+    while let Some(incoming) = read_request(&mut reader).await {
+        let ends = matches!(incoming, Incoming::TooLong);
+        let reply = match incoming {
+            Incoming::Request(request) => {
+                let (reply_tx, reply_rx) = oneshot::channel();
+                if calls.send((request, reply_tx)).await.is_err() {
+                    return;
+                }
+                reply_rx.await.unwrap_or_else(|_| Reply::Error("the daemon is stopping".into()))
+            }
+            Incoming::Malformed(error) => Reply::Error(format!("malformed request: {error}")),
+            Incoming::TooLong => {
+                Reply::Error(format!("request longer than {MAX_REQUEST_BYTES} bytes"))
+            }
+        };
+        if writer.write_all(encode_line(&reply).as_bytes()).await.is_err() || ends {
+            return;
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! `lb run`: owns the desired state, persists it, and is the only writer of
+//! the BPF maps. Every change (a CLI request, a health transition, a
+//! neighbour update) is handled on the one task that runs [`run`]'s loop and
+//! goes through [`Daemon::change`] or the reconcile step, so changes never
+//! interleave. Answering requests is in `dispatch`, building what `lb`
+//! shows in `views`, the socket in `control`, rates in `rates`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+
+use crate::api::Call;
+use crate::config::{self, Config};
+use crate::datapath::{self, AttachMode, Datapath};
+use crate::health::{Checks, Health, HealthReport, Start};
+use crate::model::{ChangeError, DesiredState, format_mac};
+use crate::neighbour::{self, Neighbours};
+use crate::reconcile::Reconciler;
+
+mod control;
+mod dispatch;
+mod rates;
+mod views;
+
+use rates::{Counted, Rates};
+
+pub const DEFAULT_STATE: &str = "/var/lib/lb/state.toml";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+pub struct RunOptions {
+    pub iface: String,
+    pub config: Option<PathBuf>,
+    pub state: PathBuf,
+    pub socket: PathBuf,
+    pub xdp_mode: AttachMode,
+    /// Program link and maps are pinned in `pin_dir/IFACE`.
+    pub pin_dir: PathBuf,
+    /// Unpin on exit, so the program detaches (default: keep forwarding).
+    pub detach_on_exit: bool,
+    /// Where the Prometheus endpoint listens; None turns it off.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Group allowed to use the control socket (mode 0660); None: root only (0600).
+    pub socket_group: Option<String>,
+}
+
+/// Where the configuration comes from: `--config` when given (it replaces the
+/// persisted state), else the state file when it exists, else empty defaults.
+fn initial_config(options: &RunOptions) -> anyhow::Result<Config> {
+    if let Some(path) = &options.config {
+        let config = config::load(path)?;
+        tracing::info!(config = %path.display(), vips = config.desired.vips.len(), "configuration loaded");
+        return Ok(config);
+    }
+    if options.state.exists() {
+        let config = config::load(&options.state)?;
+        tracing::info!(state = %options.state.display(), vips = config.desired.vips.len(), "state restored");
+        return Ok(config);
+    }
+    tracing::info!(state = %options.state.display(), "no state yet: starting empty");
+    Ok(Config::default())
+}
+
+/// Loads (or adopts) and attaches the datapath, then serves until SIGINT or
+/// SIGTERM.
+pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let config = initial_config(&options)?;
+    let ifindex = neighbour::interface_index(&options.iface)
+        .with_context(|| format!("interface '{}' not found (see `ip link`)", options.iface))?;
+    datapath::ensure_bpffs(&options.pin_dir)?;
+    let pins = datapath::pin_dir_for(&options.pin_dir, &options.iface);
+    let mut datapath = Datapath::load_pinned(config.datapath, &pins)?;
+    let adopted = datapath.adopted();
+    if adopted {
+        let forwarded = datapath
+            .reason_counters()?
+            .into_iter()
+            .find(|(reason, _)| *reason == lb_common::Reason::Forwarded)
+            .map_or(0, |(_, count)| count);
+        let flows: u64 = datapath.active_flows().values().sum();
+        tracing::info!(
+            pins = %pins.display(), active_flows = flows, forwarded_packets = forwarded,
+            "found a pinned datapath still forwarding: adopting its maps, flows and counters"
+        );
+    }
+    let mode = datapath.attach(&options.iface, options.xdp_mode)?;
+    tracing::info!(iface = %options.iface, mode, pins = %pins.display(), "XDP program attached");
+    tracing::info!(
+        flows = datapath.config().flow_table_size,
+        memory_bytes = datapath.flow_table_memory(),
+        "flow table created"
+    );
+
+    let listener = control::bind_socket(&options.socket, options.socket_group.as_deref())?;
+    let metrics_listener = match options.metrics {
+        Some(address) => Some((crate::metrics::bind(address).await?, address)),
+        None => None,
+    };
+    let (wanted_tx, wanted_rx) = watch::channel(Vec::new());
+    let (neighbours_tx, mut neighbours_rx) = mpsc::channel(4);
+    let mut neighbour_task = tokio::spawn(neighbour::run(ifindex, wanted_rx, neighbours_tx));
+    let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(64);
+    let metrics_task = metrics_listener.map(|(listener, address)| {
+        tracing::info!(%address, "serving Prometheus metrics on /metrics");
+        tokio::spawn(crate::metrics::serve(listener, calls_tx.clone()))
+    });
+    let accept_task = tokio::spawn(control::serve(listener, calls_tx));
+
+    let (reports_tx, mut reports_rx) = mpsc::channel::<HealthReport>(256);
+    let mut daemon = Daemon {
+        config,
+        reconciler: Reconciler::new(datapath),
+        state_path: options.state.clone(),
+        rates: Rates::default(),
+        checks: Checks::new(reports_tx),
+    };
+    daemon.checks.sync(&daemon.config.desired, if adopted { Start::Adopted } else { Start::Fresh });
+    daemon.reconciler.apply(&daemon.config.desired, &daemon.checks.health_map())?;
+    config::save(&daemon.config, &daemon.state_path)?;
+    wanted_tx.send_replace(daemon.reconciler.wanted_neighbours());
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut neighbours_lost = false;
+    tracing::info!(socket = %options.socket.display(), "serving the control socket");
+    loop {
+        tokio::select! {
+            Some((request, reply)) = calls_rx.recv() => {
+                let answer = daemon.handle(request);
+                wanted_tx.send_if_modified(|wanted| {
+                    let now = daemon.reconciler.wanted_neighbours();
+                    let changed = *wanted != now;
+                    *wanted = now;
+                    changed
+                });
+                let _ = reply.send(answer);
+            }
+            Some(found) = neighbours_rx.recv() => daemon.neighbours_changed(found),
+            Some(report) = reports_rx.recv() => daemon.health_report(report),
+            _ = tick.tick() => daemon.sample_rates(),
+            ended = &mut neighbour_task, if !neighbours_lost => {
+                // Health failover still works without it, so keep serving,
+                // but say loudly that new backends will never get their MAC.
+                neighbours_lost = true;
+                let why = match ended {
+                    Ok(Ok(())) => "it ended".to_owned(),
+                    Ok(Err(error)) => format!("{error:#}"),
+                    Err(error) => error.to_string(),
+                };
+                tracing::error!(%why, "the neighbour task died: backend MACs are no longer resolved; restart lb run");
+            }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+        }
+    }
+    accept_task.abort();
+    neighbour_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&options.socket);
+    if options.detach_on_exit {
+        daemon.reconciler.datapath_mut().unpin()?;
+        tracing::info!("--detach-on-exit: pins removed; the program detaches now");
+    } else {
+        tracing::info!(
+            pins = %pins.display(),
+            "the XDP program keeps forwarding with its last tables; `lb run` adopts it, `lb unload --iface {}` removes it",
+            options.iface
+        );
+    }
+    drop(daemon);
+    Ok(())
+}
+
+/// The daemon's state, owned by the loop in [`run`].
+struct Daemon {
+    config: Config,
+    reconciler: Reconciler,
+    state_path: PathBuf,
+    rates: Rates,
+    /// One check task and health state per (VIP, backend).
+    checks: Checks,
+}
+
+impl Daemon {
+    /// Applies one change: validated on a copy, persisted, then installed. A
+    /// refused or failed change leaves the running and saved state as before.
+    fn change(
+        &mut self,
+        edit: impl FnOnce(&mut DesiredState) -> Result<(), ChangeError>,
+    ) -> anyhow::Result<()> {
+        let mut next = self.config.clone();
+        edit(&mut next.desired)?;
+        config::save(&next, &self.state_path)?;
+        let previous = std::mem::replace(&mut self.config, next);
+        self.checks.sync(&self.config.desired, Start::Running);
+        if let Err(error) = self.reconciler.apply(&self.config.desired, &self.checks.health_map()) {
+            // Put back what was running and what was saved.
+            self.config = previous;
+            self.checks.sync(&self.config.desired, Start::Running);
+            let _ = self.reconciler.apply(&self.config.desired, &self.checks.health_map());
+            let _ = config::save(&self.config, &self.state_path);
+            return Err(error.into());
+        }
+        tracing::info!(state = %self.state_path.display(), "configuration changed and saved");
+        Ok(())
+    }
+
+    fn health_report(&mut self, report: HealthReport) {
+        let (vip, backend) = (report.vip, report.backend);
+        let Some(transition) = self.checks.observe(report) else { return };
+        match transition.to {
+            Health::Up => {
+                tracing::info!(%vip, %backend, reason = %transition.reason, "backend up")
+            }
+            Health::Down => {
+                tracing::warn!(%vip, %backend, reason = %transition.reason, "backend down")
+            }
+        }
+        let was_all_down = self.reconciler.vip_status(&vip).is_some_and(|status| status.fail_open);
+        if let Err(error) = self.reconciler.apply(&self.config.desired, &self.checks.health_map()) {
+            tracing::error!(%error, "installing tables after a health change failed");
+        }
+        let status = self.reconciler.vip_status(&vip);
+        let all_down = status.is_some_and(|status| status.fail_open);
+        if all_down && !was_all_down {
+            tracing::error!(
+                %vip,
+                forwarding_to = status.map_or(0, |status| status.serving),
+                "every backend of the VIP is down: forwarding to those that were up before (fail-open) rather than dropping"
+            );
+        } else if was_all_down && !all_down {
+            tracing::info!(%vip, "a backend of the VIP is up again: fail-open ended");
+        }
+    }
+
+    fn neighbours_changed(&mut self, found: Neighbours) {
+        let mut changed = false;
+        for (address, mac) in found {
+            if self.reconciler.set_mac(address, mac) {
+                tracing::info!(%address, mac = %format_mac(mac), "backend MAC resolved");
+                changed = true;
+            }
+        }
+        if changed
+            && let Err(error) =
+                self.reconciler.apply(&self.config.desired, &self.checks.health_map())
+        {
+            tracing::error!(%error, "installing tables after a MAC change failed");
+        }
+    }
+
+    fn sample_rates(&mut self) {
+        let datapath = self.reconciler.datapath();
+        for vip in self.config.desired.vips.keys() {
+            if let Some(index) = self.reconciler.vip_index(vip)
+                && let Ok(counters) = datapath.vip_counters(index)
+            {
+                self.rates.sample(Counted::Vip(index), counters);
+            }
+            for slot in self.reconciler.backend_slots(vip) {
+                if let Ok(counters) = datapath.backend_counters(slot) {
+                    self.rates.sample(Counted::Backend(slot), counters);
+                }
+            }
+        }
+    }
+}

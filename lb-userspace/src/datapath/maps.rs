@@ -1,0 +1,238 @@
+//! The typed readers and writers of the datapath's maps, and its counters.
+//! [`Maps`] is what the reconcile step needs of them, so that it can be
+//! tested against a fake; [`Datapath`] is the real implementation.
+
+use std::os::fd::AsFd as _;
+
+use aya::maps::{MapData, PerCpuArray};
+use lb_common::{
+    Backend, FLOW_FLAG_CLOSING, FlowEntry, FlowEvent, FlowKey, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_FLOW_EVENTS, MAP_REASONS, MAP_VIP_ADDRESSES, MAP_VIP_STATS, MAP_VIPS, PROTO_TCP, Reason,
+    SLOTS_PER_VIP, TrafficCounters, VipAddressKey, VipInfo, VipKey,
+};
+
+use super::{Datapath, DatapathError, map_error};
+use crate::model::DatapathConfig;
+
+/// What the reconcile step reads and writes: the VIP, VIP-address and backend
+/// maps, the Maglev tables, and single flow-table entries.
+pub trait Maps {
+    /// The sizes and seed the maps were created with.
+    fn config(&self) -> DatapathConfig;
+    /// Whether the maps were adopted from an earlier `lb run`.
+    fn adopted(&self) -> bool;
+    /// Every VIP entry in the map (for adopting pinned maps).
+    fn vip_entries(&self) -> Vec<(VipKey, VipInfo)>;
+    /// Every backend slot in use (family set), with its entry.
+    fn backend_entries(&self) -> Vec<(u32, Backend)>;
+    /// Fills one table slot. The caller installs it with [`Self::set_vip`]
+    /// only after this returns, and never writes the slot the datapath reads.
+    fn write_table(&mut self, vip_index: u32, slot: u32, table: &[u32]);
+    /// The backend slot at `index` of LB_MAGLEV (see `lb_common::table_index`).
+    fn maglev_entry(&self, index: u32) -> u32;
+    /// A whole installed table, as the datapath reads it.
+    fn table(&self, vip_index: u32, slot: u32) -> &[u32];
+    /// Publishes a VIP (or moves it to another table slot) in one map update.
+    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError>;
+    fn vip(&self, key: &VipKey) -> Option<VipInfo>;
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), DatapathError>;
+    /// Records how many VIPs use `address` (0 removes it).
+    fn set_vip_address(&mut self, key: VipAddressKey, count: u32) -> Result<(), DatapathError>;
+    fn set_backend(&mut self, slot: u32, backend: Backend) -> Result<(), DatapathError>;
+    /// Zeroes the counters of a VIP index that is being reused.
+    fn reset_vip_stats(&mut self, vip_index: u32) -> Result<(), DatapathError>;
+    /// Zeroes the counters of a backend slot that is being reused.
+    fn reset_backend_stats(&mut self, slot: u32) -> Result<(), DatapathError>;
+    /// The flow-table entry of one flow, as the datapath recorded it.
+    fn flow(&self, key: &FlowKey) -> Option<FlowEntry>;
+}
+
+impl Maps for Datapath {
+    fn config(&self) -> DatapathConfig {
+        self.config
+    }
+
+    fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    fn vip_entries(&self) -> Vec<(VipKey, VipInfo)> {
+        self.vips.iter().filter_map(Result::ok).collect()
+    }
+
+    fn backend_entries(&self) -> Vec<(u32, Backend)> {
+        (0..self.config.max_backends)
+            .filter_map(|slot| self.backends.get(&slot, 0).ok().map(|backend| (slot, backend)))
+            .filter(|(_, backend)| backend.family != 0)
+            .collect()
+    }
+
+    fn write_table(&mut self, vip_index: u32, slot: u32, table: &[u32]) {
+        assert_eq!(table.len(), self.config.table_size as usize, "table of the wrong size");
+        let range = table_range(&self.config, vip_index, slot);
+        self.maglev[range].copy_from_slice(bytemuck::cast_slice(table));
+    }
+
+    fn maglev_entry(&self, index: u32) -> u32 {
+        let start = index as usize * size_of::<u32>();
+        let bytes: [u8; 4] = self.maglev[start..start + 4].try_into().expect("four bytes");
+        u32::from_ne_bytes(bytes)
+    }
+
+    fn table(&self, vip_index: u32, slot: u32) -> &[u32] {
+        bytemuck::cast_slice(&self.maglev[table_range(&self.config, vip_index, slot)])
+    }
+
+    fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError> {
+        self.vips.insert(key, info, 0).map_err(map_error(MAP_VIPS))
+    }
+
+    fn vip(&self, key: &VipKey) -> Option<VipInfo> {
+        self.vips.get(key, 0).ok()
+    }
+
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), DatapathError> {
+        self.vips.remove(key).map_err(map_error(MAP_VIPS))
+    }
+
+    fn set_vip_address(&mut self, key: VipAddressKey, count: u32) -> Result<(), DatapathError> {
+        if count == 0 {
+            self.vip_addresses.remove(&key).map_err(map_error(MAP_VIP_ADDRESSES))
+        } else {
+            self.vip_addresses.insert(key, count, 0).map_err(map_error(MAP_VIP_ADDRESSES))
+        }
+    }
+
+    fn set_backend(&mut self, slot: u32, backend: Backend) -> Result<(), DatapathError> {
+        self.backends.set(slot, backend, 0).map_err(map_error(MAP_BACKENDS))
+    }
+
+    fn reset_vip_stats(&mut self, vip_index: u32) -> Result<(), DatapathError> {
+        reset(&mut self.vip_stats, vip_index).map_err(map_error(MAP_VIP_STATS))
+    }
+
+    fn reset_backend_stats(&mut self, slot: u32) -> Result<(), DatapathError> {
+        reset(&mut self.backend_stats, slot).map_err(map_error(MAP_BACKEND_STATS))
+    }
+
+    fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
+        self.flows.get(key, 0).ok()
+    }
+}
+
+/// The bytes of one table slot in the memory-mapped Maglev array.
+fn table_range(config: &DatapathConfig, vip_index: u32, slot: u32) -> std::ops::Range<usize> {
+    let entries = config.table_size as usize;
+    let start = (vip_index * SLOTS_PER_VIP + slot) as usize * entries * size_of::<u32>();
+    start..start + entries * size_of::<u32>()
+}
+
+/// Counters, and what the daemon shows of the flow table.
+impl Datapath {
+    // --- counters ------------------------------------------------------------
+
+    pub fn vip_counters(&self, vip_index: u32) -> Result<TrafficCounters, DatapathError> {
+        sum_traffic(&self.vip_stats, vip_index).map_err(map_error(MAP_VIP_STATS))
+    }
+
+    pub fn backend_counters(&self, slot: u32) -> Result<TrafficCounters, DatapathError> {
+        sum_traffic(&self.backend_stats, slot).map_err(map_error(MAP_BACKEND_STATS))
+    }
+
+    /// Packets per [`Reason`], summed over CPUs, in `Reason::ALL` order.
+    pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DatapathError> {
+        per_cpu_totals(
+            &self.reasons,
+            MAP_REASONS,
+            Reason::ALL.map(|reason| (reason, reason as u32)),
+        )
+    }
+
+    /// Packets per [`FlowEvent`], summed over CPUs, in `FlowEvent::ALL` order.
+    pub fn flow_event_counters(&self) -> Result<Vec<(FlowEvent, u64)>, DatapathError> {
+        per_cpu_totals(
+            &self.flow_events,
+            MAP_FLOW_EVENTS,
+            FlowEvent::ALL.map(|event| (event, event as u32)),
+        )
+    }
+
+    /// Active flows per backend slot: entries neither closing nor idle past
+    /// their protocol's timeout. Walks the whole flow table (about a second
+    /// per million flows), so callers should not do it per packet or often.
+    pub fn active_flows(&self) -> std::collections::HashMap<u32, u64> {
+        let now = monotonic_ns();
+        let tcp_idle = self.config.tcp_idle_timeout_ms.saturating_mul(1_000_000);
+        let udp_idle = self.config.udp_idle_timeout_ms.saturating_mul(1_000_000);
+        let mut counts = std::collections::HashMap::new();
+        for (key, entry) in self.flows.iter().filter_map(Result::ok) {
+            let idle = if key.protocol == u32::from(PROTO_TCP) { tcp_idle } else { udp_idle };
+            if entry.flags & FLOW_FLAG_CLOSING == 0
+                && now.saturating_sub(entry.last_seen_ns) <= idle
+            {
+                *counts.entry(entry.backend_slot).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// Memory the kernel charges for the flow table (its `memlock`), if known.
+    pub fn flow_table_memory(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd as _;
+        let fd = self.flows_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines().find_map(|line| line.strip_prefix("memlock:")?.trim().parse().ok())
+    }
+
+    fn flows_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use aya::maps::IterableMap as _;
+        self.flows.map().fd().as_fd()
+    }
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
+pub fn monotonic_ns() -> u64 {
+    // The clock exists on every Linux the datapath loads on; 0 cannot happen.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map_or(0, |now| now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+}
+
+/// Each labelled index of a per-CPU counter array, summed over CPUs.
+fn per_cpu_totals<L, const N: usize>(
+    map: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+    indexes: [(L, u32); N],
+) -> Result<Vec<(L, u64)>, DatapathError> {
+    indexes
+        .into_iter()
+        .map(|(label, index)| {
+            let values = map.get(&index, 0).map_err(map_error(name))?;
+            Ok((label, values.iter().sum()))
+        })
+        .collect()
+}
+
+fn sum_traffic(
+    map: &PerCpuArray<MapData, TrafficCounters>,
+    index: u32,
+) -> Result<TrafficCounters, aya::maps::MapError> {
+    let values = map.get(&index, 0)?;
+    Ok(values.iter().fold(TrafficCounters::default(), |total, cpu| TrafficCounters {
+        packets: total.packets + cpu.packets,
+        bytes: total.bytes + cpu.bytes,
+    }))
+}
+
+fn reset(
+    map: &mut PerCpuArray<MapData, TrafficCounters>,
+    index: u32,
+) -> Result<(), aya::maps::MapError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, error)| {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: error,
+        })
+    })?;
+    let zeroes = aya::maps::PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])?;
+    map.set(index, zeroes, 0)
+}

@@ -1,0 +1,247 @@
+//! Loading the XDP program and creating its maps, and running it once on a
+//! packet (for tests). Pinning and attaching live in `pins`, the typed map
+//! readers and writers in `maps`. Only the daemon's reconcile step (and
+//! tests standing in for it) write the maps.
+
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::programs::links::PinnedLink;
+use aya::programs::{ProgramError, Xdp};
+use aya::{Ebpf, EbpfLoader};
+use lb_common::{
+    Backend, FlowEntry, FlowKey, GLOBAL_HASH_SEED, GLOBAL_TABLE_SIZE, GLOBAL_UDP_IDLE_NS,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOW_EVENTS, MAP_FLOWS, MAP_MAGLEV, MAP_REASONS,
+    MAP_VIP_ADDRESSES, MAP_VIP_STATS, MAP_VIPS, PROGRAM_NAME, TrafficCounters, VipAddressKey,
+    VipInfo, VipKey,
+};
+use memmap2::{MmapMut, MmapOptions};
+
+use crate::model::DatapathConfig;
+
+mod maps;
+mod pins;
+
+pub use maps::{Maps, monotonic_ns};
+pub use pins::{ensure_bpffs, is_bpffs, pin_dir_for, remove_pins};
+
+/// The compiled XDP object, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// An XDP program that passes every frame. On veth links (containers,
+/// testbeds) the far end must run an XDP program for XDP_TX frames to be
+/// delivered; this is the one to attach there. It has no maps, so iproute2
+/// can load it (`ip link set dev PEER xdp obj FILE sec xdp`).
+pub static PEER_PASS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
+
+/// Programs for `cargo xtask bench` (floors, a new-flow wrapper, a traffic
+/// generator and a sink); see lb-ebpf/src/bin/bench-programs.rs. Never
+/// attached by `lb run`.
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-programs"));
+
+/// How to attach: `Auto` tries native (driver) mode and falls back to generic
+/// (skb) mode with a warning.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    Auto,
+    Native,
+    Skb,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "max_vips {max_vips} x 2 x table_size {table_size} Maglev entries do not fit a BPF array"
+    )]
+    TableTooLarge { max_vips: u32, table_size: u32 },
+    #[error("loading the XDP object failed (are you root, with BPF and BTF available?)")]
+    Load(#[from] aya::EbpfError),
+    #[error("the XDP object has no {kind} named {name}: the object and lb-common disagree")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("map {name}: {error}")]
+    Map { name: &'static str, error: aya::maps::MapError },
+    #[error("the XDP program was rejected by the kernel")]
+    Program(#[source] ProgramError),
+    #[error("attaching to interface {iface} in {mode} mode failed: {error}")]
+    Attach { iface: String, mode: &'static str, error: ProgramError },
+    #[error("mapping the Maglev table into memory failed")]
+    Mmap(#[source] std::io::Error),
+    #[error("test run failed")]
+    TestRun(#[source] ProgramError),
+    #[error("pin directory {dir}: {error}")]
+    PinDir { dir: PathBuf, error: std::io::Error },
+    #[error(
+        "{dir} is not on a bpf filesystem, so nothing can be pinned there: mount one (mount -t bpf bpf {dir}) or choose another --pin-dir"
+    )]
+    NotBpffs { dir: PathBuf },
+    #[error("the datapath pinned in {} does not fit this configuration ({differences}). Keep the old settings, or replace it: `lb unload --iface IFACE` removes it (traffic to the VIPs stops until the next lb run loads a new one)", dir.display())]
+    IncompatiblePins { dir: PathBuf, differences: String },
+    #[error("pinned link {}: {error}", path.display())]
+    PinnedLink { path: PathBuf, error: String },
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |error| DatapathError::Map { name, error }
+}
+
+/// The loaded program and its maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    config: DatapathConfig,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    vip_addresses: HashMap<MapData, VipAddressKey, u32>,
+    backends: Array<MapData, Backend>,
+    vip_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    reasons: PerCpuArray<MapData, u64>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    flow_events: PerCpuArray<MapData, u64>,
+    /// The Maglev array, written through memory: installing a table is one
+    /// copy instead of one syscall per entry.
+    maglev: MmapMut,
+    _maglev_map: MapData,
+    attached: Option<(String, &'static str)>,
+    /// Where the link and maps are pinned, when they are.
+    pin_dir: Option<PathBuf>,
+    /// Maps found pinned (a restart) rather than created.
+    adopted: bool,
+    /// The link kept attached across restarts, when pinned by us.
+    pinned_link: Option<PinnedLink>,
+}
+
+impl Datapath {
+    /// Loads the XDP program and creates its maps with the configured sizes,
+    /// unpinned (they live as long as this object). Nothing is attached yet.
+    pub fn load(config: DatapathConfig) -> Result<Self, DatapathError> {
+        Self::open(config, None)
+    }
+
+    /// Whether the maps were adopted from an earlier `lb run`.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    fn open(config: DatapathConfig, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        let too_large = || DatapathError::TableTooLarge {
+            max_vips: config.max_vips,
+            table_size: config.table_size,
+        };
+        let maglev_entries = config.maglev_entries().ok_or_else(too_large)?;
+        if maglev_entries.checked_mul(4).is_none() {
+            return Err(too_large());
+        }
+        let maglev_elements = lb_common::maglev_elements(maglev_entries);
+        let udp_idle_ns = config.udp_idle_timeout_ms.saturating_mul(1_000_000);
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            for name in lb_common::ALL_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
+            .override_global(GLOBAL_HASH_SEED, &config.hash_seed, true)
+            .override_global(GLOBAL_UDP_IDLE_NS, &udp_idle_ns, true)
+            .map_max_entries(MAP_FLOWS, config.flow_table_size)
+            .override_global(GLOBAL_TABLE_SIZE, &config.table_size, true)
+            .map_max_entries(MAP_VIPS, config.max_vips)
+            .map_max_entries(MAP_VIP_ADDRESSES, config.max_vips)
+            .map_max_entries(MAP_VIP_STATS, config.max_vips)
+            .map_max_entries(MAP_MAGLEV, maglev_elements)
+            .map_max_entries(MAP_BACKENDS, config.max_backends)
+            .map_max_entries(MAP_BACKEND_STATS, config.max_backends)
+            .load(OBJECT)?;
+        // Before anything reads or writes them: do pinned maps fit this configuration?
+        let adopted = pins::check_layout(&mut ebpf, &config, pin_dir)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(DatapathError::Missing { kind: "program", name: PROGRAM_NAME })?
+            .try_into()
+            .map_err(DatapathError::Program)?;
+        program.load().map_err(DatapathError::Program)?;
+
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })
+        };
+        let vips = HashMap::try_from(take(MAP_VIPS)?).map_err(map_error(MAP_VIPS))?;
+        let vip_addresses =
+            HashMap::try_from(take(MAP_VIP_ADDRESSES)?).map_err(map_error(MAP_VIP_ADDRESSES))?;
+        let backends = Array::try_from(take(MAP_BACKENDS)?).map_err(map_error(MAP_BACKENDS))?;
+        let vip_stats =
+            PerCpuArray::try_from(take(MAP_VIP_STATS)?).map_err(map_error(MAP_VIP_STATS))?;
+        let backend_stats = PerCpuArray::try_from(take(MAP_BACKEND_STATS)?)
+            .map_err(map_error(MAP_BACKEND_STATS))?;
+        let reasons = PerCpuArray::try_from(take(MAP_REASONS)?).map_err(map_error(MAP_REASONS))?;
+        let flows = HashMap::try_from(take(MAP_FLOWS)?).map_err(map_error(MAP_FLOWS))?;
+        let flow_events =
+            PerCpuArray::try_from(take(MAP_FLOW_EVENTS)?).map_err(map_error(MAP_FLOW_EVENTS))?;
+        let Map::Array(maglev_map) = take(MAP_MAGLEV)? else {
+            return Err(DatapathError::Missing { kind: "array map", name: MAP_MAGLEV });
+        };
+        let length = maglev_elements as usize * size_of::<lb_common::MaglevChunk>();
+        // SAFETY: the fd is a BPF array created with BPF_F_MMAPABLE holding
+        // `length` bytes of values (64-byte elements, so no padding between
+        // them); the kernel keeps the memory alive while it is mapped, and
+        // nothing else in this process maps it.
+        let maglev = unsafe { MmapOptions::new().len(length).map_mut(&maglev_map.fd().as_fd()) }
+            .map_err(DatapathError::Mmap)?;
+        Ok(Self {
+            ebpf,
+            config,
+            vips,
+            vip_addresses,
+            backends,
+            vip_stats,
+            backend_stats,
+            reasons,
+            flows,
+            flow_events,
+            maglev,
+            _maglev_map: maglev_map,
+            attached: None,
+            pin_dir: pin_dir.map(Path::to_owned),
+            adopted,
+            pinned_link: None,
+        })
+    }
+
+    pub fn config(&self) -> DatapathConfig {
+        self.config
+    }
+
+    /// The loaded XDP program (for test runs and for tail calls into it).
+    pub fn program(&self) -> &Xdp {
+        // Checked in load(): the program exists and is XDP.
+        let program = self.ebpf.program(PROGRAM_NAME).expect("program checked at load");
+        program.try_into().expect("program type checked at load")
+    }
+
+    fn program_mut(&mut self) -> &mut Xdp {
+        // Checked in load(): the program exists and is XDP.
+        let program = self.ebpf.program_mut(PROGRAM_NAME).expect("program checked at load");
+        program.try_into().expect("program type checked at load")
+    }
+
+    /// Runs the program once on `packet` through BPF_PROG_TEST_RUN. Returns the
+    /// XDP action and the packet as the program left it.
+    pub fn test_run(&self, packet: &[u8]) -> Result<(u32, Vec<u8>), DatapathError> {
+        // Room for programs that grow the packet (encapsulation).
+        let mut output = vec![0u8; packet.len() + 256];
+        let result = aya::programs::TestRun::test_run(
+            self.program(),
+            aya::programs::TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut output),
+                ..Default::default()
+            },
+        )
+        .map_err(DatapathError::TestRun)?;
+        output.truncate(result.data_size_out as usize);
+        Ok((result.return_value, output))
+    }
+}

@@ -1,0 +1,200 @@
+//! Pinning: the program link and every map live on a bpf filesystem, so the
+//! datapath keeps forwarding while `lb run` restarts and a new one adopts it.
+//! Also where pinned maps are checked against this configuration (`Layout`)
+//! and removed (`lb unload`).
+
+use std::path::{Path, PathBuf};
+
+use aya::Ebpf;
+use aya::maps::{Array, MapData};
+use aya::programs::Xdp;
+use aya::programs::XdpMode;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
+use lb_common::{LAYOUT_VERSION, Layout, MAP_LAYOUT};
+
+use super::{AttachMode, Datapath, DatapathError, map_error};
+use crate::model::DatapathConfig;
+
+/// The link's pin, beside the maps' pins in the pin directory.
+const LINK_PIN: &str = "link";
+/// Where bpf filesystems are mounted by convention.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Where one interface's datapath is pinned.
+pub fn pin_dir_for(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join(iface)
+}
+
+/// Whether `path` lies on a bpf filesystem (where pins can live).
+pub fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|stat| stat.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+/// Mounts bpffs on /sys/fs/bpf when the pin directory is below it and it is
+/// missing (as inside `ip netns exec`, which remounts /sys).
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
+    let root = Path::new(BPFFS_ROOT);
+    if !pin_dir.starts_with(root) || is_bpffs(root) {
+        return Ok(());
+    }
+    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|errno| DatapathError::PinDir { dir: root.to_owned(), error: errno.into() })?;
+    tracing::info!("mounted bpffs on {BPFFS_ROOT}");
+    Ok(())
+}
+
+impl Datapath {
+    /// Like [`Self::load`], with every map pinned in `dir` (a directory on a
+    /// bpf filesystem). Maps already pinned there, by an earlier `lb run`,
+    /// are adopted with their contents, after checking they were made with
+    /// this configuration's sizes and seed.
+    pub fn load_pinned(config: DatapathConfig, dir: &Path) -> Result<Self, DatapathError> {
+        let parent = dir.parent().unwrap_or(dir);
+        std::fs::create_dir_all(parent)
+            .map_err(|error| DatapathError::PinDir { dir: dir.to_owned(), error })?;
+        if !is_bpffs(parent) {
+            return Err(DatapathError::NotBpffs { dir: parent.to_owned() });
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|error| DatapathError::PinDir { dir: dir.to_owned(), error })?;
+        Self::open(config, Some(dir))
+    }
+
+    /// Attaches to `iface`. Returns the mode actually used ("native" or "skb").
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str, DatapathError> {
+        let pinned_link =
+            self.pin_dir.as_ref().map(|dir| dir.join(LINK_PIN)).filter(|path| path.exists());
+        let program = self.program_mut();
+        let attempt = |program: &mut Xdp, mode: XdpMode, name: &'static str| {
+            program.attach(iface, mode).map(|link| (link, name)).map_err(|error| {
+                DatapathError::Attach { iface: iface.to_owned(), mode: name, error }
+            })
+        };
+        // A link pinned by an earlier `lb run` keeps the old program attached:
+        // swap this one in atomically, so no packet goes unhandled.
+        if let Some(link_pin) = pinned_link {
+            let pinned = PinnedLink::from_pin(&link_pin).map_err(|error| {
+                DatapathError::PinnedLink { path: link_pin.clone(), error: error.to_string() }
+            })?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|error| {
+                DatapathError::PinnedLink { path: link_pin.clone(), error: error.to_string() }
+            })?;
+            program.attach_to_link(link).map_err(|error| DatapathError::Attach {
+                iface: iface.to_owned(),
+                mode: "pinned link",
+                error,
+            })?;
+            self.attached = Some((iface.to_owned(), "pinned link (replaced atomically)"));
+            return Ok("pinned link (replaced atomically)");
+        }
+        let (link_id, used) = match mode {
+            AttachMode::Native => attempt(program, XdpMode::Driver, "native")?,
+            AttachMode::Skb => attempt(program, XdpMode::Skb, "skb")?,
+            AttachMode::Auto => match attempt(program, XdpMode::Driver, "native") {
+                Ok(used) => used,
+                Err(native_error) => {
+                    tracing::warn!(
+                        %iface, error = %native_error,
+                        "native XDP unavailable; falling back to skb (generic) mode, which is much slower"
+                    );
+                    attempt(program, XdpMode::Skb, "skb")?
+                }
+            },
+        };
+        self.attached = Some((iface.to_owned(), used));
+        if let Some(dir) = &self.pin_dir {
+            // Pin the link so the program stays attached when lb run stops.
+            let dir = dir.clone();
+            let link = self.program_mut().take_link(link_id).map_err(DatapathError::Program)?;
+            let path = dir.join(LINK_PIN);
+            let pinned = FdLink::try_from(link)
+                .map_err(|error| DatapathError::PinnedLink {
+                    path: path.clone(),
+                    error: error.to_string(),
+                })?
+                .pin(&path)
+                .map_err(|error| DatapathError::PinnedLink {
+                    path: path.clone(),
+                    error: error.to_string(),
+                })?;
+            self.pinned_link = Some(pinned);
+        }
+        Ok(used)
+    }
+
+    /// Removes every pin, so the program detaches and the maps go once this
+    /// object is dropped: `lb run --detach-on-exit`.
+    pub fn unpin(&mut self) -> Result<(), DatapathError> {
+        if let Some(dir) = self.pin_dir.take() {
+            remove_pins(&dir)?;
+        }
+        self.pinned_link = None;
+        Ok(())
+    }
+}
+
+/// Removes a pin directory's link and map pins (`lb unload`). Objects still
+/// open elsewhere live on until closed; once nothing holds the link, the
+/// program detaches.
+pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
+    let pin_error = |error| DatapathError::PinDir { dir: dir.to_owned(), error };
+    for name in std::iter::once(LINK_PIN).chain(lb_common::ALL_MAPS) {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(pin_error(error)),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(pin_error(error)),
+    }
+}
+
+/// Writes the layout into fresh maps, or checks the layout of adopted ones.
+/// Returns whether the maps were adopted.
+pub(super) fn check_layout(
+    ebpf: &mut Ebpf,
+    config: &DatapathConfig,
+    pin_dir: Option<&Path>,
+) -> Result<bool, DatapathError> {
+    let map =
+        ebpf.map_mut(MAP_LAYOUT).ok_or(DatapathError::Missing { kind: "map", name: MAP_LAYOUT })?;
+    let mut layout_map: Array<&mut MapData, Layout> =
+        Array::try_from(map).map_err(map_error(MAP_LAYOUT))?;
+    let wanted = Layout {
+        version: LAYOUT_VERSION,
+        hash_seed: config.hash_seed,
+        table_size: config.table_size,
+        max_vips: config.max_vips,
+        max_backends: config.max_backends,
+        flow_table_size: config.flow_table_size,
+        udp_idle_timeout_ms: config.udp_idle_timeout_ms,
+    };
+    let found = layout_map.get(&0, 0).map_err(map_error(MAP_LAYOUT))?;
+    if found == Layout::default() {
+        layout_map.set(0, wanted, 0).map_err(map_error(MAP_LAYOUT))?;
+        return Ok(false);
+    }
+    if found == wanted {
+        return Ok(true);
+    }
+    let dir = pin_dir.map_or_else(PathBuf::new, Path::to_owned);
+    let differences: Vec<String> = [
+        ("layout version", u64::from(found.version), u64::from(wanted.version)),
+        ("hash_seed", found.hash_seed.into(), wanted.hash_seed.into()),
+        ("table_size", found.table_size.into(), wanted.table_size.into()),
+        ("max_vips", found.max_vips.into(), wanted.max_vips.into()),
+        ("max_backends", found.max_backends.into(), wanted.max_backends.into()),
+        ("flow_table_size", found.flow_table_size.into(), wanted.flow_table_size.into()),
+        ("udp_idle_timeout_ms", found.udp_idle_timeout_ms, wanted.udp_idle_timeout_ms),
+    ]
+    .into_iter()
+    .filter(|(_, pinned, configured)| pinned != configured)
+    .map(|(field, pinned, configured)| format!("{field} is {pinned} there but {configured} here"))
+    .collect();
+    Err(DatapathError::IncompatiblePins { dir, differences: differences.join(", ") })
+}

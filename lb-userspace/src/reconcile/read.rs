@@ -1,0 +1,121 @@
+//! What the reconcile step can say of what it installed: VIP and backend
+//! status for the daemon's views, and `lb lookup`'s answer, read from the
+//! maps the kernel reads with the kernel's hash.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use lb_common::{FlowKey, VIP_FLAG_CLIENT_IP_AFFINITY};
+
+use super::Reconciler;
+use crate::datapath::Maps;
+use crate::model::{Mac, Vip};
+
+/// Where a flow goes, computed with the kernel's hash from the installed table.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LookupResult {
+    /// Where a new connection of this flow goes (the Maglev choice).
+    pub backend: Option<IpAddr>,
+    /// Where the flow's established connection goes, if the flow table has it.
+    pub established_backend: Option<IpAddr>,
+    pub hash: u32,
+    pub table_entry: u32,
+}
+
+/// A configured backend as installed.
+#[derive(Clone, Debug)]
+pub struct InstalledBackend {
+    pub address: IpAddr,
+    pub slot: u32,
+    pub mac: Option<Mac>,
+    /// Entries of the active table that point at it.
+    pub table_entries: u32,
+}
+
+/// A VIP as installed.
+#[derive(Clone, Copy, Debug)]
+pub struct InstalledVipStatus {
+    pub vip_index: u32,
+    /// Backends in the table with a resolved MAC.
+    pub members: usize,
+    /// Members receiving new flows.
+    pub serving: usize,
+    pub fail_open: bool,
+}
+
+impl<M: Maps> Reconciler<M> {
+    pub fn vip_index(&self, vip: &Vip) -> Option<u32> {
+        self.installed.get(vip).map(|installed| installed.vip_index)
+    }
+
+    pub fn vip_status(&self, vip: &Vip) -> Option<InstalledVipStatus> {
+        self.installed.get(vip).map(|installed| InstalledVipStatus {
+            vip_index: installed.vip_index,
+            members: installed.members.len(),
+            serving: installed.members.iter().filter(|member| member.serving).count(),
+            fail_open: installed.fail_open,
+        })
+    }
+
+    /// The backend slots of `vip`, without counting table entries (which
+    /// [`Self::backends`] does by scanning the whole table).
+    pub fn backend_slots(&self, vip: &Vip) -> Vec<u32> {
+        self.installed
+            .get(vip)
+            .map(|installed| installed.slots.values().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Configured backends of `vip` with their slots and table shares.
+    pub fn backends(&self, vip: &Vip) -> Vec<InstalledBackend> {
+        let Some(installed) = self.installed.get(vip) else {
+            return Vec::new();
+        };
+        let mut entries: HashMap<u32, u32> = HashMap::new();
+        if let Some(info) = self.datapath.vip(&vip.key()) {
+            for slot in self.datapath.table(info.vip_index, info.active_slot) {
+                *entries.entry(*slot).or_default() += 1;
+            }
+        }
+        installed
+            .slots
+            .iter()
+            .map(|(address, slot)| InstalledBackend {
+                address: *address,
+                slot: *slot,
+                mac: self.macs.get(address).copied(),
+                table_entries: entries.get(slot).copied().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Which backend the datapath sends `client`'s flow to, read from the
+    /// maps the kernel reads, with the kernel's hash.
+    pub fn lookup(&self, vip: &Vip, client: SocketAddr) -> Option<LookupResult> {
+        let installed = self.installed.get(vip)?;
+        let info = self.datapath.vip(&vip.key())?;
+        let config = self.datapath.config();
+        let flow =
+            FlowKey::new(client.ip(), client.port(), vip.address, vip.port, vip.protocol.number());
+        let hash = if info.flags & VIP_FLAG_CLIENT_IP_AFFINITY != 0 {
+            lb_common::client_hash(&flow, config.hash_seed)
+        } else {
+            lb_common::flow_hash(&flow, config.hash_seed)
+        };
+        let table_entry = hash % config.table_size;
+        let backend = if info.backend_count == 0 {
+            None
+        } else {
+            let index =
+                lb_common::table_index(info.vip_index, info.active_slot, config.table_size, hash);
+            let slot = self.datapath.maglev_entry(index);
+            installed.address_of(slot)
+        };
+        let established_backend = self
+            .datapath
+            .flow(&flow)
+            .filter(|entry| entry.vip_index == info.vip_index)
+            .and_then(|entry| installed.address_of(entry.backend_slot));
+        Some(LookupResult { backend, established_backend, hash, table_entry })
+    }
+}
