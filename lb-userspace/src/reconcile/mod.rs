@@ -19,6 +19,8 @@ use crate::model::{
 };
 
 mod read;
+#[cfg(test)]
+mod tests;
 
 pub use read::{InstalledBackend, InstalledVipStatus, LookupResult};
 
