@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use lb_userspace::datapath::Datapath;
 use lb_userspace::model::{
-    Affinity, BackendSpec, CheckSpec, DatapathConfig, DesiredState, HealthMap, Protocol, Vip,
+    Affinity, BackendSpec, CheckSpec, DatapathConfig, DesiredState, HealthMap, Mac, Protocol, Vip,
 };
 use lb_userspace::reconcile::Reconciler;
 
@@ -18,7 +18,7 @@ pub type VipDecl<'a> = (&'a str, Protocol, &'a [IpAddr]);
 pub fn balancer(
     config: DatapathConfig,
     vips: &[VipDecl<'_>],
-    mac: impl Fn(IpAddr) -> [u8; 6],
+    mac: impl Fn(IpAddr) -> Mac,
 ) -> anyhow::Result<(Reconciler, DesiredState)> {
     let limits = config.limits();
     let mut reconciler = Reconciler::new(Datapath::load(config)?);
@@ -33,6 +33,17 @@ pub fn balancer(
     }
     reconciler.apply(&desired, &HealthMap::new())?;
     Ok((reconciler, desired))
+}
+
+/// The MAC the tests and the bench give a backend: locally administered,
+/// ending in the address's last byte (IPv6 with the top bit set), so a
+/// forwarded frame's destination names its backend.
+pub fn backend_mac(address: IpAddr) -> Mac {
+    let last = match address {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(v6) => v6.octets()[15] | 0x80,
+    };
+    [0x02, 0, 0, 0, 1, last]
 }
 
 /// Addresses from text, for declaring backends.

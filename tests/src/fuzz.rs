@@ -18,15 +18,13 @@ use lb_userspace::datapath::Datapath;
 use lb_userspace::model::{DatapathConfig, Protocol, Vip};
 use lb_userspace::reconcile::Reconciler;
 
-use crate::fixture::{VipDecl, addresses, balancer};
+use crate::fixture::{VipDecl, addresses, backend_mac, balancer};
 use rand::rngs::SmallRng;
 use rand::{RngExt as _, SeedableRng as _};
 
 use crate::packets::{Flow, L4, Segment, Shape, frame, insert_ipv6_extensions};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+use crate::{XDP_DROP, XDP_PASS, XDP_TX};
 /// Offsets the datapath reads up to (parse::MAX_HEADER_OFFSET).
 const MAX_HEADER_OFFSET: usize = 512;
 const MAX_IPV6_EXTENSION_HEADERS: usize = 4;
@@ -62,20 +60,13 @@ impl Target {
                 addresses(&["fd00:198:18:1::3", "fd00:198:18:1::4"]),
             ),
         ];
-        // Every backend address gets its own MAC (its last byte, marked).
-        let mac = |address: IpAddr| -> [u8; 6] {
-            let last = match address {
-                IpAddr::V4(v4) => v4.octets()[3],
-                IpAddr::V6(v6) => v6.octets()[15] | 0x80,
-            };
-            [0x02, 0, 0, 0, 2, last]
-        };
         let decls: Vec<VipDecl> = declared.iter().map(|(e, p, b)| (*e, *p, b.as_slice())).collect();
-        let (reconciler, _) = balancer(config, &decls, mac)?;
+        let (reconciler, _) = balancer(config, &decls, backend_mac)?;
         let mut vips = BTreeMap::new();
         for (endpoint, protocol, backends) in &declared {
             let vip = Vip::new(endpoint.parse::<SocketAddr>()?, *protocol);
-            let macs: BTreeSet<[u8; 6]> = backends.iter().map(|address| mac(*address)).collect();
+            let macs: BTreeSet<[u8; 6]> =
+                backends.iter().map(|address| backend_mac(*address)).collect();
             vips.insert((vip.address, vip.port, protocol.number()), macs);
         }
         let vip_addresses = vips.keys().map(|(address, _, _)| *address).collect();

@@ -49,6 +49,12 @@ impl Drop for Process {
     }
 }
 
+/// Sends `signal` to our child process `pid` (as std's `Child::id` gives it).
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid fits i32"));
+    nix::sys::signal::kill(pid, signal).expect("signalling our own child");
+}
+
 /// Starts `program args` inside namespace `ns`.
 pub fn spawn_in(
     ns: &str,

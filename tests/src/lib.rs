@@ -1,6 +1,8 @@
-//! Shared helpers of the datapath and end-to-end tests: privilege checks,
-//! packet builders, and network-namespace topologies that clean up after
-//! themselves.
+//! Shared helpers of the datapath and end-to-end tests and the bench: the
+//! root-test harness, packet builders, the balancer fixture, and
+//! network-namespace topologies that clean up after themselves.
+
+use std::process::ExitCode;
 
 pub mod fixture;
 pub mod fuzz;
@@ -10,18 +12,46 @@ pub mod netns;
 pub mod packets;
 pub mod websocket;
 
-/// Whether this process may load BPF programs and create namespaces. When it
-/// may not, the test prints why it is skipped; under `cargo xtask test`
-/// (which sets `LB_TESTS_REQUIRE_ROOT=1`) a skip is a failure instead, so CI
-/// can never pass by skipping.
-pub fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
+/// XDP verdicts (the kernel's `enum xdp_action`), as `test_run` returns them.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// Whether this process may load BPF programs and create namespaces.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs the tests of one integration-test file, which all need root (BPF,
+/// network namespaces). Without root each is reported as ignored, with the
+/// reason, so the summary line counts it as skipped and `cargo xtask test`
+/// (which fails on any skip) cannot pass by skipping.
+pub fn run_root_tests(tests: Vec<(&'static str, fn())>) -> ExitCode {
+    let arguments = libtest_mimic::Arguments::from_args();
+    let root = is_root();
+    if !root {
+        eprintln!("not root: these tests need BPF and network namespaces, so they are ignored");
     }
-    if std::env::var_os("LB_TESTS_REQUIRE_ROOT").is_some_and(|value| value == "1") {
-        panic!("{test} needs root (BPF and network namespaces) and LB_TESTS_REQUIRE_ROOT=1");
-    }
-    eprintln!("SKIPPED {test}: needs root (BPF and network namespaces)");
-    false
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            libtest_mimic::Trial::test(name, move || {
+                test();
+                Ok(())
+            })
+            .with_ignored_flag(!root)
+        })
+        .collect();
+    libtest_mimic::run(&arguments, trials).exit_code()
+}
+
+/// The `main` of an integration-test file whose tests need root: lists them
+/// for [`run_root_tests`] (the file sets `harness = false` in Cargo.toml).
+#[macro_export]
+macro_rules! root_tests {
+    ($($test:ident),+ $(,)?) => {
+        fn main() -> std::process::ExitCode {
+            $crate::run_root_tests(vec![$((stringify!($test), $test as fn())),+])
+        }
+    };
 }

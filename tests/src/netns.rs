@@ -30,14 +30,10 @@ pub fn backend6(index: usize) -> String {
 
 /// Moves the calling thread into network namespace `ns` (other threads stay).
 pub fn enter(ns: &str) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd as _;
     let file = std::fs::File::open(format!("/run/netns/{ns}"))
         .with_context(|| format!("namespace {ns}"))?;
-    // SAFETY: setns on a namespace fd we hold; it affects only this thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("entering namespace {ns}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering namespace {ns}"))
 }
 
 /// A MAC address of an interface in a namespace.

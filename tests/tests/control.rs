@@ -18,11 +18,7 @@ fn reply_to(stream: &mut UnixStream, line: &[u8]) -> String {
     reply
 }
 
-#[test]
 fn the_control_socket_refuses_other_users_and_survives_garbage() {
-    if !tests::privileged("the_control_socket_refuses_other_users_and_survives_garbage") {
-        return;
-    }
     let testbed = Testbed::up("lbe-ct-", 1).expect("testbed");
     let daemon = Daemon::start(&testbed, &[]).expect("lb run");
     daemon.lb(&["vip", "add", VIP]).unwrap();
@@ -65,11 +61,7 @@ fn the_control_socket_refuses_other_users_and_survives_garbage() {
     assert_eq!(daemon.lb(&["vip", "list", "--json"]).unwrap(), before);
 }
 
-#[test]
 fn metrics_report_what_lb_stats_reports() {
-    if !tests::privileged("metrics_report_what_lb_stats_reports") {
-        return;
-    }
     let testbed = Testbed::up("lbe-mt-", 2).expect("testbed");
     let _servers = start_servers(&testbed, 80).expect("servers");
     let daemon = Daemon::start(&testbed, &[]).expect("lb run");
@@ -131,3 +123,8 @@ fn metrics_report_what_lb_stats_reports() {
         stats["vips"][0]["packets"]
     );
 }
+
+tests::root_tests!(
+    the_control_socket_refuses_other_users_and_survives_garbage,
+    metrics_report_what_lb_stats_reports,
+);

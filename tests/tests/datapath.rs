@@ -10,15 +10,13 @@ use lb_userspace::model::{
     Limits, Protocol, Vip,
 };
 use lb_userspace::reconcile::Reconciler;
-use tests::fixture::{addresses, balancer};
+use tests::fixture::{addresses, backend_mac, balancer};
 use tests::packets::{
     BALANCER_MAC, Flow, L3_OFFSET, L4, Segment, Shape, dsr_rewritten, frame,
     insert_ipv6_extensions, make_ipv4_fragment, truncate_ip,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+use tests::{XDP_DROP, XDP_PASS, XDP_TX};
 
 /// A UDP flow idle for this long is forgotten (short, so the test can wait it out).
 const UDP_IDLE_MS: u64 = 200;
@@ -40,14 +38,6 @@ fn ip(text: &str) -> IpAddr {
 
 fn vip(text: &str, protocol: Protocol) -> Vip {
     Vip::new(text.parse::<SocketAddr>().expect("test endpoint"), protocol)
-}
-
-fn backend_mac(address: IpAddr) -> [u8; 6] {
-    let last = match address {
-        IpAddr::V4(v4) => v4.octets()[3],
-        IpAddr::V6(v6) => v6.octets()[15] | 0x80,
-    };
-    [0x02, 0, 0, 0, 1, last]
 }
 
 struct Fixture {
@@ -303,11 +293,7 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-#[test]
 fn every_case_gives_the_expected_action_output_and_counter() {
-    if !tests::privileged("every_case_gives_the_expected_action_output_and_counter") {
-        return;
-    }
     let fixture = Fixture::new();
     let mut failures = Vec::new();
     for case in cases() {
@@ -332,11 +318,7 @@ fn every_case_gives_the_expected_action_output_and_counter() {
     assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
 }
 
-#[test]
 fn flows_spread_over_all_backends_exactly_where_lookup_says() {
-    if !tests::privileged("flows_spread_over_all_backends_exactly_where_lookup_says") {
-        return;
-    }
     let mut fixture = Fixture::new();
     let vip4 = vip(TCP4, Protocol::Tcp);
     let landed = |fixture: &Fixture| {
@@ -371,11 +353,7 @@ fn flows_spread_over_all_backends_exactly_where_lookup_says() {
     assert!(kept as f64 >= others as f64 * 0.97, "{kept} of {others} flows kept their backend");
 }
 
-#[test]
 fn counters_count_packets_and_bytes_per_vip_and_backend() {
-    if !tests::privileged("counters_count_packets_and_bytes_per_vip_and_backend") {
-        return;
-    }
     let fixture = Fixture::new();
     let vip4 = vip(UDP4, Protocol::Udp);
     let flow = flow("198.18.0.7", 7777, UDP4, L4::Udp);
@@ -435,11 +413,7 @@ fn add_fourth_backend(fixture: &mut Fixture) {
     fixture.apply(&HealthMap::new());
 }
 
-#[test]
 fn established_flows_keep_their_backend_when_the_table_changes() {
-    if !tests::privileged("established_flows_keep_their_backend_when_the_table_changes") {
-        return;
-    }
     let mut fixture = Fixture::new();
     let flows = tcp_flows(30_000, 400);
     let before: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Syn)).collect();
@@ -469,11 +443,7 @@ fn established_flows_keep_their_backend_when_the_table_changes() {
     );
 }
 
-#[test]
 fn a_segment_without_an_entry_falls_back_to_maglev_and_is_recorded() {
-    if !tests::privileged("a_segment_without_an_entry_falls_back_to_maglev_and_is_recorded") {
-        return;
-    }
     let mut fixture = Fixture::new();
     let flows = tcp_flows(31_000, 100);
     let first: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Ack)).collect();
@@ -485,11 +455,7 @@ fn a_segment_without_an_entry_falls_back_to_maglev_and_is_recorded() {
     assert_eq!(later, first, "the fallback choice was recorded and kept");
 }
 
-#[test]
 fn drained_backends_get_no_new_flows_but_keep_established_ones() {
-    if !tests::privileged("drained_backends_get_no_new_flows_but_keep_established_ones") {
-        return;
-    }
     let mut fixture = Fixture::new();
     let flows = tcp_flows(32_000, 300);
     let before: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Syn)).collect();
@@ -525,11 +491,7 @@ fn drained_backends_get_no_new_flows_but_keep_established_ones() {
     );
 }
 
-#[test]
 fn a_backend_that_goes_down_loses_its_established_flows_to_healthy_ones() {
-    if !tests::privileged("a_backend_that_goes_down_loses_its_established_flows_to_healthy_ones") {
-        return;
-    }
     let mut fixture = Fixture::new();
     let vip4 = vip(TCP4, Protocol::Tcp);
     let flows = tcp_flows(34_000, 300);
@@ -551,11 +513,7 @@ fn a_backend_that_goes_down_loses_its_established_flows_to_healthy_ones() {
     assert_eq!(event(&fixture.flow_events(), FlowEvent::Rescued), rescued);
 }
 
-#[test]
 fn idle_udp_flows_expire() {
-    if !tests::privileged("idle_udp_flows_expire") {
-        return;
-    }
     let mut fixture = Fixture::new();
     let udp = flow("198.18.0.1", 35_000, UDP4, L4::Udp);
     let first = fixture.send(udp, Segment::Syn);
@@ -572,11 +530,7 @@ fn idle_udp_flows_expire() {
     assert_eq!(event(&fixture.flow_events(), FlowEvent::Expired), expired_before + 1);
 }
 
-#[test]
 fn client_ip_affinity_keeps_a_clients_connections_together() {
-    if !tests::privileged("client_ip_affinity_keeps_a_clients_connections_together") {
-        return;
-    }
     let mut fixture = Fixture::new();
     let sticky = vip("198.18.0.30:443", Protocol::Tcp);
     fixture.desired.add_vip(sticky, CheckSpec::default(), Affinity::ClientIp, LIMITS).unwrap();
@@ -609,11 +563,7 @@ fn to_key(flow: Flow) -> lb_common::FlowKey {
     lb_common::FlowKey::new(flow.client, flow.client_port, flow.vip, flow.vip_port, protocol)
 }
 
-#[test]
 fn the_default_flow_table_holds_a_million_flows_and_reports_its_memory() {
-    if !tests::privileged("the_default_flow_table_holds_a_million_flows_and_reports_its_memory") {
-        return;
-    }
     let config = DatapathConfig::default();
     assert!(config.flow_table_size >= 1_000_000);
     let datapath = Datapath::load(config).expect("load with default sizes");
@@ -628,11 +578,7 @@ fn the_default_flow_table_holds_a_million_flows_and_reports_its_memory() {
     assert!((64.0..512.0).contains(&per_flow), "{per_flow} bytes per flow");
 }
 
-#[test]
 fn flows_of_a_removed_backend_are_rescued_not_sent_to_an_empty_slot() {
-    if !tests::privileged("flows_of_a_removed_backend_are_rescued_not_sent_to_an_empty_slot") {
-        return;
-    }
     let mut fixture = Fixture::new();
     let flows = tcp_flows(36_000, 300);
     let before: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Syn)).collect();
@@ -649,11 +595,7 @@ fn flows_of_a_removed_backend_are_rescued_not_sent_to_an_empty_slot() {
     }
 }
 
-#[test]
 fn established_flows_of_a_removed_vip_are_not_forwarded() {
-    if !tests::privileged("established_flows_of_a_removed_vip_are_not_forwarded") {
-        return;
-    }
     let mut fixture = Fixture::new();
     let vip4 = vip(TCP4, Protocol::Tcp);
     let flows = tcp_flows(37_000, 50);
@@ -676,3 +618,18 @@ fn established_flows_of_a_removed_vip_are_not_forwarded() {
         assert_eq!(fixture.send(*flow, Segment::Ack), fixture.expected_backend(*flow));
     }
 }
+
+tests::root_tests!(
+    every_case_gives_the_expected_action_output_and_counter,
+    flows_spread_over_all_backends_exactly_where_lookup_says,
+    counters_count_packets_and_bytes_per_vip_and_backend,
+    established_flows_keep_their_backend_when_the_table_changes,
+    a_segment_without_an_entry_falls_back_to_maglev_and_is_recorded,
+    drained_backends_get_no_new_flows_but_keep_established_ones,
+    a_backend_that_goes_down_loses_its_established_flows_to_healthy_ones,
+    idle_udp_flows_expire,
+    client_ip_affinity_keeps_a_clients_connections_together,
+    the_default_flow_table_holds_a_million_flows_and_reports_its_memory,
+    flows_of_a_removed_backend_are_rescued_not_sent_to_an_empty_slot,
+    established_flows_of_a_removed_vip_are_not_forwarded,
+);

@@ -85,41 +85,25 @@ fn balance_remove_and_lookup(prefix: &str, protocol: &str, ipv6: bool) {
     println!("{protocol} {vip}: balancer forwarded {forwarded} packets; stats {}", stats["vips"]);
 }
 
-#[test]
 fn tcp_over_ipv4_balances_follows_removal_and_agrees_with_lookup() {
-    if tests::privileged("tcp_over_ipv4") {
-        balance_remove_and_lookup("lbe-t4-", "tcp", false);
-    }
+    balance_remove_and_lookup("lbe-t4-", "tcp", false);
 }
 
-#[test]
 fn udp_over_ipv4_balances_follows_removal_and_agrees_with_lookup() {
-    if tests::privileged("udp_over_ipv4") {
-        balance_remove_and_lookup("lbe-u4-", "udp", false);
-    }
+    balance_remove_and_lookup("lbe-u4-", "udp", false);
 }
 
-#[test]
 fn tcp_over_ipv6_balances_follows_removal_and_agrees_with_lookup() {
-    if tests::privileged("tcp_over_ipv6") {
-        balance_remove_and_lookup("lbe-t6-", "tcp", true);
-    }
+    balance_remove_and_lookup("lbe-t6-", "tcp", true);
 }
 
-#[test]
 fn udp_over_ipv6_balances_follows_removal_and_agrees_with_lookup() {
-    if tests::privileged("udp_over_ipv6") {
-        balance_remove_and_lookup("lbe-u6-", "udp", true);
-    }
+    balance_remove_and_lookup("lbe-u6-", "udp", true);
 }
 
 /// Bad input through the CLI is refused with a message naming it, and leaves
 /// the configuration as it was; the configuration survives a restart.
-#[test]
 fn bad_input_changes_nothing_and_state_survives_a_restart() {
-    if !tests::privileged("bad_input_changes_nothing_and_state_survives_a_restart") {
-        return;
-    }
     let testbed = Testbed::up("lbe-st-", 2).expect("testbed");
     let _servers = start_servers(&testbed, 80).expect("servers");
     let mut daemon = Daemon::start(&testbed, &["--detach-on-exit"]).expect("lb run");
@@ -169,8 +153,7 @@ fn bad_input_changes_nothing_and_state_survives_a_restart() {
     // SIGTERM with --detach-on-exit detaches; a new `lb run` restores VIPs,
     // backends and weights from the state file.
     let pid = daemon.process.as_ref().unwrap().0.id();
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    tests::harness::signal(pid, nix::sys::signal::Signal::SIGTERM);
     let status = daemon.process.as_mut().unwrap().0.wait().unwrap();
     assert!(status.success(), "lb run exited with {status}: {}", daemon.log_text());
     let link =
@@ -194,3 +177,11 @@ fn bad_input_changes_nothing_and_state_survives_a_restart() {
     let answers = client_requests(&testbed, "tcp", vip, CLIENT4, 25_000, 30).unwrap();
     assert!(!tally(&answers).contains_key("ERROR"), "{answers:?}");
 }
+
+tests::root_tests!(
+    tcp_over_ipv4_balances_follows_removal_and_agrees_with_lookup,
+    udp_over_ipv4_balances_follows_removal_and_agrees_with_lookup,
+    tcp_over_ipv6_balances_follows_removal_and_agrees_with_lookup,
+    udp_over_ipv6_balances_follows_removal_and_agrees_with_lookup,
+    bad_input_changes_nothing_and_state_survives_a_restart,
+);

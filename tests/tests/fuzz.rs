@@ -2,13 +2,7 @@
 //! object (LB_FUZZ_PACKETS and LB_FUZZ_SEED change the run; `cargo xtask
 //! fuzz` runs a longer one).
 
-#[test]
 fn a_million_hostile_packets_never_reach_a_backend_unless_well_formed_for_a_vip() {
-    if !tests::privileged(
-        "a_million_hostile_packets_never_reach_a_backend_unless_well_formed_for_a_vip",
-    ) {
-        return;
-    }
     let packets =
         std::env::var("LB_FUZZ_PACKETS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000u64);
     let seed =
@@ -34,3 +28,5 @@ fn a_million_hostile_packets_never_reach_a_backend_unless_well_formed_for_a_vip(
         "{report:?}"
     );
 }
+
+tests::root_tests!(a_million_hostile_packets_never_reach_a_backend_unless_well_formed_for_a_vip,);

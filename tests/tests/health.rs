@@ -15,11 +15,7 @@ fn landing(testbed: &Testbed, first_port: u16, count: u16) -> BTreeMap<u16, Stri
     client_requests(testbed, "tcp", VIP, CLIENT4, first_port, count).unwrap().into_iter().collect()
 }
 
-#[test]
 fn failover_moves_only_the_dead_backends_flows_and_recovers() {
-    if !tests::privileged("failover_moves_only_the_dead_backends_flows_and_recovers") {
-        return;
-    }
     let testbed = Testbed::up("lbe-hc-", 3).expect("testbed");
     // b3's server is not running yet: it is added while down.
     let mut servers = [
@@ -139,3 +135,5 @@ fn failover_moves_only_the_dead_backends_flows_and_recovers() {
     assert_eq!(daemon.json(&["vip", "list"]).unwrap()[0]["all_down"], false);
     assert_eq!(landing(&testbed, 22_000, 300), baseline);
 }
+
+tests::root_tests!(failover_moves_only_the_dead_backends_flows_and_recovers,);

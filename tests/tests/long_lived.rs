@@ -69,11 +69,7 @@ fn backend_row(daemon: &Daemon, address: &str) -> Value {
     list.as_array().unwrap().iter().find(|b| b["address"] == address).cloned().unwrap()
 }
 
-#[test]
 fn five_thousand_websockets_survive_add_weight_and_drain_and_only_a_failed_backends_break() {
-    if !tests::privileged("five_thousand_websockets_survive_add_weight_and_drain") {
-        return;
-    }
     let testbed = Testbed::up("lbe-ws-", 4).expect("testbed");
     let mut servers: Vec<Option<Process>> = (1..=4)
         .map(|index| {
@@ -166,3 +162,7 @@ fn five_thousand_websockets_survive_add_weight_and_drain_and_only_a_failed_backe
     clients.round_without_breaks("reconnecting");
     drop(servers);
 }
+
+tests::root_tests!(
+    five_thousand_websockets_survive_add_weight_and_drain_and_only_a_failed_backends_break,
+);

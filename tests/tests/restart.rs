@@ -15,11 +15,7 @@ fn xdp_attached(testbed: &Testbed) -> bool {
     String::from_utf8_lossy(&link.stdout).contains("prog/xdp")
 }
 
-#[test]
 fn sigkill_restart_and_a_backend_change_break_no_connection() {
-    if !tests::privileged("sigkill_restart_and_a_backend_change_break_no_connection") {
-        return;
-    }
     let testbed = Testbed::up("lbe-rs-", 3).expect("testbed");
     let _servers = start_servers(&testbed, 80).expect("servers");
     let mut daemon = Daemon::start(&testbed, &[]).expect("lb run");
@@ -41,8 +37,7 @@ fn sigkill_restart_and_a_backend_change_break_no_connection() {
 
     // SIGKILL: no chance to clean up. The pinned program keeps forwarding.
     let pid = daemon.process.as_ref().unwrap().0.id();
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    tests::harness::signal(pid, nix::sys::signal::Signal::SIGKILL);
     let _ = daemon.process.as_mut().unwrap().0.wait();
     assert!(xdp_attached(&testbed), "the program went with the daemon");
     std::thread::sleep(Duration::from_millis(1000));
@@ -78,11 +73,7 @@ fn sigkill_restart_and_a_backend_change_break_no_connection() {
     assert!(after_b3 > 0, "the backend added after the restart got nothing");
 }
 
-#[test]
 fn an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it() {
-    if !tests::privileged("an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it") {
-        return;
-    }
     let testbed = Testbed::up("lbe-pn-", 1).expect("testbed");
     let mut daemon = Daemon::start(&testbed, &[]).expect("lb run");
     daemon.lb(&["vip", "add", VIP]).unwrap();
@@ -98,8 +89,7 @@ fn an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it() {
 
     // SIGTERM without --detach-on-exit: the program stays.
     let pid = daemon.process.as_ref().unwrap().0.id();
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    tests::harness::signal(pid, nix::sys::signal::Signal::SIGTERM);
     assert!(daemon.process.as_mut().unwrap().0.wait().unwrap().success());
     assert!(xdp_attached(&testbed));
 
@@ -125,3 +115,8 @@ fn an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it() {
     assert!(unloaded.status.success(), "{unloaded:?}");
     assert!(!xdp_attached(&testbed), "lb unload left the program attached");
 }
+
+tests::root_tests!(
+    sigkill_restart_and_a_backend_change_break_no_connection,
+    an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it,
+);

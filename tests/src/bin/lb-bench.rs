@@ -26,15 +26,13 @@ use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{FlowEvent, Reason};
 use lb_userspace::datapath::{BENCH_OBJECT, PEER_PASS_OBJECT};
-use lb_userspace::model::{DatapathConfig, HealthMap, Protocol, Vip};
+use lb_userspace::model::{DatapathConfig, HealthMap, Protocol, Vip, format_mac};
 use lb_userspace::reconcile::Reconciler;
 use serde::Serialize;
 use tests::netns::run;
 use tests::packets::{Flow, L4, Segment, Shape, frame};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+use tests::{XDP_DROP, XDP_PASS, XDP_TX};
 
 /// Repeats per per-packet measurement, and measurements per row (median kept).
 const REPEAT: u32 = 1_000_000;
@@ -105,8 +103,7 @@ struct Results {
 }
 
 fn main() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !tests::is_root() {
         bail!(
             "the bench loads XDP programs and creates namespaces: run it as root (cargo xtask bench)"
         );
@@ -187,10 +184,6 @@ fn ip(text: &str) -> IpAddr {
     text.parse().expect("bench address")
 }
 
-fn mac_of(index: usize) -> [u8; 6] {
-    [0x02, 0, 0, 0, 1, index as u8]
-}
-
 /// A reconciler with four VIPs (TCP/UDP, IPv4/IPv6) of ten backends each.
 fn balancer(config: DatapathConfig) -> anyhow::Result<Reconciler> {
     let v4: Vec<IpAddr> = (1..=10).map(|i| ip(&format!("198.18.1.{i}"))).collect();
@@ -203,16 +196,9 @@ fn balancer(config: DatapathConfig) -> anyhow::Result<Reconciler> {
             ("[fd00:198:18::10]:80", Protocol::Tcp, &v6),
             ("[fd00:198:18::10]:53", Protocol::Udp, &v6),
         ],
-        |address| mac_of(last_byte(address)),
+        tests::fixture::backend_mac,
     )?;
     Ok(reconciler)
-}
-
-fn last_byte(address: IpAddr) -> usize {
-    match address {
-        IpAddr::V4(v4) => usize::from(v4.octets()[3]),
-        IpAddr::V6(v6) => usize::from(v6.octets()[15]),
-    }
 }
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
@@ -575,22 +561,19 @@ impl Generator {
 
 /// CPUs online (not this thread's affinity, which pinning narrows).
 fn available_cpus() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    usize::try_from(online).unwrap_or(1).max(1)
+    nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+        .ok()
+        .flatten()
+        .and_then(|online| usize::try_from(online).ok())
+        .unwrap_or(1)
+        .max(1)
 }
 
 fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and
-    // sched_setaffinity only touch the set we own and this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).with_context(|| format!("CPU {cpu}"))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .with_context(|| format!("pinning to CPU {cpu}"))
 }
 
 fn throughput() -> anyhow::Result<Vec<ThroughputRow>> {
@@ -691,13 +674,13 @@ fn install(system: &str) -> anyhow::Result<Installed> {
         "lb" => in_netns(LB_NS, || {
             let config =
                 DatapathConfig { max_vips: 4, max_backends: 16, ..DatapathConfig::default() };
-            // The sink counts arrivals by the backend MAC's last byte: 1 to 3.
+            // The sink counts arrivals by the backend MAC's last byte: 101 to 103.
             let backends: Vec<IpAddr> =
                 (1..=3).map(|i| ip(&format!("198.18.0.{}", 100 + i))).collect();
             let (mut reconciler, _) = tests::fixture::balancer(
                 config,
                 &[("198.18.0.10:80", Protocol::Tcp, &backends)],
-                |address| mac_of(last_byte(address) - 100),
+                tests::fixture::backend_mac,
             )?;
             reconciler
                 .datapath_mut()
@@ -729,8 +712,7 @@ fn install(system: &str) -> anyhow::Result<Installed> {
             }
             for index in 1..=3 {
                 let address = format!("198.18.0.{}", 100 + index);
-                let mac =
-                    mac_of(index).iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+                let mac = format_mac(tests::fixture::backend_mac(ip(&address)));
                 run(
                     "ip",
                     &[
