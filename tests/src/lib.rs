@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+pub mod capture;
 pub mod fixture;
 pub mod fuzz;
 pub mod generator;

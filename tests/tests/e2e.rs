@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use tests::capture::SourceCounter;
 use tests::harness::{Daemon, client_requests, start_servers, tally};
-use tests::netns::{self, CLIENT4, CLIENT6, Testbed, VIP4, VIP6};
+use tests::netns::{self, CLIENT4, CLIENT6, LB_IFACE, Testbed, VIP4, VIP6};
 
 const FLOWS: u16 = 300;
 
@@ -34,6 +35,11 @@ fn balance_remove_and_lookup(prefix: &str, protocol: &str, ipv6: bool) {
         daemon.lb(&["backend", "add", &vip, &backend, "--proto", protocol]).unwrap();
     }
     daemon.wait_backends_active().unwrap();
+    // Every frame the client receives from the VIP, and those of them the
+    // balancer sent: with DSR the second count stays at zero.
+    let balancer_mac = netns::mac(&testbed.balancer(), LB_IFACE).unwrap();
+    let replies =
+        SourceCounter::install(&testbed.client(), LB_IFACE, vip_address, balancer_mac).unwrap();
 
     let check = |first_port: u16, expected: &[&str]| -> BTreeMap<String, usize> {
         let answers = client_requests(&testbed, protocol, &vip, client, first_port, FLOWS).unwrap();
@@ -80,9 +86,15 @@ fn balance_remove_and_lookup(prefix: &str, protocol: &str, ipv6: bool) {
     let stats = daemon.json(&["stats"]).unwrap();
     let forwarded = stats["reasons"]["forwarded"].as_u64().unwrap();
     assert!(forwarded >= 2 * u64::from(FLOWS), "forwarded {forwarded}");
-    // Replies never pass the balancer: its namespace does not route, and the
-    // VIP lives only on the backends, so every answer came straight from one.
-    println!("{protocol} {vip}: balancer forwarded {forwarded} packets; stats {}", stats["vips"]);
+    // Replies bypass the balancer: at least one reply frame per flow reached
+    // the client, and none of them came from the balancer's MAC.
+    let (from_vip, via_balancer) =
+        (replies.from_source().unwrap(), replies.from_source_via().unwrap());
+    println!(
+        "{protocol} {vip}: balancer forwarded {forwarded} packets; the client got {from_vip} frames from the VIP, {via_balancer} of them from the balancer"
+    );
+    assert!(from_vip >= 2 * u64::from(FLOWS), "only {from_vip} reply frames reached the client");
+    assert_eq!(via_balancer, 0, "replies went through the balancer");
 }
 
 fn tcp_over_ipv4_balances_follows_removal_and_agrees_with_lookup() {

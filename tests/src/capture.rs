@@ -1,0 +1,73 @@
+//! Counting frames where they arrive, with nftables counters on a netdev
+//! ingress hook: what a test needs to prove which path a packet took (for
+//! example that DSR replies reach the client from a backend, never through
+//! the balancer).
+
+use anyhow::Context as _;
+use lb_userspace::model::{Mac, format_mac};
+
+use crate::netns::run;
+
+const TABLE: &str = "lbcapture";
+
+/// Counters at one interface of one namespace, for frames from `source`:
+/// all of them, and those sent by one MAC.
+pub struct SourceCounter {
+    ns: String,
+}
+
+impl SourceCounter {
+    /// Counts frames arriving at `iface` in `ns` from IP `source` (`from_source`),
+    /// and among them those whose Ethernet source is `via` (`from_source_via`).
+    pub fn install(ns: &str, iface: &str, source: &str, via: Mac) -> anyhow::Result<Self> {
+        let family = if source.contains(':') { "ip6" } else { "ip" };
+        let via = format_mac(via);
+        let ruleset = format!(
+            "table netdev {TABLE} {{
+                counter from_source {{}}
+                counter from_source_via {{}}
+                chain ingress {{
+                    type filter hook ingress device \"{iface}\" priority 0;
+                    {family} saddr {source} counter name from_source
+                    {family} saddr {source} ether saddr {via} counter name from_source_via
+                }}
+            }}"
+        );
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), ruleset)?;
+        let path = file.path().to_str().context("temp path")?;
+        run("ip", &["netns", "exec", ns, "nft", "-f", path])?;
+        Ok(Self { ns: ns.to_owned() })
+    }
+
+    /// Packets counted so far by the named counter.
+    fn packets(&self, counter: &str) -> anyhow::Result<u64> {
+        let output = run(
+            "ip",
+            &["netns", "exec", &self.ns, "nft", "-j", "list", "counter", "netdev", TABLE, counter],
+        )?;
+        let listing: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        listing["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|item| item["counter"]["packets"].as_u64())
+            .with_context(|| format!("no counter {counter} in {listing}"))
+    }
+
+    /// Frames from the source address so far.
+    pub fn from_source(&self) -> anyhow::Result<u64> {
+        self.packets("from_source")
+    }
+
+    /// Frames from the source address sent by the `via` MAC so far.
+    pub fn from_source_via(&self) -> anyhow::Result<u64> {
+        self.packets("from_source_via")
+    }
+}
+
+impl Drop for SourceCounter {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "exec", &self.ns, "nft", "delete", "table", "netdev", TABLE]);
+    }
+}
