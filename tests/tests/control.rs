@@ -4,7 +4,7 @@
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixStream;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use tests::harness::{Daemon, client_requests, lb_binary, start_servers, testbed_binary};
 use tests::netns::{self, CLIENT4, Testbed};
@@ -61,6 +61,25 @@ fn the_control_socket_refuses_other_users_and_survives_garbage() {
     assert_eq!(daemon.lb(&["vip", "list", "--json"]).unwrap(), before);
 }
 
+/// `promtool check metrics` on `exposition`: Ok, or what promtool said.
+fn promtool_check_metrics(exposition: &str) -> Result<(), String> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/setup.sh installs it)");
+    child.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() && said.trim().is_empty() { Ok(()) } else { Err(said) }
+}
+
 fn metrics_report_what_lb_stats_reports() {
     let testbed = Testbed::up("lbe-mt-", 2).expect("testbed");
     let _servers = start_servers(&testbed, 80).expect("servers");
@@ -80,6 +99,12 @@ fn metrics_report_what_lb_stats_reports() {
         .unwrap();
     assert!(scrape.status.success(), "{}", String::from_utf8_lossy(&scrape.stderr));
     let metrics = String::from_utf8(scrape.stdout).unwrap();
+    // Prometheus's own parser and linter accept the exposition as it is;
+    // they do refuse a counter without _total, and a line that does not parse.
+    assert!(promtool_check_metrics("# TYPE lb_x counter\nlb_x 1\n").is_err());
+    assert!(promtool_check_metrics("lb_x{a=\"1\" 1\n").is_err());
+    let verdict = promtool_check_metrics(&metrics);
+    assert!(verdict.is_ok(), "promtool check metrics: {verdict:?}\n{metrics}");
     let stats = daemon.json(&["stats"]).unwrap();
     let sample = |line_start: &str| -> u64 {
         let line = metrics
