@@ -3,121 +3,111 @@
 //! after --seconds; every client sends a bounded number of requests.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use clap::{Parser, Subcommand};
 use socket2::{Domain, Socket, Type};
 use tests::netns;
 
-const USAGE: &str = "usage:
-  lb-testbed up [PREFIX] [BACKENDS]     create client, balancer (lb) and backend namespaces
-  lb-testbed down [PREFIX]              remove them, whatever state they are in
-  lb-testbed status [PREFIX]            list them
-  lb-testbed serve NAME PORT SECONDS    TCP and UDP server answering NAME (stops after SECONDS)
-  lb-testbed client tcp|udp VIP:PORT SOURCE FIRST_PORT COUNT
-                                        COUNT requests from SOURCE:FIRST_PORT.., prints 'PORT ANSWER'
-  lb-testbed http-get ADDR:PORT PATH    prints the body of an HTTP GET (5 s at most)
-  lb-testbed generate PREFIX VIP:PORT FLOWS ADDRESSES COUNT SECONDS RATE [SIZE]
-                                        UDP frames from the testbed's client to the VIP through the
-                                        balancer with XDP live frames: FLOWS source ports, ADDRESSES
-                                        client addresses (198.18.0.20..), at RATE pps (0: flat out),
-                                        COUNT frames or SECONDS at most; prints a JSON summary
-  lb-testbed conn-rate ADDR:PORT SECONDS THREADS
-                                        new TCP connections (connect, read the answer, close)
-                                        as fast as THREADS threads go for SECONDS; prints 'OK FAILED'
-  lb-testbed ws-serve NAME PORT SECONDS WebSocket server answering NAME:message
-  lb-testbed ws-clients VIP:PORT COUNT  COUNT WebSocket connections, then commands on stdin
-                                        (round, open N, reconnect, quit), one JSON line each
-  lb-testbed client-loop tcp|udp VIP:PORT SOURCE FIRST_PORT SECONDS INTERVAL_MS
-                                        a request every INTERVAL_MS for SECONDS, each from the next
-                                        port; prints 'MILLISECONDS PORT ANSWER'";
-
 const DEFAULT_PREFIX: &str = "lbt-";
 
+/// The testbed's namespaces, and the servers and clients that run in them.
+#[derive(Parser)]
+#[command(name = "lb-testbed")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the client, balancer (lb) and backend namespaces.
+    Up {
+        #[arg(default_value = DEFAULT_PREFIX)]
+        prefix: String,
+        #[arg(default_value_t = 3)]
+        backends: usize,
+    },
+    /// Remove them, whatever state they are in.
+    Down {
+        #[arg(default_value = DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// List them.
+    Status {
+        #[arg(default_value = DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// A TCP and UDP server answering NAME; stops after SECONDS.
+    Serve { name: String, port: u16, seconds: u64 },
+    /// COUNT requests from SOURCE:FIRST_PORT.., printing 'PORT ANSWER' each.
+    Client {
+        #[arg(value_parser = ["tcp", "udp"])]
+        protocol: String,
+        vip: SocketAddr,
+        source: IpAddr,
+        first_port: u16,
+        count: u16,
+    },
+    /// Prints the body of an HTTP GET (5 s at most); fails on anything but 200.
+    HttpGet { address: SocketAddr, path: String },
+    /// UDP frames from the testbed's client to the VIP through the balancer
+    /// with XDP live frames: FLOWS source ports, ADDRESSES client addresses
+    /// (198.18.0.20..), at RATE pps (0: flat out), COUNT frames or SECONDS at
+    /// most; prints a JSON summary.
+    Generate {
+        prefix: String,
+        vip: SocketAddr,
+        flows: u32,
+        addresses: u32,
+        count: u64,
+        seconds: f64,
+        rate: u64,
+        #[arg(default_value_t = 64)]
+        size: usize,
+    },
+    /// New TCP connections (connect, read the answer, close) as fast as
+    /// THREADS threads go for SECONDS; prints 'OK FAILED'.
+    ConnRate { address: SocketAddr, seconds: u64, threads: usize },
+    /// A WebSocket server answering NAME:message; stops after SECONDS.
+    WsServe { name: String, port: u16, seconds: u64 },
+    /// COUNT WebSocket connections, then commands on stdin (round, open N,
+    /// reconnect, quit), one JSON line each.
+    WsClients { vip: SocketAddr, count: usize },
+    /// A request every INTERVAL_MS for SECONDS, each from the next port;
+    /// prints 'MILLISECONDS PORT ANSWER'.
+    ClientLoop {
+        #[arg(value_parser = ["tcp", "udp"])]
+        protocol: String,
+        vip: SocketAddr,
+        source: IpAddr,
+        first_port: u16,
+        seconds: u64,
+        interval_ms: u64,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |index: usize| args.get(index).map(String::as_str);
-    match arg(0) {
-        Some("up") => {
-            let prefix = arg(1).unwrap_or(DEFAULT_PREFIX);
-            let backends = arg(2).map_or(Ok(3), str::parse).context("BACKENDS must be a number")?;
-            let testbed = netns::Testbed::up(prefix, backends)?;
-            println!("testbed {prefix}: namespaces {}", netns::list(prefix).join(" "));
+    match Cli::parse().command {
+        Command::Up { prefix, backends } => {
+            let testbed = netns::Testbed::up(&prefix, backends)?;
+            println!("testbed {prefix}: namespaces {}", netns::list(&prefix).join(" "));
             std::mem::forget(testbed); // stays up until `down`
         }
-        Some("down") => netns::down(arg(1).unwrap_or(DEFAULT_PREFIX)),
-        Some("status") => {
-            let names = netns::list(arg(1).unwrap_or(DEFAULT_PREFIX));
+        Command::Down { prefix } => netns::down(&prefix),
+        Command::Status { prefix } => {
+            let names = netns::list(&prefix);
             println!("{}", if names.is_empty() { "down".to_owned() } else { names.join(" ") });
         }
-        Some("serve") => {
-            let (Some(name), Some(port), Some(seconds)) = (arg(1), arg(2), arg(3)) else {
-                anyhow::bail!("{USAGE}");
-            };
-            serve(name, port.parse()?, Duration::from_secs(seconds.parse()?))?;
+        Command::Serve { name, port, seconds } => serve(&name, port, Duration::from_secs(seconds))?,
+        Command::Client { protocol, vip, source, first_port, count } => {
+            client(&protocol, vip, source, first_port, count)?
         }
-        Some("client") => {
-            let (Some(protocol), Some(vip), Some(source), Some(first), Some(count)) =
-                (arg(1), arg(2), arg(3), arg(4), arg(5))
-            else {
-                anyhow::bail!("{USAGE}");
-            };
-            client(protocol, vip.parse()?, source.parse()?, first.parse()?, count.parse()?)?;
+        Command::Generate { prefix, vip, flows, addresses, count, seconds, rate, size } => {
+            generate(&prefix, vip, flows, addresses, count, seconds, rate, size)?
         }
-        Some("generate") => {
-            let (
-                Some(prefix),
-                Some(vip),
-                Some(flows),
-                Some(addresses),
-                Some(count),
-                Some(seconds),
-                Some(rate),
-            ) = (arg(1), arg(2), arg(3), arg(4), arg(5), arg(6), arg(7))
-            else {
-                anyhow::bail!("{USAGE}");
-            };
-            let vip: SocketAddr = vip.parse()?;
-            anyhow::ensure!(
-                vip.is_ipv4(),
-                "the generator sends IPv4 (it keeps the IPv4 header checksum right)"
-            );
-            let size: usize = arg(8).map_or(Ok(64), str::parse)?;
-            let testbed = netns::Testbed { prefix: prefix.to_owned(), backends: 0 };
-            let (client, balancer) = (testbed.client(), testbed.balancer());
-            let source_mac = netns::mac(&client, netns::LB_IFACE)?;
-            let balancer_mac = netns::mac(&balancer, netns::LB_IFACE)?;
-            std::mem::forget(testbed); // not ours to remove
-            let flow = tests::packets::Flow {
-                client: "198.18.0.20".parse()?,
-                client_port: 1024,
-                vip: vip.ip(),
-                vip_port: vip.port(),
-                l4: tests::packets::L4::Udp,
-            };
-            let payload = vec![0u8; size.saturating_sub(14 + 20 + 8 + 4).max(1)];
-            let mut frame = tests::packets::frame(flow, tests::packets::Shape::default(), &payload);
-            frame[0..6].copy_from_slice(&balancer_mac);
-            frame[6..12].copy_from_slice(&source_mac);
-            netns::enter(&client)?;
-            let ifindex = lb_userspace::neighbour::interface_index(netns::LB_IFACE)?;
-            let ebpf = tests::generator::load(flows.parse()?, addresses.parse()?)?;
-            let sent = tests::generator::send(
-                &ebpf,
-                &frame,
-                ifindex,
-                count.parse()?,
-                seconds.parse()?,
-                rate.parse()?,
-            )?;
-            println!("{}", serde_json::to_string(&sent)?);
-        }
-        Some("http-get") => {
-            let (Some(address), Some(path)) = (arg(1), arg(2)) else {
-                anyhow::bail!("{USAGE}");
-            };
-            let address: SocketAddr = address.parse()?;
+        Command::HttpGet { address, path } => {
             let mut stream =
                 std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -128,95 +118,130 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
             print!("{body}");
         }
-        Some("conn-rate") => {
-            let (Some(address), Some(seconds), Some(threads)) = (arg(1), arg(2), arg(3)) else {
-                anyhow::bail!("{USAGE}");
-            };
-            let address: SocketAddr = address.parse()?;
-            let deadline = Instant::now() + Duration::from_secs(seconds.parse()?);
-            let workers: Vec<_> = (0..threads.parse::<usize>()?)
-                .map(|_| {
-                    std::thread::spawn(move || {
-                        let (mut ok, mut failed) = (0u64, 0u64);
-                        while Instant::now() < deadline {
-                            let answered = std::net::TcpStream::connect_timeout(
-                                &address,
-                                Duration::from_secs(2),
-                            )
+        Command::ConnRate { address, seconds, threads } => {
+            let (ok, failed) = connection_rate(address, Duration::from_secs(seconds), threads)?;
+            println!("{ok} {failed}");
+        }
+        Command::WsServe { name, port, seconds } => runtime()?
+            .block_on(tests::websocket::serve(name, port, Duration::from_secs(seconds)))?,
+        Command::WsClients { vip, count } => {
+            runtime()?.block_on(tests::websocket::clients(vip, count))?
+        }
+        Command::ClientLoop { protocol, vip, source, first_port, seconds, interval_ms } => {
+            client_loop(
+                &protocol,
+                vip,
+                source,
+                first_port,
+                Duration::from_secs(seconds),
+                Duration::from_millis(interval_ms),
+            );
+        }
+    }
+    Ok(())
+}
+
+#[expect(clippy::too_many_arguments, reason = "one per command-line argument of `generate`")]
+fn generate(
+    prefix: &str,
+    vip: SocketAddr,
+    flows: u32,
+    addresses: u32,
+    count: u64,
+    seconds: f64,
+    rate: u64,
+    size: usize,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        vip.is_ipv4(),
+        "the generator sends IPv4 (it keeps the IPv4 header checksum right)"
+    );
+    let testbed = netns::Testbed { prefix: prefix.to_owned(), backends: 0 };
+    let (client, balancer) = (testbed.client(), testbed.balancer());
+    let source_mac = netns::mac(&client, netns::LB_IFACE)?;
+    let balancer_mac = netns::mac(&balancer, netns::LB_IFACE)?;
+    std::mem::forget(testbed); // not ours to remove
+    let flow = tests::packets::Flow {
+        client: "198.18.0.20".parse()?,
+        client_port: 1024,
+        vip: vip.ip(),
+        vip_port: vip.port(),
+        l4: tests::packets::L4::Udp,
+    };
+    let payload = vec![0u8; size.saturating_sub(14 + 20 + 8 + 4).max(1)];
+    let mut frame = tests::packets::frame(flow, tests::packets::Shape::default(), &payload);
+    frame[0..6].copy_from_slice(&balancer_mac);
+    frame[6..12].copy_from_slice(&source_mac);
+    netns::enter(&client)?;
+    let ifindex = lb_userspace::neighbour::interface_index(netns::LB_IFACE)?;
+    let ebpf = tests::generator::load(flows, addresses)?;
+    let sent = tests::generator::send(&ebpf, &frame, ifindex, count, seconds, rate)?;
+    println!("{}", serde_json::to_string(&sent)?);
+    Ok(())
+}
+
+/// New connections from `threads` threads until `duration` has passed:
+/// (answered, failed).
+fn connection_rate(
+    address: SocketAddr,
+    duration: Duration,
+    threads: usize,
+) -> anyhow::Result<(u64, u64)> {
+    let deadline = Instant::now() + duration;
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while Instant::now() < deadline {
+                    let answered =
+                        std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
                             .and_then(|mut stream| {
                                 stream.set_read_timeout(Some(Duration::from_secs(2)))?;
                                 let mut answer = String::new();
                                 stream.read_to_string(&mut answer).map(|_| !answer.is_empty())
                             });
-                            if matches!(answered, Ok(true)) { ok += 1 } else { failed += 1 }
-                        }
-                        (ok, failed)
-                    })
-                })
-                .collect();
-            let (mut ok, mut failed) = (0, 0);
-            for worker in workers {
-                let (o, f) = worker.join().map_err(|_| anyhow::anyhow!("worker panicked"))?;
-                ok += o;
-                failed += f;
-            }
-            println!("{ok} {failed}");
-        }
-        Some("ws-serve") => {
-            let (Some(name), Some(port), Some(seconds)) = (arg(1), arg(2), arg(3)) else {
-                anyhow::bail!("{USAGE}");
-            };
-            let lifetime = Duration::from_secs(seconds.parse()?);
-            runtime()?.block_on(tests::websocket::serve(
-                name.to_owned(),
-                port.parse()?,
-                lifetime,
-            ))?;
-        }
-        Some("ws-clients") => {
-            let (Some(vip), Some(count)) = (arg(1), arg(2)) else {
-                anyhow::bail!("{USAGE}");
-            };
-            runtime()?.block_on(tests::websocket::clients(vip.parse()?, count.parse()?))?;
-        }
-        Some("client-loop") => {
-            let (
-                Some(protocol),
-                Some(vip),
-                Some(source),
-                Some(first),
-                Some(seconds),
-                Some(interval),
-            ) = (arg(1), arg(2), arg(3), arg(4), arg(5), arg(6))
-            else {
-                anyhow::bail!("{USAGE}");
-            };
-            let duration = Duration::from_secs(seconds.parse()?);
-            let interval = Duration::from_millis(interval.parse()?);
-            let vip: SocketAddr = vip.parse()?;
-            let source: std::net::IpAddr = source.parse()?;
-            let domain = if vip.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
-            let start = Instant::now();
-            let mut port: u16 = first.parse()?;
-            while start.elapsed() < duration {
-                let sent = Instant::now();
-                let local = SocketAddr::new(source, port);
-                let answer = match protocol {
-                    "udp" => udp_request(domain, local, vip),
-                    _ => tcp_request(domain, local, vip),
-                };
-                let elapsed = sent.duration_since(start).as_millis();
-                match answer {
-                    Ok(answer) => println!("{elapsed} {port} {answer}"),
-                    Err(error) => println!("{elapsed} {port} ERROR {error}"),
+                    if matches!(answered, Ok(true)) { ok += 1 } else { failed += 1 }
                 }
-                port = port.wrapping_add(1).max(1024);
-                std::thread::sleep(interval.saturating_sub(sent.elapsed()));
-            }
-        }
-        _ => anyhow::bail!("{USAGE}"),
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for worker in workers {
+        let (o, f) = worker.join().map_err(|_| anyhow::anyhow!("worker panicked"))?;
+        ok += o;
+        failed += f;
     }
-    Ok(())
+    Ok((ok, failed))
+}
+
+/// A request every `interval` for `duration`, each from the next source port.
+fn client_loop(
+    protocol: &str,
+    vip: SocketAddr,
+    source: IpAddr,
+    first_port: u16,
+    duration: Duration,
+    interval: Duration,
+) {
+    let domain = if vip.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let start = Instant::now();
+    let mut port = first_port;
+    while start.elapsed() < duration {
+        let sent = Instant::now();
+        let local = SocketAddr::new(source, port);
+        let answer = match protocol {
+            "udp" => udp_request(domain, local, vip),
+            _ => tcp_request(domain, local, vip),
+        };
+        let elapsed = sent.duration_since(start).as_millis();
+        match answer {
+            Ok(answer) => println!("{elapsed} {port} {answer}"),
+            Err(error) => println!("{elapsed} {port} ERROR {error}"),
+        }
+        port = port.wrapping_add(1).max(1024);
+        std::thread::sleep(interval.saturating_sub(sent.elapsed()));
+    }
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
