@@ -1,0 +1,355 @@
+//! Section 2: forwarded packets per second on a point-to-point veth pair
+//! (generator <-> balancer, frames sent back with XDP_TX and counted per
+//! backend MAC), against an XDP_TX reflector (the floor) and the kernel
+//! forwarding through nftables DNAT; 1 and 2 cores, 1 and 64,000 flows.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use aya::maps::PerCpuArray;
+use aya::programs::{Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use lb_userspace::datapath::{BENCH_OBJECT, PEER_PASS_OBJECT};
+use lb_userspace::model::{DatapathConfig, Protocol, format_mac};
+use lb_userspace::reconcile::Reconciler;
+use serde::Serialize;
+use tests::netns::run;
+use tests::packets::{Flow, L4, Segment, Shape, frame};
+
+use crate::costs::xdp;
+use crate::ip;
+
+#[derive(Serialize)]
+pub struct ThroughputRow {
+    pub system: String,
+    pub cores: usize,
+    pub flows: u32,
+    pub offered_mpps: f64,
+    pub forwarded_mpps: f64,
+    /// Frames counted per destination MAC at the receiving end.
+    pub arrivals: BTreeMap<String, u64>,
+}
+
+pub const GEN_NS: &str = "lbb-gen";
+pub const LB_NS: &str = "lbb-lb";
+pub const GEN_IFACE: &str = "g0";
+pub const LB_IFACE: &str = "l0";
+pub const GEN_REPEAT: u32 = 3_000_000;
+
+/// Runs `work` on a thread that has entered network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        tests::netns::enter(&ns)?;
+        work()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+}
+
+pub struct Topology;
+
+impl Topology {
+    fn up() -> anyhow::Result<Self> {
+        Self::down();
+        let topology = Topology;
+        run("ip", &["netns", "add", GEN_NS])?;
+        run("ip", &["netns", "add", LB_NS])?;
+        run(
+            "ip",
+            &[
+                "link", "add", GEN_IFACE, "netns", GEN_NS, "type", "veth", "peer", "name",
+                LB_IFACE, "netns", LB_NS,
+            ],
+        )?;
+        for (ns, iface, address) in
+            [(GEN_NS, GEN_IFACE, "198.18.0.1/24"), (LB_NS, LB_IFACE, "198.18.0.2/24")]
+        {
+            run("ip", &["-n", ns, "addr", "add", address, "dev", iface])?;
+            run("ip", &["-n", ns, "link", "set", iface, "up"])?;
+            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(topology)
+    }
+
+    fn down() {
+        for ns in [GEN_NS, LB_NS] {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        Self::down();
+    }
+}
+
+/// The generator and the sink, both in the generator's namespace.
+pub struct Generator {
+    ebpf: Ebpf,
+    ifindex: u32,
+}
+
+impl Generator {
+    fn load(flows: u32) -> anyhow::Result<Self> {
+        in_netns(GEN_NS, move || {
+            let mut ebpf = EbpfLoader::new()
+                .override_global("BENCH_FLOWS", &flows, true)
+                .load(BENCH_OBJECT)?;
+            xdp(&mut ebpf, "bench_generator")?.load()?;
+            let sink = xdp(&mut ebpf, "bench_sink")?;
+            sink.load()?;
+            sink.attach(GEN_IFACE, XdpMode::Driver)?;
+            let ifindex = lb_userspace::neighbour::interface_index(GEN_IFACE)?;
+            Ok(Generator { ebpf, ifindex })
+        })
+    }
+
+    fn arrivals(&self) -> anyhow::Result<BTreeMap<u8, u64>> {
+        let map = self.ebpf.map("BENCH_ARRIVALS").context("BENCH_ARRIVALS")?;
+        let array: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        let mut counts = BTreeMap::new();
+        for index in 0..256u32 {
+            let total: u64 = array.get(&index, 0)?.iter().sum();
+            if total > 0 {
+                counts.insert(index as u8, total);
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Sends GEN_REPEAT frames from each of `cores` threads at once; returns
+    /// (frames sent, wall time).
+    fn blast(&self, frame: &[u8], cores: usize) -> anyhow::Result<(u64, Duration)> {
+        let program: &Xdp =
+            self.ebpf.program("bench_generator").context("generator")?.try_into()?;
+        let fd = program.fd()?.try_clone()?;
+        let start = Instant::now();
+        let threads: Vec<_> = (0..cores)
+            .map(|cpu| {
+                let frame = frame.to_vec();
+                let fd = fd.try_clone();
+                let ifindex = self.ifindex;
+                std::thread::spawn(move || -> anyhow::Result<()> {
+                    pin_to_cpu(cpu)?;
+                    tests::netns::enter(GEN_NS)?;
+                    tests::generator::live_frames(&fd?, &frame, ifindex, GEN_REPEAT)
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
+        }
+        Ok((u64::from(GEN_REPEAT) * cores as u64, start.elapsed()))
+    }
+}
+
+/// CPUs online (not this thread's affinity, which pinning narrows).
+pub fn available_cpus() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+        .ok()
+        .flatten()
+        .and_then(|online| usize::try_from(online).ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).with_context(|| format!("CPU {cpu}"))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .with_context(|| format!("pinning to CPU {cpu}"))
+}
+
+pub fn throughput() -> anyhow::Result<Vec<ThroughputRow>> {
+    let _topology = Topology::up()?;
+    let lb_mac = tests::netns::mac(LB_NS, LB_IFACE)?;
+    let gen_mac = tests::netns::mac(GEN_NS, GEN_IFACE)?;
+    // An established-flow frame from the generator to the VIP.
+    let flow = Flow {
+        client: ip("198.18.0.1"),
+        client_port: 1024,
+        vip: ip("198.18.0.10"),
+        vip_port: 80,
+        l4: L4::Tcp,
+    };
+    let mut frame_bytes =
+        frame(flow, Shape { segment: Segment::Ack, ..Shape::default() }, &[0u8; 10]);
+    frame_bytes[0..6].copy_from_slice(&lb_mac);
+    frame_bytes[6..12].copy_from_slice(&gen_mac);
+
+    let mut rows = Vec::new();
+    for system in ["lb", "XDP_TX reflector", "nftables DNAT"] {
+        let guard = install(system)?;
+        for flows in [1u32, 64_000] {
+            for cores in [1usize, 2] {
+                // XDP runs on the CPU that transmits into the veth, so for lb and
+                // the reflector `cores` generator threads give `cores` cores. The
+                // kernel's softirq work cannot share a core with a generator (it
+                // starves), so for nftables one generator runs on CPU 0 and RPS
+                // hands the stack CPU 1. A second core for it would be the
+                // generator's own: not measured on a 2-CPU machine.
+                let generators = if system == "nftables DNAT" {
+                    if cores > 1 || available_cpus() < 2 {
+                        continue;
+                    }
+                    let path = format!("/sys/class/net/{LB_IFACE}/queues/rx-0/rps_cpus");
+                    run("ip", &["netns", "exec", LB_NS, "sh", "-c", &format!("echo 2 > {path}")])?;
+                    1
+                } else {
+                    cores
+                };
+                let generator = Generator::load(flows)?;
+                // Warm up (records the flows), then measure.
+                generator.blast(&frame_bytes, generators)?;
+                let before = generator.arrivals()?;
+                let (sent, elapsed) = generator.blast(&frame_bytes, generators)?;
+                let after = generator.arrivals()?;
+                let mut arrivals = BTreeMap::new();
+                let mut forwarded = 0;
+                for (mac, count) in &after {
+                    let delta = count - before.get(mac).copied().unwrap_or(0);
+                    forwarded += delta;
+                    arrivals.insert(format!("..:{mac:02x}"), delta);
+                }
+                let seconds = elapsed.as_secs_f64();
+                rows.push(ThroughputRow {
+                    system: system.into(),
+                    cores,
+                    flows,
+                    offered_mpps: sent as f64 / seconds / 1e6,
+                    forwarded_mpps: forwarded as f64 / seconds / 1e6,
+                    arrivals,
+                });
+            }
+        }
+        if std::env::var_os("LB_BENCH_DEBUG").is_some() && system == "nftables DNAT" {
+            let stats = run("ip", &["netns", "exec", LB_NS, "nstat", "-az"])?;
+            for line in String::from_utf8_lossy(&stats.stdout).lines() {
+                if line.split_whitespace().nth(1).is_some_and(|v| v != "0") {
+                    println!("  {line}");
+                }
+            }
+            let ruleset = run("ip", &["netns", "exec", LB_NS, "nft", "list", "ruleset"])?;
+            println!("{}", String::from_utf8_lossy(&ruleset.stdout));
+        }
+        drop(guard);
+    }
+    Ok(rows)
+}
+
+/// What runs on the balancer's interface while a system is measured.
+pub enum Installed {
+    Balancer(#[expect(dead_code, reason = "held to keep the balancer attached")] Box<Reconciler>),
+    Program(#[expect(dead_code, reason = "held to keep the program attached")] Box<Ebpf>),
+    Kernel,
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if let Installed::Kernel = self {
+            let _ = run("ip", &["-n", LB_NS, "link", "set", "dev", LB_IFACE, "xdp", "off"]);
+            let _ = run("ip", &["netns", "exec", LB_NS, "nft", "flush", "ruleset"]);
+        }
+    }
+}
+
+pub fn install(system: &str) -> anyhow::Result<Installed> {
+    match system {
+        "lb" => in_netns(LB_NS, || {
+            let config =
+                DatapathConfig { max_vips: 4, max_backends: 16, ..DatapathConfig::default() };
+            // The sink counts arrivals by the backend MAC's last byte: 101 to 103.
+            let backends: Vec<IpAddr> =
+                (1..=3).map(|i| ip(&format!("198.18.0.{}", 100 + i))).collect();
+            let (mut reconciler, _) = tests::fixture::balancer(
+                config,
+                &[("198.18.0.10:80", Protocol::Tcp, &backends)],
+                tests::fixture::backend_mac,
+            )?;
+            reconciler
+                .datapath_mut()
+                .attach(LB_IFACE, lb_userspace::datapath::AttachMode::Native)?;
+            Ok(Installed::Balancer(Box::new(reconciler)))
+        }),
+        "XDP_TX reflector" => in_netns(LB_NS, || {
+            let mut ebpf = EbpfLoader::new().load(BENCH_OBJECT)?;
+            let program = xdp(&mut ebpf, "bench_mac_swap")?;
+            program.load()?;
+            program.attach(LB_IFACE, XdpMode::Driver)?;
+            Ok(Installed::Program(Box::new(ebpf)))
+        }),
+        _ => {
+            // veth hands the generator's XDP_TX frames only to a peer running XDP.
+            let object = std::env::temp_dir().join("lbb-xdp-pass.o");
+            std::fs::write(&object, PEER_PASS_OBJECT)?;
+            let object = object.to_str().context("temp path")?;
+            run(
+                "ip",
+                &["-n", LB_NS, "link", "set", "dev", LB_IFACE, "xdp", "obj", object, "sec", "xdp"],
+            )?;
+            for setting in [
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.l0.send_redirects=0",
+            ] {
+                run("ip", &["netns", "exec", LB_NS, "sysctl", "-qw", setting])?;
+            }
+            for index in 1..=3 {
+                let address = format!("198.18.0.{}", 100 + index);
+                let mac = format_mac(tests::fixture::backend_mac(ip(&address)));
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        LB_NS,
+                        "neigh",
+                        "replace",
+                        &address,
+                        "lladdr",
+                        &mac,
+                        "dev",
+                        LB_IFACE,
+                        "nud",
+                        "permanent",
+                    ],
+                )?;
+            }
+            let rules = "table ip lbbench {\n chain prerouting {\n  type nat hook prerouting priority -100;\n  ip daddr 198.18.0.10 tcp dport 80 counter dnat to numgen random mod 3 map { 0 : 198.18.0.101, 1 : 198.18.0.102, 2 : 198.18.0.103 }\n }\n}\n";
+            let rules_file = std::env::temp_dir().join("lbb-nft.conf");
+            std::fs::write(&rules_file, rules)?;
+            run(
+                "ip",
+                &["netns", "exec", LB_NS, "nft", "-f", rules_file.to_str().context("path")?],
+            )?;
+            // Only now does conntrack exist in the namespace. The generator
+            // rewrites ports without fixing checksums, which conntrack would
+            // otherwise mark invalid and leave un-NATed.
+            run(
+                "ip",
+                &["netns", "exec", LB_NS, "sysctl", "-qw", "net.netfilter.nf_conntrack_checksum=0"],
+            )?;
+
+            Ok(Installed::Kernel)
+        }
+    }
+}
+
+pub fn print_throughput(rows: &[ThroughputRow]) {
+    println!(
+        "{:<20} {:>5} {:>7} {:>9} {:>10}  ARRIVALS BY DESTINATION MAC",
+        "SYSTEM", "CORES", "FLOWS", "OFFERED", "FORWARDED"
+    );
+    for row in rows {
+        println!(
+            "{:<20} {:>5} {:>7} {:>6.2} Mpps {:>6.2} Mpps  {:?}",
+            row.system, row.cores, row.flows, row.offered_mpps, row.forwarded_mpps, row.arrivals
+        );
+    }
+}

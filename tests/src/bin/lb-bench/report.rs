@@ -1,0 +1,107 @@
+//! The report: the targets each figure is held to, and the throughput chart.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::control::ControlRow;
+use crate::costs::CostRow;
+use crate::forwarding::ThroughputRow;
+
+#[derive(Serialize)]
+pub struct Target {
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+pub fn targets(
+    costs: &[CostRow],
+    throughput: &[ThroughputRow],
+    control: &[ControlRow],
+) -> Vec<Target> {
+    let ratio = |prefix: &str| {
+        costs
+            .iter()
+            .find(|row| row.path.starts_with(prefix))
+            .map_or(f64::NAN, |row| row.vs_xdp_tx_floor)
+    };
+    let mpps = |system: &str, cores: usize, flows: u32| {
+        throughput
+            .iter()
+            .find(|row| row.system == system && row.cores == cores && row.flows == flows)
+            .map_or(f64::NAN, |row| row.forwarded_mpps)
+    };
+    let mut targets = Vec::new();
+    let maglev = ratio("TCP SYN, IPv4");
+    targets.push(Target {
+        target: "Maglev-only path at most 2x the XDP_TX floor".into(),
+        measured: format!("{maglev:.2}x"),
+        met: maglev <= 2.0,
+    });
+    let established = ratio("established, TCP IPv4");
+    targets.push(Target {
+        target: "with a flow-table lookup at most 3x the XDP_TX floor".into(),
+        measured: format!("{established:.2}x"),
+        met: established <= 3.0,
+    });
+    for cores in [1, 2] {
+        let (lb, floor) = (mpps("lb", cores, 64_000), mpps("XDP_TX reflector", cores, 64_000));
+        targets.push(Target {
+            target: format!(
+                "forwarded pps at least 80% of the reflector ({cores} core(s), 64k flows)"
+            ),
+            measured: format!("{:.0}% ({lb:.2} vs {floor:.2} Mpps)", lb / floor * 100.0),
+            met: lb >= 0.8 * floor,
+        });
+    }
+    let (lb, nft) = (mpps("lb", 1, 64_000), mpps("nftables DNAT", 1, 64_000));
+    targets.push(Target {
+        target: "forwarded pps at least 5x nftables DNAT (1 core, 64k flows)".into(),
+        measured: format!("{:.1}x ({lb:.2} vs {nft:.2} Mpps)", lb / nft),
+        met: lb >= 5.0 * nft,
+    });
+    if let Some(row) = control.iter().find(|row| row.backends == 1000) {
+        targets.push(Target {
+            target: "table rebuild and install for 1000 backends under 50 ms".into(),
+            measured: format!("{:.2} ms", row.rebuild_and_install_ms),
+            met: row.rebuild_and_install_ms < 50.0,
+        });
+    }
+    targets
+}
+
+pub fn chart(rows: &[ThroughputRow], path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let top = rows.iter().map(|row| row.forwarded_mpps).fold(0.0, f64::max).max(0.1) * 1.2;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Forwarded Mpps by cores (64-byte frames, veth, same run)", ("sans-serif", 18))
+        .margin(20)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.5f64..2.5f64, 0f64..top)?;
+    chart.configure_mesh().x_desc("cores").y_desc("Mpps").x_labels(3).draw()?;
+    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for row in rows {
+        let name =
+            format!("{} ({} flow{})", row.system, row.flows, if row.flows == 1 { "" } else { "s" });
+        match series.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, points)) => points.push((row.cores as f64, row.forwarded_mpps)),
+            None => series.push((name, vec![(row.cores as f64, row.forwarded_mpps)])),
+        }
+    }
+    for (index, (name, points)) in series.into_iter().enumerate() {
+        let color = colors[index % colors.len()];
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart.draw_series(points.into_iter().map(|point| Circle::new(point, 4, color.filled())))?;
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    root.present()?;
+    Ok(())
+}
