@@ -33,31 +33,61 @@ pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|error| anyhow::anyhow!("metrics endpoint {address}: {error} (choose another --metrics ADDR:PORT, or --metrics off)"))
 }
 
+/// What a scraper asked for.
+#[derive(Debug, PartialEq, Eq)]
+enum Asked {
+    Metrics,
+    Elsewhere,
+    /// Not an HTTP request head (or larger than 8 KiB).
+    Garbage,
+}
+
+/// Parses a request head with httparse; Partial while more may come.
+fn asked(head: &[u8]) -> Option<Asked> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {
+            let path = request.path.unwrap_or_default();
+            let path = path.split_once('?').map_or(path, |(path, _)| path);
+            Some(if request.method == Some("GET") && path == "/metrics" {
+                Asked::Metrics
+            } else {
+                Asked::Elsewhere
+            })
+        }
+        Ok(httparse::Status::Partial) if head.len() < 8192 => None,
+        Ok(httparse::Status::Partial) | Err(_) => Some(Asked::Garbage),
+    }
+}
+
 async fn answer(mut stream: TcpStream, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
-    let mut request = Vec::new();
+    let mut head = Vec::new();
     let mut buffer = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+    let asked = loop {
         let read = stream.read(&mut buffer).await?;
         if read == 0 {
-            break;
+            break Asked::Garbage;
         }
-        request.extend_from_slice(&buffer[..read]);
-    }
-    let first_line =
-        String::from_utf8_lossy(&request).lines().next().unwrap_or_default().to_owned();
-    let (status, body) = if first_line.starts_with("GET /metrics ") || first_line == "GET /metrics"
-    {
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let stats = match calls.send((Request::Stats, reply_tx)).await {
-            Ok(()) => reply_rx.await.ok(),
-            Err(_) => None,
-        };
-        match stats {
-            Some(Reply::Ok(Body::Stats(stats))) => ("200 OK", render(&stats)),
-            _ => ("503 Service Unavailable", "the daemon did not answer\n".to_owned()),
+        head.extend_from_slice(&buffer[..read]);
+        if let Some(asked) = asked(&head) {
+            break asked;
         }
-    } else {
-        ("404 Not Found", "only /metrics is served here\n".to_owned())
+    };
+    let (status, body) = match asked {
+        Asked::Metrics => {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let stats = match calls.send((Request::Stats, reply_tx)).await {
+                Ok(()) => reply_rx.await.ok(),
+                Err(_) => None,
+            };
+            match stats {
+                Some(Reply::Ok(Body::Stats(stats))) => ("200 OK", render(&stats)),
+                _ => ("503 Service Unavailable", "the daemon did not answer\n".to_owned()),
+            }
+        }
+        Asked::Elsewhere => ("404 Not Found", "only /metrics is served here\n".to_owned()),
+        Asked::Garbage => ("400 Bad Request", "not an HTTP request\n".to_owned()),
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -219,4 +249,20 @@ pub fn render(stats: &StatsView) -> String {
         vec![(String::new(), format!("{:.6}", stats.table_rebuild_seconds))],
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_parsed_as_http_heads() {
+        assert_eq!(asked(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Some(Asked::Metrics));
+        assert_eq!(asked(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Some(Asked::Metrics));
+        assert_eq!(asked(b"GET /metrics HTTP/1.1\r\nHost:"), None, "more may come");
+        assert_eq!(asked(b"GET / HTTP/1.1\r\n\r\n"), Some(Asked::Elsewhere));
+        assert_eq!(asked(b"POST /metrics HTTP/1.1\r\n\r\n"), Some(Asked::Elsewhere));
+        assert_eq!(asked(b"\x16\x03\x01 garbage\r\n\r\n"), Some(Asked::Garbage));
+        assert_eq!(asked(&[b'a'; 9000]), Some(Asked::Garbage));
+    }
 }
