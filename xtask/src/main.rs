@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
             cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
             cargo(&["build", "--workspace"])?;
             let mut child = Command::new(cargo_binary())
-                .args(["test", "--workspace"])
+                .args(["test", "--workspace", "--no-fail-fast"])
                 .stdout(Stdio::piped())
                 .spawn()?;
             let mut totals = TestTotals::default();

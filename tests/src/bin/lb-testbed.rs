@@ -248,21 +248,40 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
+/// A UDP socket on `address` that shares its port with the others of the
+/// server (the most specific bound address gets each datagram).
+fn udp_socket(address: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(address), Type::DGRAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    Ok(socket.into())
+}
+
 fn serve(name: &str, port: u16, lifetime: Duration) -> anyhow::Result<()> {
     let any: SocketAddr = format!("[::]:{port}").parse()?;
     let tcp = TcpListener::bind(any)?;
-    let udp = UdpSocket::bind(any)?;
     let deadline = Instant::now() + lifetime;
-    let udp_name = name.to_owned();
-    std::thread::spawn(move || {
-        let mut buffer = [0u8; 1500];
-        udp.set_read_timeout(Some(Duration::from_millis(200))).ok();
-        while Instant::now() < deadline {
-            if let Ok((_, peer)) = udp.recv_from(&mut buffer) {
-                let _ = udp.send_to(udp_name.as_bytes(), peer);
-            }
+    // A UDP server behind DSR must answer from the VIP, as a TCP one does:
+    // sockets bound to the testbed's VIPs (where this host has them) take the
+    // datagrams sent there, and the wildcard one takes the rest (health checks).
+    let mut udp_sockets = vec![udp_socket(any)?];
+    for vip in [netns::VIP4, netns::VIP6] {
+        if let Ok(socket) = udp_socket(SocketAddr::new(vip.parse()?, port)) {
+            udp_sockets.push(socket);
         }
-    });
+    }
+    for udp in udp_sockets {
+        let udp_name = name.to_owned();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 1500];
+            udp.set_read_timeout(Some(Duration::from_millis(200))).ok();
+            while Instant::now() < deadline {
+                if let Ok((_, peer)) = udp.recv_from(&mut buffer) {
+                    let _ = udp.send_to(udp_name.as_bytes(), peer);
+                }
+            }
+        });
+    }
     tcp.set_nonblocking(true)?;
     while Instant::now() < deadline {
         match tcp.accept() {
