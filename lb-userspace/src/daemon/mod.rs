@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::Call;
 use crate::config::{self, Config};
-use crate::datapath::{self, AttachMode, Datapath};
+use crate::datapath::{self, AttachMode, Datapath, Maps as _};
 use crate::health::{Checks, Health, HealthReport, Start};
 use crate::model::{ChangeError, DesiredState, format_mac};
 use crate::neighbour::{self, Neighbours};

@@ -122,11 +122,6 @@ impl Datapath {
         Self::open(config, None)
     }
 
-    /// Whether the maps were adopted from an earlier `lb run`.
-    pub fn adopted(&self) -> bool {
-        self.adopted
-    }
-
     fn open(config: DatapathConfig, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
         let too_large = || DatapathError::TableTooLarge {
             max_vips: config.max_vips,
@@ -208,10 +203,6 @@ impl Datapath {
             adopted,
             pinned_link: None,
         })
-    }
-
-    pub fn config(&self) -> DatapathConfig {
-        self.config
     }
 
     /// The loaded XDP program (for test runs and for tail calls into it).
