@@ -23,8 +23,9 @@ fi
 llvm_major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 [ -n "$llvm_major" ] || die "could not read nightly's LLVM version from 'rustc +nightly -vV'"
 
-# prometheus brings promtool, which checks our /metrics in the tests.
-packages=(iproute2 nftables ethtool haproxy util-linux prometheus "llvm-${llvm_major}-dev" libpolly-"${llvm_major}"-dev libzstd-dev zlib1g-dev)
+# prometheus brings promtool, which checks our /metrics in the tests; bird2
+# announces VIPs over BGP in the multi-balancer testbed.
+packages=(iproute2 nftables ethtool haproxy util-linux prometheus bird2 "llvm-${llvm_major}-dev" libpolly-"${llvm_major}"-dev libzstd-dev zlib1g-dev)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")

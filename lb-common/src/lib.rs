@@ -36,8 +36,13 @@ pub const MAP_FLOW_EVENTS: &str = "LB_FLOW_EVENTS";
 /// so that a restarted daemon adopting pinned maps can check they fit.
 pub const MAP_LAYOUT: &str = "LB_LAYOUT";
 
+/// `RingBuf` of [`FlowSyncEvent`]: flows the datapath created or closed, for
+/// the daemon to tell the balancer's peers. Written only while
+/// [`GLOBAL_SYNC_FLOWS`] is set.
+pub const MAP_FLOW_SYNC: &str = "LB_FLOW_SYNC";
+
 /// Every map, in the order they are pinned and adopted.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_VIPS,
     MAP_VIP_ADDRESSES,
     MAP_MAGLEV,
@@ -48,11 +53,12 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_FLOWS,
     MAP_FLOW_EVENTS,
     MAP_LAYOUT,
+    MAP_FLOW_SYNC,
 ];
 
 /// Bumped whenever a map's key or value layout changes: pinned maps of
 /// another version are refused rather than misread.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Value of [`MAP_LAYOUT`]. Written by the daemon that creates the maps.
 #[repr(C)]
@@ -76,6 +82,15 @@ pub const GLOBAL_HASH_SEED: &str = "LB_HASH_SEED";
 pub const GLOBAL_TABLE_SIZE: &str = "LB_TABLE_SIZE";
 /// Global (`u64`): nanoseconds after which an idle UDP flow is forgotten.
 pub const GLOBAL_UDP_IDLE_NS: &str = "LB_UDP_IDLE_NS";
+
+/// Global (`u32`): 1 when `lb run` shares flows with peers, so the datapath
+/// reports every flow it creates or closes in [`MAP_FLOW_SYNC`]; 0 otherwise.
+pub const GLOBAL_SYNC_FLOWS: &str = "LB_SYNC_FLOWS";
+
+/// Bytes of [`MAP_FLOW_SYNC`] (a power of two): 65,536 events of 64 bytes
+/// with their ring header, far more than the daemon lets pile up between two
+/// reads 10 ms apart.
+pub const FLOW_SYNC_RING_BYTES: u32 = 4 << 20;
 
 /// Defaults for the sizes the control plane sets at load time.
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
@@ -248,16 +263,20 @@ pub enum FlowEvent {
     Rescued = 3,
     /// A UDP flow idle longer than the timeout started over as a new flow.
     Expired = 4,
+    /// A flow change could not be reported for sync: [`MAP_FLOW_SYNC`] was
+    /// full. Peers learn that flow at their next full resync.
+    SyncLost = 5,
 }
 
 impl FlowEvent {
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
     pub const ALL: [FlowEvent; Self::COUNT as usize] = [
         FlowEvent::Created,
         FlowEvent::Hit,
         FlowEvent::MissFallback,
         FlowEvent::Rescued,
         FlowEvent::Expired,
+        FlowEvent::SyncLost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -267,9 +286,49 @@ impl FlowEvent {
             FlowEvent::MissFallback => "miss_fallback",
             FlowEvent::Rescued => "rescued",
             FlowEvent::Expired => "expired",
+            FlowEvent::SyncLost => "sync_lost",
         }
     }
 }
+
+/// What happened to a flow, as reported in a [`FlowSyncEvent`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowSyncKind {
+    /// The flow was given (or moved to) `backend_slot`.
+    Open = 0,
+    /// The client or server sent a FIN: the flow is closing.
+    Closing = 1,
+    /// A RST ended the flow; its entry is gone.
+    Reset = 2,
+}
+
+impl FlowSyncKind {
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            0 => Some(Self::Open),
+            1 => Some(Self::Closing),
+            2 => Some(Self::Reset),
+            _ => None,
+        }
+    }
+}
+
+/// One record of [`MAP_FLOW_SYNC`], written by the datapath when it creates
+/// or closes a flow-table entry. The daemon translates the VIP index and
+/// backend slot (which are local to this balancer) into addresses before
+/// telling its peers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowSyncEvent {
+    pub flow: FlowKey,
+    pub vip_index: u32,
+    pub backend_slot: u32,
+    /// A [`FlowSyncKind`].
+    pub kind: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FlowSyncEvent>() == 56);
 
 /// Per-CPU packet and byte counts (bytes of the whole frame as received).
 #[repr(C)]
@@ -455,4 +514,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Layout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowSyncEvent {}
 }

@@ -6,19 +6,22 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    Backend, FLOW_FLAG_CLOSING, FLOW_REFRESH_NS, FlowEntry, FlowEvent, FlowKey, MAGLEV_CHUNK,
-    NO_BACKEND, PROTO_TCP, Reason, VIP_FLAG_CLIENT_IP_AFFINITY, VipInfo,
+    Backend, FLOW_FLAG_CLOSING, FLOW_REFRESH_NS, FlowEntry, FlowEvent, FlowKey, FlowSyncKind,
+    MAGLEV_CHUNK, NO_BACKEND, PROTO_TCP, Reason, VIP_FLAG_CLIENT_IP_AFFINITY, VipInfo,
 };
 
 use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_MAGLEV};
 use crate::parse::transport::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::stats::count_flow_event;
+use crate::sync;
 
 /// Load-time settings the choice needs.
 pub struct Settings {
     pub hash_seed: u32,
     pub table_size: u32,
     pub udp_idle_ns: u64,
+    /// Report created and closed flows for peer balancers.
+    pub sync_flows: bool,
 }
 
 /// The backend slot for this packet's flow, and the backend itself.
@@ -53,16 +56,25 @@ pub fn choose(
                         && backend.has_mac()
                         && !backend.is_down() =>
                 {
+                    let slot = entry.backend_slot;
                     if tcp_flags & TCP_RST != 0 {
+                        // The entry is not touched after its removal.
                         let _ = LB_FLOWS.remove(flow);
-                    } else if tcp_flags & TCP_FIN != 0 {
+                        let sync_kind = FlowSyncKind::Reset;
+                        sync::report(settings.sync_flows, flow, vip.vip_index, slot, sync_kind);
+                        count_flow_event(FlowEvent::Hit);
+                        return Ok((slot, backend));
+                    }
+                    if tcp_flags & TCP_FIN != 0 && entry.flags & FLOW_FLAG_CLOSING == 0 {
                         entry.flags |= FLOW_FLAG_CLOSING;
+                        let sync_kind = FlowSyncKind::Closing;
+                        sync::report(settings.sync_flows, flow, vip.vip_index, slot, sync_kind);
                     }
                     if now.saturating_sub(entry.last_seen_ns) > FLOW_REFRESH_NS {
                         entry.last_seen_ns = now;
                     }
                     count_flow_event(FlowEvent::Hit);
-                    return Ok((entry.backend_slot, backend));
+                    return Ok((slot, backend));
                 }
                 _ if expired => count_flow_event(FlowEvent::Expired),
                 _ => count_flow_event(FlowEvent::Rescued),
@@ -87,7 +99,9 @@ pub fn choose(
             flags: if tcp_flags & TCP_FIN != 0 { FLOW_FLAG_CLOSING } else { 0 },
             _pad: 0,
         };
-        let _ = LB_FLOWS.insert(flow, entry, 0);
+        if LB_FLOWS.insert(flow, entry, 0).is_ok() {
+            sync::report(settings.sync_flows, flow, vip.vip_index, slot, FlowSyncKind::Open);
+        }
     }
     Ok((slot, backend))
 }

@@ -11,6 +11,7 @@ mod maps;
 mod parse;
 mod runtime;
 mod stats;
+mod sync;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey, VipKey};
@@ -33,6 +34,10 @@ static LB_TABLE_SIZE: u32 = lb_common::DEFAULT_TABLE_SIZE;
 /// Idle time after which a UDP flow is forgotten, set at load time.
 #[unsafe(no_mangle)]
 static LB_UDP_IDLE_NS: u64 = lb_common::DEFAULT_UDP_IDLE_NS;
+
+/// 1 when flow changes are reported for peer balancers, set at load time.
+#[unsafe(no_mangle)]
+static LB_SYNC_FLOWS: u32 = 0;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -87,6 +92,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
             hash_seed: core::ptr::read_volatile(&LB_HASH_SEED),
             table_size: core::ptr::read_volatile(&LB_TABLE_SIZE),
             udp_idle_ns: core::ptr::read_volatile(&LB_UDP_IDLE_NS),
+            sync_flows: core::ptr::read_volatile(&LB_SYNC_FLOWS) != 0,
         }
     };
     let (backend_slot, backend) = flows::choose(&flow, &vip, ports.tcp_flags, &settings)?;

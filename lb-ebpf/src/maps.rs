@@ -6,12 +6,12 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
-    FlowEntry, FlowEvent, FlowKey, Layout, MaglevChunk, Reason, SLOTS_PER_VIP, TrafficCounters,
-    VipAddressKey, VipInfo, VipKey, maglev_elements,
+    FLOW_SYNC_RING_BYTES, FlowEntry, FlowEvent, FlowKey, Layout, MaglevChunk, Reason,
+    SLOTS_PER_VIP, TrafficCounters, VipAddressKey, VipInfo, VipKey, maglev_elements,
 };
 
 /// VipKey -> VipInfo. Written by the daemon on every VIP or table change;
@@ -71,3 +71,9 @@ pub static LB_LAYOUT: Array<Layout> = Array::with_max_entries(1, 0);
 /// FlowEvent -> packets, per CPU: which flow-table path VIP packets took.
 #[map]
 pub static LB_FLOW_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FlowEvent::COUNT, 0);
+
+/// FlowSyncEvent records: every flow this program creates or closes, while
+/// flow sync is on. Read by the daemon every 10 ms and sent to its peers;
+/// sized so that a burst of new connections between two reads fits.
+#[map]
+pub static LB_FLOW_SYNC: RingBuf = RingBuf::with_byte_size(FLOW_SYNC_RING_BYTES, 0);

@@ -158,6 +158,12 @@ pub struct StatsView {
     pub flow_table_size: u32,
     /// Memory the kernel charges for the flow table, when it says.
     pub flow_table_memory_bytes: Option<u64>,
+    /// Kernel routing table VIP routes are published in (`--announce-table`).
+    pub announce_table: Option<u32>,
+    /// VIP addresses published there now (empty when announcing is off).
+    pub announced: Vec<IpAddr>,
+    /// Flow sync with peer balancers, when configured.
+    pub sync: Option<Box<crate::sync::SyncStatus>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

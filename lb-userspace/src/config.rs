@@ -9,6 +9,12 @@
 //! flow_table_size = 1048576
 //! udp_idle_timeout_ms = 30000
 //! tcp_idle_timeout_ms = 3600000
+//! announce_table = 100   # publish VIP routes here for BIRD/FRR; default off
+//!
+//! [sync]                 # optional: share flows with peer balancers
+//! listen = "198.18.2.1:9470"
+//! peers = ["198.18.2.2", "198.18.2.3:9470"]
+//! key_file = "/etc/lb/sync.key"
 //!
 //! [[vip]]
 //! address = "198.18.0.10:80"
@@ -31,6 +37,7 @@
 //! ```
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -50,6 +57,46 @@ use crate::model::{
 pub struct Config {
     pub datapath: DatapathConfig,
     pub desired: DesiredState,
+    /// Flow sync with peer balancers, when configured.
+    pub sync: Option<SyncConfig>,
+    /// Kernel routing table where serving VIPs are published, when set.
+    pub announce_table: Option<u32>,
+}
+
+/// The `[sync]` table (or `--sync-*`): where to listen, which peers, and
+/// the file holding the fleet's shared key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    pub listen: SocketAddr,
+    #[serde(serialize_with = "peers_out", deserialize_with = "peers_in")]
+    pub peers: Vec<SocketAddr>,
+    pub key_file: PathBuf,
+}
+
+fn peers_out<S: serde::Serializer>(peers: &[SocketAddr], out: S) -> Result<S::Ok, S::Error> {
+    out.collect_seq(peers.iter().map(ToString::to_string))
+}
+
+fn peers_in<'de, D: serde::Deserializer<'de>>(input: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let texts = Vec::<String>::deserialize(input)?;
+    texts
+        .iter()
+        .map(|text| crate::sync::parse_peer(text).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// The kernel's own routing tables, which announcing must not use.
+const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+
+/// Why an announce table is refused, if it is.
+pub fn check_announce_table(table: u32) -> Result<u32, String> {
+    if RESERVED_TABLES.contains(&table) {
+        return Err(format!(
+            "table {table} is one of the kernel's own (unspec, default, main, local): choose another, e.g. 100"
+        ));
+    }
+    Ok(table)
 }
 
 impl Config {
@@ -80,6 +127,8 @@ struct FileIn {
     flow_table_size: Option<Spanned<u32>>,
     udp_idle_timeout_ms: Option<Spanned<u64>>,
     tcp_idle_timeout_ms: Option<Spanned<u64>>,
+    announce_table: Option<Spanned<u32>>,
+    sync: Option<Spanned<SyncConfig>>,
     #[serde(default)]
     vip: Vec<VipIn>,
 }
@@ -113,6 +162,10 @@ struct FileOut {
     flow_table_size: u32,
     udp_idle_timeout_ms: u64,
     tcp_idle_timeout_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    announce_table: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sync: Option<SyncConfig>,
     vip: Vec<VipOut>,
 }
 
@@ -199,7 +252,27 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         ));
     }
 
-    let mut config = Config { datapath, desired: DesiredState::default() };
+    let announce_table = match &file.announce_table {
+        None => None,
+        Some(table) => Some(
+            check_announce_table(*table.get_ref())
+                .map_err(|message| invalid(table.span(), "announce_table", message))?,
+        ),
+    };
+    let sync = match file.sync {
+        None => None,
+        Some(sync) => {
+            if sync.get_ref().peers.is_empty() {
+                return Err(invalid(
+                    sync.span(),
+                    "sync.peers",
+                    "list at least one peer".to_owned(),
+                ));
+            }
+            Some(sync.into_inner())
+        }
+    };
+    let mut config = Config { datapath, desired: DesiredState::default(), sync, announce_table };
     let limits = config.limits();
     for vip_in in &file.vip {
         let endpoint = parse_endpoint(vip_in.address.get_ref())
@@ -253,6 +326,8 @@ pub fn render(config: &Config) -> String {
         flow_table_size: config.datapath.flow_table_size,
         udp_idle_timeout_ms: config.datapath.udp_idle_timeout_ms,
         tcp_idle_timeout_ms: config.datapath.tcp_idle_timeout_ms,
+        announce_table: config.announce_table,
+        sync: config.sync.clone(),
         vip: config
             .desired
             .vips
@@ -297,6 +372,12 @@ mod tests {
         let text = r#"
 hash_seed = 7
 table_size = 251
+announce_table = 100
+
+[sync]
+listen = "198.18.2.1:9470"
+peers = ["198.18.2.2", "[fd00:198:18::2]:7"]
+key_file = "/etc/lb/sync.key"
 
 [[vip]]
 address = "198.18.0.10:80"
@@ -324,6 +405,10 @@ status = "101"
         let config = parse(text, Path::new("lb.toml")).unwrap();
         assert_eq!(config.datapath.hash_seed, 7);
         assert_eq!(config.datapath.table_size, 251);
+        assert_eq!(config.announce_table, Some(100));
+        let peers: Vec<String> =
+            config.sync.as_ref().unwrap().peers.iter().map(ToString::to_string).collect();
+        assert_eq!(peers, ["198.18.2.2:9470", "[fd00:198:18::2]:7"]);
         assert_eq!(config.desired.vips.len(), 2);
         let checks: Vec<&CheckSpec> =
             config.desired.vips.values().map(|spec| &spec.check).collect();
@@ -382,6 +467,20 @@ status = "101"
                 && unknown.contains("line 1")
                 && unknown.contains("tabel_size"),
             "{unknown}"
+        );
+        assert_eq!(
+            error_of("announce_table = 254\n"),
+            "lb.toml:1: announce_table: table 254 is one of the kernel's own (unspec, default, main, local): choose another, e.g. 100"
+        );
+        let sync = "[sync]\nlisten = \"198.18.2.1:9470\"\nkey_file = \"k\"\n";
+        let bad_peer = error_of(&format!("{sync}peers = [\"balancer-2\"]\n"));
+        assert!(
+            bad_peer.contains("line 4") && bad_peer.contains("'balancer-2' is not ADDRESS[:PORT]"),
+            "{bad_peer}"
+        );
+        assert!(
+            error_of(&format!("{sync}peers = []\n"))
+                .starts_with("lb.toml:1: sync.peers: list at least one peer")
         );
         let syntax = error_of("[[vip]\n");
         assert!(syntax.contains("line 1"), "{syntax}");

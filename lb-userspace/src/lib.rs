@@ -4,6 +4,7 @@
 //! `datapath`, with `model`, `maglev` and lb-common at the bottom. `daemon`
 //! owns the desired state and is the only writer of the maps, through
 //! `reconcile`; `health` and `neighbour` only report; `maglev` is pure.
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod config;
@@ -15,3 +16,4 @@ pub mod metrics;
 pub mod model;
 pub mod neighbour;
 pub mod reconcile;
+pub mod sync;

@@ -248,7 +248,89 @@ pub fn render(stats: &StatsView) -> String {
         "Time spent building and installing Maglev tables.",
         vec![(String::new(), format!("{:.6}", stats.table_rebuild_seconds))],
     );
+    family(
+        "lb_announced_vips",
+        "gauge",
+        "VIP addresses published for the routing daemon to announce.",
+        vec![(String::new(), stats.announced.len().to_string())],
+    );
+    if let Some(sync) = &stats.sync {
+        render_sync(sync, &mut family);
+    }
     out
+}
+
+/// Flow sync's figures: per peer, and datagrams dropped by reason.
+fn render_sync(
+    sync: &crate::sync::SyncStatus,
+    family: &mut impl FnMut(&str, &str, &str, Vec<(String, String)>),
+) {
+    let peer_label = |peer: &crate::sync::PeerStatus| format!("{{peer=\"{}\"}}", peer.address);
+    let per_peer = |value: fn(&crate::sync::PeerStatus) -> String| {
+        sync.peers.iter().map(|peer| (peer_label(peer), value(peer))).collect::<Vec<_>>()
+    };
+    family(
+        "lb_sync_initial_done",
+        "gauge",
+        "1 once the first full resync from every reachable peer is complete.",
+        vec![(String::new(), u8::from(sync.initial_sync_done).to_string())],
+    );
+    family(
+        "lb_sync_peer_in_sync",
+        "gauge",
+        "1 when the peer is heard and its flows are all known here.",
+        per_peer(|peer| u8::from(peer.state == crate::sync::PeerState::InSync).to_string()),
+    );
+    family(
+        "lb_sync_peer_refused",
+        "gauge",
+        "1 when the peer's hash seed or table size differs from ours.",
+        per_peer(|peer| u8::from(peer.state == crate::sync::PeerState::Refused).to_string()),
+    );
+    family(
+        "lb_sync_flows_sent_total",
+        "counter",
+        "Flow records sent to the peer.",
+        per_peer(|peer| peer.flows_sent.to_string()),
+    );
+    family(
+        "lb_sync_flows_received_total",
+        "counter",
+        "Flow records received from the peer and applied.",
+        per_peer(|peer| peer.flows_received.to_string()),
+    );
+    family(
+        "lb_sync_flows_refused_total",
+        "counter",
+        "Flow records from the peer naming a VIP or backend not configured here.",
+        per_peer(|peer| peer.flows_refused.to_string()),
+    );
+    family(
+        "lb_sync_peer_lag_seconds",
+        "gauge",
+        "Age of the peer's last datagram on arrival.",
+        sync.peers
+            .iter()
+            .filter_map(|peer| {
+                Some((peer_label(peer), format!("{:.3}", peer.lag_ms? as f64 / 1e3)))
+            })
+            .collect(),
+    );
+    family(
+        "lb_sync_datagrams_dropped_total",
+        "counter",
+        "Sync datagrams dropped before use, by reason.",
+        [
+            ("unauthenticated", sync.dropped_unauthenticated),
+            ("stale", sync.dropped_stale),
+            ("malformed", sync.dropped_malformed),
+            ("unknown_sender", sync.dropped_unknown_sender),
+            ("settings_differ", sync.dropped_settings_differ),
+        ]
+        .into_iter()
+        .map(|(reason, count)| (format!("{{reason=\"{reason}\"}}"), count.to_string()))
+        .collect(),
+    );
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use lb_common::{FlowEvent, Reason};
+use lb_common::{FlowEvent, FlowKey, FlowSyncKind, Reason};
 use lb_userspace::datapath::{Datapath, Maps as _};
 use lb_userspace::model::{
     Affinity, BackendHealth, BackendSpec, CheckSpec, DatapathConfig, DesiredState, HealthMap,
@@ -29,6 +29,7 @@ const CONFIG: DatapathConfig = DatapathConfig {
     flow_table_size: 4096,
     udp_idle_timeout_ms: UDP_IDLE_MS,
     tcp_idle_timeout_ms: 3_600_000,
+    sync_flows: false,
 };
 const LIMITS: Limits = CONFIG.limits();
 
@@ -55,9 +56,13 @@ const V6_BACKENDS: [&str; 3] = ["fd00:198:18:1::1", "fd00:198:18:1::2", "fd00:19
 
 impl Fixture {
     fn new() -> Self {
+        Self::with(CONFIG)
+    }
+
+    fn with(config: DatapathConfig) -> Self {
         let (v4, v6) = (addresses(&V4_BACKENDS), addresses(&V6_BACKENDS));
         let (reconciler, desired) = balancer(
-            CONFIG,
+            config,
             &[
                 (TCP4, Protocol::Tcp, &v4),
                 (UDP4, Protocol::Udp, &v4),
@@ -619,6 +624,71 @@ fn established_flows_of_a_removed_vip_are_not_forwarded() {
     }
 }
 
+// --- flow sync ----------------------------------------------------------------
+
+/// The records in the datapath's flow-change ring: (flow key, backend slot, kind).
+fn sync_events(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<(FlowKey, u32, u32)> {
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), size_of::<lb_common::FlowSyncEvent>());
+        let word = |at: usize| u32::from_ne_bytes(item[at..at + 4].try_into().unwrap());
+        let mut key = FlowKey::default();
+        key.client_address.copy_from_slice(&item[0..16]);
+        key.vip_address.copy_from_slice(&item[16..32]);
+        key.client_port.copy_from_slice(&item[32..34]);
+        key.vip_port.copy_from_slice(&item[34..36]);
+        key.protocol = word(36);
+        events.push((key, word(44), word(48)));
+    }
+    events
+}
+
+/// Sends the life of two connections: one opened, used and closed by FIN,
+/// one picked up mid-stream and reset.
+fn two_connections(fixture: &Fixture) -> [Flow; 2] {
+    let flows = tcp_flows(38_000, 2);
+    fixture.send(flows[0], Segment::Syn);
+    for _ in 0..10 {
+        fixture.send(flows[0], Segment::Ack);
+    }
+    fixture.send(flows[0], Segment::Fin);
+    fixture.send(flows[0], Segment::Fin);
+    fixture.send(flows[1], Segment::Ack);
+    fixture.send(flows[1], Segment::Rst);
+    [flows[0], flows[1]]
+}
+
+fn the_datapath_reports_each_created_and_closed_flow_once_when_sync_is_on() {
+    let mut fixture = Fixture::with(DatapathConfig { sync_flows: true, ..CONFIG });
+    let mut sync = fixture.reconciler.datapath_mut().take_sync().unwrap().expect("the ring");
+    let flows = two_connections(&fixture);
+    let slot_of = |flow: Flow| {
+        let backend = fixture.expected_backend(flow);
+        let backends = fixture.reconciler.backends(&vip(TCP4, Protocol::Tcp));
+        backends.iter().find(|b| b.address == backend).unwrap().slot
+    };
+    let (open, closing, reset) =
+        (FlowSyncKind::Open as u32, FlowSyncKind::Closing as u32, FlowSyncKind::Reset as u32);
+    let (first, second) = (to_key(flows[0]), to_key(flows[1]));
+    assert_eq!(
+        sync_events(&mut sync.ring),
+        [
+            (first, slot_of(flows[0]), open),
+            (first, slot_of(flows[0]), closing),
+            (second, slot_of(flows[1]), open),
+            (second, slot_of(flows[1]), reset),
+        ],
+        "a SYN and a mid-stream pick-up open, the first FIN closes, a RST resets; 10 established segments and a second FIN report nothing"
+    );
+    assert_eq!(event(&fixture.flow_events(), FlowEvent::SyncLost), 0);
+
+    // Without sync the same traffic reports nothing.
+    let mut fixture = Fixture::new();
+    let mut sync = fixture.reconciler.datapath_mut().take_sync().unwrap().expect("the ring");
+    two_connections(&fixture);
+    assert_eq!(sync_events(&mut sync.ring), []);
+}
+
 tests::root_tests!(
     every_case_gives_the_expected_action_output_and_counter,
     flows_spread_over_all_backends_exactly_where_lookup_says,
@@ -632,4 +702,5 @@ tests::root_tests!(
     the_default_flow_table_holds_a_million_flows_and_reports_its_memory,
     flows_of_a_removed_backend_are_rescued_not_sent_to_an_empty_slot,
     established_flows_of_a_removed_vip_are_not_forwarded,
+    the_datapath_reports_each_created_and_closed_flow_once_when_sync_is_on,
 );

@@ -55,6 +55,8 @@ pub enum Command {
         /// Let this group use the control socket too (mode 0660; default 0600, root only).
         #[arg(long)]
         socket_group: Option<String>,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// Remove a datapath left pinned by lb run: the program detaches and the
     /// VIPs on that interface stop being balanced. Refused while lb run serves.
@@ -199,6 +201,31 @@ fn parse_protocol(text: &str) -> Result<Protocol, String> {
 /// `--metrics`: an address, or `off`.
 #[derive(Clone, Debug)]
 pub struct MetricsAddress(pub Option<SocketAddr>);
+
+/// Running several balancers for the same VIPs (see docs/scale-out.md).
+/// Each option replaces the config file's setting of the same name.
+#[derive(Args, Debug, Default)]
+#[command(next_help_heading = "Fleet (several balancers)")]
+pub struct FleetArgs {
+    /// Share flows with this peer balancer (repeat for each peer; port 9470 if omitted).
+    #[arg(long = "sync-peer", value_name = "ADDR[:PORT]", value_parser = crate::sync::parse_peer)]
+    pub sync_peers: Vec<std::net::SocketAddr>,
+    /// Address and port sync listens on, and sends from; peers list it as ours.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
+    pub sync_listen: Option<std::net::SocketAddr>,
+    /// File with the fleet's shared key: 64 hex characters, not readable by others.
+    #[arg(long, value_name = "PATH")]
+    pub sync_key_file: Option<PathBuf>,
+    /// Publish a route for every serving VIP in this kernel routing table,
+    /// for BIRD or FRR to announce over BGP (default: off).
+    #[arg(long, value_name = "N", value_parser = parse_announce_table)]
+    pub announce_table: Option<u32>,
+}
+
+fn parse_announce_table(text: &str) -> Result<u32, String> {
+    let table = text.parse().map_err(|_| format!("'{text}' is not a table number"))?;
+    crate::config::check_announce_table(table)
+}
 
 fn parse_metrics(text: &str) -> Result<MetricsAddress, String> {
     if text == "off" {

@@ -34,6 +34,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             detach_on_exit,
             metrics,
             socket_group,
+            fleet,
         } => {
             let options = RunOptions {
                 iface,
@@ -45,6 +46,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 detach_on_exit,
                 metrics: metrics.0,
                 socket_group,
+                sync_peers: fleet.sync_peers,
+                sync_listen: fleet.sync_listen,
+                sync_key_file: fleet.sync_key_file,
+                announce_table: fleet.announce_table,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             return runtime.block_on(daemon::run(options));
@@ -61,6 +66,14 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("nothing is pinned in {} (see --pin-dir)", dir.display());
             }
             crate::datapath::remove_pins(&dir)?;
+            let ifindex = crate::neighbour::interface_index(&iface).ok();
+            if let Some(ifindex) = ifindex {
+                let runtime = tokio::runtime::Runtime::new()?;
+                let withdrawn = runtime.block_on(crate::announce::withdraw_all(ifindex))?;
+                if withdrawn > 0 {
+                    println!("withdrew {withdrawn} VIP route(s) published for {iface}");
+                }
+            }
             println!(
                 "removed the pins in {}: the program detaches from {iface} as nothing holds it now",
                 dir.display()

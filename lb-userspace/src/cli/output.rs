@@ -66,6 +66,17 @@ pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
                 .map_or("unknown".to_owned(), |bytes| format!("{} MiB", bytes >> 20));
             println!("\nFlow table: {} flows, {memory}", stats.flow_table_size);
             println!("Maglev tables installed since start: {}", stats.tables_built);
+            if let Some(table) = stats.announce_table {
+                let announced: Vec<String> =
+                    stats.announced.iter().map(ToString::to_string).collect();
+                println!(
+                    "Announced in table {table}: {}",
+                    if announced.is_empty() { "nothing".to_owned() } else { announced.join(", ") }
+                );
+            }
+            if let Some(sync) = &stats.sync {
+                print_sync(sync);
+            }
         }
         Body::Lookup(lookup) => {
             match lookup.backend {
@@ -130,4 +141,38 @@ fn format_age(seconds: f64) -> String {
         120..=7199 => format!("{}m ago", seconds / 60),
         _ => format!("{}h ago", seconds / 3600),
     }
+}
+
+fn print_sync(sync: &crate::sync::SyncStatus) {
+    let listen = sync.listen.map_or("?".to_owned(), |listen| listen.to_string());
+    let initial = if sync.initial_sync_done { "done" } else { "in progress" };
+    println!("\nFlow sync on {listen} (initial sync {initial})");
+    println!(
+        "{:<28} {:<11} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "PEER", "STATE", "SENT", "RECEIVED", "REFUSED", "HEARD", "LAG"
+    );
+    let ms = |value: Option<u64>| value.map_or("-".to_owned(), |ms| format!("{ms}ms"));
+    for peer in &sync.peers {
+        println!(
+            "{:<28} {:<11} {:>10} {:>10} {:>8} {:>8} {:>8}",
+            peer.address.to_string(),
+            peer.state.to_string(),
+            peer.flows_sent,
+            peer.flows_received,
+            peer.flows_refused,
+            ms(peer.last_heard_ms),
+            ms(peer.lag_ms)
+        );
+        if let Some(because) = &peer.refused_because {
+            println!("  refused: {because}");
+        }
+    }
+    println!(
+        "Dropped datagrams: {} unauthenticated, {} stale or replayed, {} malformed, {} from unknown senders, {} with other settings",
+        sync.dropped_unauthenticated,
+        sync.dropped_stale,
+        sync.dropped_malformed,
+        sync.dropped_unknown_sender,
+        sync.dropped_settings_differ
+    );
 }

@@ -12,12 +12,13 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 
 use crate::api::Call;
-use crate::config::{self, Config};
+use crate::config::{self, Config, SyncConfig};
 use crate::datapath::{self, AttachMode, Datapath, Maps as _};
 use crate::health::{Checks, Health, HealthReport, Start};
 use crate::model::{ChangeError, DesiredState, format_mac};
 use crate::neighbour::{self, Neighbours};
 use crate::reconcile::Reconciler;
+use crate::sync::{self, SyncOptions, SyncStatus};
 
 mod control;
 mod dispatch;
@@ -43,6 +44,35 @@ pub struct RunOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// Group allowed to use the control socket (mode 0660); None: root only (0600).
     pub socket_group: Option<String>,
+    /// `--sync-peer`, `--sync-listen`, `--sync-key-file`: each replaces the
+    /// config's `[sync]` setting of the same name.
+    pub sync_peers: Vec<std::net::SocketAddr>,
+    pub sync_listen: Option<std::net::SocketAddr>,
+    pub sync_key_file: Option<PathBuf>,
+    /// `--announce-table`: replaces the config's `announce_table`.
+    pub announce_table: Option<u32>,
+}
+
+/// Sync as the command line and the config file set it together, if on.
+fn sync_config(options: &RunOptions, config: &Config) -> anyhow::Result<Option<SyncConfig>> {
+    let file = config.sync.as_ref();
+    let peers = if options.sync_peers.is_empty() {
+        file.map(|sync| sync.peers.clone()).unwrap_or_default()
+    } else {
+        options.sync_peers.clone()
+    };
+    let listen = options.sync_listen.or(file.map(|sync| sync.listen));
+    let key_file = options.sync_key_file.clone().or(file.map(|sync| sync.key_file.clone()));
+    match (peers.is_empty(), listen, key_file) {
+        (true, None, None) => Ok(None),
+        (false, Some(listen), Some(key_file)) => Ok(Some(SyncConfig { listen, peers, key_file })),
+        (true, _, _) => {
+            anyhow::bail!("flow sync needs at least one --sync-peer (or peers in [sync])")
+        }
+        (false, _, _) => anyhow::bail!(
+            "flow sync needs both --sync-listen ADDR:PORT and --sync-key-file PATH (or listen and key_file in [sync])"
+        ),
+    }
 }
 
 /// Where the configuration comes from: `--config` when given (it replaces the
@@ -65,9 +95,20 @@ fn initial_config(options: &RunOptions) -> anyhow::Result<Config> {
 /// Loads (or adopts) and attaches the datapath, then serves until SIGINT or
 /// SIGTERM.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
-    let config = initial_config(&options)?;
+    let mut config = initial_config(&options)?;
     let ifindex = neighbour::interface_index(&options.iface)
         .with_context(|| format!("interface '{}' not found (see `ip link`)", options.iface))?;
+    // Fleet settings are checked before anything is attached.
+    let sync_options = match sync_config(&options, &config)? {
+        Some(sync) => {
+            let key = sync::load_key(&sync.key_file)?;
+            let socket = sync::bind(sync.listen).await?;
+            Some((socket, SyncOptions { listen: sync.listen, peers: sync.peers, key }))
+        }
+        None => None,
+    };
+    let announce_table = options.announce_table.or(config.announce_table);
+    config.datapath.sync_flows = sync_options.is_some();
     datapath::ensure_bpffs(&options.pin_dir)?;
     let pins = datapath::pin_dir_for(&options.pin_dir, &options.iface);
     let mut datapath = Datapath::load_pinned(config.datapath, &pins)?;
@@ -107,18 +148,51 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     });
     let accept_task = tokio::spawn(control::serve(listener, calls_tx));
 
+    let sync_parts = match sync_options {
+        Some((socket, sync_options)) => {
+            let sync_datapath = datapath.take_sync()?.expect("the ring is taken once, here");
+            Some((socket, sync_options, sync_datapath))
+        }
+        None => None,
+    };
     let (reports_tx, mut reports_rx) = mpsc::channel::<HealthReport>(256);
+    let (sync_status_tx, sync_status) = watch::channel(SyncStatus::default());
     let mut daemon = Daemon {
         config,
         reconciler: Reconciler::new(datapath),
         state_path: options.state.clone(),
         rates: Rates::default(),
         checks: Checks::new(reports_tx),
+        sync_status,
+        sync_on: sync_parts.is_some(),
+        announce_table,
     };
     daemon.checks.sync(&daemon.config.desired, if adopted { Start::Adopted } else { Start::Fresh });
     daemon.reconciler.apply(&daemon.config.desired, &daemon.checks.health_map())?;
     config::save(&daemon.config, &daemon.state_path)?;
     wanted_tx.send_replace(daemon.reconciler.wanted_neighbours());
+
+    let (directory_tx, directory_rx) =
+        watch::channel(std::sync::Arc::new(daemon.reconciler.directory()));
+    let mut sync_task = sync_parts.map(|(socket, sync_options, sync_datapath)| {
+        let settings = sync::Settings {
+            hash_seed: daemon.config.datapath.hash_seed,
+            table_size: daemon.config.datapath.table_size,
+        };
+        tokio::spawn(sync::run(
+            socket,
+            sync_options,
+            settings,
+            sync_datapath,
+            directory_rx,
+            sync_status_tx,
+        ))
+    });
+    let (announce_tx, announce_rx) = watch::channel(daemon.announcements());
+    let mut announce_task = announce_table.map(|table| {
+        tracing::info!(table, "announcing serving VIPs as routes in kernel table {table}");
+        tokio::spawn(crate::announce::run(table, ifindex, announce_rx))
+    });
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -139,20 +213,39 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             Some(found) = neighbours_rx.recv() => daemon.neighbours_changed(found),
             Some(report) = reports_rx.recv() => daemon.health_report(report),
             _ = tick.tick() => daemon.sample_rates(),
+            _ = daemon.sync_status.changed(), if sync_task.is_some() => {}
+            ended = async { sync_task.as_mut().expect("guarded").await }, if sync_task.is_some() => {
+                sync_task = None;
+                tracing::error!(why = %task_end(ended), "the flow sync task died: peers no longer learn our flows; restart lb run");
+            }
+            ended = async { announce_task.as_mut().expect("guarded").await }, if announce_task.is_some() => {
+                announce_task = None;
+                tracing::error!(why = %task_end(ended), "the announce task died: VIP routes are no longer updated; restart lb run");
+            }
             ended = &mut neighbour_task, if !neighbours_lost => {
                 // Health failover still works without it, so keep serving,
                 // but say loudly that new backends will never get their MAC.
                 neighbours_lost = true;
-                let why = match ended {
-                    Ok(Ok(())) => "it ended".to_owned(),
-                    Ok(Err(error)) => format!("{error:#}"),
-                    Err(error) => error.to_string(),
-                };
-                tracing::error!(%why, "the neighbour task died: backend MACs are no longer resolved; restart lb run");
+                tracing::error!(why = %task_end(ended), "the neighbour task died: backend MACs are no longer resolved; restart lb run");
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
+        // Whatever the event, the sync task and the announcer see the result.
+        let directory = daemon.reconciler.directory();
+        directory_tx.send_if_modified(|current| {
+            let changed = **current != directory;
+            if changed {
+                *current = std::sync::Arc::new(directory);
+            }
+            changed
+        });
+        announce_tx.send_if_modified(|current| {
+            let now = daemon.announcements();
+            let changed = *current != now;
+            *current = now;
+            changed
+        });
     }
     accept_task.abort();
     neighbour_task.abort();
@@ -160,7 +253,17 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         task.abort();
     }
     let _ = std::fs::remove_file(&options.socket);
+    if let Some(task) = sync_task {
+        task.abort();
+    }
+    if let Some(task) = announce_task {
+        task.abort();
+    }
     if options.detach_on_exit {
+        let withdrawn = crate::announce::withdraw_all(ifindex).await?;
+        if withdrawn > 0 {
+            tracing::info!(routes = withdrawn, "--detach-on-exit: VIP routes withdrawn");
+        }
         daemon.reconciler.datapath_mut().unpin()?;
         tracing::info!("--detach-on-exit: pins removed; the program detaches now");
     } else {
@@ -182,9 +285,32 @@ struct Daemon {
     rates: Rates,
     /// One check task and health state per (VIP, backend).
     checks: Checks,
+    /// What the sync task last published (the default when sync is off).
+    sync_status: watch::Receiver<SyncStatus>,
+    sync_on: bool,
+    /// `--announce-table` (or the config's), when announcing.
+    announce_table: Option<u32>,
+}
+
+fn task_end<E: std::fmt::Display>(ended: Result<anyhow::Result<()>, E>) -> String {
+    match ended {
+        Ok(Ok(())) => "it ended".to_owned(),
+        Ok(Err(error)) => format!("{error:#}"),
+        Err(error) => error.to_string(),
+    }
 }
 
 impl Daemon {
+    /// VIP addresses to announce: those with a backend up, once the first
+    /// flow sync is done (a balancer that knows no flows yet must not take
+    /// over connections).
+    pub(super) fn announcements(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        if self.sync_on && !self.sync_status.borrow().initial_sync_done {
+            return Default::default();
+        }
+        self.reconciler.serving_addresses()
+    }
+
     /// Applies one change: validated on a copy, persisted, then installed. A
     /// refused or failed change leaves the running and saved state as before.
     fn change(

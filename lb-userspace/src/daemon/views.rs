@@ -34,6 +34,12 @@ impl Daemon {
                 .collect(),
             flow_table_size: self.config.datapath.flow_table_size,
             flow_table_memory_bytes: self.reconciler.datapath().flow_table_memory(),
+            announce_table: self.announce_table,
+            announced: match self.announce_table {
+                Some(_) => self.announcements().into_iter().collect(),
+                None => Vec::new(),
+            },
+            sync: self.sync_on.then(|| Box::new(self.sync_status.borrow().clone())),
         })
     }
 

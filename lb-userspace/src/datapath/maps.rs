@@ -184,7 +184,7 @@ impl Datapath {
         info.lines().find_map(|line| line.strip_prefix("memlock:")?.trim().parse().ok())
     }
 
-    fn flows_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub(super) fn flows_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use aya::maps::IterableMap as _;
         self.flows.map().fd().as_fd()
     }

@@ -6,15 +6,15 @@
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::PinnedLink;
 use aya::programs::{ProgramError, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
-    Backend, FlowEntry, FlowKey, GLOBAL_HASH_SEED, GLOBAL_TABLE_SIZE, GLOBAL_UDP_IDLE_NS,
-    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOW_EVENTS, MAP_FLOWS, MAP_MAGLEV, MAP_REASONS,
-    MAP_VIP_ADDRESSES, MAP_VIP_STATS, MAP_VIPS, PROGRAM_NAME, TrafficCounters, VipAddressKey,
-    VipInfo, VipKey,
+    Backend, FlowEntry, FlowKey, GLOBAL_HASH_SEED, GLOBAL_SYNC_FLOWS, GLOBAL_TABLE_SIZE,
+    GLOBAL_UDP_IDLE_NS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOW_EVENTS, MAP_FLOW_SYNC, MAP_FLOWS,
+    MAP_MAGLEV, MAP_REASONS, MAP_VIP_ADDRESSES, MAP_VIP_STATS, MAP_VIPS, PROGRAM_NAME,
+    TrafficCounters, VipAddressKey, VipInfo, VipKey,
 };
 use memmap2::{MmapMut, MmapOptions};
 
@@ -102,6 +102,8 @@ pub struct Datapath {
     reasons: PerCpuArray<MapData, u64>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     flow_events: PerCpuArray<MapData, u64>,
+    /// The flow-change ring buffer, until the sync task takes it.
+    flow_sync: Option<MapData>,
     /// The Maglev array, written through memory: installing a table is one
     /// copy instead of one syscall per entry.
     maglev: MmapMut,
@@ -133,6 +135,7 @@ impl Datapath {
         }
         let maglev_elements = lb_common::maglev_elements(maglev_entries);
         let udp_idle_ns = config.udp_idle_timeout_ms.saturating_mul(1_000_000);
+        let sync_flows = u32::from(config.sync_flows);
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
             for name in lb_common::ALL_MAPS {
@@ -142,6 +145,7 @@ impl Datapath {
         let mut ebpf = loader
             .override_global(GLOBAL_HASH_SEED, &config.hash_seed, true)
             .override_global(GLOBAL_UDP_IDLE_NS, &udp_idle_ns, true)
+            .override_global(GLOBAL_SYNC_FLOWS, &sync_flows, true)
             .map_max_entries(MAP_FLOWS, config.flow_table_size)
             .override_global(GLOBAL_TABLE_SIZE, &config.table_size, true)
             .map_max_entries(MAP_VIPS, config.max_vips)
@@ -175,6 +179,9 @@ impl Datapath {
         let flows = HashMap::try_from(take(MAP_FLOWS)?).map_err(map_error(MAP_FLOWS))?;
         let flow_events =
             PerCpuArray::try_from(take(MAP_FLOW_EVENTS)?).map_err(map_error(MAP_FLOW_EVENTS))?;
+        let Map::RingBuf(flow_sync) = take(MAP_FLOW_SYNC)? else {
+            return Err(DatapathError::Missing { kind: "ring buffer", name: MAP_FLOW_SYNC });
+        };
         let Map::Array(maglev_map) = take(MAP_MAGLEV)? else {
             return Err(DatapathError::Missing { kind: "array map", name: MAP_MAGLEV });
         };
@@ -196,6 +203,7 @@ impl Datapath {
             reasons,
             flows,
             flow_events,
+            flow_sync: Some(flow_sync),
             maglev,
             _maglev_map: maglev_map,
             attached: None,
@@ -203,6 +211,17 @@ impl Datapath {
             adopted,
             pinned_link: None,
         })
+    }
+
+    /// What flow sync needs: the flow-change ring buffer (once; None after)
+    /// and its own handle on the flow table.
+    pub fn take_sync(&mut self) -> Result<Option<crate::sync::SyncDatapath>, DatapathError> {
+        let Some(ring) = self.flow_sync.take() else { return Ok(None) };
+        let ring = RingBuf::try_from(Map::RingBuf(ring)).map_err(map_error(MAP_FLOW_SYNC))?;
+        let flow_table = self.flows_fd().try_clone_to_owned().map_err(|error| {
+            DatapathError::Map { name: MAP_FLOWS, error: aya::maps::MapError::IoError(error) }
+        })?;
+        Ok(Some(crate::sync::SyncDatapath { ring, flow_table }))
     }
 
     /// The loaded XDP program (for test runs and for tail calls into it).

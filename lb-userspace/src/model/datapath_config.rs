@@ -19,6 +19,9 @@ pub struct DatapathConfig {
     /// A TCP flow idle this long no longer counts as active (it stays in the
     /// table, and keeps its backend, until evicted).
     pub tcp_idle_timeout_ms: u64,
+    /// The datapath reports created and closed flows for peer balancers.
+    /// Set by `lb run` when sync is configured; not a file setting.
+    pub sync_flows: bool,
 }
 
 impl Default for DatapathConfig {
@@ -31,6 +34,7 @@ impl Default for DatapathConfig {
             flow_table_size: lb_common::DEFAULT_FLOW_TABLE_SIZE,
             udp_idle_timeout_ms: lb_common::DEFAULT_UDP_IDLE_NS / 1_000_000,
             tcp_idle_timeout_ms: 3_600_000,
+            sync_flows: false,
         }
     }
 }

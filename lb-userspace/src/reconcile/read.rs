@@ -44,6 +44,28 @@ pub struct InstalledVipStatus {
 }
 
 impl<M: Maps> Reconciler<M> {
+    /// Which VIP indexes and backend slots stand for which addresses, for
+    /// flow sync (every configured backend, serving or not).
+    pub fn directory(&self) -> crate::sync::Directory {
+        let mut directory = crate::sync::Directory::default();
+        for (vip, installed) in &self.installed {
+            let slots = installed.slots.iter().map(|(address, slot)| (*address, *slot));
+            directory.insert(vip.endpoint(), vip.protocol.number(), installed.vip_index, slots);
+        }
+        directory
+    }
+
+    /// Addresses of the VIPs with at least one backend that is up (with
+    /// its MAC resolved): those a balancer may announce. A draining backend
+    /// counts, since its established flows still need this balancer.
+    pub fn serving_addresses(&self) -> std::collections::BTreeSet<IpAddr> {
+        self.installed
+            .iter()
+            .filter(|(_, installed)| !installed.fail_open && !installed.members.is_empty())
+            .map(|(vip, _)| vip.address)
+            .collect()
+    }
+
     pub fn vip_index(&self, vip: &Vip) -> Option<u32> {
         self.installed.get(vip).map(|installed| installed.vip_index)
     }

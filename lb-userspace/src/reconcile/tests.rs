@@ -46,6 +46,7 @@ const CONFIG: DatapathConfig = DatapathConfig {
     flow_table_size: 16,
     udp_idle_timeout_ms: 1000,
     tcp_idle_timeout_ms: 1000,
+    sync_flows: false,
 };
 const LIMITS: Limits = Limits { max_vips: 8, max_backends: 8 };
 

@@ -1,0 +1,70 @@
+//! Reading the fleet's shared sync key: 64 hex characters (32 bytes), a
+//! trailing newline allowed, in a file nobody but its owner (and group) may
+//! read. `openssl rand -hex 32 > /etc/lb/sync.key && chmod 600 /etc/lb/sync.key`
+//! makes one.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use super::wire::SyncKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("sync key file {}: {error}", path.display())]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error(
+        "sync key file {} is readable by others (mode {mode:o}): anyone on this host could forge flows; run chmod 600 {}",
+        path.display(), path.display()
+    )]
+    WorldReadable { path: PathBuf, mode: u32 },
+    #[error(
+        "sync key file {}: expected 64 hex characters (32 bytes, e.g. from `openssl rand -hex 32`), {found}",
+        path.display()
+    )]
+    Format { path: PathBuf, found: String },
+}
+
+pub fn load(path: &Path) -> Result<SyncKey, KeyError> {
+    let read_error = |error| KeyError::Read { path: path.to_owned(), error };
+    let mode = std::fs::metadata(path).map_err(read_error)?.permissions().mode() & 0o777;
+    if mode & 0o004 != 0 {
+        return Err(KeyError::WorldReadable { path: path.to_owned(), mode });
+    }
+    let text = std::fs::read_to_string(path).map_err(read_error)?;
+    parse(&text).map_err(|found| KeyError::Format { path: path.to_owned(), found })
+}
+
+/// The key in `text`, or what was found instead.
+fn parse(text: &str) -> Result<SyncKey, String> {
+    let hex_text = text.strip_suffix('\n').unwrap_or(text);
+    if hex_text.len() != 64 {
+        return Err(format!("found {} characters", hex_text.len()));
+    }
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(hex_text, &mut key).map_err(|error| format!("found {error}"))?;
+    Ok(SyncKey(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_file_is_64_hex_characters_and_private() {
+        let hex_key = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+        assert_eq!(parse(hex_key).unwrap().0[15], 0xff);
+        assert_eq!(parse(&format!("{hex_key}\n")).unwrap().0[31], 0xff);
+        assert_eq!(parse(&hex_key[2..]).unwrap_err(), "found 62 characters");
+        assert_eq!(parse(&format!("{hex_key}\n\n")).unwrap_err(), "found 65 characters");
+        let not_hex = format!("zz{}", &hex_key[2..]);
+        assert!(parse(&not_hex).unwrap_err().contains("Invalid character 'z'"));
+
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), hex_key).unwrap();
+        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(load(file.path()).is_ok());
+        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = load(file.path()).unwrap_err().to_string();
+        assert!(refused.contains("readable by others (mode 644)"), "{refused}");
+    }
+}
