@@ -83,6 +83,22 @@ pub const GLOBAL_TABLE_SIZE: &str = "LB_TABLE_SIZE";
 /// Global (`u64`): nanoseconds after which an idle UDP flow is forgotten.
 pub const GLOBAL_UDP_IDLE_NS: &str = "LB_UDP_IDLE_NS";
 
+/// Global (`u64`): the MAC of the interface the program is attached to, in
+/// the low six bytes as [`mac_word`] packs it; frames for any other
+/// destination are passed. 0 checks nothing (test runs without an interface).
+pub const GLOBAL_OWN_MAC: &str = "LB_OWN_MAC";
+
+/// A MAC as one integer: its six bytes in order, big-endian, in the low 48 bits.
+#[inline(always)]
+pub const fn mac_word(mac: [u8; 6]) -> u64 {
+    (mac[0] as u64) << 40
+        | (mac[1] as u64) << 32
+        | (mac[2] as u64) << 24
+        | (mac[3] as u64) << 16
+        | (mac[4] as u64) << 8
+        | mac[5] as u64
+}
+
 /// Global (`u32`): 1 when `lb run` shares flows with peers, so the datapath
 /// reports every flow it creates or closes in [`MAP_FLOW_SYNC`]; 0 otherwise.
 pub const GLOBAL_SYNC_FLOWS: &str = "LB_SYNC_FLOWS";
@@ -369,10 +385,14 @@ pub enum Reason {
     DropBackendUnresolved = 9,
     /// A map lookup that cannot fail did: dropped (a bug if ever non-zero).
     DropInternal = 10,
+    /// Addressed to another MAC (a flooded frame, or promiscuous mode),
+    /// broadcast or multicast: passed to the kernel, never forwarded, so a
+    /// balancer never takes over a dead peer's frames behind the router's back.
+    PassNotForUs = 11,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::PassNotIp,
@@ -385,6 +405,7 @@ impl Reason {
         Reason::DropNoBackend,
         Reason::DropBackendUnresolved,
         Reason::DropInternal,
+        Reason::PassNotForUs,
     ];
 
     /// Stable name used by `lb stats` and its JSON output.
@@ -401,12 +422,21 @@ impl Reason {
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropBackendUnresolved => "drop_backend_unresolved",
             Reason::DropInternal => "drop_internal",
+            Reason::PassNotForUs => "pass_not_for_us",
         }
     }
 
     /// Whether packets counted under this reason are dropped (else passed or forwarded).
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= (Reason::DropFragment as u32)
+        matches!(
+            self,
+            Reason::DropFragment
+                | Reason::DropUnhashable
+                | Reason::DropMalformedL4
+                | Reason::DropNoBackend
+                | Reason::DropBackendUnresolved
+                | Reason::DropInternal
+        )
     }
 }
 

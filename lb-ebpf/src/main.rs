@@ -35,6 +35,10 @@ static LB_TABLE_SIZE: u32 = lb_common::DEFAULT_TABLE_SIZE;
 #[unsafe(no_mangle)]
 static LB_UDP_IDLE_NS: u64 = lb_common::DEFAULT_UDP_IDLE_NS;
 
+/// This interface's MAC (lb_common::mac_word), set at load time; 0: any.
+#[unsafe(no_mangle)]
+static LB_OWN_MAC: u64 = 0;
+
 /// 1 when flow changes are reported for peer balancers, set at load time.
 #[unsafe(no_mangle)]
 static LB_SYNC_FLOWS: u32 = 0;
@@ -52,7 +56,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
-    let l2 = parse_ethernet(ctx)?;
+    // SAFETY: read_volatile keeps the compiler from folding the load-time
+    // global to its compile-time default.
+    let l2 = parse_ethernet(ctx, unsafe { core::ptr::read_volatile(&LB_OWN_MAC) })?;
     let l3 = if l2.ether_type == ETH_P_IPV4 {
         parse_ipv4(ctx, l2.l3_offset)?
     } else {

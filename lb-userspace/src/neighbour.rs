@@ -28,6 +28,17 @@ pub fn interface_index(iface: &str) -> std::io::Result<u32> {
     nix::net::if_::if_nametoindex(iface).map_err(std::io::Error::from)
 }
 
+/// The MAC of interface `iface`.
+pub fn interface_mac(iface: &str) -> std::io::Result<Mac> {
+    let not_found = || {
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("interface '{iface}' has no MAC"))
+    };
+    nix::ifaddrs::getifaddrs()?
+        .filter(|entry| entry.interface_name == iface)
+        .find_map(|entry| entry.address?.as_link_addr()?.addr())
+        .ok_or_else(not_found)
+}
+
 /// Runs until `updates` is closed.
 pub async fn run(
     ifindex: u32,

@@ -30,6 +30,7 @@ const CONFIG: DatapathConfig = DatapathConfig {
     udp_idle_timeout_ms: UDP_IDLE_MS,
     tcp_idle_timeout_ms: 3_600_000,
     sync_flows: false,
+    own_mac: BALANCER_MAC,
 };
 const LIMITS: Limits = CONFIG.limits();
 
@@ -156,10 +157,15 @@ fn cases() -> Vec<Case> {
         L3_OFFSET + 20 + 10,
     );
 
-    let mut arp = vec![0xff; 6];
+    let mut arp = BALANCER_MAC.to_vec();
     arp.extend_from_slice(&tests::packets::CLIENT_MAC);
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
+    let to_mac = |mac: [u8; 6]| {
+        let mut input = frame(tcp4, plain, payload);
+        input[..6].copy_from_slice(&mac);
+        input
+    };
     let mut icmp_to_vip = frame(tcp4, plain, payload);
     icmp_to_vip[L3_OFFSET + 9] = 1;
     // A third tag: splice an 802.1Q tag in front of a QinQ frame's tags.
@@ -193,6 +199,19 @@ fn cases() -> Vec<Case> {
             "IPv6 authentication header before TCP",
             insert_ipv6_extensions(&frame(tcp6, plain, payload), &[(51, 16)]),
             tcp6,
+        ),
+        untouched(
+            "to a VIP, but for another balancer's MAC (flooded by a switch)",
+            to_mac([0x02, 0, 0, 0, 0, 0x0c]),
+            XDP_PASS,
+            Reason::PassNotForUs,
+        ),
+        untouched("to a VIP, broadcast", to_mac([0xff; 6]), XDP_PASS, Reason::PassNotForUs),
+        untouched(
+            "to a VIP, multicast",
+            to_mac([0x01, 0x00, 0x5e, 0, 0, 1]),
+            XDP_PASS,
+            Reason::PassNotForUs,
         ),
         untouched(
             "TCP to a non-VIP address",

@@ -20,9 +20,16 @@ pub struct L2 {
     pub l3_offset: usize,
 }
 
+/// Parses the Ethernet header; a frame whose destination is not `own_mac`
+/// (see `lb_common::mac_word`; 0 accepts any) is not ours to forward.
 #[inline(always)]
-pub fn parse_ethernet(ctx: &XdpContext) -> Result<L2, Reason> {
+pub fn parse_ethernet(ctx: &XdpContext, own_mac: u64) -> Result<L2, Reason> {
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Reason::PassMalformed)?;
+    // SAFETY: ptr_at checked the header is within the packet.
+    let destination = lb_common::mac_word(unsafe { (*eth).dst_addr });
+    if own_mac != 0 && destination != own_mac {
+        return Err(Reason::PassNotForUs);
+    }
     // SAFETY: ptr_at checked the header is within the packet.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut offset = EthHdr::LEN;

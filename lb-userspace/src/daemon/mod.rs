@@ -109,6 +109,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     let announce_table = options.announce_table.or(config.announce_table);
     config.datapath.sync_flows = sync_options.is_some();
+    config.datapath.own_mac = neighbour::interface_mac(&options.iface)?;
     datapath::ensure_bpffs(&options.pin_dir)?;
     let pins = datapath::pin_dir_for(&options.pin_dir, &options.iface);
     let mut datapath = Datapath::load_pinned(config.datapath, &pins)?;

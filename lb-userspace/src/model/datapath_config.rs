@@ -22,6 +22,10 @@ pub struct DatapathConfig {
     /// The datapath reports created and closed flows for peer balancers.
     /// Set by `lb run` when sync is configured; not a file setting.
     pub sync_flows: bool,
+    /// The attached interface's MAC: frames for other destinations are
+    /// never forwarded. All zero (tests without an interface) checks nothing.
+    /// Set by `lb run`; not a file setting.
+    pub own_mac: [u8; 6],
 }
 
 impl Default for DatapathConfig {
@@ -35,6 +39,7 @@ impl Default for DatapathConfig {
             udp_idle_timeout_ms: lb_common::DEFAULT_UDP_IDLE_NS / 1_000_000,
             tcp_idle_timeout_ms: 3_600_000,
             sync_flows: false,
+            own_mac: [0; 6],
         }
     }
 }

@@ -47,6 +47,7 @@ const CONFIG: DatapathConfig = DatapathConfig {
     udp_idle_timeout_ms: 1000,
     tcp_idle_timeout_ms: 1000,
     sync_flows: false,
+    own_mac: [0; 6],
 };
 const LIMITS: Limits = Limits { max_vips: 8, max_backends: 8 };
 
