@@ -162,6 +162,11 @@ impl Drop for Daemon {
 
 impl Daemon {
     pub fn start(testbed: &Testbed, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_in(&testbed.balancer(), extra)
+    }
+
+    /// `lb run` on the balancer interface of namespace `ns`.
+    pub fn start_in(ns: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         // bpffs refuses names with a dot, which temp dir names start with.
         let unique =
@@ -174,12 +179,17 @@ impl Daemon {
             pin_dir: test_bpffs()?.join(unique),
             _dir: dir,
         };
-        daemon.restart(testbed, extra)?;
+        daemon.restart_in(ns, extra)?;
         Ok(daemon)
     }
 
     /// Starts `lb run` again with the same socket and state file.
     pub fn restart(&mut self, testbed: &Testbed, extra: &[&str]) -> anyhow::Result<()> {
+        self.restart_in(&testbed.balancer(), extra)
+    }
+
+    /// Starts `lb run` again in namespace `ns` with the same socket and state file.
+    pub fn restart_in(&mut self, ns: &str, extra: &[&str]) -> anyhow::Result<()> {
         self.process = None;
         let socket = self.socket.to_str().context("path")?.to_owned();
         let state = self.state.to_str().context("path")?.to_owned();
@@ -198,7 +208,7 @@ impl Daemon {
             &pin_dir,
         ];
         args.extend_from_slice(extra);
-        self.process = Some(spawn_in(&testbed.balancer(), &lb_binary(), &args, Some(&self.log))?);
+        self.process = Some(spawn_in(ns, &lb_binary(), &args, Some(&self.log))?);
         let deadline = Instant::now() + Duration::from_secs(15);
         while self.lb(&["vip", "list"]).is_err() {
             if Instant::now() > deadline {
@@ -268,5 +278,64 @@ impl Daemon {
     pub fn lookup(&self, vip: &str, client: &str, protocol: &str) -> anyhow::Result<String> {
         let answer = self.json(&["lookup", vip, client, "--proto", protocol])?;
         Ok(answer["backend"].as_str().unwrap_or("none").to_owned())
+    }
+}
+
+/// The `ws-clients` process (tests/src/websocket.rs) in a namespace, driven
+/// line by line: each command answers with one JSON line.
+pub struct WsClients {
+    _process: Process,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl WsClients {
+    /// Opens `count` connections to `vip` from namespace `ns`; returns the
+    /// clients and what opening reported.
+    pub fn start(ns: &str, vip: &str, count: usize) -> (Self, serde_json::Value) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(testbed_binary())
+            .args(["ws-clients", vip, &count.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("ws-clients");
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut clients = Self { _process: Process(child), stdin, stdout };
+        let started = clients.read();
+        (clients, started)
+    }
+
+    /// The answer to the last command sent.
+    pub fn read(&mut self) -> serde_json::Value {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("reading ws-clients");
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("ws-clients said: {line:?}"))
+    }
+
+    /// Sends a command without waiting for its answer (see [`Self::read`]).
+    pub fn send(&mut self, command: &str) {
+        use std::io::Write as _;
+        writeln!(self.stdin, "{command}").expect("writing to ws-clients");
+    }
+
+    pub fn command(&mut self, command: &str) -> serde_json::Value {
+        self.send(command);
+        self.read()
+    }
+
+    /// A message on every connection; asserts none broke or moved.
+    pub fn round_without_breaks(&mut self, after: &str) -> serde_json::Value {
+        let round = self.command("round");
+        println!("FIGURE after {after}: {round}");
+        assert_eq!(
+            (round["newly_broken"].as_u64(), round["moved"].as_u64()),
+            (Some(0), Some(0)),
+            "after {after}: {round}"
+        );
+        round
     }
 }

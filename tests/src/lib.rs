@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 pub mod capture;
 pub mod fixture;
+pub mod fleet;
+pub mod forge;
 pub mod fuzz;
 pub mod generator;
 pub mod harness;

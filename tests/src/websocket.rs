@@ -112,6 +112,9 @@ fn tally<'a>(backends: impl Iterator<Item = &'a String>) -> BTreeMap<String, usi
 ///   broke now, and those answered by another backend than at first.
 /// - `open N`: N more connections; where they landed.
 /// - `reconnect`: reopens every broken connection; where they landed.
+/// - `stream MS SECONDS`: for SECONDS, every connection exchanges a message
+///   every MS milliseconds, all at once; counts breaks and moves, and the
+///   longest time any connection went without an answer.
 /// - `quit`.
 pub async fn clients(vip: SocketAddr, count: usize) -> anyhow::Result<()> {
     let url = format!("ws://{vip}/");
@@ -177,12 +180,60 @@ pub async fn clients(vip: SocketAddr, count: usize) -> anyhow::Result<()> {
                 connections.extend(fresh);
                 report
             }
+            ["stream", interval_ms, seconds] => {
+                let interval = Duration::from_millis(interval_ms.parse()?);
+                let until = tokio::time::Instant::now() + Duration::from_secs(seconds.parse()?);
+                let results: Vec<(bool, bool, Duration)> = stream::iter(connections.iter_mut())
+                    .map(|connection| stream_on(connection, interval, until))
+                    .buffer_unordered(usize::MAX)
+                    .collect()
+                    .await;
+                let longest_gap = results.iter().map(|(_, _, gap)| *gap).max().unwrap_or_default();
+                let broken_by_backend =
+                    tally(connections.iter().filter(|c| c.broken).map(|c| &c.backend));
+                json!({ "command": "stream",
+                        "ok": connections.iter().filter(|c| !c.broken).count(),
+                        "newly_broken": results.iter().filter(|(broken, _, _)| *broken).count(),
+                        "moved": results.iter().filter(|(_, moved, _)| *moved).count(),
+                        "longest_gap_ms": longest_gap.as_millis() as u64,
+                        "interval_ms": interval.as_millis() as u64,
+                        "broken_by_backend": broken_by_backend })
+            }
             ["quit"] => return Ok(()),
             _ => json!({ "command": line, "error": "unknown command" }),
         };
         println!("{report}");
     }
     Ok(())
+}
+
+/// Exchanges messages on one connection every `interval` until `until`:
+/// (broke, answered by another backend, longest time between answers).
+async fn stream_on(
+    connection: &mut Connection,
+    interval: Duration,
+    until: tokio::time::Instant,
+) -> (bool, bool, Duration) {
+    let Some(socket) = connection.socket.as_mut() else { return (false, false, Duration::ZERO) };
+    let (mut last_answer, mut longest, mut moved) =
+        (tokio::time::Instant::now(), Duration::ZERO, false);
+    while tokio::time::Instant::now() < until {
+        match exchange(socket, "stream").await {
+            Ok(backend) => {
+                moved |= backend != connection.backend;
+                let now = tokio::time::Instant::now();
+                longest = longest.max(now - last_answer);
+                last_answer = now;
+            }
+            Err(_) => {
+                connection.broken = true;
+                connection.socket = None;
+                return (true, moved, longest);
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+    (false, moved, longest)
 }
 
 async fn open_many(url: &str, count: usize) -> Vec<Connection> {

@@ -2,63 +2,12 @@
 //! balancer survive a backend being added, a weight change and a drain; when
 //! a backend fails, only its connections break and they reconnect elsewhere.
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
-
 use serde_json::Value;
-use tests::harness::{Daemon, Process, spawn_in, testbed_binary};
+use tests::harness::{Daemon, Process, WsClients, spawn_in, testbed_binary};
 use tests::netns::{self, Testbed};
 
 const VIP: &str = "198.18.0.10:8080";
 const CONNECTIONS: usize = 5_000;
-
-/// The `ws-clients` process in the client namespace, driven line by line.
-struct Clients {
-    _process: Process,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Clients {
-    fn start(testbed: &Testbed, count: usize) -> (Self, Value) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &testbed.client()])
-            .arg(testbed_binary())
-            .args(["ws-clients", VIP, &count.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("ws-clients");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut clients = Self { _process: Process(child), stdin, stdout };
-        let started = clients.read();
-        (clients, started)
-    }
-
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|_| panic!("ws-clients said: {line:?}"))
-    }
-
-    fn command(&mut self, command: &str) -> Value {
-        writeln!(self.stdin, "{command}").unwrap();
-        self.read()
-    }
-
-    /// A message on every connection; asserts none broke or moved.
-    fn round_without_breaks(&mut self, after: &str) -> Value {
-        let round = self.command("round");
-        println!("FIGURE after {after}: {round}");
-        assert_eq!(
-            (round["newly_broken"].as_u64(), round["moved"].as_u64()),
-            (Some(0), Some(0)),
-            "after {after}: {round}"
-        );
-        round
-    }
-}
 
 fn count(value: &Value, backend: &str) -> u64 {
     value[backend].as_u64().unwrap_or(0)
@@ -92,7 +41,7 @@ fn five_thousand_websockets_survive_add_weight_and_drain_and_only_a_failed_backe
     }
     daemon.wait_backends_active().unwrap();
 
-    let (mut clients, started) = Clients::start(&testbed, CONNECTIONS);
+    let (mut clients, started) = WsClients::start(&testbed.client(), VIP, CONNECTIONS);
     println!("FIGURE opened: {started}");
     assert_eq!(started["opened"].as_u64(), Some(CONNECTIONS as u64), "{started}");
     let first = &started["backends"];

@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 mod flows;
 mod key;
 mod peers;
-mod wire;
+pub mod wire;
 
 pub use flows::Directory;
 pub use key::load as load_key;

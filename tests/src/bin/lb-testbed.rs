@@ -75,6 +75,19 @@ enum Command {
     /// COUNT WebSocket connections, then commands on stdin (round, open N,
     /// reconnect, quit), one JSON line each.
     WsClients { vip: SocketAddr, count: usize },
+    /// Forged flow-sync datagrams to TARGET (see tests/src/forge.rs), with the
+    /// fleet's KEY_FILE, for VIP with CONFIGURED and STRANGER backends.
+    ForgeSync {
+        target: SocketAddr,
+        key_file: std::path::PathBuf,
+        vip: SocketAddr,
+        configured: IpAddr,
+        stranger: IpAddr,
+        #[arg(long, default_value_t = 0)]
+        hash_seed: u32,
+        #[arg(long, default_value_t = lb_common::DEFAULT_TABLE_SIZE)]
+        table_size: u32,
+    },
     /// A request every INTERVAL_MS for SECONDS, each from the next port;
     /// prints 'MILLISECONDS PORT ANSWER'.
     ClientLoop {
@@ -126,6 +139,26 @@ fn main() -> anyhow::Result<()> {
             .block_on(tests::websocket::serve(name, port, Duration::from_secs(seconds)))?,
         Command::WsClients { vip, count } => {
             runtime()?.block_on(tests::websocket::clients(vip, count))?
+        }
+        Command::ForgeSync {
+            target,
+            key_file,
+            vip,
+            configured,
+            stranger,
+            hash_seed,
+            table_size,
+        } => {
+            let forgery = tests::forge::Forgery {
+                key: lb_userspace::sync::load_key(&key_file)?,
+                hash_seed,
+                table_size,
+                vip,
+                configured_backend: configured,
+                stranger_backend: stranger,
+            };
+            let socket = UdpSocket::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))?;
+            tests::forge::send_all(&socket, target, &forgery)?;
         }
         Command::ClientLoop { protocol, vip, source, first_port, seconds, interval_ms } => {
             client_loop(

@@ -1,0 +1,336 @@
+//! The multi-balancer testbed: a client behind a router that spreads VIP
+//! traffic over N balancers by ECMP (L4 hash), learned over BGP with BFD
+//! from BIRD on each balancer, and backends on the balancers' L2 segment.
+//! BIRD runs with the configurations in scripts/bird/, which
+//! docs/scale-out.md documents. Used by tests/tests/fleet.rs, `cargo xtask
+//! run --balancers N` and `scripts/testbed.sh up --balancers N`.
+//!
+//! ```text
+//! client 198.19.0.1 ── 198.19.0.254 router 198.18.0.254 ──┐ switch (br0)
+//!                                    lb i: 198.18.0.(1+i) ─┤ (eth0, XDP)
+//!                                 backend j: 198.18.0.(100+j), VIP on lo
+//! ```
+//! Replies go from the backends straight to the router (direct server return).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::harness::{Daemon, Process, spawn_in};
+use crate::netns::{LB_IFACE, down, run};
+
+pub const ROUTER_LAN: &str = "198.18.0.254";
+pub const ROUTER_CLIENT_SIDE: &str = "198.19.0.254";
+pub const CLIENT: &str = "198.19.0.1";
+/// The table `lb run --announce-table` publishes VIPs in.
+pub const ANNOUNCE_TABLE: &str = "100";
+const ROUTER_AS: &str = "65000";
+const BALANCER_AS: &str = "65001";
+const BALANCER_CONF: &str = include_str!("../../scripts/bird/balancer.conf");
+const ROUTER_CONF: &str = include_str!("../../scripts/bird/router.conf");
+
+pub fn balancer_address(index: usize) -> String {
+    format!("198.18.0.{}", 1 + index)
+}
+
+pub fn backend_address(index: usize) -> String {
+    format!("198.18.0.{}", 100 + index)
+}
+
+/// The topology and its BIRD processes; everything is removed on drop.
+pub struct Fleet {
+    pub prefix: String,
+    pub balancers: usize,
+    pub backends: usize,
+    /// BIRD per namespace, killed on drop or by [`Fleet::stop_bird`].
+    birds: BTreeMap<String, Process>,
+    dir: tempfile::TempDir,
+    /// The fleet's sync key (mode 0600).
+    pub key_file: PathBuf,
+}
+
+impl Fleet {
+    pub fn client(&self) -> String {
+        format!("{}client", self.prefix)
+    }
+    pub fn router(&self) -> String {
+        format!("{}router", self.prefix)
+    }
+    pub fn balancer(&self, index: usize) -> String {
+        format!("{}lb{index}", self.prefix)
+    }
+    pub fn backend(&self, index: usize) -> String {
+        format!("{}b{index}", self.prefix)
+    }
+    fn switch(&self) -> String {
+        format!("{}sw", self.prefix)
+    }
+
+    /// Builds the topology and starts BIRD on the router (balancers' BIRD
+    /// start with [`Fleet::start_bird`], once their `lb run` is up).
+    pub fn up(prefix: &str, balancers: usize, backends: usize) -> anyhow::Result<Self> {
+        down(prefix);
+        let dir = tempfile::tempdir()?;
+        let key_file = dir.path().join("sync.key");
+        let key: [u8; 32] = rand::random();
+        let hex: String = key.iter().map(|byte| format!("{byte:02x}")).collect();
+        std::fs::write(&key_file, hex + "\n")?;
+        std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let mut fleet = Self {
+            prefix: prefix.to_owned(),
+            balancers,
+            backends,
+            birds: BTreeMap::new(),
+            dir,
+            key_file,
+        };
+        fleet.build().inspect_err(|_| down(prefix))?;
+        let router = fleet.router();
+        fleet.start_bird(&router)?;
+        Ok(fleet)
+    }
+
+    fn build(&self) -> anyhow::Result<()> {
+        let pass_object = self.dir.path().join("xdp-pass.o");
+        std::fs::write(&pass_object, lb_userspace::datapath::PEER_PASS_OBJECT)?;
+        let pass_object = pass_object.to_str().context("temp path is not UTF-8")?;
+        let mut namespaces = vec![self.client(), self.router(), self.switch()];
+        namespaces.extend((1..=self.balancers).map(|i| self.balancer(i)));
+        namespaces.extend((1..=self.backends).map(|i| self.backend(i)));
+        for ns in &namespaces {
+            run("ip", &["netns", "add", ns])?;
+            ip(ns, &["link", "set", "lo", "up"])?;
+        }
+        let switch = self.switch();
+        ip(&switch, &["link", "add", "br0", "type", "bridge"])?;
+        ip(&switch, &["link", "set", "br0", "up"])?;
+
+        // Client <-> router, point to point.
+        let (client, router) = (self.client(), self.router());
+        run(
+            "ip",
+            &[
+                "link", "add", "eth0", "netns", &client, "type", "veth", "peer", "name", "eth1",
+                "netns", &router,
+            ],
+        )?;
+        ip(&client, &["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
+        ip(&client, &["link", "set", "eth0", "up"])?;
+        ip(&client, &["route", "add", "default", "via", ROUTER_CLIENT_SIDE])?;
+        ip(&router, &["addr", "add", &format!("{ROUTER_CLIENT_SIDE}/24"), "dev", "eth1"])?;
+        ip(&router, &["link", "set", "eth1", "up"])?;
+
+        // Everyone else on the switch.
+        let mut lan = vec![(router.clone(), "router".to_owned(), ROUTER_LAN.to_owned())];
+        lan.extend(
+            (1..=self.balancers).map(|i| (self.balancer(i), format!("lb{i}"), balancer_address(i))),
+        );
+        lan.extend(
+            (1..=self.backends).map(|i| (self.backend(i), format!("b{i}"), backend_address(i))),
+        );
+        for (ns, port, address) in &lan {
+            run(
+                "ip",
+                &[
+                    "link", "add", LB_IFACE, "netns", ns, "type", "veth", "peer", "name", port,
+                    "netns", &switch,
+                ],
+            )?;
+            ip(&switch, &["link", "set", port, "master", "br0", "up"])?;
+            ip(ns, &["addr", "add", &format!("{address}/24"), "dev", LB_IFACE])?;
+            ip(ns, &["link", "set", LB_IFACE, "up"])?;
+            // veth leaves checksums partial; frames the balancers bounce with
+            // XDP_TX must carry real ones.
+            exec_in(ns, &["ethtool", "-K", LB_IFACE, "tx", "off"])?;
+        }
+        for key in ["net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=1"] {
+            sysctl(&router, key)?;
+        }
+        for index in 1..=self.balancers {
+            let ns = self.balancer(index);
+            // A balancer never routes: every reply comes straight from a backend.
+            sysctl(&ns, "net.ipv4.ip_forward=0")?;
+            // veth delivers XDP_TX frames only to a peer running XDP itself.
+            ip(
+                &switch,
+                &[
+                    "link",
+                    "set",
+                    "dev",
+                    &format!("lb{index}"),
+                    "xdp",
+                    "obj",
+                    pass_object,
+                    "sec",
+                    "xdp",
+                ],
+            )?;
+        }
+        for index in 1..=self.backends {
+            let ns = self.backend(index);
+            ip(&ns, &["addr", "add", &format!("{}/32", crate::netns::VIP4), "dev", "lo"])?;
+            ip(&ns, &["route", "add", "default", "via", ROUTER_LAN])?;
+            sysctl(&ns, "net.ipv4.conf.all.arp_ignore=1")?;
+            sysctl(&ns, "net.ipv4.conf.all.arp_announce=2")?;
+        }
+        Ok(())
+    }
+
+    /// The `lb run` arguments that make balancer `index` part of the fleet:
+    /// sync with every other balancer (unless `sync` is false) and announce.
+    pub fn lb_args(&self, index: usize, sync: bool) -> Vec<String> {
+        let mut args = vec!["--announce-table".to_owned(), ANNOUNCE_TABLE.to_owned()];
+        if sync {
+            args.extend([
+                "--sync-listen".to_owned(),
+                format!("{}:9470", balancer_address(index)),
+                "--sync-key-file".to_owned(),
+                self.key_file.display().to_string(),
+            ]);
+            for peer in (1..=self.balancers).filter(|peer| *peer != index) {
+                args.extend(["--sync-peer".to_owned(), balancer_address(peer)]);
+            }
+        }
+        args
+    }
+
+    /// Starts `lb run` on balancer `index` with [`Fleet::lb_args`].
+    pub fn start_lb(&self, index: usize, sync: bool) -> anyhow::Result<Daemon> {
+        let args = self.lb_args(index, sync);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_in(&self.balancer(index), &args)
+    }
+
+    /// Writes the namespace's BIRD configuration and starts BIRD there.
+    pub fn start_bird(&mut self, ns: &str) -> anyhow::Result<()> {
+        self.stop_bird(ns);
+        let config = if ns == self.router() {
+            let peers: String = (1..=self.balancers)
+                .map(|i| {
+                    format!(
+                        "protocol bgp lb{i} from balancer {{ neighbor {} as {BALANCER_AS}; }}\n",
+                        balancer_address(i)
+                    )
+                })
+                .collect();
+            fill(
+                ROUTER_CONF,
+                &[
+                    ("@ROUTER_ID@", ROUTER_LAN),
+                    ("@LOCAL_AS@", ROUTER_AS),
+                    ("@IFACE@", LB_IFACE),
+                    ("@PEERS@", &peers),
+                ],
+            )
+        } else {
+            let index: usize = ns
+                .strip_prefix(&format!("{}lb", self.prefix))
+                .and_then(|index| index.parse().ok())
+                .with_context(|| format!("{ns} is not a balancer of this fleet"))?;
+            fill(
+                BALANCER_CONF,
+                &[
+                    ("@ROUTER_ID@", &balancer_address(index)),
+                    ("@LOCAL_AS@", BALANCER_AS),
+                    ("@ROUTER@", ROUTER_LAN),
+                    ("@ROUTER_AS@", ROUTER_AS),
+                    ("@IFACE@", LB_IFACE),
+                    ("@TABLE@", ANNOUNCE_TABLE),
+                ],
+            )
+        };
+        let path = |suffix: &str| self.dir.path().join(format!("{ns}.{suffix}"));
+        std::fs::write(path("conf"), config)?;
+        let (conf, socket, log) = (path("conf"), path("ctl"), path("log"));
+        let args = ["-f", "-c", text(&conf)?, "-s", text(&socket)?];
+        let bird = spawn_in(ns, Path::new("bird"), &args, Some(&log))?;
+        self.birds.insert(ns.to_owned(), bird);
+        Ok(())
+    }
+
+    /// Kills BIRD in `ns` (its BGP sessions close at once).
+    pub fn stop_bird(&mut self, ns: &str) {
+        self.birds.remove(ns);
+    }
+
+    pub fn bird_log(&self, ns: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{ns}.log"))).unwrap_or_default()
+    }
+
+    /// Cuts balancer `index` off the switch, as a dead machine would be.
+    pub fn cut_link(&self, index: usize) -> anyhow::Result<()> {
+        ip(&self.switch(), &["link", "del", &format!("lb{index}")]).map(|_| ())
+    }
+
+    /// The balancers the router's route to `vip` spreads over.
+    pub fn router_next_hops(&self, vip: &str) -> anyhow::Result<Vec<IpAddr>> {
+        let output = ip(&self.router(), &["-j", "route", "show", &format!("{vip}/32")])?;
+        let routes: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        let mut hops = Vec::new();
+        for route in routes.as_array().into_iter().flatten() {
+            let gateways = match route["nexthops"].as_array() {
+                Some(nexthops) => nexthops.iter().map(|hop| &hop["gateway"]).collect(),
+                None => vec![&route["gateway"]],
+            };
+            hops.extend(gateways.into_iter().filter_map(|g| g.as_str()?.parse::<IpAddr>().ok()));
+        }
+        hops.sort();
+        Ok(hops)
+    }
+
+    /// Waits until the router spreads `vip` over exactly `want` balancers;
+    /// returns how long that took.
+    pub fn wait_next_hops(&self, vip: &str, want: &[usize]) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let mut wanted: Vec<IpAddr> =
+            want.iter().map(|i| balancer_address(*i).parse().expect("an address")).collect();
+        wanted.sort();
+        loop {
+            let hops = self.router_next_hops(vip)?;
+            if hops == wanted {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "the router's route to {vip} goes via {hops:?}, not {wanted:?}; router BIRD log:\n{}",
+                    self.bird_log(&self.router())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.birds.clear();
+        down(&self.prefix);
+    }
+}
+
+fn fill(template: &str, values: &[(&str, &str)]) -> String {
+    values.iter().fold(template.to_owned(), |text, (name, value)| text.replace(name, value))
+}
+
+fn text(path: &Path) -> anyhow::Result<&str> {
+    path.to_str().context("temp path is not UTF-8")
+}
+
+fn ip(ns: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    let mut full = vec!["-n", ns];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+fn sysctl(ns: &str, setting: &str) -> anyhow::Result<()> {
+    exec_in(ns, &["sysctl", "-qw", setting])
+}
+
+fn exec_in(ns: &str, command: &[&str]) -> anyhow::Result<()> {
+    let mut full = vec!["netns", "exec", ns];
+    full.extend_from_slice(command);
+    run("ip", &full).map(|_| ())
+}

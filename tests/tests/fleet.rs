@@ -1,0 +1,213 @@
+//! Several balancers behind a router with ECMP, announced by real BIRD over
+//! BGP with BFD, sharing flows through sync: a balancer's death breaks no
+//! WebSocket connection, and without sync the same death does (so the test
+//! can fail). Forged sync datagrams change nothing and are counted.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::fleet::{self, Fleet};
+use tests::harness::{Daemon, Process, WsClients, spawn_in, testbed_binary};
+use tests::netns::VIP4;
+
+const VIP: &str = "198.18.0.10:8080";
+const CONNECTIONS: usize = 4_000;
+
+fn ws_servers(fleet: &Fleet) -> Vec<Process> {
+    (1..=fleet.backends)
+        .map(|index| {
+            let name = format!("b{index}");
+            spawn_in(
+                &fleet.backend(index),
+                &testbed_binary(),
+                &["ws-serve", &name, "8080", "300"],
+                None,
+            )
+            .expect("ws-serve")
+        })
+        .collect()
+}
+
+/// Configures the VIP with backends 1..=3 on a balancer and waits until they are up.
+fn configure(daemon: &Daemon) {
+    daemon.lb(&["vip", "add", VIP, "--check", "ws"]).unwrap();
+    for index in 1..=3 {
+        daemon.lb(&["backend", "add", VIP, &fleet::backend_address(index)]).unwrap();
+    }
+    daemon.wait_backends_active().unwrap();
+}
+
+fn stats(daemon: &Daemon) -> Value {
+    daemon.json(&["stats"]).unwrap()
+}
+
+/// Flows this balancer created itself (connections ECMP sent it).
+fn created(daemon: &Daemon) -> u64 {
+    stats(daemon)["flow_events"]["created"].as_u64().unwrap_or(0)
+}
+
+/// Waits until every balancer has received as many flows from its peer as
+/// the peer reported.
+fn wait_synced(daemons: &[&Daemon]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all: Vec<Value> = daemons.iter().map(|d| stats(d)["sync"].clone()).collect();
+        let reported: u64 = all.iter().map(|s| s["flows_reported"].as_u64().unwrap_or(0)).sum();
+        let received: u64 = all
+            .iter()
+            .flat_map(|s| s["peers"].as_array().cloned().unwrap_or_default())
+            .map(|p| p["flows_received"].as_u64().unwrap_or(0))
+            .sum();
+        if reported > 0 && received >= reported {
+            return;
+        }
+        assert!(Instant::now() < deadline, "sync did not catch up: {all:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Two balancers, 4,000 WebSockets, a fourth backend, then balancer 1 dies
+/// (daemon, BIRD and link) while every connection keeps talking. Returns
+/// the clients' report of that stream.
+fn balancer_death(prefix: &str, sync: bool) -> Value {
+    let mut fleet = Fleet::up(prefix, 2, 4).expect("fleet testbed");
+    let _servers = ws_servers(&fleet);
+    let mut daemons: Vec<Option<Daemon>> = Vec::new();
+    for index in 1..=2 {
+        let daemon = fleet.start_lb(index, sync).expect("lb run");
+        configure(&daemon);
+        daemons.push(Some(daemon));
+        fleet.start_bird(&fleet.balancer(index)).expect("bird");
+    }
+    let converged = fleet.wait_next_hops(VIP4, &[1, 2]).unwrap();
+    println!("FIGURE router learned both balancers {converged:?} after their BIRD started");
+
+    let (mut clients, started) = WsClients::start(&fleet.client(), VIP, CONNECTIONS);
+    assert_eq!(started["opened"].as_u64(), Some(CONNECTIONS as u64), "{started}");
+    let split: Vec<u64> = daemons.iter().flatten().map(created).collect();
+    println!(
+        "FIGURE ECMP split of {CONNECTIONS} connections over lb1/lb2: {split:?}; backends {}",
+        started["backends"]
+    );
+    assert!(
+        split.iter().all(|count| *count > CONNECTIONS as u64 / 4),
+        "ECMP used one balancer: {split:?}"
+    );
+    clients.round_without_breaks("opening");
+
+    for daemon in daemons.iter().flatten() {
+        daemon.lb(&["backend", "add", VIP, &fleet::backend_address(4)]).unwrap();
+        daemon.wait_backends_active().unwrap();
+    }
+    clients.round_without_breaks("adding b4");
+    if sync {
+        wait_synced(&daemons.iter().flatten().collect::<Vec<_>>());
+    }
+
+    // Balancer 1 dies while every connection exchanges a message every 200 ms.
+    clients.send("stream 200 6");
+    std::thread::sleep(Duration::from_millis(1_500));
+    // The link first, as when a machine dies: nothing of it can close its
+    // BGP session, so the router learns it through BFD.
+    let killed = Instant::now();
+    fleet.cut_link(1).unwrap();
+    daemons[0] = None;
+    fleet.stop_bird(&fleet.balancer(1));
+    let withdrawn = fleet.wait_next_hops(VIP4, &[2]).unwrap();
+    println!(
+        "FIGURE the router dropped balancer 1 {withdrawn:?} after its death ({:?} to kill it)",
+        killed.elapsed() - withdrawn
+    );
+    let stream = clients.read();
+    println!("FIGURE sync {}: while balancer 1 died: {stream}", if sync { "on" } else { "off" });
+    stream
+}
+
+fn a_balancers_death_breaks_no_connection_with_sync() {
+    let stream = balancer_death("lbf-on-", true);
+    assert_eq!(stream["newly_broken"].as_u64(), Some(0), "{stream}");
+    assert_eq!(stream["ok"].as_u64(), Some(CONNECTIONS as u64), "{stream}");
+    println!(
+        "FIGURE longest gap any connection saw: {} ms (messages every {} ms)",
+        stream["longest_gap_ms"], stream["interval_ms"]
+    );
+}
+
+fn without_sync_the_same_death_breaks_the_moved_connections() {
+    let stream = balancer_death("lbf-off-", false);
+    let broken = stream["newly_broken"].as_u64().unwrap();
+    println!(
+        "FIGURE without sync, {broken} of {CONNECTIONS} connections broke when balancer 1 died"
+    );
+    // About half the connections moved (ECMP), and about a quarter of those
+    // hash to another backend since b4 joined.
+    assert!(
+        broken > CONNECTIONS as u64 / 20,
+        "too few broke for the test to mean anything: {stream}"
+    );
+}
+
+fn forged_sync_datagrams_change_nothing_and_are_counted() {
+    let fleet = Fleet::up("lbf-forge-", 2, 2).expect("fleet testbed");
+    let _servers = ws_servers(&fleet);
+    let daemon = fleet.start_lb(1, true).expect("lb run");
+    daemon.lb(&["vip", "add", VIP, "--check", "ws"]).unwrap();
+    for index in 1..=2 {
+        daemon.lb(&["backend", "add", VIP, &fleet::backend_address(index)]).unwrap();
+    }
+    daemon.wait_backends_active().unwrap();
+    let target = format!("{}:9470", fleet::balancer_address(1));
+    let key = fleet.key_file.display().to_string();
+    let binary = testbed_binary();
+    let forge = |ns: &str| {
+        let args = [
+            "netns",
+            "exec",
+            ns,
+            binary.to_str().unwrap(),
+            "forge-sync",
+            &target,
+            &key,
+            VIP,
+            &fleet::backend_address(1),
+            "198.18.0.199",
+        ];
+        let output = std::process::Command::new("ip").args(args).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    };
+    // From the peer's address (lb2 runs no daemon here), then from a stranger.
+    forge(&fleet.balancer(2));
+    forge(&fleet.client());
+    std::thread::sleep(Duration::from_millis(300));
+
+    let sync = stats(&daemon)["sync"].clone();
+    println!("FIGURE after forged datagrams: {sync}");
+    let peer = &sync["peers"][0];
+    let count = |value: &Value| value.as_u64().unwrap_or(0);
+    assert_eq!(count(&sync["dropped_malformed"]), 1, "garbage: {sync}");
+    assert_eq!(count(&sync["dropped_unauthenticated"]), 1, "another key: {sync}");
+    assert_eq!(count(&sync["dropped_stale"]), 2, "an hour old, and a replay: {sync}");
+    assert_eq!(count(&sync["dropped_settings_differ"]), 1, "another hash seed: {sync}");
+    assert_eq!(
+        count(&sync["dropped_unknown_sender"]),
+        7,
+        "all seven from the client's address: {sync}"
+    );
+    assert_eq!((count(&peer["flows_received"]), count(&peer["flows_refused"])), (1, 1), "{sync}");
+    assert_eq!(peer["state"], "refused", "the last datagram had another hash seed: {sync}");
+
+    // Only the valid flow reached the flow table, with the backend it named.
+    let established = |port: u16| {
+        let client = format!("{}:{port}", fleet::CLIENT);
+        daemon.json(&["lookup", VIP, &client]).unwrap()["established_backend"].clone()
+    };
+    assert_eq!(established(5001), fleet::backend_address(1).as_str(), "the control flow");
+    assert_eq!(established(5002), Value::Null, "a backend the VIP does not have");
+    assert_eq!(established(5003), Value::Null, "from a peer with another hash seed");
+}
+
+tests::root_tests!(
+    a_balancers_death_breaks_no_connection_with_sync,
+    without_sync_the_same_death_breaks_the_moved_connections,
+    forged_sync_datagrams_change_nothing_and_are_counted,
+);
