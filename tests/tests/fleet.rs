@@ -147,6 +147,75 @@ fn without_sync_the_same_death_breaks_the_moved_connections() {
     );
 }
 
+fn a_balancer_restarted_without_pins_learns_the_flows_before_it_is_announced() {
+    let mut fleet = Fleet::up("lbf-re-", 2, 4).expect("fleet testbed");
+    let _servers = ws_servers(&fleet);
+    let mut daemons = Vec::new();
+    for index in 1..=2 {
+        let daemon = fleet.start_lb(index, true).expect("lb run");
+        configure(&daemon);
+        daemons.push(daemon);
+        fleet.start_bird(&fleet.balancer(index)).expect("bird");
+    }
+    fleet.wait_next_hops(VIP4, &[1, 2]).unwrap();
+    let (mut clients, started) = WsClients::start(&fleet.client(), VIP, CONNECTIONS);
+    assert_eq!(started["opened"].as_u64(), Some(CONNECTIONS as u64), "{started}");
+    for daemon in &daemons {
+        daemon.lb(&["backend", "add", VIP, &fleet::backend_address(4)]).unwrap();
+        daemon.wait_backends_active().unwrap();
+    }
+    wait_synced(&[&daemons[0], &daemons[1]]);
+
+    // Balancer 1 loses everything: its daemon is killed and `lb unload`
+    // removes its pins (the program detaches) and its route.
+    daemons[0].process = None;
+    let pin_dir = daemons[0].pin_dir.display().to_string();
+    let binary = tests::harness::lb_binary();
+    let unload = [
+        "netns",
+        "exec",
+        &fleet.balancer(1),
+        binary.to_str().unwrap(),
+        "unload",
+        "--iface",
+        "eth0",
+        "--pin-dir",
+        &pin_dir,
+    ];
+    let output = std::process::Command::new("ip").args(unload).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    println!("FIGURE lb unload: {}", String::from_utf8_lossy(&output.stdout).trim());
+    fleet.wait_next_hops(VIP4, &[2]).unwrap();
+    clients.round_without_breaks("balancer 1 unloaded (balancer 2 carries all)");
+
+    // It comes back with no pins: a full resync from balancer 2 first, the
+    // announcement after.
+    let args = fleet.lb_args(1, true);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    daemons[0].restart_in(&fleet.balancer(1), &args).unwrap();
+    let back = fleet.wait_next_hops(VIP4, &[1, 2]).unwrap();
+    let log = daemons[0].log_text();
+    let synced_at = log.find("initial flow sync done").expect("the initial sync finished");
+    let announced_at = log.find("VIP announced").expect("the VIP was announced");
+    assert!(synced_at < announced_at, "announced before the initial sync:\n{log}");
+    let peer = stats(&daemons[0])["sync"]["peers"][0].clone();
+    println!("FIGURE balancer 1 announced again {back:?} after restarting; its peer: {peer}");
+    assert!(peer["resyncs_received"].as_u64() >= Some(1), "{peer}");
+    assert!(peer["flows_received"].as_u64() >= Some(CONNECTIONS as u64), "{peer}");
+    clients.round_without_breaks("balancer 1 back");
+
+    // Now balancer 2 dies: balancer 1 carries every connection.
+    clients.send("stream 200 5");
+    std::thread::sleep(Duration::from_millis(1_000));
+    fleet.cut_link(2).unwrap();
+    daemons[1].process = None;
+    fleet.stop_bird(&fleet.balancer(2));
+    fleet.wait_next_hops(VIP4, &[1]).unwrap();
+    let stream = clients.read();
+    println!("FIGURE balancer 2 died after balancer 1's restart: {stream}");
+    assert_eq!(stream["newly_broken"].as_u64(), Some(0), "{stream}");
+}
+
 fn forged_sync_datagrams_change_nothing_and_are_counted() {
     let fleet = Fleet::up("lbf-forge-", 2, 2).expect("fleet testbed");
     let _servers = ws_servers(&fleet);
@@ -209,5 +278,6 @@ fn forged_sync_datagrams_change_nothing_and_are_counted() {
 tests::root_tests!(
     a_balancers_death_breaks_no_connection_with_sync,
     without_sync_the_same_death_breaks_the_moved_connections,
+    a_balancer_restarted_without_pins_learns_the_flows_before_it_is_announced,
     forged_sync_datagrams_change_nothing_and_are_counted,
 );
