@@ -100,7 +100,7 @@ pub fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
         .collect::<Result<_, _>>()?;
 
     // The balancer: the real daemon.
-    let daemon = Daemon::start(&testbed, &["--metrics", "off"])?;
+    let mut daemon = Daemon::start(&testbed, &["--metrics", "off"])?;
     for port in ["80", "8081"] {
         let vip = format!("198.18.0.10:{port}");
         daemon.lb(&["vip", "add", &vip])?;
@@ -168,6 +168,7 @@ pub fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
         });
     }
     drop(haproxy);
+    rows.push(rate_with_sync(&testbed, &mut daemon)?);
 
     // 100,000 concurrent connections, lb only (HAProxy cannot hold them on a
     // machine that caps a process at 20,000 descriptors). Spread so that no
@@ -265,6 +266,44 @@ pub fn per_vip_flows(stats: &serde_json::Value) -> String {
     per_vip.iter().map(|(vip, flows)| format!("{vip}: {flows}")).collect::<Vec<_>>().join(", ")
 }
 
+/// The new-connection rate again with flow sync on (to a peer address
+/// with nothing listening: every flow is still reported, sealed and sent).
+fn rate_with_sync(
+    testbed: &tests::netns::Testbed,
+    daemon: &mut tests::harness::Daemon,
+) -> anyhow::Result<ConnectionRow> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let key_file = std::env::temp_dir().join("lbb-sync.key");
+    std::fs::write(&key_file, "ab".repeat(32))?;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
+    let key = key_file.to_str().context("temp path")?;
+    let args = [
+        "--metrics",
+        "off",
+        "--sync-listen",
+        "198.18.0.2:9470",
+        "--sync-peer",
+        "198.18.0.1",
+        "--sync-key-file",
+        key,
+    ];
+    daemon.restart(testbed, &args)?;
+    daemon.wait_backends_active()?;
+    let (rate, failed) = connection_rate(testbed, "198.18.0.10:80")?;
+    let reported = daemon.json(&["stats"])?["sync"]["flows_reported"].as_u64().unwrap_or(0);
+    let pid = daemon.process.as_ref().context("daemon")?.0.id();
+    Ok(ConnectionRow {
+        system: "lb, flow sync on".into(),
+        connections_per_second: rate,
+        failed_connections: failed,
+        concurrent_asked: 0,
+        concurrent_opened: 0,
+        memory_idle_bytes: rss_bytes(pid),
+        memory_loaded_bytes: rss_bytes(pid),
+        memory_note: format!("{reported} flow changes reported, sealed and sent to a peer"),
+    })
+}
+
 pub fn print_connections(rows: &[ConnectionRow]) {
     println!(
         "{:<24} {:>12} {:>7} {:>18} {:>12} {:>12}  NOTE",
@@ -280,6 +319,15 @@ pub fn print_connections(rows: &[ConnectionRow]) {
             row.memory_idle_bytes >> 20,
             row.memory_loaded_bytes >> 20,
             row.memory_note
+        );
+    }
+    let rate = |system: &str| {
+        rows.iter().find(|row| row.system == system).map(|row| row.connections_per_second)
+    };
+    if let (Some(off), Some(on)) = (rate("lb"), rate("lb, flow sync on")) {
+        println!(
+            "flow sync on vs off: {:.0}% of the new-connection rate (target: at least 90%)",
+            100.0 * on / off
         );
     }
 }
