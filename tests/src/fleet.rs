@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::harness::{Daemon, Process, spawn_in};
-use crate::netns::{LB_IFACE, down, run};
+use crate::netns::{LB_IFACE, down, ip, run};
 
 pub const ROUTER_LAN: &str = "198.18.0.254";
 pub const ROUTER_CLIENT_SIDE: &str = "198.19.0.254";
@@ -317,12 +317,6 @@ fn fill(template: &str, values: &[(&str, &str)]) -> String {
 
 fn text(path: &Path) -> anyhow::Result<&str> {
     path.to_str().context("temp path is not UTF-8")
-}
-
-fn ip(ns: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
-    let mut full = vec!["-n", ns];
-    full.extend_from_slice(args);
-    run("ip", &full)
 }
 
 fn sysctl(ns: &str, setting: &str) -> anyhow::Result<()> {

@@ -179,7 +179,8 @@ impl Drop for Testbed {
     }
 }
 
-fn ip(ns: &str, args: &[&str]) -> anyhow::Result<Output> {
+/// `ip -n NS args...`, failing with its stderr.
+pub fn ip(ns: &str, args: &[&str]) -> anyhow::Result<Output> {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
     run("ip", &full)
