@@ -158,6 +158,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     let (reports_tx, mut reports_rx) = mpsc::channel::<HealthReport>(256);
     let (sync_status_tx, sync_status) = watch::channel(SyncStatus::default());
+    let (mut initial_sync, mut initial_sync_seen) = (sync_status.clone(), false);
     let mut daemon = Daemon {
         config,
         reconciler: Reconciler::new(datapath),
@@ -203,10 +204,20 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         tokio::select! {
             Some((request, reply)) = calls_rx.recv() => {
                 let answer = daemon.handle(request);
+                // Only a request can add or remove backends, and so change
+                // which MACs are wanted and which slots stand for which backend.
                 wanted_tx.send_if_modified(|wanted| {
                     let now = daemon.reconciler.wanted_neighbours();
                     let changed = *wanted != now;
                     *wanted = now;
+                    changed
+                });
+                let directory = daemon.reconciler.directory();
+                directory_tx.send_if_modified(|current| {
+                    let changed = **current != directory;
+                    if changed {
+                        *current = std::sync::Arc::new(directory);
+                    }
                     changed
                 });
                 let _ = reply.send(answer);
@@ -214,7 +225,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             Some(found) = neighbours_rx.recv() => daemon.neighbours_changed(found),
             Some(report) = reports_rx.recv() => daemon.health_report(report),
             _ = tick.tick() => daemon.sample_rates(),
-            _ = daemon.sync_status.changed(), if sync_task.is_some() => {}
+            // The status changes with every datagram; only the end of the
+            // initial sync matters here (it lets the VIPs be announced).
+            _ = initial_sync.wait_for(|status| status.initial_sync_done), if sync_task.is_some() && !initial_sync_seen => {
+                initial_sync_seen = true;
+            }
             ended = async { sync_task.as_mut().expect("guarded").await }, if sync_task.is_some() => {
                 sync_task = None;
                 tracing::error!(why = %task_end(ended), "the flow sync task died: peers no longer learn our flows; restart lb run");
@@ -232,15 +247,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
-        // Whatever the event, the sync task and the announcer see the result.
-        let directory = daemon.reconciler.directory();
-        directory_tx.send_if_modified(|current| {
-            let changed = **current != directory;
-            if changed {
-                *current = std::sync::Arc::new(directory);
-            }
-            changed
-        });
+        // Requests, health, neighbours and the initial sync all change what is announced.
         announce_tx.send_if_modified(|current| {
             let now = daemon.announcements();
             let changed = *current != now;

@@ -103,7 +103,7 @@ pub struct Datapath {
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     flow_events: PerCpuArray<MapData, u64>,
     /// The flow-change ring buffer, until the sync task takes it.
-    flow_sync: Option<MapData>,
+    flow_sync: Option<RingBuf<MapData>>,
     /// The Maglev array, written through memory: installing a table is one
     /// copy instead of one syscall per entry.
     maglev: MmapMut,
@@ -181,9 +181,8 @@ impl Datapath {
         let flows = HashMap::try_from(take(MAP_FLOWS)?).map_err(map_error(MAP_FLOWS))?;
         let flow_events =
             PerCpuArray::try_from(take(MAP_FLOW_EVENTS)?).map_err(map_error(MAP_FLOW_EVENTS))?;
-        let Map::RingBuf(flow_sync) = take(MAP_FLOW_SYNC)? else {
-            return Err(DatapathError::Missing { kind: "ring buffer", name: MAP_FLOW_SYNC });
-        };
+        let flow_sync =
+            RingBuf::try_from(take(MAP_FLOW_SYNC)?).map_err(map_error(MAP_FLOW_SYNC))?;
         let Map::Array(maglev_map) = take(MAP_MAGLEV)? else {
             return Err(DatapathError::Missing { kind: "array map", name: MAP_MAGLEV });
         };
@@ -219,7 +218,6 @@ impl Datapath {
     /// and its own handle on the flow table.
     pub fn take_sync(&mut self) -> Result<Option<crate::sync::SyncDatapath>, DatapathError> {
         let Some(ring) = self.flow_sync.take() else { return Ok(None) };
-        let ring = RingBuf::try_from(Map::RingBuf(ring)).map_err(map_error(MAP_FLOW_SYNC))?;
         let flow_table = self.flows_fd().try_clone_to_owned().map_err(|error| {
             DatapathError::Map { name: MAP_FLOWS, error: aya::maps::MapError::IoError(error) }
         })?;
