@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::harness::{Daemon, Process, spawn_in};
-use crate::netns::{LB_IFACE, down, ip, run};
+use crate::netns::{LB_IFACE, down, ip, join_switch, run, sysctl};
 
 pub const ROUTER_LAN: &str = "198.18.0.254";
 pub const ROUTER_CLIENT_SIDE: &str = "198.19.0.254";
@@ -132,19 +132,7 @@ impl Fleet {
             (1..=self.backends).map(|i| (self.backend(i), format!("b{i}"), backend_address(i))),
         );
         for (ns, port, address) in &lan {
-            run(
-                "ip",
-                &[
-                    "link", "add", LB_IFACE, "netns", ns, "type", "veth", "peer", "name", port,
-                    "netns", &switch,
-                ],
-            )?;
-            ip(&switch, &["link", "set", port, "master", "br0", "up"])?;
-            ip(ns, &["addr", "add", &format!("{address}/24"), "dev", LB_IFACE])?;
-            ip(ns, &["link", "set", LB_IFACE, "up"])?;
-            // veth leaves checksums partial; frames the balancers bounce with
-            // XDP_TX must carry real ones.
-            exec_in(ns, &["ethtool", "-K", LB_IFACE, "tx", "off"])?;
+            join_switch(&switch, ns, port, &[format!("{address}/24")])?;
         }
         for key in ["net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=1"] {
             sysctl(&router, key)?;
@@ -317,14 +305,4 @@ fn fill(template: &str, values: &[(&str, &str)]) -> String {
 
 fn text(path: &Path) -> anyhow::Result<&str> {
     path.to_str().context("temp path is not UTF-8")
-}
-
-fn sysctl(ns: &str, setting: &str) -> anyhow::Result<()> {
-    exec_in(ns, &["sysctl", "-qw", setting])
-}
-
-fn exec_in(ns: &str, command: &[&str]) -> anyhow::Result<()> {
-    let mut full = vec!["netns", "exec", ns];
-    full.extend_from_slice(command);
-    run("ip", &full).map(|_| ())
 }

@@ -100,7 +100,7 @@ impl Testbed {
             // tentative link-local address stalls IPv6 neighbour discovery for
             // the first second, which failed the first IPv6 connection of a test.
             for key in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
-                run("ip", &["netns", "exec", &ns, "sysctl", "-qw", &format!("{key}=0")])?;
+                sysctl(&ns, &format!("{key}=0"))?;
             }
         }
         let switch = self.switch();
@@ -125,29 +125,12 @@ impl Testbed {
             ));
         }
         for (ns, port, v4, v6) in &hosts {
-            run(
-                "ip",
-                &[
-                    "link", "add", LB_IFACE, "netns", ns, "type", "veth", "peer", "name", port,
-                    "netns", &switch,
-                ],
-            )?;
-            ip(&switch, &["link", "set", port, "master", "br0", "up"])?;
-            ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", LB_IFACE])?;
-            ip(ns, &["addr", "add", &format!("{v6}/64"), "dev", LB_IFACE, "nodad"])?;
-            ip(ns, &["link", "set", LB_IFACE, "up"])?;
-            // veth leaves checksums to "hardware" that does not exist; frames the
-            // balancer bounces back out with XDP_TX would reach backends with
-            // partial checksums. The sender's stack must fill them in.
-            run("ip", &["netns", "exec", ns, "ethtool", "-K", LB_IFACE, "tx", "off"])?;
+            join_switch(&switch, ns, port, &[format!("{v4}/24"), format!("{v6}/64")])?;
         }
         // The balancer must never route: any reply a client gets came straight
         // from a backend.
-        run("ip", &["netns", "exec", &self.balancer(), "sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
-        run(
-            "ip",
-            &["netns", "exec", &self.balancer(), "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0"],
-        )?;
+        sysctl(&self.balancer(), "net.ipv4.ip_forward=0")?;
+        sysctl(&self.balancer(), "net.ipv6.conf.all.forwarding=0")?;
         // veth hands XDP_TX frames only to a peer running XDP itself: the
         // balancer transmits that way, and so does the generator on the client.
         for port in ["lb", "client"] {
@@ -163,11 +146,8 @@ impl Testbed {
             // Direct server return: the backend owns the VIP but must not answer ARP for it.
             ip(&ns, &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
             ip(&ns, &["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
-            for (key, value) in
-                [("net.ipv4.conf.all.arp_ignore", "1"), ("net.ipv4.conf.all.arp_announce", "2")]
-            {
-                run("ip", &["netns", "exec", &ns, "sysctl", "-qw", &format!("{key}={value}")])?;
-            }
+            sysctl(&ns, "net.ipv4.conf.all.arp_ignore=1")?;
+            sysctl(&ns, "net.ipv4.conf.all.arp_announce=2")?;
         }
         Ok(())
     }
@@ -177,6 +157,38 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         down(&self.prefix);
     }
+}
+
+/// Plugs namespace `ns` into the bridge `br0` of namespace `switch`: a veth
+/// named LB_IFACE in `ns` (with `addresses`, IPv6 ones without duplicate
+/// address detection) whose peer `port` joins the bridge.
+pub fn join_switch(switch: &str, ns: &str, port: &str, addresses: &[String]) -> anyhow::Result<()> {
+    run(
+        "ip",
+        &[
+            "link", "add", LB_IFACE, "netns", ns, "type", "veth", "peer", "name", port, "netns",
+            switch,
+        ],
+    )?;
+    ip(switch, &["link", "set", port, "master", "br0", "up"])?;
+    for address in addresses {
+        let mut args = vec!["addr", "add", address, "dev", LB_IFACE];
+        if address.contains(':') {
+            args.push("nodad");
+        }
+        ip(ns, &args)?;
+    }
+    ip(ns, &["link", "set", LB_IFACE, "up"])?;
+    // veth leaves checksums to "hardware" that does not exist; frames a
+    // balancer bounces back out with XDP_TX would reach backends with
+    // partial checksums. The sender's stack must fill them in.
+    run("ip", &["netns", "exec", ns, "ethtool", "-K", LB_IFACE, "tx", "off"])?;
+    Ok(())
+}
+
+/// Sets one sysctl (`key=value`) in namespace `ns`.
+pub fn sysctl(ns: &str, setting: &str) -> anyhow::Result<()> {
+    run("ip", &["netns", "exec", ns, "sysctl", "-qw", setting]).map(|_| ())
 }
 
 /// `ip -n NS args...`, failing with its stderr.
