@@ -272,8 +272,104 @@ pub fn per_packet_costs() -> anyhow::Result<Vec<CostRow>> {
             proven,
         });
     }
+    let (syn, ack) = (packet(tcp4, Segment::Syn), packet(tcp4, Segment::Ack));
+    rows.extend(sync_costs(&mut target, new_flow, wrapper, floor, [syn, ack])?);
     let _ = FlowEvent::Created;
     Ok(rows)
+}
+
+/// The new-flow and established TCP IPv4 rows on two fresh datapaths, flow
+/// sync off and on, prepared alike: a new flow with sync on also writes a
+/// record into the ring; an established packet must cost the same. The ring
+/// (4 MiB, 65,536 records) holds every new-flow repeat, and the proof counts
+/// them there. Established packets alternate between the two datapaths for
+/// [`SYNC_ROUNDS`] rounds (median kept), so drift hits both alike.
+fn sync_costs(
+    target: &mut ProgramArray<aya::maps::MapData>,
+    new_flow: &Xdp,
+    wrapper: f64,
+    floor: f64,
+    [mut syn, mut ack]: [Vec<u8>; 2],
+) -> anyhow::Result<Vec<CostRow>> {
+    // A client address no other row uses, so every flow is new here.
+    syn[14 + 12 + 3] = 99;
+    ack[14 + 12 + 3] = 99;
+    let mut rows = Vec::new();
+    let mut datapaths = Vec::new();
+    for sync_flows in [false, true] {
+        let config = DatapathConfig {
+            max_vips: 8,
+            max_backends: 64,
+            sync_flows,
+            ..DatapathConfig::default()
+        };
+        let mut reconciler = balancer(config)?;
+        let mut ring = reconciler.datapath_mut().take_sync()?.map(|sync| sync.ring);
+        let label = if sync_flows { "on" } else { "off" };
+        target.set(0, reconciler.datapath().program().fd()?, 0)?;
+
+        let before = counters(&reconciler)?;
+        let ns = cost(new_flow, &syn, NEW_FLOW_REPEAT, XDP_TX)? - wrapper;
+        let after = counters(&reconciler)?;
+        let (created, lost) = (
+            after["flow_created"] - before["flow_created"],
+            after["flow_sync_lost"] - before["flow_sync_lost"],
+        );
+        let records = drain(&mut ring);
+        let expected = u64::from(NEW_FLOW_REPEAT) * RUNS as u64;
+        rows.push(CostRow {
+            path: format!("new flow, TCP IPv4, flow sync {label}"),
+            ns_per_packet: ns,
+            vs_xdp_tx_floor: ns / floor,
+            proof: format!(
+                "flow_created +{created} of {expected} repeats, ring records {records}, {lost} lost"
+            ),
+            proven: created == expected
+                && lost == 0
+                && records == if sync_flows { expected } else { 0 },
+        });
+        // The established flow: its SYN, once.
+        reconciler.datapath().program().test_run(TestRunOptions {
+            data_in: Some(&syn),
+            data_out: Some(&mut vec![0; 512]),
+            ..Default::default()
+        })?;
+        drain(&mut ring);
+        datapaths.push((label, reconciler, ring, Vec::new(), 0u64));
+    }
+    for _ in 0..SYNC_ROUNDS {
+        for (_, reconciler, _, samples, hits) in &mut datapaths {
+            let before = counters(reconciler)?["flow_hit"];
+            samples.push(cost(reconciler.datapath().program(), &ack, REPEAT, XDP_TX)?);
+            *hits += counters(reconciler)?["flow_hit"] - before;
+        }
+    }
+    for (label, _, mut ring, mut samples, hits) in datapaths {
+        samples.sort_by(f64::total_cmp);
+        let ns = samples[SYNC_ROUNDS / 2];
+        let records = drain(&mut ring);
+        let expected = u64::from(REPEAT) * (RUNS * SYNC_ROUNDS) as u64;
+        rows.push(CostRow {
+            path: format!("established, TCP IPv4, flow sync {label}"),
+            ns_per_packet: ns,
+            vs_xdp_tx_floor: ns / floor,
+            proof: format!("flow_hit +{hits} of {expected} repeats, ring records {records}"),
+            proven: hits == expected && records == 0,
+        });
+    }
+    Ok(rows)
+}
+
+/// Rounds of the established sync off/on pair.
+const SYNC_ROUNDS: usize = 3;
+
+/// Empties the flow-change ring (if there is one); returns how many records it held.
+fn drain(ring: &mut Option<aya::maps::RingBuf<aya::maps::MapData>>) -> u64 {
+    let mut records = 0;
+    while ring.as_mut().and_then(|ring| ring.next()).is_some() {
+        records += 1;
+    }
+    records
 }
 
 /// (description, program, frame, repeat, expected action, the counter that

@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out_dir)?;
 
-    // `lb-bench [costs|throughput|control]` runs one section (for quick looks);
+    // `lb-bench [costs|throughput|connections|control]` runs one section (for quick looks);
     // with no argument, everything.
     let only = std::env::args().nth(1);
     let wanted = |section: &str| only.as_deref().is_none_or(|only| only == section);
@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
-    let targets = targets(&per_packet, &throughput, &control_plane);
+    let targets = targets(&per_packet, &throughput, &connections, &control_plane);
     println!("\n== Targets");
     for target in &targets {
         println!(

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::connections::ConnectionRow;
 use crate::control::ControlRow;
 use crate::costs::CostRow;
 use crate::forwarding::ThroughputRow;
@@ -18,6 +19,7 @@ pub struct Target {
 pub fn targets(
     costs: &[CostRow],
     throughput: &[ThroughputRow],
+    connections: &[ConnectionRow],
     control: &[ControlRow],
 ) -> Vec<Target> {
     let ratio = |prefix: &str| {
@@ -61,6 +63,26 @@ pub fn targets(
         measured: format!("{:.1}x ({lb:.2} vs {nft:.2} Mpps)", lb / nft),
         met: lb >= 5.0 * nft,
     });
+    let ns = |path: &str| costs.iter().find(|row| row.path == path).map(|row| row.ns_per_packet);
+    if let (Some(off), Some(on)) =
+        (ns("established, TCP IPv4, flow sync off"), ns("established, TCP IPv4, flow sync on"))
+    {
+        targets.push(Target {
+            target: "established packet with flow sync on at most 1.1x sync off".into(),
+            measured: format!("{:.2}x ({on:.0} vs {off:.0} ns)", on / off),
+            met: on <= 1.1 * off,
+        });
+    }
+    let rate = |system: &str| {
+        connections.iter().find(|row| row.system == system).map(|row| row.connections_per_second)
+    };
+    if let (Some(off), Some(on)) = (rate("lb, flow sync off"), rate("lb, flow sync on")) {
+        targets.push(Target {
+            target: "new connections/s with flow sync on at least 90% of sync off".into(),
+            measured: format!("{:.0}% ({on:.0} vs {off:.0} per second)", 100.0 * on / off),
+            met: on >= 0.9 * off,
+        });
+    }
     if let Some(row) = control.iter().find(|row| row.backends == 1000) {
         targets.push(Target {
             target: "table rebuild and install for 1000 backends under 50 ms".into(),
