@@ -3,7 +3,9 @@
 //! from BIRD on each balancer, and backends on the balancers' L2 segment.
 //! BIRD runs with the configurations in scripts/bird/, which
 //! docs/scale-out.md documents. Used by tests/tests/fleet.rs, `cargo xtask
-//! run --balancers N` and `scripts/testbed.sh up --balancers N`.
+//! run --balancers N` and `scripts/testbed.sh up --balancers N`. Its files
+//! (sync key, BIRD configurations, sockets and logs, each daemon's socket,
+//! state and log) are in `/run/lb-testbed/PREFIX/`.
 //!
 //! ```text
 //! client 198.19.0.1 ── 198.19.0.254 router 198.18.0.254 ──┐ switch (br0)
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::harness::{Daemon, Process, spawn_in};
-use crate::netns::{LB_IFACE, down, ip, join_switch, run, sysctl};
+use crate::netns::{LB_IFACE, ip, join_switch, run, sysctl};
 
 pub const ROUTER_LAN: &str = "198.18.0.254";
 pub const ROUTER_CLIENT_SIDE: &str = "198.19.0.254";
@@ -31,6 +33,8 @@ const ROUTER_AS: &str = "65000";
 const BALANCER_AS: &str = "65001";
 const BALANCER_CONF: &str = include_str!("../../scripts/bird/balancer.conf");
 const ROUTER_CONF: &str = include_str!("../../scripts/bird/router.conf");
+/// Where each fleet keeps its files, in a directory named by its prefix.
+const FILES_ROOT: &str = "/run/lb-testbed";
 
 pub fn balancer_address(index: usize) -> String {
     format!("198.18.0.{}", 1 + index)
@@ -47,7 +51,8 @@ pub struct Fleet {
     pub backends: usize,
     /// BIRD per namespace, killed on drop or by [`Fleet::stop_bird`].
     birds: BTreeMap<String, Process>,
-    dir: tempfile::TempDir,
+    /// The fleet's files (removed on drop).
+    pub files: PathBuf,
     /// The fleet's sync key (mode 0600).
     pub key_file: PathBuf,
 }
@@ -73,8 +78,10 @@ impl Fleet {
     /// start with [`Fleet::start_bird`], once their `lb run` is up).
     pub fn up(prefix: &str, balancers: usize, backends: usize) -> anyhow::Result<Self> {
         down(prefix);
-        let dir = tempfile::tempdir()?;
-        let key_file = dir.path().join("sync.key");
+        let files = Path::new(FILES_ROOT).join(prefix);
+        std::fs::create_dir_all(&files)?;
+        std::fs::set_permissions(&files, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let key_file = files.join("sync.key");
         let key: [u8; 32] = rand::random();
         let hex: String = key.iter().map(|byte| format!("{byte:02x}")).collect();
         std::fs::write(&key_file, hex + "\n")?;
@@ -84,7 +91,7 @@ impl Fleet {
             balancers,
             backends,
             birds: BTreeMap::new(),
-            dir,
+            files,
             key_file,
         };
         fleet.build().inspect_err(|_| down(prefix))?;
@@ -94,7 +101,7 @@ impl Fleet {
     }
 
     fn build(&self) -> anyhow::Result<()> {
-        let pass_object = self.dir.path().join("xdp-pass.o");
+        let pass_object = self.files.join("xdp-pass.o");
         std::fs::write(&pass_object, lb_userspace::datapath::PEER_PASS_OBJECT)?;
         let pass_object = pass_object.to_str().context("temp path is not UTF-8")?;
         let mut namespaces = vec![self.client(), self.router(), self.switch()];
@@ -185,11 +192,25 @@ impl Fleet {
         args
     }
 
-    /// Starts `lb run` on balancer `index` with [`Fleet::lb_args`].
+    /// A WebSocket server on `port` in every backend (answering b1, b2, ...),
+    /// each stopping after `seconds`.
+    pub fn ws_servers(&self, port: u16, seconds: u64) -> anyhow::Result<Vec<Process>> {
+        let (port, seconds) = (port.to_string(), seconds.to_string());
+        (1..=self.backends)
+            .map(|index| {
+                let name = format!("b{index}");
+                let args = ["ws-serve", &name, &port, &seconds];
+                spawn_in(&self.backend(index), &crate::harness::testbed_binary(), &args, None)
+            })
+            .collect()
+    }
+
+    /// Starts `lb run` on balancer `index` with [`Fleet::lb_args`], its
+    /// files among the fleet's.
     pub fn start_lb(&self, index: usize, sync: bool) -> anyhow::Result<Daemon> {
         let args = self.lb_args(index, sync);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Daemon::start_in(&self.balancer(index), &args)
+        Daemon::start_named(&self.balancer(index), &self.files, &args)
     }
 
     /// Writes the namespace's BIRD configuration and starts BIRD there.
@@ -230,7 +251,7 @@ impl Fleet {
                 ],
             )
         };
-        let path = |suffix: &str| self.dir.path().join(format!("{ns}.{suffix}"));
+        let path = |suffix: &str| self.files.join(format!("{ns}.bird.{suffix}"));
         std::fs::write(path("conf"), config)?;
         let (conf, socket, log) = (path("conf"), path("ctl"), path("log"));
         let args = ["-f", "-c", text(&conf)?, "-s", text(&socket)?];
@@ -245,7 +266,7 @@ impl Fleet {
     }
 
     pub fn bird_log(&self, ns: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{ns}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.files.join(format!("{ns}.bird.log"))).unwrap_or_default()
     }
 
     /// Cuts balancer `index` off the switch, as a dead machine would be.
@@ -290,6 +311,14 @@ impl Fleet {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Leaves the fleet up, BIRD running, for `lb-testbed down` to remove.
+    pub fn detach(mut self) {
+        for (_, bird) in std::mem::take(&mut self.birds) {
+            std::mem::forget(bird);
+        }
+        std::mem::forget(self);
+    }
 }
 
 impl Drop for Fleet {
@@ -297,6 +326,41 @@ impl Drop for Fleet {
         self.birds.clear();
         down(&self.prefix);
     }
+}
+
+/// Waits until each of `daemons` has received every flow the others reported.
+pub fn wait_synced(daemons: &[&Daemon]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (mut reported, mut received) = (0, 0);
+        for daemon in daemons {
+            let sync = &daemon.json(&["stats"])?["sync"];
+            reported += sync["flows_reported"].as_u64().unwrap_or(0);
+            received += sync["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|peer| peer["flows_received"].as_u64().unwrap_or(0))
+                .sum::<u64>();
+        }
+        // Every flow goes to every other balancer.
+        let want = reported * (daemons.len() as u64).saturating_sub(1);
+        if reported > 0 && received >= want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("sync did not catch up: {received} flows received of {want}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes a fleet (or a single-balancer testbed) under `prefix`, whatever
+/// state it is in: its processes, namespaces, daemons' pins and files.
+pub fn down(prefix: &str) {
+    crate::netns::down(prefix);
+    crate::harness::remove_pins(prefix);
+    let _ = std::fs::remove_dir_all(Path::new(FILES_ROOT).join(prefix));
 }
 
 fn fill(template: &str, values: &[(&str, &str)]) -> String {

@@ -134,12 +134,13 @@ pub struct Daemon {
     pub log: PathBuf,
     /// This daemon's `--pin-dir`, on the tests' bpffs.
     pub pin_dir: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The temporary directory holding socket, state and log, if they are in one.
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// A bpffs in the host's mount namespace, visible inside `ip netns exec`
 /// (which remounts only /sys), so pins outlive one `lb run`.
-const TEST_BPFFS: &str = "/run/lb-tests/bpf";
+pub const TEST_BPFFS: &str = "/run/lb-tests/bpf";
 
 fn test_bpffs() -> anyhow::Result<PathBuf> {
     let root = PathBuf::from(TEST_BPFFS);
@@ -150,13 +151,29 @@ fn test_bpffs() -> anyhow::Result<PathBuf> {
     Ok(root)
 }
 
+/// Removes the pins of every daemon started by [`Daemon::start_named`] in a
+/// namespace under `prefix`.
+pub fn remove_pins(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(TEST_BPFFS) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(prefix) {
+            unpin(&entry.path());
+        }
+    }
+}
+
+/// Removes a daemon's `--pin-dir` and what is pinned in it.
+fn unpin(pin_dir: &Path) {
+    let _ = lb_userspace::datapath::remove_pins(&pin_dir.join(LB_IFACE));
+    let _ = std::fs::remove_dir(pin_dir);
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.process = None;
         // Unpin everything, or each test would leave a datapath (and its flow
         // table) in the kernel.
-        let _ = lb_userspace::datapath::remove_pins(&self.pin_dir.join(LB_IFACE));
-        let _ = std::fs::remove_dir(&self.pin_dir);
+        unpin(&self.pin_dir);
     }
 }
 
@@ -165,7 +182,8 @@ impl Daemon {
         Self::start_in(&testbed.balancer(), extra)
     }
 
-    /// `lb run` on the balancer interface of namespace `ns`.
+    /// `lb run` on the balancer interface of namespace `ns`, its files in a
+    /// temporary directory.
     pub fn start_in(ns: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         // bpffs refuses names with a dot, which temp dir names start with.
@@ -177,10 +195,34 @@ impl Daemon {
             state: dir.path().join("state.toml"),
             log: dir.path().join("lb.log"),
             pin_dir: test_bpffs()?.join(unique),
-            _dir: dir,
+            _dir: Some(dir),
         };
         daemon.restart_in(ns, extra)?;
         Ok(daemon)
+    }
+
+    /// `lb run` in namespace `ns` with its files at `files/NS.{sock,state.toml,log}`
+    /// and its pins at `TEST_BPFFS/NS`, where an operator (and
+    /// [`remove_pins`]) finds them.
+    pub fn start_named(ns: &str, files: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut daemon = Self {
+            process: None,
+            socket: files.join(format!("{ns}.sock")),
+            state: files.join(format!("{ns}.state.toml")),
+            log: files.join(format!("{ns}.log")),
+            pin_dir: test_bpffs()?.join(ns),
+            _dir: None,
+        };
+        daemon.restart_in(ns, extra)?;
+        Ok(daemon)
+    }
+
+    /// Leaves `lb run` running and its pins in place (`lb-testbed down` removes both).
+    pub fn detach(mut self) {
+        if let Some(process) = self.process.take() {
+            std::mem::forget(process);
+        }
+        std::mem::forget(self);
     }
 
     /// Starts `lb run` again with the same socket and state file.

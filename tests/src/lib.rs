@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 
 pub mod capture;
+pub mod demo;
 pub mod fixture;
 pub mod fleet;
 pub mod forge;

@@ -198,9 +198,18 @@ pub fn ip(ns: &str, args: &[&str]) -> anyhow::Result<Output> {
     run("ip", &full)
 }
 
-/// Removes every namespace under `prefix`, whatever state it is in.
+/// Removes every namespace under `prefix`, whatever state it is in, and
+/// kills what still runs in it (a deleted namespace lives on with its processes).
 pub fn down(prefix: &str) {
     for ns in list(prefix) {
+        if let Ok(output) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+            for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse() {
+                    let pid = nix::unistd::Pid::from_raw(pid);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
     }
 }

@@ -7,26 +7,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::fleet::{self, Fleet};
-use tests::harness::{Daemon, Process, WsClients, spawn_in, testbed_binary};
+use tests::harness::{Daemon, WsClients, testbed_binary};
 use tests::netns::VIP4;
 
 const VIP: &str = "198.18.0.10:8080";
 const CONNECTIONS: usize = 4_000;
-
-fn ws_servers(fleet: &Fleet) -> Vec<Process> {
-    (1..=fleet.backends)
-        .map(|index| {
-            let name = format!("b{index}");
-            spawn_in(
-                &fleet.backend(index),
-                &testbed_binary(),
-                &["ws-serve", &name, "8080", "300"],
-                None,
-            )
-            .expect("ws-serve")
-        })
-        .collect()
-}
 
 /// Configures the VIP with backends 1..=3 on a balancer and waits until they are up.
 fn configure(daemon: &Daemon) {
@@ -46,32 +31,12 @@ fn created(daemon: &Daemon) -> u64 {
     stats(daemon)["flow_events"]["created"].as_u64().unwrap_or(0)
 }
 
-/// Waits until every balancer has received as many flows from its peer as
-/// the peer reported.
-fn wait_synced(daemons: &[&Daemon]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let all: Vec<Value> = daemons.iter().map(|d| stats(d)["sync"].clone()).collect();
-        let reported: u64 = all.iter().map(|s| s["flows_reported"].as_u64().unwrap_or(0)).sum();
-        let received: u64 = all
-            .iter()
-            .flat_map(|s| s["peers"].as_array().cloned().unwrap_or_default())
-            .map(|p| p["flows_received"].as_u64().unwrap_or(0))
-            .sum();
-        if reported > 0 && received >= reported {
-            return;
-        }
-        assert!(Instant::now() < deadline, "sync did not catch up: {all:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Two balancers, 4,000 WebSockets, a fourth backend, then balancer 1 dies
 /// (daemon, BIRD and link) while every connection keeps talking. Returns
 /// the clients' report of that stream.
 fn balancer_death(prefix: &str, sync: bool) -> Value {
     let mut fleet = Fleet::up(prefix, 2, 4).expect("fleet testbed");
-    let _servers = ws_servers(&fleet);
+    let _servers = fleet.ws_servers(8080, 300).unwrap();
     let mut daemons: Vec<Option<Daemon>> = Vec::new();
     for index in 1..=2 {
         let daemon = fleet.start_lb(index, sync).expect("lb run");
@@ -101,7 +66,7 @@ fn balancer_death(prefix: &str, sync: bool) -> Value {
     }
     clients.round_without_breaks("adding b4");
     if sync {
-        wait_synced(&daemons.iter().flatten().collect::<Vec<_>>());
+        fleet::wait_synced(&daemons.iter().flatten().collect::<Vec<_>>()).unwrap();
     }
 
     // Balancer 1 dies while every connection exchanges a message every 200 ms.
@@ -149,7 +114,7 @@ fn without_sync_the_same_death_breaks_the_moved_connections() {
 
 fn a_balancer_restarted_without_pins_learns_the_flows_before_it_is_announced() {
     let mut fleet = Fleet::up("lbf-re-", 2, 4).expect("fleet testbed");
-    let _servers = ws_servers(&fleet);
+    let _servers = fleet.ws_servers(8080, 300).unwrap();
     let mut daemons = Vec::new();
     for index in 1..=2 {
         let daemon = fleet.start_lb(index, true).expect("lb run");
@@ -164,7 +129,7 @@ fn a_balancer_restarted_without_pins_learns_the_flows_before_it_is_announced() {
         daemon.lb(&["backend", "add", VIP, &fleet::backend_address(4)]).unwrap();
         daemon.wait_backends_active().unwrap();
     }
-    wait_synced(&[&daemons[0], &daemons[1]]);
+    fleet::wait_synced(&[&daemons[0], &daemons[1]]).unwrap();
 
     // Balancer 1 loses everything: its daemon is killed and `lb unload`
     // removes its pins (the program detaches) and its route.
@@ -218,7 +183,7 @@ fn a_balancer_restarted_without_pins_learns_the_flows_before_it_is_announced() {
 
 fn forged_sync_datagrams_change_nothing_and_are_counted() {
     let fleet = Fleet::up("lbf-forge-", 2, 2).expect("fleet testbed");
-    let _servers = ws_servers(&fleet);
+    let _servers = fleet.ws_servers(8080, 300).unwrap();
     let daemon = fleet.start_lb(1, true).expect("lb run");
     daemon.lb(&["vip", "add", VIP, "--check", "ws"]).unwrap();
     for index in 1..=2 {

@@ -20,7 +20,12 @@ enum Task {
     Setup,
     /// Run the balancer: `lb run` with the given arguments, or, with none, a
     /// demo in network namespaces (a client, the balancer, three backends).
+    /// With --balancers N, the scale-out demo: N balancers behind an ECMP
+    /// router, BGP through BIRD, flow sync, one balancer killed.
     Run {
+        /// The scale-out demo with this many balancers (2 to 8).
+        #[arg(long, conflicts_with = "args", value_parser = clap::value_parser!(u8).range(2..=8))]
+        balancers: Option<u8>,
         /// Arguments for `lb run` (for example: --iface eth0 --config /etc/lb/lb.toml).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -28,9 +33,10 @@ enum Task {
     /// The whole suite: formatting, lints, unit, datapath and end-to-end tests (as root).
     Test,
     /// The benchmark suite (as root): per-packet cost, forwarded pps against the
-    /// floor and nftables, control-plane rebuild times. Writes target/bench/.
+    /// floor and nftables, connections against HAProxy, control-plane rebuild
+    /// times. Writes target/bench/.
     Bench {
-        /// Only one section: costs, throughput or control.
+        /// Only one section: costs, throughput, connections or control.
         section: Option<String>,
     },
     /// A long hostile-input fuzz run of the datapath (as root).
@@ -50,10 +56,14 @@ fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(&root)?;
     match cli.command {
         Task::Setup => setup(),
-        Task::Run { args } => {
+        Task::Run { balancers, args } => {
             setup()?;
             cargo(&["build", "--release", "--workspace"])?;
-            if args.is_empty() { demo(&root) } else { run_lb(&root, &args) }
+            match balancers {
+                Some(balancers) => fleet_demo(&root, balancers),
+                None if args.is_empty() => demo(&root),
+                None => run_lb(&root, &args),
+            }
         }
         Task::Bench { section } => {
             setup()?;
@@ -190,6 +200,17 @@ fn run_lb(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let status = Command::new(root.join("target/release/lb")).arg("run").args(args).status()?;
     if !status.success() {
         bail!("lb run exited with {status}");
+    }
+    Ok(())
+}
+
+/// The scale-out demo lives with the fleet testbed it drives (tests/src/demo.rs).
+fn fleet_demo(root: &Path, balancers: u8) -> anyhow::Result<()> {
+    let status = Command::new(root.join("target/release/lb-testbed"))
+        .args(["fleet-demo", &balancers.to_string()])
+        .status()?;
+    if !status.success() {
+        bail!("the scale-out demo failed (see above)");
     }
     Ok(())
 }

@@ -22,12 +22,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the client, balancer (lb) and backend namespaces.
+    /// Create the client, balancer (lb) and backend namespaces; with
+    /// --balancers, a fleet instead: a router running BIRD, and N balancers
+    /// each running `lb run` (flow sync on, announcing) and BIRD.
     Up {
         #[arg(default_value = DEFAULT_PREFIX)]
         prefix: String,
         #[arg(default_value_t = 3)]
         backends: usize,
+        /// Build a fleet of this many balancers (1 to 8) behind an ECMP router.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=8))]
+        balancers: Option<u8>,
+    },
+    /// The scale-out demo of `cargo xtask run --balancers N`.
+    FleetDemo {
+        #[arg(value_parser = clap::value_parser!(u8).range(2..=8))]
+        balancers: u8,
     },
     /// Remove them, whatever state they are in.
     Down {
@@ -103,12 +113,16 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Up { prefix, backends } => {
+        Command::Up { prefix, backends, balancers: None } => {
             let testbed = netns::Testbed::up(&prefix, backends)?;
             println!("testbed {prefix}: namespaces {}", netns::list(&prefix).join(" "));
             std::mem::forget(testbed); // stays up until `down`
         }
-        Command::Down { prefix } => netns::down(&prefix),
+        Command::Up { prefix, backends, balancers: Some(balancers) } => {
+            fleet_up(&prefix, usize::from(balancers), backends)?
+        }
+        Command::FleetDemo { balancers } => tests::demo::fleet(usize::from(balancers))?,
+        Command::Down { prefix } => tests::fleet::down(&prefix),
         Command::Status { prefix } => {
             let names = netns::list(&prefix);
             println!("{}", if names.is_empty() { "down".to_owned() } else { names.join(" ") });
@@ -171,6 +185,43 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Builds a fleet and leaves it running: BIRD everywhere, `lb run` on every
+/// balancer. Prints where everything is.
+fn fleet_up(prefix: &str, balancers: usize, backends: usize) -> anyhow::Result<()> {
+    let mut fleet = tests::fleet::Fleet::up(prefix, balancers, backends)?;
+    let mut daemons = Vec::new();
+    for index in 1..=balancers {
+        daemons.push(fleet.start_lb(index, true)?);
+        fleet.start_bird(&fleet.balancer(index))?;
+    }
+    println!("fleet {prefix}: namespaces {}", netns::list(prefix).join(" "));
+    println!("files (sync key, BIRD configurations and logs): {}", fleet.files.display());
+    for (index, daemon) in daemons.iter().enumerate() {
+        println!(
+            "{}: lb run --iface eth0 {}
+  lb --socket {} ...   (log: {})",
+            fleet.balancer(index + 1),
+            fleet.lb_args(index + 1, true).join(" "),
+            daemon.socket.display(),
+            daemon.log.display()
+        );
+    }
+    println!(
+        "Start servers on the backends (lb-testbed serve) and add the same VIP and backends on \
+         every balancer (backends are {}..{}); the router then spreads the VIP over the \
+         balancers: ip -n {} route show {}   (docs/scale-out.md, \"Trying it\")",
+        tests::fleet::backend_address(1),
+        tests::fleet::backend_address(backends),
+        fleet.router(),
+        netns::VIP4
+    );
+    for daemon in daemons {
+        daemon.detach();
+    }
+    fleet.detach(); // stays up until `down`
     Ok(())
 }
 
