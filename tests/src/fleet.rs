@@ -9,8 +9,9 @@
 //!
 //! ```text
 //! client 198.19.0.1 ── 198.19.0.254 router 198.18.0.254 ──┐ switch (br0)
-//!                                    lb i: 198.18.0.(1+i) ─┤ (eth0, XDP)
-//!                                 backend j: 198.18.0.(100+j), VIP on lo
+//!   fd00:198:18:1::1   fd00:198:18:1::fe    fd00:198:18::fe │
+//!                   lb i: 198.18.0.(1+i), fd00:198:18::(1+i) ─┤ (eth0, XDP)
+//!       backend j: 198.18.0.(100+j), fd00:198:18::(100+j), the VIPs on lo
 //! ```
 //! Replies go from the backends straight to the router (direct server return).
 
@@ -25,8 +26,11 @@ use crate::harness::{Daemon, Process, spawn_in};
 use crate::netns::{LB_IFACE, ip, join_switch, run, sysctl};
 
 pub const ROUTER_LAN: &str = "198.18.0.254";
+pub const ROUTER_LAN6: &str = "fd00:198:18::fe";
 pub const ROUTER_CLIENT_SIDE: &str = "198.19.0.254";
+pub const ROUTER_CLIENT_SIDE6: &str = "fd00:198:18:1::fe";
 pub const CLIENT: &str = "198.19.0.1";
+pub const CLIENT6: &str = "fd00:198:18:1::1";
 /// The table `lb run --announce-table` publishes VIPs in.
 pub const ANNOUNCE_TABLE: &str = "100";
 const ROUTER_AS: &str = "65000";
@@ -40,8 +44,16 @@ pub fn balancer_address(index: usize) -> String {
     format!("198.18.0.{}", 1 + index)
 }
 
+pub fn balancer_address6(index: usize) -> String {
+    format!("fd00:198:18::{}", 1 + index)
+}
+
 pub fn backend_address(index: usize) -> String {
     format!("198.18.0.{}", 100 + index)
+}
+
+pub fn backend_address6(index: usize) -> String {
+    format!("fd00:198:18::{}", 100 + index)
 }
 
 /// The topology and its BIRD processes; everything is removed on drop.
@@ -108,8 +120,7 @@ impl Fleet {
         namespaces.extend((1..=self.balancers).map(|i| self.balancer(i)));
         namespaces.extend((1..=self.backends).map(|i| self.backend(i)));
         for ns in &namespaces {
-            run("ip", &["netns", "add", ns])?;
-            ip(ns, &["link", "set", "lo", "up"])?;
+            crate::netns::add(ns)?;
         }
         let switch = self.switch();
         ip(&switch, &["link", "add", "br0", "type", "bridge"])?;
@@ -124,30 +135,45 @@ impl Fleet {
                 "netns", &router,
             ],
         )?;
-        ip(&client, &["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
-        ip(&client, &["link", "set", "eth0", "up"])?;
+        for (ns, iface, v4, v6) in [
+            (&client, "eth0", CLIENT, CLIENT6),
+            (&router, "eth1", ROUTER_CLIENT_SIDE, ROUTER_CLIENT_SIDE6),
+        ] {
+            ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", iface])?;
+            ip(ns, &["addr", "add", &format!("{v6}/64"), "dev", iface, "nodad"])?;
+            ip(ns, &["link", "set", iface, "up"])?;
+        }
         ip(&client, &["route", "add", "default", "via", ROUTER_CLIENT_SIDE])?;
-        ip(&router, &["addr", "add", &format!("{ROUTER_CLIENT_SIDE}/24"), "dev", "eth1"])?;
-        ip(&router, &["link", "set", "eth1", "up"])?;
+        ip(&client, &["-6", "route", "add", "default", "via", ROUTER_CLIENT_SIDE6])?;
 
         // Everyone else on the switch.
-        let mut lan = vec![(router.clone(), "router".to_owned(), ROUTER_LAN.to_owned())];
-        lan.extend(
-            (1..=self.balancers).map(|i| (self.balancer(i), format!("lb{i}"), balancer_address(i))),
-        );
-        lan.extend(
-            (1..=self.backends).map(|i| (self.backend(i), format!("b{i}"), backend_address(i))),
-        );
-        for (ns, port, address) in &lan {
-            join_switch(&switch, ns, port, &[format!("{address}/24")])?;
+        let mut lan = vec![(
+            router.clone(),
+            "router".to_owned(),
+            [ROUTER_LAN, ROUTER_LAN6].map(str::to_owned),
+        )];
+        lan.extend((1..=self.balancers).map(|i| {
+            (self.balancer(i), format!("lb{i}"), [balancer_address(i), balancer_address6(i)])
+        }));
+        lan.extend((1..=self.backends).map(|i| {
+            (self.backend(i), format!("b{i}"), [backend_address(i), backend_address6(i)])
+        }));
+        for (ns, port, [v4, v6]) in &lan {
+            join_switch(&switch, ns, port, &[format!("{v4}/24"), format!("{v6}/64")])?;
         }
-        for key in ["net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=1"] {
+        for key in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.fib_multipath_hash_policy=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.fib_multipath_hash_policy=1",
+        ] {
             sysctl(&router, key)?;
         }
         for index in 1..=self.balancers {
             let ns = self.balancer(index);
             // A balancer never routes: every reply comes straight from a backend.
             sysctl(&ns, "net.ipv4.ip_forward=0")?;
+            sysctl(&ns, "net.ipv6.conf.all.forwarding=0")?;
             // veth delivers XDP_TX frames only to a peer running XDP itself.
             ip(
                 &switch,
@@ -167,7 +193,12 @@ impl Fleet {
         for index in 1..=self.backends {
             let ns = self.backend(index);
             ip(&ns, &["addr", "add", &format!("{}/32", crate::netns::VIP4), "dev", "lo"])?;
+            ip(
+                &ns,
+                &["addr", "add", &format!("{}/128", crate::netns::VIP6), "dev", "lo", "nodad"],
+            )?;
             ip(&ns, &["route", "add", "default", "via", ROUTER_LAN])?;
+            ip(&ns, &["-6", "route", "add", "default", "via", ROUTER_LAN6])?;
             sysctl(&ns, "net.ipv4.conf.all.arp_ignore=1")?;
             sysctl(&ns, "net.ipv4.conf.all.arp_announce=2")?;
         }
@@ -220,8 +251,10 @@ impl Fleet {
             let peers: String = (1..=self.balancers)
                 .map(|i| {
                     format!(
-                        "protocol bgp lb{i} from balancer {{ neighbor {} as {BALANCER_AS}; }}\n",
-                        balancer_address(i)
+                        "protocol bgp lb{i}_4 from balancer4 {{ neighbor {} as {BALANCER_AS}; }}\n\
+                         protocol bgp lb{i}_6 from balancer6 {{ neighbor {} as {BALANCER_AS}; }}\n",
+                        balancer_address(i),
+                        balancer_address6(i)
                     )
                 })
                 .collect();
@@ -243,8 +276,11 @@ impl Fleet {
                 BALANCER_CONF,
                 &[
                     ("@ROUTER_ID@", &balancer_address(index)),
+                    ("@ADDRESS4@", &balancer_address(index)),
+                    ("@ADDRESS6@", &balancer_address6(index)),
                     ("@LOCAL_AS@", BALANCER_AS),
-                    ("@ROUTER@", ROUTER_LAN),
+                    ("@ROUTER4@", ROUTER_LAN),
+                    ("@ROUTER6@", ROUTER_LAN6),
                     ("@ROUTER_AS@", ROUTER_AS),
                     ("@IFACE@", LB_IFACE),
                     ("@TABLE@", ANNOUNCE_TABLE),
@@ -276,7 +312,9 @@ impl Fleet {
 
     /// The balancers the router's route to `vip` spreads over.
     pub fn router_next_hops(&self, vip: &str) -> anyhow::Result<Vec<IpAddr>> {
-        let output = ip(&self.router(), &["-j", "route", "show", &format!("{vip}/32")])?;
+        let (family, length) = if vip.contains(':') { ("-6", 128) } else { ("-4", 32) };
+        let prefix = format!("{vip}/{length}");
+        let output = ip(&self.router(), &["-j", family, "route", "show", &prefix])?;
         let routes: serde_json::Value = serde_json::from_slice(&output.stdout)?;
         let mut hops = Vec::new();
         for route in routes.as_array().into_iter().flatten() {
@@ -294,8 +332,9 @@ impl Fleet {
     /// returns how long that took.
     pub fn wait_next_hops(&self, vip: &str, want: &[usize]) -> anyhow::Result<Duration> {
         let start = Instant::now();
+        let address = if vip.contains(':') { balancer_address6 } else { balancer_address };
         let mut wanted: Vec<IpAddr> =
-            want.iter().map(|i| balancer_address(*i).parse().expect("an address")).collect();
+            want.iter().map(|i| address(*i).parse().expect("an address")).collect();
         wanted.sort();
         loop {
             let hops = self.router_next_hops(vip)?;

@@ -94,14 +94,7 @@ impl Testbed {
         std::fs::write(&pass_object, lb_userspace::datapath::PEER_PASS_OBJECT)?;
         let pass_object = pass_object.to_str().context("temp path is not UTF-8")?.to_owned();
         for ns in self.namespaces() {
-            run("ip", &["netns", "add", &ns])?;
-            ip(&ns, &["link", "set", "lo", "up"])?;
-            // No duplicate address detection on links made from here on: a
-            // tentative link-local address stalls IPv6 neighbour discovery for
-            // the first second, which failed the first IPv6 connection of a test.
-            for key in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
-                sysctl(&ns, &format!("{key}=0"))?;
-            }
+            add(&ns)?;
         }
         let switch = self.switch();
         ip(&switch, &["link", "add", "br0", "type", "bridge"])?;
@@ -157,6 +150,19 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         down(&self.prefix);
     }
+}
+
+/// Creates namespace `ns` with its loopback up.
+pub fn add(ns: &str) -> anyhow::Result<()> {
+    run("ip", &["netns", "add", ns])?;
+    ip(ns, &["link", "set", "lo", "up"])?;
+    // No duplicate address detection on links made from here on: a
+    // tentative link-local address stalls IPv6 neighbour discovery for
+    // the first second, which failed the first IPv6 connection of a test.
+    for key in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
+        sysctl(ns, &format!("{key}=0"))?;
+    }
+    Ok(())
 }
 
 /// Plugs namespace `ns` into the bridge `br0` of namespace `switch`: a veth

@@ -1,23 +1,35 @@
 //! Several balancers behind a router with ECMP, announced by real BIRD over
 //! BGP with BFD, sharing flows through sync: a balancer's death breaks no
 //! WebSocket connection, and without sync the same death does (so the test
-//! can fail). Forged sync datagrams change nothing and are counted.
+//! can fail), over IPv4 and over IPv6. Forged sync datagrams change nothing
+//! and are counted.
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::fleet::{self, Fleet};
 use tests::harness::{Daemon, WsClients, testbed_binary};
-use tests::netns::VIP4;
+use tests::netns::{VIP4, VIP6};
 
 const VIP: &str = "198.18.0.10:8080";
 const CONNECTIONS: usize = 4_000;
 
+/// A VIP of one address family and the addresses of its backends.
+struct Family {
+    vip: &'static str,
+    vip_address: &'static str,
+    backend: fn(usize) -> String,
+}
+
+const V4: Family = Family { vip: VIP, vip_address: VIP4, backend: fleet::backend_address };
+const V6: Family =
+    Family { vip: "[fd00:198:18::10]:8080", vip_address: VIP6, backend: fleet::backend_address6 };
+
 /// Configures the VIP with backends 1..=3 on a balancer and waits until they are up.
-fn configure(daemon: &Daemon) {
-    daemon.lb(&["vip", "add", VIP, "--check", "ws"]).unwrap();
+fn configure(daemon: &Daemon, family: &Family) {
+    daemon.lb(&["vip", "add", family.vip, "--check", "ws"]).unwrap();
     for index in 1..=3 {
-        daemon.lb(&["backend", "add", VIP, &fleet::backend_address(index)]).unwrap();
+        daemon.lb(&["backend", "add", family.vip, &(family.backend)(index)]).unwrap();
     }
     daemon.wait_backends_active().unwrap();
 }
@@ -31,37 +43,37 @@ fn created(daemon: &Daemon) -> u64 {
     stats(daemon)["flow_events"]["created"].as_u64().unwrap_or(0)
 }
 
-/// Two balancers, 4,000 WebSockets, a fourth backend, then balancer 1 dies
-/// (daemon, BIRD and link) while every connection keeps talking. Returns
-/// the clients' report of that stream.
-fn balancer_death(prefix: &str, sync: bool) -> Value {
+/// Two balancers, `connections` WebSockets, a fourth backend, then balancer
+/// 1 dies (daemon, BIRD and link) while every connection keeps talking.
+/// Returns the clients' report of that stream.
+fn balancer_death(prefix: &str, sync: bool, family: &Family, connections: usize) -> Value {
     let mut fleet = Fleet::up(prefix, 2, 4).expect("fleet testbed");
     let _servers = fleet.ws_servers(8080, 300).unwrap();
     let mut daemons: Vec<Option<Daemon>> = Vec::new();
     for index in 1..=2 {
         let daemon = fleet.start_lb(index, sync).expect("lb run");
-        configure(&daemon);
+        configure(&daemon, family);
         daemons.push(Some(daemon));
         fleet.start_bird(&fleet.balancer(index)).expect("bird");
     }
-    let converged = fleet.wait_next_hops(VIP4, &[1, 2]).unwrap();
+    let converged = fleet.wait_next_hops(family.vip_address, &[1, 2]).unwrap();
     println!("FIGURE router learned both balancers {converged:?} after their BIRD started");
 
-    let (mut clients, started) = WsClients::start(&fleet.client(), VIP, CONNECTIONS);
-    assert_eq!(started["opened"].as_u64(), Some(CONNECTIONS as u64), "{started}");
+    let (mut clients, started) = WsClients::start(&fleet.client(), family.vip, connections);
+    assert_eq!(started["opened"].as_u64(), Some(connections as u64), "{started}");
     let split: Vec<u64> = daemons.iter().flatten().map(created).collect();
     println!(
-        "FIGURE ECMP split of {CONNECTIONS} connections over lb1/lb2: {split:?}; backends {}",
-        started["backends"]
+        "FIGURE ECMP split of {connections} connections to {} over lb1/lb2: {split:?}; backends {}",
+        family.vip, started["backends"]
     );
     assert!(
-        split.iter().all(|count| *count > CONNECTIONS as u64 / 4),
+        split.iter().all(|count| *count > connections as u64 / 4),
         "ECMP used one balancer: {split:?}"
     );
     clients.round_without_breaks("opening");
 
     for daemon in daemons.iter().flatten() {
-        daemon.lb(&["backend", "add", VIP, &fleet::backend_address(4)]).unwrap();
+        daemon.lb(&["backend", "add", family.vip, &(family.backend)(4)]).unwrap();
         daemon.wait_backends_active().unwrap();
     }
     clients.round_without_breaks("adding b4");
@@ -78,7 +90,7 @@ fn balancer_death(prefix: &str, sync: bool) -> Value {
     fleet.cut_link(1).unwrap();
     daemons[0] = None;
     fleet.stop_bird(&fleet.balancer(1));
-    let withdrawn = fleet.wait_next_hops(VIP4, &[2]).unwrap();
+    let withdrawn = fleet.wait_next_hops(family.vip_address, &[2]).unwrap();
     println!(
         "FIGURE the router dropped balancer 1 {withdrawn:?} after its death ({:?} to kill it)",
         killed.elapsed() - withdrawn
@@ -89,7 +101,7 @@ fn balancer_death(prefix: &str, sync: bool) -> Value {
 }
 
 fn a_balancers_death_breaks_no_connection_with_sync() {
-    let stream = balancer_death("lbf-on-", true);
+    let stream = balancer_death("lbf-on-", true, &V4, CONNECTIONS);
     assert_eq!(stream["newly_broken"].as_u64(), Some(0), "{stream}");
     assert_eq!(stream["ok"].as_u64(), Some(CONNECTIONS as u64), "{stream}");
     println!(
@@ -99,7 +111,7 @@ fn a_balancers_death_breaks_no_connection_with_sync() {
 }
 
 fn without_sync_the_same_death_breaks_the_moved_connections() {
-    let stream = balancer_death("lbf-off-", false);
+    let stream = balancer_death("lbf-off-", false, &V4, CONNECTIONS);
     let broken = stream["newly_broken"].as_u64().unwrap();
     println!(
         "FIGURE without sync, {broken} of {CONNECTIONS} connections broke when balancer 1 died"
@@ -112,13 +124,23 @@ fn without_sync_the_same_death_breaks_the_moved_connections() {
     );
 }
 
+/// The same over IPv6: the VIP goes over the IPv6 BGP sessions, the
+/// router's IPv6 ECMP route spreads the connections, and sync carries IPv6
+/// flows.
+fn an_ipv6_vips_connections_survive_a_balancers_death() {
+    let connections = 1_000;
+    let stream = balancer_death("lbf-v6-", true, &V6, connections);
+    assert_eq!(stream["newly_broken"].as_u64(), Some(0), "{stream}");
+    assert_eq!(stream["ok"].as_u64(), Some(connections as u64), "{stream}");
+}
+
 fn a_balancer_restarted_without_pins_learns_the_flows_before_it_is_announced() {
     let mut fleet = Fleet::up("lbf-re-", 2, 4).expect("fleet testbed");
     let _servers = fleet.ws_servers(8080, 300).unwrap();
     let mut daemons = Vec::new();
     for index in 1..=2 {
         let daemon = fleet.start_lb(index, true).expect("lb run");
-        configure(&daemon);
+        configure(&daemon, &V4);
         daemons.push(daemon);
         fleet.start_bird(&fleet.balancer(index)).expect("bird");
     }
@@ -243,6 +265,7 @@ fn forged_sync_datagrams_change_nothing_and_are_counted() {
 tests::root_tests!(
     a_balancers_death_breaks_no_connection_with_sync,
     without_sync_the_same_death_breaks_the_moved_connections,
+    an_ipv6_vips_connections_survive_a_balancers_death,
     a_balancer_restarted_without_pins_learns_the_flows_before_it_is_announced,
     forged_sync_datagrams_change_nothing_and_are_counted,
 );

@@ -26,6 +26,8 @@ pub struct ConnectionRow {
 
 pub const CONCURRENT: u64 = 10_000;
 pub const LARGE_CONCURRENT: u64 = 100_000;
+/// The VIP ports of the 100,000-connection row.
+const LARGE_PORTS: [u16; 4] = [8082, 8083, 8084, 8085];
 /// The most connections HAProxy can be given here: a proxy needs two
 /// descriptors per connection, and this machine caps a process at 20,000
 /// (HAProxy refuses to start with a higher maxconn).
@@ -172,9 +174,10 @@ pub fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
     // 100,000 concurrent connections, lb only (HAProxy cannot hold them on a
     // machine that caps a process at 20,000 descriptors). Spread so that no
     // process and no (client, VIP port) pair runs out of descriptors or
-    // ephemeral ports: four VIP ports, two client processes per port.
+    // ephemeral ports: four fresh VIP ports (8081's 10,000 closed connections
+    // still hold client ports in TIME_WAIT), two client processes per port.
     let mut _more_servers = Vec::new();
-    for port in [8082u16, 8083, 8084] {
+    for port in LARGE_PORTS {
         let vip = format!("198.18.0.10:{port}");
         daemon.lb(&["vip", "add", &vip])?;
         for index in 1..=3 {
@@ -191,7 +194,7 @@ pub fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
     let idle = rss_bytes(lb_pid);
     let mut holders = Vec::new();
     let mut opened = 0;
-    for port in [8081u16, 8082, 8083, 8084] {
+    for port in LARGE_PORTS {
         for _ in 0..2 {
             let target = format!("198.18.0.10:{port}");
             let (count, holder) = hold_websockets(&testbed, &target, LARGE_CONCURRENT / 8)?;
