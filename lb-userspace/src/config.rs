@@ -2,7 +2,7 @@
 //! schema: datapath settings plus `[[vip]]` tables with `[[vip.backend]]`s.
 //!
 //! ```toml
-//! hash_seed = 0          # same on every balancer that shares the VIPs
+//! hash_seed = 7          # same on every balancer that shares the VIPs; default: random, kept in the state
 //! table_size = 65537     # a prime
 //! max_vips = 64
 //! max_backends = 4096
@@ -61,6 +61,9 @@ pub struct Config {
     pub sync: Option<SyncConfig>,
     /// Kernel routing table where serving VIPs are published, when set.
     pub announce_table: Option<u32>,
+    /// Whether the file set `hash_seed` (a state file always does). When it
+    /// did not, `lb run` keeps the seed of its state or picks a random one.
+    pub hash_seed_set: bool,
 }
 
 /// The `[sync]` table (or `--sync-*`): where to listen, which peers, and
@@ -272,7 +275,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             Some(sync.into_inner())
         }
     };
-    let mut config = Config { datapath, desired: DesiredState::default(), sync, announce_table };
+    let mut config = Config {
+        datapath,
+        desired: DesiredState::default(),
+        sync,
+        announce_table,
+        hash_seed_set: file.hash_seed.is_some(),
+    };
     let limits = config.limits();
     for vip_in in &file.vip {
         let endpoint = parse_endpoint(vip_in.address.get_ref())

@@ -67,6 +67,8 @@ pub struct Fleet {
     pub files: PathBuf,
     /// The fleet's sync key (mode 0600).
     pub key_file: PathBuf,
+    /// The flow-hash seed every balancer is given (random per fleet).
+    pub hash_seed: u32,
 }
 
 impl Fleet {
@@ -105,6 +107,7 @@ impl Fleet {
             birds: BTreeMap::new(),
             files,
             key_file,
+            hash_seed: rand::random(),
         };
         fleet.build().inspect_err(|_| down(prefix))?;
         let router = fleet.router();
@@ -206,9 +209,15 @@ impl Fleet {
     }
 
     /// The `lb run` arguments that make balancer `index` part of the fleet:
-    /// sync with every other balancer (unless `sync` is false) and announce.
+    /// the fleet's hash seed, sync with every other balancer (unless `sync`
+    /// is false) and announce.
     pub fn lb_args(&self, index: usize, sync: bool) -> Vec<String> {
-        let mut args = vec!["--announce-table".to_owned(), ANNOUNCE_TABLE.to_owned()];
+        let mut args = vec![
+            "--announce-table".to_owned(),
+            ANNOUNCE_TABLE.to_owned(),
+            "--hash-seed".to_owned(),
+            self.hash_seed.to_string(),
+        ];
         if sync {
             args.extend([
                 "--sync-listen".to_owned(),

@@ -214,6 +214,7 @@ fn forged_sync_datagrams_change_nothing_and_are_counted() {
     daemon.wait_backends_active().unwrap();
     let target = format!("{}:9470", fleet::balancer_address(1));
     let key = fleet.key_file.display().to_string();
+    let seed = fleet.hash_seed.to_string();
     let binary = testbed_binary();
     let forge = |ns: &str| {
         let args = [
@@ -227,6 +228,8 @@ fn forged_sync_datagrams_change_nothing_and_are_counted() {
             VIP,
             &fleet::backend_address(1),
             "198.18.0.199",
+            "--hash-seed",
+            &seed,
         ];
         let output = std::process::Command::new("ip").args(args).output().unwrap();
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

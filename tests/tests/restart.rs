@@ -116,7 +116,55 @@ fn an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it() {
     assert!(!xdp_attached(&testbed), "lb unload left the program attached");
 }
 
+/// The `hash_seed` line of a daemon's state file.
+fn saved_seed(daemon: &Daemon) -> u32 {
+    let state = std::fs::read_to_string(&daemon.state).unwrap();
+    let line = state.lines().find_map(|line| line.strip_prefix("hash_seed = ")).unwrap();
+    line.parse().unwrap()
+}
+
+/// A fresh installation picks a random hash seed and keeps it: across a
+/// restart (which adopts the pinned datapath only if the seed is the same),
+/// and under a config file that sets none; `--hash-seed` replaces it.
+fn a_fresh_installation_picks_a_random_hash_seed_and_keeps_it() {
+    let testbed = Testbed::up("lbe-sd-", 1).expect("testbed");
+    let mut seeds = Vec::new();
+    for _ in 0..3 {
+        let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+        seeds.push(saved_seed(&daemon));
+    }
+    println!("FIGURE seeds of three fresh installations: {seeds:?}");
+    assert!(seeds[0] != seeds[1] && seeds[1] != seeds[2], "not random: {seeds:?}");
+
+    let mut daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    daemon.lb(&["vip", "add", VIP]).unwrap();
+    let seed = saved_seed(&daemon);
+    daemon.restart(&testbed, &[]).expect("the restart adopts the pinned datapath");
+    assert!(daemon.log_text().contains("adopting its maps"), "{}", daemon.log_text());
+    assert_eq!(saved_seed(&daemon), seed, "the restart kept the seed");
+
+    // A config file without hash_seed keeps the state's seed; one with it wins.
+    let config = daemon.state.with_file_name("no-seed.toml");
+    std::fs::write(&config, "[[vip]]\naddress = \"198.18.0.10:80\"\n").unwrap();
+    daemon.restart(&testbed, &["--config", config.to_str().unwrap()]).expect("lb run --config");
+    assert_eq!(saved_seed(&daemon), seed, "a config without hash_seed kept the state's");
+
+    // Another seed does not fit the pinned datapath: unload, then --hash-seed.
+    daemon.process = None;
+    let unloaded = daemon.command(&[
+        "unload",
+        "--iface",
+        LB_IFACE,
+        "--pin-dir",
+        daemon.pin_dir.to_str().unwrap(),
+    ]);
+    assert!(unloaded.status.success(), "{unloaded:?}");
+    daemon.restart(&testbed, &["--hash-seed", "7"]).expect("lb run --hash-seed 7");
+    assert_eq!(saved_seed(&daemon), 7);
+}
+
 tests::root_tests!(
     sigkill_restart_and_a_backend_change_break_no_connection,
     an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it,
+    a_fresh_installation_picks_a_random_hash_seed_and_keeps_it,
 );

@@ -216,6 +216,11 @@ pub struct FleetArgs {
     /// File with the fleet's shared key: 64 hex characters, not readable by others.
     #[arg(long, value_name = "PATH")]
     pub sync_key_file: Option<PathBuf>,
+    /// The flow-hash seed (replaces `hash_seed`). Every balancer of a VIP
+    /// must use the same; without one, a fresh installation picks a random
+    /// seed and keeps it in its state.
+    #[arg(long, value_name = "N")]
+    pub hash_seed: Option<u32>,
     /// Publish a route for every serving VIP in this kernel routing table,
     /// for BIRD or FRR to announce over BGP (default: off).
     #[arg(long, value_name = "N", value_parser = parse_announce_table)]

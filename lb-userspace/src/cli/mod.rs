@@ -50,6 +50,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 sync_listen: fleet.sync_listen,
                 sync_key_file: fleet.sync_key_file,
                 announce_table: fleet.announce_table,
+                hash_seed: fleet.hash_seed,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             return runtime.block_on(daemon::run(options));

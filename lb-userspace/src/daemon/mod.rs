@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub sync_key_file: Option<PathBuf>,
     /// `--announce-table`: replaces the config's `announce_table`.
     pub announce_table: Option<u32>,
+    /// `--hash-seed`: replaces the config's `hash_seed`.
+    pub hash_seed: Option<u32>,
 }
 
 /// Sync as the command line and the config file set it together, if on.
@@ -76,20 +78,48 @@ fn sync_config(options: &RunOptions, config: &Config) -> anyhow::Result<Option<S
 }
 
 /// Where the configuration comes from: `--config` when given (it replaces the
-/// persisted state), else the state file when it exists, else empty defaults.
+/// persisted state), else the state file when it exists, else empty defaults;
+/// then the hash seed (see [`hash_seed`]).
 fn initial_config(options: &RunOptions) -> anyhow::Result<Config> {
-    if let Some(path) = &options.config {
+    let mut config = if let Some(path) = &options.config {
         let config = config::load(path)?;
         tracing::info!(config = %path.display(), vips = config.desired.vips.len(), "configuration loaded");
-        return Ok(config);
-    }
-    if options.state.exists() {
+        config
+    } else if options.state.exists() {
         let config = config::load(&options.state)?;
         tracing::info!(state = %options.state.display(), vips = config.desired.vips.len(), "state restored");
-        return Ok(config);
+        config
+    } else {
+        tracing::info!(state = %options.state.display(), "no state yet: starting empty");
+        Config::default()
+    };
+    config.datapath.hash_seed = hash_seed(options, &config)?;
+    config.hash_seed_set = true;
+    Ok(config)
+}
+
+/// The flow-hash seed: `--hash-seed`, else the configuration's, else the
+/// state's, else a random one (saved in the state at start). A predictable
+/// seed would let anyone choose source ports that all land on one backend.
+fn hash_seed(options: &RunOptions, config: &Config) -> anyhow::Result<u32> {
+    if let Some(seed) = options.hash_seed {
+        return Ok(seed);
     }
-    tracing::info!(state = %options.state.display(), "no state yet: starting empty");
-    Ok(Config::default())
+    if config.hash_seed_set {
+        return Ok(config.datapath.hash_seed);
+    }
+    if options.config.is_some() && options.state.exists() {
+        return Ok(config::load(&options.state)?.datapath.hash_seed);
+    }
+    let mut bytes = [0u8; 4];
+    getrandom::fill(&mut bytes).map_err(|error| anyhow::anyhow!("no random hash seed: {error}"))?;
+    let seed = u32::from_ne_bytes(bytes);
+    tracing::info!(
+        hash_seed = seed,
+        state = %options.state.display(),
+        "no hash_seed configured: picked a random one, kept in the state (balancers sharing VIPs must share it: set hash_seed or --hash-seed on all)"
+    );
+    Ok(seed)
 }
 
 /// Loads (or adopts) and attaches the datapath, then serves until SIGINT or
