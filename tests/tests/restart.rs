@@ -87,6 +87,24 @@ fn an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("lb run is serving"), "{refused:?}");
 
+    // A second lb run on the same interface is refused before it attaches anything.
+    let other = daemon.state.with_file_name("second");
+    let second = Command::new("ip")
+        .args(["netns", "exec", &testbed.balancer()])
+        .arg(tests::harness::lb_binary())
+        .arg("--socket")
+        .arg(other.with_extension("sock"))
+        .args(["run", "--iface", LB_IFACE, "--metrics", "off", "--pin-dir"])
+        .arg(&daemon.pin_dir)
+        .arg("--state")
+        .arg(other.with_extension("toml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second lb run started: {said}");
+    assert!(said.contains("another lb run serves this interface"), "{said}");
+    assert!(daemon.lb(&["vip", "list"]).unwrap().contains(VIP), "the first daemon stopped serving");
+
     // SIGTERM without --detach-on-exit: the program stays.
     let pid = daemon.process.as_ref().unwrap().0.id();
     tests::harness::signal(pid, nix::sys::signal::Signal::SIGTERM);

@@ -56,16 +56,17 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             return runtime.block_on(daemon::run(options));
         }
         Command::Unload { iface, pin_dir } => {
-            if std::os::unix::net::UnixStream::connect(&cli.socket).is_ok() {
-                anyhow::bail!(
-                    "lb run is serving {}: stop it first (with --detach-on-exit to detach at once)",
-                    cli.socket.display()
-                );
-            }
             let dir = crate::datapath::pin_dir_for(&pin_dir, &iface);
             if !dir.exists() {
                 anyhow::bail!("nothing is pinned in {} (see --pin-dir)", dir.display());
             }
+            let _lock = crate::datapath::lock_interface(&dir).map_err(|error| match error {
+                crate::datapath::DatapathError::Locked { .. } => anyhow::anyhow!(
+                    "lb run is serving {iface} (it holds {}): stop it first (with --detach-on-exit to detach at once)",
+                    dir.display()
+                ),
+                other => other.into(),
+            })?;
             crate::datapath::remove_pins(&dir)?;
             let ifindex = crate::neighbour::interface_index(&iface).ok();
             if let Some(ifindex) = ifindex {

@@ -142,6 +142,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     config.datapath.own_mac = neighbour::interface_mac(&options.iface)?;
     datapath::ensure_bpffs(&options.pin_dir)?;
     let pins = datapath::pin_dir_for(&options.pin_dir, &options.iface);
+    // Held until this function returns; the kernel drops it if we die.
+    let _lock = datapath::lock_interface(&pins)?;
     let mut datapath = Datapath::load_pinned(config.datapath, &pins)?;
     let adopted = datapath.adopted();
     if adopted {

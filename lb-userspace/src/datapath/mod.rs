@@ -24,7 +24,7 @@ mod maps;
 mod pins;
 
 pub use maps::{Maps, monotonic_ns};
-pub use pins::{ensure_bpffs, is_bpffs, pin_dir_for, remove_pins};
+pub use pins::{InterfaceLock, ensure_bpffs, is_bpffs, lock_interface, pin_dir_for, remove_pins};
 
 /// The compiled XDP object, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -84,6 +84,8 @@ pub enum DatapathError {
     IncompatiblePins { dir: PathBuf, differences: String },
     #[error("pinned link {}: {error}", path.display())]
     PinnedLink { path: PathBuf, error: String },
+    #[error("another lb run serves this interface (it holds the lock on {}): one daemon per interface; stop it first (with --detach-on-exit to detach at once)", dir.display())]
+    Locked { dir: PathBuf },
 }
 
 fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {

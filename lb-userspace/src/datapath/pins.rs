@@ -154,6 +154,28 @@ pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
     }
 }
 
+/// The one-daemon-per-interface lock: an exclusive flock on the
+/// interface's pin directory, released by the kernel when its holder exits.
+pub struct InterfaceLock(
+    #[expect(dead_code, reason = "held, never read")] nix::fcntl::Flock<std::fs::File>,
+);
+
+/// Takes the lock on `dir` (the interface's pin directory, created if
+/// missing) without waiting: `lb run` before it loads or attaches anything,
+/// `lb unload` before it removes pins.
+pub fn lock_interface(dir: &Path) -> Result<InterfaceLock, DatapathError> {
+    let pin_error = |error| DatapathError::PinDir { dir: dir.to_owned(), error };
+    std::fs::create_dir_all(dir).map_err(pin_error)?;
+    let file = std::fs::File::open(dir).map_err(pin_error)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(InterfaceLock(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            Err(DatapathError::Locked { dir: dir.to_owned() })
+        }
+        Err((_, errno)) => Err(pin_error(errno.into())),
+    }
+}
+
 /// Writes the layout into fresh maps, or checks the layout of adopted ones.
 /// Returns whether the maps were adopted.
 pub(super) fn check_layout(
