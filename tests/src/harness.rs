@@ -275,6 +275,12 @@ impl Daemon {
             .expect("running lb")
     }
 
+    /// `lb unload` of this daemon's interface and pin directory.
+    pub fn unload(&self) -> Output {
+        let pin_dir = self.pin_dir.to_str().expect("a UTF-8 temp path");
+        self.command(&["unload", "--iface", LB_IFACE, "--pin-dir", pin_dir])
+    }
+
     /// Like [`Self::command`], failing with lb's stderr.
     pub fn lb(&self, args: &[&str]) -> anyhow::Result<String> {
         let output = self.command(args);

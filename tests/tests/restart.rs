@@ -77,13 +77,7 @@ fn an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it() {
     let testbed = Testbed::up("lbe-pn-", 1).expect("testbed");
     let mut daemon = Daemon::start(&testbed, &[]).expect("lb run");
     daemon.lb(&["vip", "add", VIP]).unwrap();
-    let refused = daemon.command(&[
-        "unload",
-        "--iface",
-        LB_IFACE,
-        "--pin-dir",
-        daemon.pin_dir.to_str().unwrap(),
-    ]);
+    let refused = daemon.unload();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("lb run is serving"), "{refused:?}");
 
@@ -123,13 +117,7 @@ fn an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it() {
     );
     daemon.process = None;
 
-    let unloaded = daemon.command(&[
-        "unload",
-        "--iface",
-        LB_IFACE,
-        "--pin-dir",
-        daemon.pin_dir.to_str().unwrap(),
-    ]);
+    let unloaded = daemon.unload();
     assert!(unloaded.status.success(), "{unloaded:?}");
     assert!(!xdp_attached(&testbed), "lb unload left the program attached");
 }
@@ -169,13 +157,7 @@ fn a_fresh_installation_picks_a_random_hash_seed_and_keeps_it() {
 
     // Another seed does not fit the pinned datapath: unload, then --hash-seed.
     daemon.process = None;
-    let unloaded = daemon.command(&[
-        "unload",
-        "--iface",
-        LB_IFACE,
-        "--pin-dir",
-        daemon.pin_dir.to_str().unwrap(),
-    ]);
+    let unloaded = daemon.unload();
     assert!(unloaded.status.success(), "{unloaded:?}");
     daemon.restart(&testbed, &["--hash-seed", "7"]).expect("lb run --hash-seed 7");
     assert_eq!(saved_seed(&daemon), 7);
