@@ -15,5 +15,6 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod neighbour;
+pub mod publish;
 pub mod reconcile;
 pub mod sync;

@@ -6,6 +6,7 @@
 //! shows in `views`, the socket in `control`, rates in `rates`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -17,6 +18,7 @@ use crate::datapath::{self, AttachMode, Datapath, Maps as _};
 use crate::health::{Checks, Health, HealthReport, Start};
 use crate::model::{ChangeError, DesiredState, format_mac};
 use crate::neighbour::{self, Neighbours};
+use crate::publish;
 use crate::reconcile::Reconciler;
 use crate::sync::{self, SyncOptions, SyncStatus};
 
@@ -206,8 +208,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     config::save(&daemon.config, &daemon.state_path)?;
     wanted_tx.send_replace(daemon.reconciler.wanted_neighbours());
 
-    let (directory_tx, directory_rx) =
-        watch::channel(std::sync::Arc::new(daemon.reconciler.directory()));
+    let (directory_tx, directory_rx) = watch::channel(Arc::new(daemon.reconciler.directory()));
     let mut sync_task = sync_parts.map(|(socket, sync_options, sync_datapath)| {
         let settings = sync::Settings {
             hash_seed: daemon.config.datapath.hash_seed,
@@ -238,20 +239,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 let answer = daemon.handle(request);
                 // Only a request can add or remove backends, and so change
                 // which MACs are wanted and which slots stand for which backend.
-                wanted_tx.send_if_modified(|wanted| {
-                    let now = daemon.reconciler.wanted_neighbours();
-                    let changed = *wanted != now;
-                    *wanted = now;
-                    changed
-                });
-                let directory = daemon.reconciler.directory();
-                directory_tx.send_if_modified(|current| {
-                    let changed = **current != directory;
-                    if changed {
-                        *current = std::sync::Arc::new(directory);
-                    }
-                    changed
-                });
+                publish::if_changed(&wanted_tx, &daemon.reconciler.wanted_neighbours());
+                publish::if_changed(&directory_tx, &Arc::new(daemon.reconciler.directory()));
                 let _ = reply.send(answer);
             }
             Some(found) = neighbours_rx.recv() => daemon.neighbours_changed(found),
@@ -280,12 +269,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
         // Requests, health, neighbours and the initial sync all change what is announced.
-        announce_tx.send_if_modified(|current| {
-            let now = daemon.announcements();
-            let changed = *current != now;
-            *current = now;
-            changed
-        });
+        publish::if_changed(&announce_tx, &daemon.announcements());
     }
     accept_task.abort();
     neighbour_task.abort();

@@ -274,13 +274,7 @@ pub async fn run(
         let mut listed: Vec<PeerStatus> = peers.values().map(|peer| peer.status.clone()).collect();
         listed.sort_by_key(|peer| peer.address);
         shown.peers = listed;
-        status.send_if_modified(|current| {
-            let changed = *current != shown;
-            if changed {
-                *current = shown.clone();
-            }
-            changed
-        });
+        crate::publish::if_changed(&status, &shown);
     }
 }
 
