@@ -96,7 +96,6 @@ fn initial_config(options: &RunOptions) -> anyhow::Result<Config> {
         Config::default()
     };
     config.datapath.hash_seed = hash_seed(options, &config)?;
-    config.hash_seed_set = true;
     Ok(config)
 }
 
@@ -130,6 +129,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut config = initial_config(&options)?;
     let ifindex = neighbour::interface_index(&options.iface)
         .with_context(|| format!("interface '{}' not found (see `ip link`)", options.iface))?;
+    datapath::ensure_bpffs(&options.pin_dir)?;
+    let pins = datapath::pin_dir_for(&options.pin_dir, &options.iface);
+    // One daemon per interface, checked first: a second one is told so,
+    // not that its sync port is taken. Held until this function returns;
+    // the kernel drops it if we die.
+    let _lock = datapath::lock_interface(&pins)?;
     // Fleet settings are checked before anything is attached.
     let sync_options = match sync_config(&options, &config)? {
         Some(sync) => {
@@ -142,10 +147,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let announce_table = options.announce_table.or(config.announce_table);
     config.datapath.sync_flows = sync_options.is_some();
     config.datapath.own_mac = neighbour::interface_mac(&options.iface)?;
-    datapath::ensure_bpffs(&options.pin_dir)?;
-    let pins = datapath::pin_dir_for(&options.pin_dir, &options.iface);
-    // Held until this function returns; the kernel drops it if we die.
-    let _lock = datapath::lock_interface(&pins)?;
     let mut datapath = Datapath::load_pinned(config.datapath, &pins)?;
     let adopted = datapath.adopted();
     if adopted {
