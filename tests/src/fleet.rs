@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::harness::{Daemon, Process, spawn_in};
-use crate::netns::{LB_IFACE, ip, join_switch, run, sysctl};
+use crate::netns::{LB_IFACE, add_bridge, ip, join_switch, own_vips, pass_xdp, run, sysctl};
 
 pub const ROUTER_LAN: &str = "198.18.0.254";
 pub const ROUTER_LAN6: &str = "fd00:198:18::fe";
@@ -116,9 +116,6 @@ impl Fleet {
     }
 
     fn build(&self) -> anyhow::Result<()> {
-        let pass_object = self.files.join("xdp-pass.o");
-        std::fs::write(&pass_object, lb_userspace::datapath::PEER_PASS_OBJECT)?;
-        let pass_object = pass_object.to_str().context("temp path is not UTF-8")?;
         let mut namespaces = vec![self.client(), self.router(), self.switch()];
         namespaces.extend((1..=self.balancers).map(|i| self.balancer(i)));
         namespaces.extend((1..=self.backends).map(|i| self.backend(i)));
@@ -126,8 +123,7 @@ impl Fleet {
             crate::netns::add(ns)?;
         }
         let switch = self.switch();
-        ip(&switch, &["link", "add", "br0", "type", "bridge"])?;
-        ip(&switch, &["link", "set", "br0", "up"])?;
+        add_bridge(&switch)?;
 
         // Client <-> router, point to point.
         let (client, router) = (self.client(), self.router());
@@ -177,33 +173,15 @@ impl Fleet {
             // A balancer never routes: every reply comes straight from a backend.
             sysctl(&ns, "net.ipv4.ip_forward=0")?;
             sysctl(&ns, "net.ipv6.conf.all.forwarding=0")?;
-            // veth delivers XDP_TX frames only to a peer running XDP itself.
-            ip(
-                &switch,
-                &[
-                    "link",
-                    "set",
-                    "dev",
-                    &format!("lb{index}"),
-                    "xdp",
-                    "obj",
-                    pass_object,
-                    "sec",
-                    "xdp",
-                ],
-            )?;
         }
+        // Balancers transmit with XDP_TX.
+        let ports: Vec<String> = (1..=self.balancers).map(|index| format!("lb{index}")).collect();
+        pass_xdp(&switch, &ports)?;
         for index in 1..=self.backends {
             let ns = self.backend(index);
-            ip(&ns, &["addr", "add", &format!("{}/32", crate::netns::VIP4), "dev", "lo"])?;
-            ip(
-                &ns,
-                &["addr", "add", &format!("{}/128", crate::netns::VIP6), "dev", "lo", "nodad"],
-            )?;
+            own_vips(&ns)?;
             ip(&ns, &["route", "add", "default", "via", ROUTER_LAN])?;
             ip(&ns, &["-6", "route", "add", "default", "via", ROUTER_LAN6])?;
-            sysctl(&ns, "net.ipv4.conf.all.arp_ignore=1")?;
-            sysctl(&ns, "net.ipv4.conf.all.arp_announce=2")?;
         }
         Ok(())
     }

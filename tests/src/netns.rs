@@ -90,15 +90,11 @@ impl Testbed {
     }
 
     fn build(&self) -> anyhow::Result<()> {
-        let pass_object = std::env::temp_dir().join(format!("{}xdp-pass.o", self.prefix));
-        std::fs::write(&pass_object, lb_userspace::datapath::PEER_PASS_OBJECT)?;
-        let pass_object = pass_object.to_str().context("temp path is not UTF-8")?.to_owned();
         for ns in self.namespaces() {
             add(&ns)?;
         }
         let switch = self.switch();
-        ip(&switch, &["link", "add", "br0", "type", "bridge"])?;
-        ip(&switch, &["link", "set", "br0", "up"])?;
+        add_bridge(&switch)?;
 
         let mut hosts = vec![
             (self.client(), "client".to_owned(), CLIENT4.to_owned(), CLIENT6.to_owned()),
@@ -124,23 +120,15 @@ impl Testbed {
         // from a backend.
         sysctl(&self.balancer(), "net.ipv4.ip_forward=0")?;
         sysctl(&self.balancer(), "net.ipv6.conf.all.forwarding=0")?;
-        // veth hands XDP_TX frames only to a peer running XDP itself: the
-        // balancer transmits that way, and so does the generator on the client.
-        for port in ["lb", "client"] {
-            ip(&switch, &["link", "set", "dev", port, "xdp", "obj", &pass_object, "sec", "xdp"])?;
-        }
+        // The balancer transmits with XDP_TX, and so does the generator on the client.
+        pass_xdp(&switch, &["lb", "client"])?;
         ip(&self.client(), &["route", "add", &format!("{VIP4}/32"), "via", "198.18.0.2"])?;
         ip(
             &self.client(),
             &["-6", "route", "add", &format!("{VIP6}/128"), "via", "fd00:198:18::2"],
         )?;
         for index in 1..=self.backends {
-            let ns = self.backend(index);
-            // Direct server return: the backend owns the VIP but must not answer ARP for it.
-            ip(&ns, &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
-            ip(&ns, &["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
-            sysctl(&ns, "net.ipv4.conf.all.arp_ignore=1")?;
-            sysctl(&ns, "net.ipv4.conf.all.arp_announce=2")?;
+            own_vips(&self.backend(index))?;
         }
         Ok(())
     }
@@ -163,6 +151,34 @@ pub fn add(ns: &str) -> anyhow::Result<()> {
         sysctl(ns, &format!("{key}=0"))?;
     }
     Ok(())
+}
+
+/// Creates the bridge `br0` in namespace `switch`, for [`join_switch`].
+pub fn add_bridge(switch: &str) -> anyhow::Result<()> {
+    ip(switch, &["link", "add", "br0", "type", "bridge"])?;
+    ip(switch, &["link", "set", "br0", "up"]).map(|_| ())
+}
+
+/// Runs the XDP_PASS program on the bridge ports `ports` of namespace
+/// `switch`: veth hands XDP_TX frames only to a peer running XDP itself.
+pub fn pass_xdp(switch: &str, ports: &[impl AsRef<str>]) -> anyhow::Result<()> {
+    // The kernel keeps the program; the object file is only read here.
+    let object = tempfile::Builder::new().suffix(".o").tempfile()?;
+    std::fs::write(object.path(), lb_userspace::datapath::PEER_PASS_OBJECT)?;
+    let path = object.path().to_str().context("temp path is not UTF-8")?;
+    for port in ports {
+        ip(switch, &["link", "set", "dev", port.as_ref(), "xdp", "obj", path, "sec", "xdp"])?;
+    }
+    Ok(())
+}
+
+/// Direct server return: backend namespace `ns` owns the VIPs on `lo` but
+/// must not answer ARP for them.
+pub fn own_vips(ns: &str) -> anyhow::Result<()> {
+    ip(ns, &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
+    ip(ns, &["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
+    sysctl(ns, "net.ipv4.conf.all.arp_ignore=1")?;
+    sysctl(ns, "net.ipv4.conf.all.arp_announce=2")
 }
 
 /// Plugs namespace `ns` into the bridge `br0` of namespace `switch`: a veth
