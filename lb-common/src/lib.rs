@@ -28,8 +28,12 @@ pub const MAP_VIP_STATS: &str = "LB_VIP_STATS";
 pub const MAP_BACKEND_STATS: &str = "LB_BACKEND_STATS";
 /// `PerCpuArray<u64>`: one counter per [`Reason`].
 pub const MAP_REASONS: &str = "LB_REASONS";
-/// `LruHashMap<FlowKey, FlowEntry>`: established flows and their backend.
+/// `LruHashMap<FlowKey, FlowEntry>`: confirmed flows and their backend.
 pub const MAP_FLOWS: &str = "LB_FLOWS";
+/// `LruHashMap<FlowKey, FlowEntry>`: flows not confirmed yet (a SYN without
+/// its handshake's ACK, a first packet without an entry), kept apart so that
+/// a flood of spoofed tuples churns this table and never [`MAP_FLOWS`].
+pub const MAP_NEW_FLOWS: &str = "LB_NEW_FLOWS";
 /// `PerCpuArray<u64>`: one counter per [`FlowEvent`].
 pub const MAP_FLOW_EVENTS: &str = "LB_FLOW_EVENTS";
 /// `Array<Layout>` (one entry): the sizes and seed the maps were made with,
@@ -42,7 +46,7 @@ pub const MAP_LAYOUT: &str = "LB_LAYOUT";
 pub const MAP_FLOW_SYNC: &str = "LB_FLOW_SYNC";
 
 /// Every map, in the order they are pinned and adopted.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_VIPS,
     MAP_VIP_ADDRESSES,
     MAP_MAGLEV,
@@ -51,6 +55,7 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_BACKEND_STATS,
     MAP_REASONS,
     MAP_FLOWS,
+    MAP_NEW_FLOWS,
     MAP_FLOW_EVENTS,
     MAP_LAYOUT,
     MAP_FLOW_SYNC,
@@ -58,7 +63,7 @@ pub const ALL_MAPS: [&str; 11] = [
 
 /// Bumped whenever a map's key or value layout changes: pinned maps of
 /// another version are refused rather than misread.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Value of [`MAP_LAYOUT`]. Written by the daemon that creates the maps.
 #[repr(C)]
@@ -82,6 +87,9 @@ pub const GLOBAL_HASH_SEED: &str = "LB_HASH_SEED";
 pub const GLOBAL_TABLE_SIZE: &str = "LB_TABLE_SIZE";
 /// Global (`u64`): nanoseconds after which an idle UDP flow is forgotten.
 pub const GLOBAL_UDP_IDLE_NS: &str = "LB_UDP_IDLE_NS";
+/// Global (`u64`): nanoseconds after which a TCP flow counts as idle: a SYN
+/// on an idle entry takes the current table (the port was reused).
+pub const GLOBAL_TCP_IDLE_NS: &str = "LB_TCP_IDLE_NS";
 
 /// Global (`u64`): the MAC of the interface the program is attached to, in
 /// the low six bytes as [`mac_word`] packs it; frames for any other
@@ -115,9 +123,22 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 /// Flows the flow table holds before the least recently used are evicted.
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
+pub const DEFAULT_TCP_IDLE_NS: u64 = 3_600_000_000_000;
 /// A flow's `last_seen_ns` is refreshed at most this often, so a busy flow
 /// does not write shared memory on every packet.
 pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
+/// A flow without a SYN of its own (a UDP flow, or a TCP flow picked up
+/// mid-stream) is confirmed by a packet at least this long after its first:
+/// a spoofed tuple sent in a burst never is.
+pub const FLOW_CONFIRM_NS: u64 = 1_000_000_000;
+
+/// Entries of [`MAP_NEW_FLOWS`] for a flow table of `flow_table_size`: a
+/// quarter (at least 1,024). Flows stay there one round trip (TCP) or one
+/// second (others), so it needs far fewer entries than the flow table.
+pub const fn new_flow_table_size(flow_table_size: u32) -> u32 {
+    let quarter = flow_table_size / 4;
+    if quarter < 1_024 { 1_024 } else { quarter }
+}
 
 /// A Maglev table entry that points at no backend (a VIP without backends).
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -133,6 +154,8 @@ pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// An address as it appears in keys: IPv4 in the first four bytes, the rest zero.
 #[inline(always)]
@@ -225,8 +248,13 @@ pub struct Backend {
     pub family: u8,
     pub _pad: [u8; 3],
     pub vip_index: u32,
+    /// Bumped each time the slot is given to a backend (and kept when it is
+    /// freed): a flow entry of an earlier occupant carries another generation
+    /// and is never sent to the slot's new backend.
+    pub generation: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Backend>() == 32);
+const _: () = assert!(size_of::<Backend>() == 40);
 
 /// `Backend::flags` bit: the backend fails its health checks. Flows in the
 /// flow table that point at it are sent to the Maglev choice instead.
@@ -256,36 +284,59 @@ pub struct FlowEntry {
     pub last_seen_ns: u64,
     /// `FLOW_FLAG_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// [`Backend::generation`] of the slot when the flow was given it.
+    pub generation: u32,
 }
 const _: () = assert!(size_of::<FlowEntry>() == 24);
 
-/// The client sent a FIN: the flow still follows its entry, but no longer
-/// counts as active.
+/// A FIN or RST was seen: the flow still follows its entry (both can be
+/// forged, and the balancer never sees the sequence window), but it no longer
+/// counts as active, is no longer refreshed, and a SYN on it takes the
+/// current table.
 pub const FLOW_FLAG_CLOSING: u32 = 1;
+/// The closing mark came from a RST: any later packet but a RST or FIN
+/// shows the flow is alive (the RST was forged or out of window) and reopens it.
+pub const FLOW_FLAG_RESET: u32 = 2;
+/// On a [`MAP_NEW_FLOWS`] entry: created by a SYN, so the handshake's ACK
+/// (the next packet that is not a SYN) confirms it.
+pub const FLOW_FLAG_SYN: u32 = 4;
 
-/// What the flow table did for a VIP packet. Indexes [`MAP_FLOW_EVENTS`].
+/// What the flow tables did for a VIP packet. Indexes [`MAP_FLOW_EVENTS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowEvent {
-    /// A new flow (TCP SYN, or a UDP packet without an entry) took the Maglev choice.
+    /// A new flow (TCP SYN, or a UDP packet without an entry) took the
+    /// Maglev choice, recorded in [`MAP_NEW_FLOWS`] until confirmed.
     Created = 0,
-    /// The flow followed its entry.
+    /// The flow followed its confirmed entry.
     Hit = 1,
     /// A TCP packet other than a SYN without an entry (after a restart, or
-    /// from another balancer): it took the Maglev choice, which was recorded.
+    /// from another balancer): it took the Maglev choice, recorded as new.
     MissFallback = 2,
-    /// The flow's backend is down: it took the Maglev choice among the others.
+    /// The flow's backend is down or gone: it took the Maglev choice among the others.
     Rescued = 3,
     /// A UDP flow idle longer than the timeout started over as a new flow.
     Expired = 4,
     /// A flow change could not be reported for sync: [`MAP_FLOW_SYNC`] was
     /// full. Peers learn that flow at their next full resync.
     SyncLost = 5,
+    /// The flow followed its unconfirmed entry in [`MAP_NEW_FLOWS`].
+    NewHit = 6,
+    /// An unconfirmed flow was confirmed (its handshake's ACK, or a packet
+    /// [`FLOW_CONFIRM_NS`] after its first) and moved to [`MAP_FLOWS`].
+    /// Far fewer confirmations than `created` + `miss_fallback` is the mark
+    /// of a flood of spoofed tuples, which never reach the flow table.
+    Confirmed = 7,
+    /// A SYN on a closing or idle entry: a new connection on a reused port,
+    /// which took the current table.
+    Renewed = 8,
+    /// A packet other than a RST or FIN on an entry a RST had closed: the
+    /// flow is alive (the RST was forged or out of window) and open again.
+    Reopened = 9,
 }
 
 impl FlowEvent {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 10;
     pub const ALL: [FlowEvent; Self::COUNT as usize] = [
         FlowEvent::Created,
         FlowEvent::Hit,
@@ -293,6 +344,10 @@ impl FlowEvent {
         FlowEvent::Rescued,
         FlowEvent::Expired,
         FlowEvent::SyncLost,
+        FlowEvent::NewHit,
+        FlowEvent::Confirmed,
+        FlowEvent::Renewed,
+        FlowEvent::Reopened,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -303,6 +358,10 @@ impl FlowEvent {
             FlowEvent::Rescued => "rescued",
             FlowEvent::Expired => "expired",
             FlowEvent::SyncLost => "sync_lost",
+            FlowEvent::NewHit => "new_hit",
+            FlowEvent::Confirmed => "confirmed",
+            FlowEvent::Renewed => "renewed",
+            FlowEvent::Reopened => "reopened",
         }
     }
 }
@@ -315,7 +374,7 @@ pub enum FlowSyncKind {
     Open = 0,
     /// The client or server sent a FIN: the flow is closing.
     Closing = 1,
-    /// A RST ended the flow; its entry is gone.
+    /// A RST closed the flow (its entry stays, marked closing: a RST can be forged).
     Reset = 2,
 }
 
@@ -352,8 +411,11 @@ const _: () = assert!(size_of::<FlowSyncEvent>() == 56);
 pub struct TrafficCounters {
     pub packets: u64,
     pub bytes: u64,
+    /// Of `packets`, the ICMP errors about the VIP's flows (path MTU,
+    /// unreachable, time exceeded) forwarded to the flow's backend.
+    pub icmp_errors: u64,
 }
-const _: () = assert!(size_of::<TrafficCounters>() == 16);
+const _: () = assert!(size_of::<TrafficCounters>() == 24);
 
 /// Why the datapath let a packet go the way it did: every exit of the
 /// program counts exactly one reason. Indexes [`MAP_REASONS`].
@@ -389,10 +451,23 @@ pub enum Reason {
     /// broadcast or multicast: passed to the kernel, never forwarded, so a
     /// balancer never takes over a dead peer's frames behind the router's back.
     PassNotForUs = 11,
+    /// An ICMP error about a VIP's flow (fragmentation needed / packet too
+    /// big, unreachable, time exceeded), forwarded to that flow's backend so
+    /// that its TCP learns the path MTU.
+    ForwardedIcmp = 12,
+    /// ICMP to a VIP address that is not an error (echo, neighbour
+    /// discovery): passed to the kernel.
+    PassIcmp = 13,
+    /// An ICMP error to a VIP address whose quoted header is truncated or
+    /// not TCP/UDP: dropped.
+    DropIcmpMalformed = 14,
+    /// An ICMP error to a VIP address quoting a packet that is not from one
+    /// of our VIPs (or from a VIP without backends): dropped.
+    DropIcmpUnmatched = 15,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::PassNotIp,
@@ -406,6 +481,10 @@ impl Reason {
         Reason::DropBackendUnresolved,
         Reason::DropInternal,
         Reason::PassNotForUs,
+        Reason::ForwardedIcmp,
+        Reason::PassIcmp,
+        Reason::DropIcmpMalformed,
+        Reason::DropIcmpUnmatched,
     ];
 
     /// Stable name used by `lb stats` and its JSON output.
@@ -423,6 +502,10 @@ impl Reason {
             Reason::DropBackendUnresolved => "drop_backend_unresolved",
             Reason::DropInternal => "drop_internal",
             Reason::PassNotForUs => "pass_not_for_us",
+            Reason::ForwardedIcmp => "forwarded_icmp",
+            Reason::PassIcmp => "pass_icmp",
+            Reason::DropIcmpMalformed => "drop_icmp_malformed",
+            Reason::DropIcmpUnmatched => "drop_icmp_unmatched",
         }
     }
 
@@ -436,6 +519,8 @@ impl Reason {
                 | Reason::DropNoBackend
                 | Reason::DropBackendUnresolved
                 | Reason::DropInternal
+                | Reason::DropIcmpMalformed
+                | Reason::DropIcmpUnmatched
         )
     }
 }

@@ -1,16 +1,27 @@
-//! Backend choice: the flow table first, the VIP's Maglev table for new
-//! flows. A TCP SYN always takes the Maglev choice (a new connection follows
-//! the current table) and is recorded; later packets follow their entry even
-//! after the table changes. An entry whose backend is down is replaced by the
-//! Maglev choice, and an idle UDP entry expires.
+//! Backend choice through two flow tables and the VIP's Maglev table.
+//!
+//! A new flow takes the Maglev choice and is recorded in LB_NEW_FLOWS, where
+//! it is pinned but unconfirmed. It moves to LB_FLOWS (confirmed) on its
+//! handshake's ACK (a flow that began with a SYN) or on a packet
+//! `FLOW_CONFIRM_NS` after its first (UDP, TCP picked up mid-stream). A
+//! spoofed flood, which never answers a SYN-ACK and sends its tuples in a
+//! burst, churns LB_NEW_FLOWS only: confirmed flows, idle WebSockets among
+//! them, are never evicted to make room for it.
+//!
+//! A confirmed flow follows its entry after the table changes. FIN and RST
+//! mark it closing and never delete it (the balancer cannot check their
+//! sequence numbers); a SYN on a closing or idle entry takes the current
+//! table. An entry whose backend is down, gone or replaced (another slot
+//! generation) is given the Maglev choice, and an idle UDP entry expires.
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    Backend, FLOW_FLAG_CLOSING, FLOW_REFRESH_NS, FlowEntry, FlowEvent, FlowKey, FlowSyncKind,
-    MAGLEV_CHUNK, NO_BACKEND, PROTO_TCP, Reason, VIP_FLAG_CLIENT_IP_AFFINITY, VipInfo,
+    Backend, FLOW_CONFIRM_NS, FLOW_FLAG_CLOSING, FLOW_FLAG_RESET, FLOW_FLAG_SYN, FLOW_REFRESH_NS,
+    FlowEntry, FlowEvent, FlowKey, FlowSyncKind, MAGLEV_CHUNK, NO_BACKEND, PROTO_TCP, Reason,
+    VIP_FLAG_CLIENT_IP_AFFINITY, VipInfo,
 };
 
-use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_MAGLEV};
+use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_MAGLEV, LB_NEW_FLOWS};
 use crate::parse::transport::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::stats::count_flow_event;
 use crate::sync;
@@ -20,8 +31,17 @@ pub struct Settings {
     pub hash_seed: u32,
     pub table_size: u32,
     pub udp_idle_ns: u64,
-    /// Report created and closed flows for peer balancers.
+    pub tcp_idle_ns: u64,
+    /// Report confirmed and closed flows for peer balancers.
     pub sync_flows: bool,
+}
+
+/// What the TCP flags of a packet mean here (all false for UDP).
+struct Segment {
+    /// A SYN without ACK: a client opening a connection.
+    syn: bool,
+    rst: bool,
+    fin: bool,
 }
 
 /// The backend slot for this packet's flow, and the backend itself.
@@ -37,73 +57,198 @@ pub fn choose(
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let is_tcp = flow.protocol == u32::from(PROTO_TCP);
-    let is_syn = is_tcp && tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0;
+    let segment = Segment {
+        syn: is_tcp && tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0,
+        rst: is_tcp && tcp_flags & TCP_RST != 0,
+        fin: is_tcp && tcp_flags & TCP_FIN != 0,
+    };
 
-    if !is_syn {
-        if let Some(entry) = LB_FLOWS.get_ptr_mut(flow) {
-            // SAFETY: the pointer from a map lookup is valid for this run; a
-            // concurrent writer can only make fields stale, never invalid.
-            let entry = unsafe { &mut *entry };
-            let expired = !is_tcp && now.saturating_sub(entry.last_seen_ns) > settings.udp_idle_ns;
-            let backend = LB_BACKENDS.get(entry.backend_slot);
-            // The entry's backend must still be this VIP's, resolved and up: a
-            // removed backend's slot is cleared (and may be reused later).
-            match backend {
-                Some(backend)
-                    if !expired
-                        && entry.vip_index == vip.vip_index
-                        && backend.vip_index == vip.vip_index
-                        && backend.has_mac()
-                        && !backend.is_down() =>
-                {
-                    let slot = entry.backend_slot;
-                    if tcp_flags & TCP_RST != 0 {
-                        // The entry is not touched after its removal.
-                        let _ = LB_FLOWS.remove(flow);
-                        let sync_kind = FlowSyncKind::Reset;
-                        sync::report(settings.sync_flows, flow, vip.vip_index, slot, sync_kind);
-                        count_flow_event(FlowEvent::Hit);
-                        return Ok((slot, backend));
-                    }
-                    if tcp_flags & TCP_FIN != 0 && entry.flags & FLOW_FLAG_CLOSING == 0 {
-                        entry.flags |= FLOW_FLAG_CLOSING;
-                        let sync_kind = FlowSyncKind::Closing;
-                        sync::report(settings.sync_flows, flow, vip.vip_index, slot, sync_kind);
-                    }
-                    if now.saturating_sub(entry.last_seen_ns) > FLOW_REFRESH_NS {
-                        entry.last_seen_ns = now;
-                    }
-                    count_flow_event(FlowEvent::Hit);
-                    return Ok((slot, backend));
-                }
-                _ if expired => count_flow_event(FlowEvent::Expired),
-                _ => count_flow_event(FlowEvent::Rescued),
+    if let Some(entry) = LB_FLOWS.get_ptr_mut(flow) {
+        // SAFETY: the pointer from a map lookup is valid for this run. Another
+        // CPU may write the same entry meanwhile; the copy below is checked
+        // as a whole (slot, VIP and generation must agree) before it is used.
+        let entry = unsafe { &mut *entry };
+        let current = *entry;
+        let idle_ns = if is_tcp { settings.tcp_idle_ns } else { settings.udp_idle_ns };
+        let idle = now.saturating_sub(current.last_seen_ns) > idle_ns;
+        let event = match usable_backend(&current, vip) {
+            Some(_) if !is_tcp && idle => FlowEvent::Expired,
+            Some(_) if segment.syn && (current.flags & FLOW_FLAG_CLOSING != 0 || idle) => {
+                FlowEvent::Renewed
             }
-        } else if is_tcp {
-            count_flow_event(FlowEvent::MissFallback);
-        } else {
-            count_flow_event(FlowEvent::Created);
+            Some(backend) => {
+                follow(entry, &current, &segment, now, flow, vip, settings);
+                return Ok((current.backend_slot, backend));
+            }
+            None => FlowEvent::Rescued,
+        };
+        count_flow_event(event);
+        // The flow was confirmed once: it stays confirmed, on the current choice.
+        let (slot, backend) = maglev_choice(flow, vip, settings)?;
+        let renewed = new_entry(slot, backend, vip, now, closing_flags(&segment));
+        if LB_FLOWS.insert(flow, renewed, 0).is_ok() {
+            sync::report(settings.sync_flows, flow, vip.vip_index, slot, FlowSyncKind::Open);
         }
+        return Ok((slot, backend));
+    }
+
+    // A SYN without a confirmed entry is a new connection: it takes the
+    // current table even over an unconfirmed entry of the same tuple.
+    let pending = if segment.syn { None } else { LB_NEW_FLOWS.get_ptr(flow) };
+    if let Some(entry) = pending {
+        // SAFETY: copied out at once; a concurrent rewrite can only make the
+        // copy stale, and it is checked as a whole below.
+        let pending = unsafe { *entry };
+        let expired = !is_tcp && now.saturating_sub(pending.last_seen_ns) > settings.udp_idle_ns;
+        match usable_backend(&pending, vip) {
+            Some(backend) if !expired => {
+                confirm_or_follow(flow, &pending, &segment, now, vip, settings);
+                return Ok((pending.backend_slot, backend));
+            }
+            _ if expired => count_flow_event(FlowEvent::Expired),
+            _ => count_flow_event(FlowEvent::Rescued),
+        }
+    } else if is_tcp && !segment.syn {
+        count_flow_event(FlowEvent::MissFallback);
     } else {
         count_flow_event(FlowEvent::Created);
     }
 
     let (slot, backend) = maglev_choice(flow, vip, settings)?;
-    // A reset needs no entry; anything else is recorded so the flow keeps
-    // this backend from now on.
-    if tcp_flags & TCP_RST == 0 {
-        let entry = FlowEntry {
-            backend_slot: slot,
-            vip_index: vip.vip_index,
-            last_seen_ns: now,
-            flags: if tcp_flags & TCP_FIN != 0 { FLOW_FLAG_CLOSING } else { 0 },
-            _pad: 0,
-        };
-        if LB_FLOWS.insert(flow, entry, 0).is_ok() {
-            sync::report(settings.sync_flows, flow, vip.vip_index, slot, FlowSyncKind::Open);
-        }
+    // A reset needs no entry; anything else is pinned from now on. The
+    // entry's last_seen_ns stays its creation time until it is confirmed.
+    if !segment.rst {
+        let flags = if segment.syn { FLOW_FLAG_SYN } else { closing_flags(&segment) };
+        let _ = LB_NEW_FLOWS.insert(flow, new_entry(slot, backend, vip, now, flags), 0);
     }
     Ok((slot, backend))
+}
+
+/// A packet of a confirmed flow whose entry is usable: closes or reopens
+/// it as FIN and RST say, and refreshes it at most once a second.
+#[inline(always)]
+fn follow(
+    entry: &mut FlowEntry,
+    current: &FlowEntry,
+    segment: &Segment,
+    now: u64,
+    flow: &FlowKey,
+    vip: &VipInfo,
+    settings: &Settings,
+) {
+    let slot = current.backend_slot;
+    let flags = current.flags;
+    let report = |kind| sync::report(settings.sync_flows, flow, vip.vip_index, slot, kind);
+    if segment.rst {
+        if flags & FLOW_FLAG_CLOSING == 0 {
+            entry.flags = flags | FLOW_FLAG_CLOSING | FLOW_FLAG_RESET;
+            report(FlowSyncKind::Reset);
+        }
+    } else if segment.fin {
+        if flags & FLOW_FLAG_CLOSING == 0 {
+            entry.flags = flags | FLOW_FLAG_CLOSING;
+            report(FlowSyncKind::Closing);
+        } else if flags & FLOW_FLAG_RESET != 0 {
+            // Closing by FIN now: the ACKs of the close must not reopen it.
+            entry.flags = flags & !FLOW_FLAG_RESET;
+        }
+    } else {
+        if flags & FLOW_FLAG_RESET != 0 {
+            entry.flags = flags & !(FLOW_FLAG_CLOSING | FLOW_FLAG_RESET);
+            count_flow_event(FlowEvent::Reopened);
+            report(FlowSyncKind::Open);
+        }
+        if flags & FLOW_FLAG_CLOSING == 0
+            && now.saturating_sub(current.last_seen_ns) > FLOW_REFRESH_NS
+        {
+            entry.last_seen_ns = now;
+        }
+    }
+    count_flow_event(FlowEvent::Hit);
+}
+
+/// A packet other than a SYN of an unconfirmed flow whose entry is usable:
+/// the handshake's ACK, or any packet but a RST a second after the first,
+/// confirms it.
+#[inline(always)]
+fn confirm_or_follow(
+    flow: &FlowKey,
+    pending: &FlowEntry,
+    segment: &Segment,
+    now: u64,
+    vip: &VipInfo,
+    settings: &Settings,
+) {
+    let handshake_done = pending.flags & FLOW_FLAG_SYN != 0;
+    let seen_again = now.saturating_sub(pending.last_seen_ns) >= FLOW_CONFIRM_NS;
+    if segment.rst || !(handshake_done || seen_again) {
+        count_flow_event(FlowEvent::NewHit);
+        return;
+    }
+    let confirmed = FlowEntry { last_seen_ns: now, flags: closing_flags(segment), ..*pending };
+    if LB_FLOWS.insert(flow, confirmed, 0).is_ok() {
+        let _ = LB_NEW_FLOWS.remove(flow);
+        let slot = pending.backend_slot;
+        sync::report(settings.sync_flows, flow, vip.vip_index, slot, FlowSyncKind::Open);
+    }
+    count_flow_event(FlowEvent::Confirmed);
+}
+
+#[inline(always)]
+fn closing_flags(segment: &Segment) -> u32 {
+    if segment.fin { FLOW_FLAG_CLOSING } else { 0 }
+}
+
+#[inline(always)]
+fn new_entry(slot: u32, backend: &Backend, vip: &VipInfo, now: u64, flags: u32) -> FlowEntry {
+    FlowEntry {
+        backend_slot: slot,
+        vip_index: vip.vip_index,
+        last_seen_ns: now,
+        flags,
+        generation: backend.generation,
+    }
+}
+
+/// The entry's backend when it may still be used: this VIP's, the same
+/// occupant of the slot (a removed backend's slot may have been reused),
+/// resolved and up.
+#[inline(always)]
+fn usable_backend(entry: &FlowEntry, vip: &VipInfo) -> Option<&'static Backend> {
+    let backend = LB_BACKENDS.get(entry.backend_slot)?;
+    let usable = entry.vip_index == vip.vip_index
+        && backend.vip_index == vip.vip_index
+        && backend.generation == entry.generation
+        && backend.has_mac()
+        && !backend.is_down();
+    if usable { Some(backend) } else { None }
+}
+
+/// The slot and backend of a looked-up entry, if it may be used.
+#[inline(always)]
+fn usable_entry(entry: Option<*const FlowEntry>, vip: &VipInfo) -> Option<(u32, &'static Backend)> {
+    // SAFETY: a pointer from a map lookup, valid for this run; copied out at
+    // once and checked as a whole, as in choose.
+    let entry = unsafe { *entry? };
+    usable_backend(&entry, vip).map(|backend| (entry.backend_slot, backend))
+}
+
+/// Where a flow goes without creating or touching an entry: its confirmed
+/// entry, else its unconfirmed one, else the Maglev choice. For ICMP errors
+/// about the flow, which must reach the backend its packets reach.
+#[inline(always)]
+pub fn find(
+    flow: &FlowKey,
+    vip: &VipInfo,
+    settings: &Settings,
+) -> Result<(u32, &'static Backend), Reason> {
+    if let Some(found) = usable_entry(LB_FLOWS.get_ptr(flow), vip) {
+        return Ok(found);
+    }
+    if let Some(found) = usable_entry(LB_NEW_FLOWS.get_ptr(flow), vip) {
+        return Ok(found);
+    }
+    maglev_choice(flow, vip, settings)
 }
 
 /// The backend the VIP's current Maglev table gives this flow.

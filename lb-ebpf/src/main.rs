@@ -7,6 +7,7 @@
 
 mod dsr;
 mod flows;
+mod icmp;
 mod maps;
 mod parse;
 mod runtime;
@@ -14,7 +15,10 @@ mod stats;
 mod sync;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey, VipKey};
+use lb_common::{
+    FAMILY_IPV6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey,
+    VipKey,
+};
 
 use maps::{LB_BACKEND_STATS, LB_VIP_ADDRESSES, LB_VIP_STATS, LB_VIPS};
 use parse::{
@@ -35,6 +39,11 @@ static LB_TABLE_SIZE: u32 = lb_common::DEFAULT_TABLE_SIZE;
 #[unsafe(no_mangle)]
 static LB_UDP_IDLE_NS: u64 = lb_common::DEFAULT_UDP_IDLE_NS;
 
+/// Idle time after which a SYN on a TCP flow's entry takes the current
+/// table, set at load time.
+#[unsafe(no_mangle)]
+static LB_TCP_IDLE_NS: u64 = lb_common::DEFAULT_TCP_IDLE_NS;
+
 /// This interface's MAC (lb_common::mac_word), set at load time; 0: any.
 #[unsafe(no_mangle)]
 static LB_OWN_MAC: u64 = 0;
@@ -46,7 +55,7 @@ static LB_SYNC_FLOWS: u32 = 0;
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let (reason, action) = match try_lb_xdp(&ctx) {
-        Ok(action) => (Reason::Forwarded, action),
+        Ok(forwarded) => forwarded,
         Err(reason) if reason.is_drop() => (reason, xdp_action::XDP_DROP),
         Err(reason) => (reason, xdp_action::XDP_PASS),
     };
@@ -54,8 +63,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
+/// The reason and action of a forwarded packet, or why it was not forwarded.
 #[inline(always)]
-fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
+fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
     // SAFETY: read_volatile keeps the compiler from folding the load-time
     // global to its compile-time default.
     let l2 = parse_ethernet(ctx, unsafe { core::ptr::read_volatile(&LB_OWN_MAC) })?;
@@ -66,6 +76,25 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     };
     if let Some(reason) = l3.unhashable {
         return Err(refuse_if_ours(&l3, reason));
+    }
+    // SAFETY: read_volatile keeps the compiler from folding the load-time
+    // globals to their compile-time defaults.
+    let settings = unsafe {
+        flows::Settings {
+            hash_seed: core::ptr::read_volatile(&LB_HASH_SEED),
+            table_size: core::ptr::read_volatile(&LB_TABLE_SIZE),
+            udp_idle_ns: core::ptr::read_volatile(&LB_UDP_IDLE_NS),
+            tcp_idle_ns: core::ptr::read_volatile(&LB_TCP_IDLE_NS),
+            sync_flows: core::ptr::read_volatile(&LB_SYNC_FLOWS) != 0,
+        }
+    };
+    let ipv6 = l3.family == FAMILY_IPV6;
+    if l3.protocol == if ipv6 { PROTO_ICMPV6 } else { PROTO_ICMP } {
+        if !is_vip_address(&l3) {
+            return Err(Reason::PassNotVip);
+        }
+        let action = icmp::forward_error(ctx, &l3, ipv6, &settings)?;
+        return Ok((Reason::ForwardedIcmp, action));
     }
     if l3.protocol != PROTO_TCP && l3.protocol != PROTO_UDP {
         return Err(Reason::PassNotVip);
@@ -91,23 +120,13 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
         vip_port: ports.destination,
         protocol: u32::from(l3.protocol),
     };
-    // SAFETY: read_volatile keeps the compiler from folding the load-time
-    // globals to their compile-time defaults.
-    let settings = unsafe {
-        flows::Settings {
-            hash_seed: core::ptr::read_volatile(&LB_HASH_SEED),
-            table_size: core::ptr::read_volatile(&LB_TABLE_SIZE),
-            udp_idle_ns: core::ptr::read_volatile(&LB_UDP_IDLE_NS),
-            sync_flows: core::ptr::read_volatile(&LB_SYNC_FLOWS) != 0,
-        }
-    };
     let (backend_slot, backend) = flows::choose(&flow, &vip, ports.tcp_flags, &settings)?;
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = dsr::forward(ctx, backend)?;
     stats::count_traffic(&LB_VIP_STATS, vip.vip_index, bytes);
     stats::count_traffic(&LB_BACKEND_STATS, backend_slot, bytes);
-    Ok(action)
+    Ok((Reason::Forwarded, action))
 }
 
 /// A packet that cannot be hashed is dropped when it is addressed to one of
@@ -115,9 +134,15 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
 /// (it is the host's traffic).
 #[inline(always)]
 fn refuse_if_ours(l3: &L3, reason: Reason) -> Reason {
+    if is_vip_address(l3) { reason } else { Reason::PassNotVip }
+}
+
+/// Whether the packet is addressed to one of our VIP addresses (any port).
+#[inline(always)]
+fn is_vip_address(l3: &L3) -> bool {
     let key = VipAddressKey { address: l3.destination, family: u32::from(l3.family) };
     // SAFETY: only the presence of the key is used.
-    if unsafe { LB_VIP_ADDRESSES.get(key) }.is_some() { reason } else { Reason::PassNotVip }
+    unsafe { LB_VIP_ADDRESSES.get(key) }.is_some()
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -12,6 +12,7 @@ use lb_common::{
     Backend, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
     FLOW_SYNC_RING_BYTES, FlowEntry, FlowEvent, FlowKey, Layout, MaglevChunk, Reason,
     SLOTS_PER_VIP, TrafficCounters, VipAddressKey, VipInfo, VipKey, maglev_elements,
+    new_flow_table_size,
 };
 
 /// VipKey -> VipInfo. Written by the daemon on every VIP or table change;
@@ -54,14 +55,23 @@ pub static LB_BACKEND_STATS: PerCpuArray<TrafficCounters> =
 #[map]
 pub static LB_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 
-/// FlowKey -> FlowEntry: the backend of every established flow. Written by
-/// the datapath (new flows, refreshes at most once a second, FIN/RST); read
-/// by the daemon for active-flow counts. One table shared by all CPUs, so a
-/// flow keeps its backend whichever CPU its packets reach. Sized by
-/// flow_table_size; the least recently used flows are evicted when full.
+/// FlowKey -> FlowEntry: the backend of every confirmed flow. Written by the
+/// datapath (confirmations, refreshes at most once a second, FIN/RST marks)
+/// and by the daemon (peers' flows); read by the daemon for active-flow
+/// counts. One table shared by all CPUs, so a flow keeps its backend
+/// whichever CPU its packets reach. Sized by flow_table_size; the least
+/// recently used flows are evicted when full.
 #[map]
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// FlowKey -> FlowEntry: flows pinned but not confirmed yet. Written by the
+/// datapath only. Its own LRU, so that floods of spoofed tuples evict each
+/// other here and never a confirmed flow. Sized by
+/// lb_common::new_flow_table_size(flow_table_size).
+#[map]
+pub static LB_NEW_FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(new_flow_table_size(DEFAULT_FLOW_TABLE_SIZE), 0);
 
 /// One entry: the sizes and seed the maps were created with. Written by the
 /// daemon that creates them, read by a daemon adopting them. Never read here.

@@ -32,3 +32,16 @@ pub fn count_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64)
         }
     }
 }
+
+/// An ICMP error forwarded to a flow's backend: counted as traffic and as an error.
+#[inline(always)]
+pub fn count_icmp_error(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64) {
+    if let Some(counters) = map.get_ptr_mut(index) {
+        // SAFETY: as in count_reason, a per-CPU value owned by this CPU.
+        unsafe {
+            (*counters).packets += 1;
+            (*counters).bytes += bytes;
+            (*counters).icmp_errors += 1;
+        }
+    }
+}

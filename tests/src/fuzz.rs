@@ -22,7 +22,9 @@ use crate::fixture::{VipDecl, addresses, backend_mac, balancer};
 use rand::rngs::SmallRng;
 use rand::{RngExt as _, SeedableRng as _};
 
-use crate::packets::{Flow, L4, Segment, Shape, frame, insert_ipv6_extensions};
+use crate::packets::{
+    Flow, Icmp, L4, Segment, Shape, frame, icmp_frame, insert_ipv6_extensions, reply_packet,
+};
 
 use crate::{XDP_DROP, XDP_PASS, XDP_TX};
 /// Offsets the datapath reads up to (parse::MAX_HEADER_OFFSET).
@@ -164,6 +166,14 @@ pub fn expected(frame: &[u8], target: &Target) -> Expected {
     if unhashable {
         return refused;
     }
+    let icmp = if ether_type == 0x86dd { 58 } else { 1 };
+    if protocol == icmp {
+        return if ours {
+            expected_icmp(frame, target, destination, l4, l3_end, ether_type == 0x86dd)
+        } else {
+            Expected::Pass
+        };
+    }
     let header_len = match protocol {
         6 => 20,
         17 => 8,
@@ -175,6 +185,54 @@ pub fn expected(frame: &[u8], target: &Target) -> Expected {
     let port = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
     let key = (destination, port, protocol);
     if target.vips.contains_key(&key) { Expected::Forward(key) } else { Expected::Pass }
+}
+
+/// The oracle for ICMP to a VIP address at `l4`: errors (IPv4 types 3 and
+/// 11, ICMPv6 1 to 3) go to a backend of the VIP whose reply they quote,
+/// other ICMP to the kernel; a truncated, non-TCP/UDP or foreign quote is dropped.
+fn expected_icmp(
+    frame: &[u8],
+    target: &Target,
+    destination: IpAddr,
+    l4: usize,
+    l3_end: usize,
+    ipv6: bool,
+) -> Expected {
+    if l4 + 8 > l3_end || l4 > MAX_HEADER_OFFSET {
+        return Expected::Drop;
+    }
+    let is_error = if ipv6 { (1..=3).contains(&frame[l4]) } else { matches!(frame[l4], 3 | 11) };
+    if !is_error {
+        return Expected::Pass;
+    }
+    let quoted = l4 + 8;
+    let (source, protocol, ports) = if ipv6 {
+        if quoted + 40 > l3_end || quoted > MAX_HEADER_OFFSET || frame[quoted] >> 4 != 6 {
+            return Expected::Drop;
+        }
+        let source = IpAddr::from(<[u8; 16]>::try_from(&frame[quoted + 8..quoted + 24]).unwrap());
+        (source, frame[quoted + 6], quoted + 40)
+    } else {
+        if quoted + 20 > l3_end || quoted > MAX_HEADER_OFFSET {
+            return Expected::Drop;
+        }
+        let header_len = usize::from(frame[quoted] & 0x0f) * 4;
+        let later_fragment = u16::from_be_bytes([frame[quoted + 6], frame[quoted + 7]]) & 0x1fff;
+        if frame[quoted] >> 4 != 4 || header_len < 20 || later_fragment != 0 {
+            return Expected::Drop;
+        }
+        let source = IpAddr::from(<[u8; 4]>::try_from(&frame[quoted + 12..quoted + 16]).unwrap());
+        (source, frame[quoted + 9], quoted + header_len)
+    };
+    if ports + 4 > l3_end || ports > MAX_HEADER_OFFSET || (protocol != 6 && protocol != 17) {
+        return Expected::Drop;
+    }
+    let key = (source, u16::from_be_bytes([frame[ports], frame[ports + 1]]), protocol);
+    if source == destination && target.vips.contains_key(&key) {
+        Expected::Forward(key)
+    } else {
+        Expected::Drop
+    }
 }
 
 /// Builds one frame: a template, then (usually) one mutation.
@@ -210,8 +268,19 @@ pub fn generate(rng: &mut SmallRng) -> Vec<u8> {
     };
     let mut payload = vec![0u8; rng.random_range(0..64)];
     rng.fill(&mut payload[..]);
-    let mut out =
-        frame(flow, Shape { segment, ipv4_options: options, ..Shape::default() }, &payload);
+    let mut out = if rng.random_bool(0.15) {
+        // An ICMP error (or echo) from a router about the flow's reply.
+        let kinds: &[u8] = if ipv6 { &[1, 2, 3, 128, 135] } else { &[3, 11, 8, 0, 5] };
+        let icmp =
+            Icmp { kind: kinds[rng.random_range(0..kinds.len())], code: rng.random_range(0..5) };
+        let router: IpAddr =
+            if ipv6 { "fd00:198:18::fe".parse().unwrap() } else { "198.18.0.254".parse().unwrap() };
+        let quote = reply_packet(flow, &payload);
+        let quoted = rng.random_range(quote.len().min(20)..=quote.len());
+        icmp_frame(router, vip, icmp, &quote[..quoted])
+    } else {
+        frame(flow, Shape { segment, ipv4_options: options, ..Shape::default() }, &payload)
+    };
     if ipv6 && rng.random_bool(0.4) {
         let kinds = [0u8, 43, 60, 51, 44, 50, 60, 0];
         let extensions: Vec<(u8, usize)> = (0..rng.random_range(1..7))
@@ -278,6 +347,8 @@ fn mutate(rng: &mut SmallRng, frame: &mut Vec<u8>) {
 pub struct Report {
     pub packets: u64,
     pub forwarded: u64,
+    /// Of `forwarded`, ICMP errors sent to the backend of the flow they quote.
+    pub icmp_forwarded: u64,
     pub passed: u64,
     pub dropped: u64,
     pub failures: Vec<String>,
@@ -294,13 +365,18 @@ pub fn run(target: &Target, seed: u64, count: u64) -> anyhow::Result<Report> {
         let (mut forwarded, mut passed, mut dropped) = (0, 0, 0);
         for (reason, count) in datapath.reason_counters()? {
             match reason {
-                Reason::Forwarded => forwarded += count,
+                Reason::Forwarded | Reason::ForwardedIcmp => forwarded += count,
                 reason if reason.is_drop() => dropped += count,
                 _ => passed += count,
             }
         }
         Ok((forwarded, passed, dropped))
     };
+    let icmp_forwarded = |datapath: &Datapath| -> anyhow::Result<u64> {
+        let counters = datapath.reason_counters()?;
+        Ok(counters.iter().find(|(reason, _)| *reason == Reason::ForwardedIcmp).map_or(0, |c| c.1))
+    };
+    let icmp_before = icmp_forwarded(datapath)?;
     let mut before = totals(datapath)?;
     let mut batch_actions = (0u64, 0u64, 0u64);
     for index in 0..count {
@@ -355,5 +431,6 @@ pub fn run(target: &Target, seed: u64, count: u64) -> anyhow::Result<Report> {
             batch_actions = (0, 0, 0);
         }
     }
+    report.icmp_forwarded = icmp_forwarded(datapath)? - icmp_before;
     Ok(report)
 }

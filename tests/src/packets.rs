@@ -155,3 +155,89 @@ pub fn insert_ipv6_extensions(frame: &[u8], extensions: &[(u8, usize)]) -> Vec<u
     out.extend_from_slice(&frame[fixed_end..]);
     out
 }
+
+/// An ICMP message a router sends to a VIP: the type and code, by number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Icmp {
+    pub kind: u8,
+    pub code: u8,
+}
+
+impl Icmp {
+    pub const FRAGMENTATION_NEEDED: Icmp = Icmp { kind: 3, code: 4 };
+    pub const PORT_UNREACHABLE: Icmp = Icmp { kind: 3, code: 3 };
+    pub const TTL_EXCEEDED: Icmp = Icmp { kind: 11, code: 0 };
+    pub const ECHO_REQUEST: Icmp = Icmp { kind: 8, code: 0 };
+    pub const V6_UNREACHABLE: Icmp = Icmp { kind: 1, code: 3 };
+    pub const V6_PACKET_TOO_BIG: Icmp = Icmp { kind: 2, code: 0 };
+    pub const V6_HOP_LIMIT_EXCEEDED: Icmp = Icmp { kind: 3, code: 0 };
+    pub const V6_ECHO_REQUEST: Icmp = Icmp { kind: 128, code: 0 };
+}
+
+/// The router that sends the ICMP errors of the tests.
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+
+/// A backend's reply in `flow` (from VIP:port to client:port), as an IP
+/// packet without Ethernet: what an ICMP error quotes.
+pub fn reply_packet(flow: Flow, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let written = match (flow.vip, flow.client) {
+        (IpAddr::V4(vip), IpAddr::V4(client)) => {
+            let ip = PacketBuilder::ipv4(vip.octets(), client.octets(), 64);
+            match flow.l4 {
+                L4::Tcp => ip
+                    .tcp(flow.vip_port, flow.client_port, 1, 64_000)
+                    .ack(1001)
+                    .write(&mut out, payload),
+                L4::Udp => ip.udp(flow.vip_port, flow.client_port).write(&mut out, payload),
+            }
+        }
+        (IpAddr::V6(vip), IpAddr::V6(client)) => {
+            let ip = PacketBuilder::ipv6(vip.octets(), client.octets(), 64);
+            match flow.l4 {
+                L4::Tcp => ip
+                    .tcp(flow.vip_port, flow.client_port, 1, 64_000)
+                    .ack(1001)
+                    .write(&mut out, payload),
+                L4::Udp => ip.udp(flow.vip_port, flow.client_port).write(&mut out, payload),
+            }
+        }
+        _ => panic!("client and VIP of different families"),
+    };
+    written.expect("writing to a Vec cannot fail");
+    out
+}
+
+/// A frame from a router (`router`) to `to` carrying ICMP `icmp` (ICMPv6
+/// for IPv6) with `quote` as its body: an error's quoted packet, or an
+/// echo's data. Fragmentation needed and packet too big carry an MTU of 1280.
+pub fn icmp_frame(router: IpAddr, to: IpAddr, icmp: Icmp, quote: &[u8]) -> Vec<u8> {
+    let ethernet = PacketBuilder::ethernet2(ROUTER_MAC, BALANCER_MAC);
+    let mtu: [u8; 4] = match icmp {
+        Icmp::FRAGMENTATION_NEEDED => [0, 0, 0x05, 0x00],
+        Icmp::V6_PACKET_TOO_BIG => 1280u32.to_be_bytes(),
+        _ => [0; 4],
+    };
+    let mut out = Vec::new();
+    let written = match (router, to) {
+        (IpAddr::V4(router), IpAddr::V4(to)) => ethernet
+            .ipv4(router.octets(), to.octets(), 64)
+            .icmpv4(etherparse::Icmpv4Type::Unknown {
+                type_u8: icmp.kind,
+                code_u8: icmp.code,
+                bytes5to8: mtu,
+            })
+            .write(&mut out, quote),
+        (IpAddr::V6(router), IpAddr::V6(to)) => ethernet
+            .ipv6(router.octets(), to.octets(), 64)
+            .icmpv6(etherparse::Icmpv6Type::Unknown {
+                type_u8: icmp.kind,
+                code_u8: icmp.code,
+                bytes5to8: mtu,
+            })
+            .write(&mut out, quote),
+        _ => panic!("router and destination of different families"),
+    };
+    written.expect("writing to a Vec cannot fail");
+    out
+}

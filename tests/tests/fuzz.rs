@@ -11,10 +11,11 @@ fn a_million_hostile_packets_never_reach_a_backend_unless_well_formed_for_a_vip(
     let started = std::time::Instant::now();
     let report = tests::fuzz::run(&target, seed, packets).expect("fuzz run");
     println!(
-        "FIGURE fuzz: {} packets (seed {seed}) in {:.1} s: {} forwarded, {} passed, {} dropped; {} failures",
+        "FIGURE fuzz: {} packets (seed {seed}) in {:.1} s: {} forwarded ({} ICMP errors), {} passed, {} dropped; {} failures",
         report.packets,
         started.elapsed().as_secs_f64(),
         report.forwarded,
+        report.icmp_forwarded,
         report.passed,
         report.dropped,
         report.failures.len()
@@ -24,7 +25,8 @@ fn a_million_hostile_packets_never_reach_a_backend_unless_well_formed_for_a_vip(
     assert!(
         report.forwarded > packets / 20
             && report.passed > packets / 20
-            && report.dropped > packets / 100,
+            && report.dropped > packets / 100
+            && report.icmp_forwarded > packets / 200,
         "{report:?}"
     );
 }

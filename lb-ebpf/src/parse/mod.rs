@@ -1,6 +1,7 @@
 //! Header parsing: one file per header family, every read through `ptr_at`.
 
 pub mod ethernet;
+pub mod icmp;
 pub mod ip;
 pub mod transport;
 

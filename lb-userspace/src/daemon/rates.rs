@@ -60,7 +60,7 @@ mod tests {
     fn rates_are_per_second_and_kept_apart_for_vips_and_backends() {
         let mut rates = Rates::default();
         let start = Instant::now();
-        let counters = |packets, bytes| TrafficCounters { packets, bytes };
+        let counters = |packets, bytes| TrafficCounters { packets, bytes, icmp_errors: 0 };
         rates.sample_at(Counted::Vip(0), counters(100, 1000), start);
         rates.sample_at(Counted::Backend(0), counters(5, 50), start);
         assert_eq!(rates.get(Counted::Vip(0)), Rate::default(), "one sample is no rate");

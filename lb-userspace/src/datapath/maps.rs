@@ -39,6 +39,9 @@ pub trait Maps {
     /// Records how many VIPs use `address` (0 removes it).
     fn set_vip_address(&mut self, key: VipAddressKey, count: u32) -> Result<(), DatapathError>;
     fn set_backend(&mut self, slot: u32, backend: Backend) -> Result<(), DatapathError>;
+    /// The entry of one backend slot, used or free (a free slot keeps the
+    /// generation of its last occupant).
+    fn backend(&self, slot: u32) -> Option<Backend>;
     /// Zeroes the counters of a VIP index that is being reused.
     fn reset_vip_stats(&mut self, vip_index: u32) -> Result<(), DatapathError>;
     /// Zeroes the counters of a backend slot that is being reused.
@@ -107,6 +110,10 @@ impl Maps for Datapath {
         self.backends.set(slot, backend, 0).map_err(map_error(MAP_BACKENDS))
     }
 
+    fn backend(&self, slot: u32) -> Option<Backend> {
+        self.backends.get(&slot, 0).ok()
+    }
+
     fn reset_vip_stats(&mut self, vip_index: u32) -> Result<(), DatapathError> {
         reset(&mut self.vip_stats, vip_index).map_err(map_error(MAP_VIP_STATS))
     }
@@ -157,23 +164,12 @@ impl Datapath {
         )
     }
 
-    /// Active flows per backend slot: entries neither closing nor idle past
-    /// their protocol's timeout. Walks the whole flow table (about a second
-    /// per million flows), so callers should not do it per packet or often.
+    /// Active flows per backend slot: confirmed entries of the slot's
+    /// current occupant (same VIP and generation) neither closing nor idle
+    /// past their protocol's timeout. Walks the whole flow table (about a
+    /// second per million flows): never on the daemon's loop.
     pub fn active_flows(&self) -> std::collections::HashMap<u32, u64> {
-        let now = monotonic_ns();
-        let tcp_idle = self.config.tcp_idle_timeout_ms.saturating_mul(1_000_000);
-        let udp_idle = self.config.udp_idle_timeout_ms.saturating_mul(1_000_000);
-        let mut counts = std::collections::HashMap::new();
-        for (key, entry) in self.flows.iter().filter_map(Result::ok) {
-            let idle = if key.protocol == u32::from(PROTO_TCP) { tcp_idle } else { udp_idle };
-            if entry.flags & FLOW_FLAG_CLOSING == 0
-                && now.saturating_sub(entry.last_seen_ns) <= idle
-            {
-                *counts.entry(entry.backend_slot).or_default() += 1;
-            }
-        }
-        counts
+        count_active_flows(&self.flows, &self.backend_entries(), &self.config)
     }
 
     /// Memory the kernel charges for the flow table (its `memlock`), if known.
@@ -188,6 +184,33 @@ impl Datapath {
         use aya::maps::IterableMap as _;
         self.flows.map().fd().as_fd()
     }
+}
+
+/// The walk behind [`Datapath::active_flows`], on any handle of the flow
+/// table, given the backend slots in use.
+pub fn count_active_flows<T: std::borrow::Borrow<MapData>>(
+    flows: &aya::maps::HashMap<T, FlowKey, FlowEntry>,
+    backends: &[(u32, Backend)],
+    config: &DatapathConfig,
+) -> std::collections::HashMap<u32, u64> {
+    let now = monotonic_ns();
+    let tcp_idle = config.tcp_idle_timeout_ms.saturating_mul(1_000_000);
+    let udp_idle = config.udp_idle_timeout_ms.saturating_mul(1_000_000);
+    let occupants: std::collections::HashMap<u32, (u32, u32)> = backends
+        .iter()
+        .map(|(slot, backend)| (*slot, (backend.vip_index, backend.generation)))
+        .collect();
+    let mut counts = std::collections::HashMap::new();
+    for (key, entry) in flows.iter().filter_map(Result::ok) {
+        let idle = if key.protocol == u32::from(PROTO_TCP) { tcp_idle } else { udp_idle };
+        if entry.flags & FLOW_FLAG_CLOSING == 0
+            && now.saturating_sub(entry.last_seen_ns) <= idle
+            && occupants.get(&entry.backend_slot) == Some(&(entry.vip_index, entry.generation))
+        {
+            *counts.entry(entry.backend_slot).or_default() += 1;
+        }
+    }
+    counts
 }
 
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
@@ -220,6 +243,7 @@ fn sum_traffic(
     Ok(values.iter().fold(TrafficCounters::default(), |total, cpu| TrafficCounters {
         packets: total.packets + cpu.packets,
         bytes: total.bytes + cpu.bytes,
+        icmp_errors: total.icmp_errors + cpu.icmp_errors,
     }))
 }
 

@@ -137,6 +137,7 @@ impl Datapath {
         }
         let maglev_elements = lb_common::maglev_elements(maglev_entries);
         let udp_idle_ns = config.udp_idle_timeout_ms.saturating_mul(1_000_000);
+        let tcp_idle_ns = config.tcp_idle_timeout_ms.saturating_mul(1_000_000);
         let sync_flows = u32::from(config.sync_flows);
         let own_mac = lb_common::mac_word(config.own_mac);
         let mut loader = EbpfLoader::new();
@@ -148,9 +149,14 @@ impl Datapath {
         let mut ebpf = loader
             .override_global(GLOBAL_HASH_SEED, &config.hash_seed, true)
             .override_global(GLOBAL_UDP_IDLE_NS, &udp_idle_ns, true)
+            .override_global(lb_common::GLOBAL_TCP_IDLE_NS, &tcp_idle_ns, true)
             .override_global(GLOBAL_SYNC_FLOWS, &sync_flows, true)
             .override_global(lb_common::GLOBAL_OWN_MAC, &own_mac, true)
             .map_max_entries(MAP_FLOWS, config.flow_table_size)
+            .map_max_entries(
+                lb_common::MAP_NEW_FLOWS,
+                lb_common::new_flow_table_size(config.flow_table_size),
+            )
             .override_global(GLOBAL_TABLE_SIZE, &config.table_size, true)
             .map_max_entries(MAP_VIPS, config.max_vips)
             .map_max_entries(MAP_VIP_ADDRESSES, config.max_vips)

@@ -93,6 +93,8 @@ pub struct Reconciler<M: Maps = Datapath> {
     installed: BTreeMap<Vip, InstalledVip>,
     vip_indexes: Slots,
     backend_slots: Slots,
+    /// Backend slot in use -> its `Backend::generation`.
+    generations: HashMap<u32, u32>,
     macs: HashMap<IpAddr, Mac>,
     vip_addresses: BTreeMap<VipAddressKey, u32>,
     tables_built: u64,
@@ -110,6 +112,7 @@ impl<M: Maps> Reconciler<M> {
             installed: BTreeMap::new(),
             vip_indexes: Slots::new(config.max_vips),
             backend_slots: Slots::new(config.max_backends),
+            generations: HashMap::new(),
             macs: HashMap::new(),
             vip_addresses: BTreeMap::new(),
             tables_built: 0,
@@ -132,6 +135,7 @@ impl<M: Maps> Reconciler<M> {
                     continue;
                 };
                 slots.insert(address, *slot);
+                self.generations.insert(*slot, backend.generation);
                 if backend.has_mac() {
                     self.macs.insert(address, backend.mac);
                 }
@@ -256,6 +260,10 @@ impl<M: Maps> Reconciler<M> {
                             .take()
                             .ok_or(ReconcileError::Exhausted("backend slot"))?;
                         self.datapath.reset_backend_stats(slot)?;
+                        // A new occupant: flow entries of the slot's earlier
+                        // ones (another generation) are never sent to it.
+                        let last = self.datapath.backend(slot).map_or(0, |b| b.generation);
+                        self.generations.insert(slot, last.wrapping_add(1));
                         installed.slots.insert(*address, slot);
                     }
                 }
@@ -313,6 +321,8 @@ impl<M: Maps> Reconciler<M> {
                     family,
                     _pad: [0; 3],
                     vip_index: self.installed[vip].vip_index,
+                    generation: self.generations.get(slot).copied().unwrap_or_default(),
+                    _pad2: 0,
                 };
                 self.datapath.set_backend(*slot, backend)?;
             }
@@ -387,7 +397,10 @@ impl<M: Maps> Reconciler<M> {
     }
 
     fn release_backend(&mut self, slot: u32) -> Result<(), ReconcileError> {
-        self.datapath.set_backend(slot, Backend::default())?;
+        // The freed slot keeps its generation, so that the next occupant's
+        // is new even across a restart.
+        let generation = self.generations.remove(&slot).unwrap_or_default();
+        self.datapath.set_backend(slot, Backend { generation, ..Backend::default() })?;
         self.backend_slots.give_back(slot);
         Ok(())
     }

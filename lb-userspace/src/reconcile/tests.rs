@@ -129,6 +129,10 @@ impl Maps for FakeMaps {
     fn set_vip_address(&mut self, _: VipAddressKey, _: u32) -> Result<(), DatapathError> {
         Ok(())
     }
+    fn backend(&self, slot: u32) -> Option<Backend> {
+        self.backends.get(slot as usize).copied()
+    }
+
     fn set_backend(&mut self, slot: u32, backend: Backend) -> Result<(), DatapathError> {
         self.backends[slot as usize] = backend;
         self.writes.push(Write::SetBackend(slot, backend));
@@ -195,7 +199,8 @@ fn a_freed_backend_slot_is_reused_last_and_starts_with_clean_counters() {
 
     desired.remove_backend(&web(), ip(1)).unwrap();
     reconciler.apply(&desired, &HealthMap::new()).unwrap();
-    assert_eq!(reconciler.datapath().backends[0], Backend::default(), "slot 0 cleared");
+    let freed = Backend { generation: 1, ..Backend::default() };
+    assert_eq!(reconciler.datapath().backends[0], freed, "slot 0 cleared, its generation kept");
 
     // Slots 2 and 3 were never used: they go first, so slot 0 waits longest.
     for last in [3, 4, 5] {
@@ -207,6 +212,7 @@ fn a_freed_backend_slot_is_reused_last_and_starts_with_clean_counters() {
     let maps = reconciler.datapath();
     assert!(maps.writes.contains(&Write::ResetBackendStats(0)), "a reused slot's counters restart");
     assert_eq!(maps.backends[0].mac, [2, 0, 0, 0, 1, 5], "slot 0 now names backend 5");
+    assert_eq!(maps.backends[0].generation, 2, "a new occupant, a new generation");
     assert_eq!(maps.table_slots(&web()), vec![0, 1, 2, 3]);
 
     // A fifth backend finds no slot: refused by name.
@@ -284,7 +290,8 @@ fn a_backend_is_released_only_after_the_table_without_it_is_published() {
         .iter()
         .position(|write| matches!(write, Write::SetVip(_, info) if info.backend_count == 1))
         .expect("the table without backend 1 was published");
-    let release = maps.position(&Write::SetBackend(0, Backend::default()));
+    let release =
+        maps.position(&Write::SetBackend(0, Backend { generation: 1, ..Backend::default() }));
     assert!(
         flip < release,
         "slot 0 was cleared before the table stopped naming it: {:?}",
@@ -298,6 +305,7 @@ fn a_backend_is_released_only_after_the_table_without_it_is_published() {
     reconciler.apply(&desired, &HealthMap::new()).unwrap();
     let maps = reconciler.datapath();
     let unpublish = maps.position(&Write::RemoveVip(web().key()));
-    let release = maps.position(&Write::SetBackend(1, Backend::default()));
+    let release =
+        maps.position(&Write::SetBackend(1, Backend { generation: 1, ..Backend::default() }));
     assert!(unpublish < release, "{:?}", maps.writes);
 }

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::MapData;
-use lb_common::{FLOW_FLAG_CLOSING, FlowEntry, FlowKey, FlowSyncEvent, FlowSyncKind};
+use lb_common::{
+    FLOW_FLAG_CLOSING, FLOW_FLAG_RESET, FlowEntry, FlowKey, FlowSyncEvent, FlowSyncKind,
+};
 
 use super::wire::{FlowRecord, FlowState};
 use crate::datapath::monotonic_ns;
@@ -30,28 +32,33 @@ pub struct Directory {
 struct DirectoryVip {
     vip: SocketAddr,
     protocol: u8,
-    /// Backend address -> slot, for every backend configured for the VIP.
-    slots: HashMap<IpAddr, u32>,
+    /// Backend address -> (slot, slot generation), for every backend
+    /// configured for the VIP.
+    slots: HashMap<IpAddr, (u32, u32)>,
 }
 
 impl Directory {
-    /// Adds a VIP with its backends' slots.
+    /// Adds a VIP with its backends' slots: (address, slot, generation).
     pub fn insert(
         &mut self,
         vip: SocketAddr,
         protocol: u8,
         vip_index: u32,
-        slots: impl IntoIterator<Item = (IpAddr, u32)>,
+        slots: impl IntoIterator<Item = (IpAddr, u32, u32)>,
     ) {
-        let slots = slots.into_iter().collect();
+        let slots = slots
+            .into_iter()
+            .map(|(address, slot, generation)| (address, (slot, generation)))
+            .collect();
         self.by_index.insert(vip_index, DirectoryVip { vip, protocol, slots });
         self.by_vip.insert((vip, protocol), vip_index);
     }
 
-    fn backend_of(&self, vip_index: u32, slot: u32) -> Option<(&DirectoryVip, IpAddr)> {
+    /// The VIP, and the address and generation of the backend in `slot`.
+    fn backend_of(&self, vip_index: u32, slot: u32) -> Option<(&DirectoryVip, IpAddr, u32)> {
         let vip = self.by_index.get(&vip_index)?;
-        let address = vip.slots.iter().find(|(_, s)| **s == slot).map(|(address, _)| *address)?;
-        Some((vip, address))
+        let (address, (_, generation)) = vip.slots.iter().find(|(_, (s, _))| *s == slot)?;
+        Some((vip, *address, *generation))
     }
 }
 
@@ -73,7 +80,7 @@ fn record(
     slot: u32,
     state: FlowState,
 ) -> Option<FlowRecord> {
-    let (vip, backend) = directory.backend_of(vip_index, slot)?;
+    let (vip, backend, _) = directory.backend_of(vip_index, slot)?;
     let family = if vip.vip.is_ipv4() { lb_common::FAMILY_IPV4 } else { lb_common::FAMILY_IPV6 };
     let client = address_from_bytes(flow.client_address, family)?;
     Some(FlowRecord {
@@ -90,7 +97,7 @@ fn record(
 pub fn resolve(directory: &Directory, record: &FlowRecord) -> Option<(FlowKey, FlowEntry)> {
     let vip_index = *directory.by_vip.get(&(record.vip, record.protocol))?;
     let vip = &directory.by_index[&vip_index];
-    let backend_slot = *vip.slots.get(&record.backend)?;
+    let (backend_slot, generation) = *vip.slots.get(&record.backend)?;
     if record.client.is_ipv4() != record.vip.is_ipv4() {
         return None;
     }
@@ -101,8 +108,12 @@ pub fn resolve(directory: &Directory, record: &FlowRecord) -> Option<(FlowKey, F
         record.vip.port(),
         record.protocol,
     );
-    let flags = if record.state == FlowState::Open { 0 } else { FLOW_FLAG_CLOSING };
-    Some((key, FlowEntry { backend_slot, vip_index, last_seen_ns: 0, flags, _pad: 0 }))
+    let flags = match record.state {
+        FlowState::Open => 0,
+        FlowState::Closing => FLOW_FLAG_CLOSING,
+        FlowState::Reset => FLOW_FLAG_CLOSING | FLOW_FLAG_RESET,
+    };
+    Some((key, FlowEntry { backend_slot, vip_index, last_seen_ns: 0, flags, generation }))
 }
 
 /// What applying a record did.
@@ -119,22 +130,20 @@ pub enum Applied {
 
 /// Writes a peer's record into the flow table. An open entry of our own is
 /// never replaced by a peer's (both balancers hash a new flow alike; ours
-/// is what packets here already follow); a closing or missing one is.
+/// is what packets here already follow); a closing or missing one is. A
+/// close (FIN or RST) only marks the entry, as the datapath does: the next
+/// packet other than a RST or FIN reopens a reset one.
 pub fn apply(table: &mut FlowTable, directory: &Directory, record: &FlowRecord) -> Applied {
     let Some((key, mut entry)) = resolve(directory, record) else {
         return Applied::Refused;
     };
     let existing = table.get(&key, 0).ok();
     match record.state {
-        FlowState::Reset => {
-            if existing.is_some_and(|existing| existing.vip_index == entry.vip_index) {
-                let _ = table.remove(&key);
-            }
-            Applied::Written
-        }
-        FlowState::Closing => {
+        FlowState::Closing | FlowState::Reset => {
             if let Some(mut existing) = existing.filter(|e| e.vip_index == entry.vip_index) {
-                existing.flags |= FLOW_FLAG_CLOSING;
+                if existing.flags & FLOW_FLAG_CLOSING == 0 {
+                    existing.flags |= entry.flags;
+                }
                 let _ = table.insert(key, existing, 0);
             } else {
                 entry.last_seen_ns = monotonic_ns();
@@ -162,11 +171,18 @@ pub fn dump(table: &FlowTable, directory: &Directory) -> Vec<FlowRecord> {
         .iter()
         .filter_map(Result::ok)
         .filter_map(|(key, entry)| {
-            let state = if entry.flags & FLOW_FLAG_CLOSING == 0 {
-                FlowState::Open
-            } else {
+            let state = if entry.flags & FLOW_FLAG_RESET != 0 {
+                FlowState::Reset
+            } else if entry.flags & FLOW_FLAG_CLOSING != 0 {
                 FlowState::Closing
+            } else {
+                FlowState::Open
             };
+            // An entry of an earlier occupant of the slot is not this backend's.
+            let (_, _, generation) = directory.backend_of(entry.vip_index, entry.backend_slot)?;
+            if generation != entry.generation {
+                return None;
+            }
             record(directory, &key, entry.vip_index, entry.backend_slot, state)
         })
         .collect()
@@ -178,7 +194,8 @@ mod tests {
 
     fn directory() -> Directory {
         let mut directory = Directory::default();
-        let backends = [("198.18.1.1".parse().unwrap(), 4), ("198.18.1.2".parse().unwrap(), 9)];
+        let backends =
+            [("198.18.1.1".parse().unwrap(), 4, 1), ("198.18.1.2".parse().unwrap(), 9, 3)];
         directory.insert("198.18.0.10:80".parse().unwrap(), 6, 2, backends);
         directory
     }
@@ -204,7 +221,8 @@ mod tests {
         assert_eq!(record.client, "198.19.0.7:40000".parse().unwrap());
         assert_eq!(record.backend, "198.18.1.2".parse::<IpAddr>().unwrap());
         let (key, entry) = resolve(&directory, &record).unwrap();
-        assert_eq!((key, entry.vip_index, entry.backend_slot, entry.flags), (flow, 2, 9, 0));
+        let resolved = (key, entry.vip_index, entry.backend_slot, entry.generation, entry.flags);
+        assert_eq!(resolved, (flow, 2, 9, 3, 0), "the slot's generation comes from the directory");
 
         let gone = FlowSyncEvent { backend_slot: 5, ..event };
         assert_eq!(record_of(&directory, &gone), None, "a slot no backend holds");

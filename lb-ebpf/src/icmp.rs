@@ -1,0 +1,54 @@
+//! ICMP errors about VIP flows. With direct server return a backend's
+//! replies leave from the VIP, so a router on the way to the client sends
+//! "fragmentation needed" or "packet too big" to the VIP, which routes here.
+//! The error goes to the backend whose reply it quotes, found as a packet of
+//! that flow would find it (its flow entries, else the Maglev choice), so
+//! that backend's TCP learns the path MTU instead of stalling.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FlowKey, Reason, VipKey};
+
+use crate::flows::{self, Settings};
+use crate::maps::{LB_BACKEND_STATS, LB_VIP_STATS, LB_VIPS};
+use crate::parse::{icmp::parse_icmp_error, ip::L3};
+use crate::{dsr, stats};
+
+/// Forwards an ICMP error addressed to a VIP address (the caller checked
+/// that) to its flow's backend: `Ok(XDP_TX)`, or the reason it was not.
+#[inline(always)]
+pub fn forward_error(
+    ctx: &XdpContext,
+    l3: &L3,
+    ipv6: bool,
+    settings: &Settings,
+) -> Result<u32, Reason> {
+    let quoted = parse_icmp_error(ctx, l3, ipv6)?;
+    // The quoted packet left from the VIP the error is sent back to.
+    if quoted.source != l3.destination {
+        return Err(Reason::DropIcmpUnmatched);
+    }
+    let vip_key = VipKey {
+        address: quoted.source,
+        port: quoted.source_port,
+        protocol: quoted.protocol,
+        family: l3.family,
+    };
+    // SAFETY: copied out at once, as in the main path.
+    let vip = *unsafe { LB_VIPS.get(vip_key) }.ok_or(Reason::DropIcmpUnmatched)?;
+    let flow = FlowKey {
+        client_address: quoted.destination,
+        vip_address: quoted.source,
+        client_port: quoted.destination_port,
+        vip_port: quoted.source_port,
+        protocol: u32::from(quoted.protocol),
+    };
+    let (slot, backend) = flows::find(&flow, &vip, settings).map_err(|reason| match reason {
+        Reason::DropInternal => Reason::DropInternal,
+        _ => Reason::DropIcmpUnmatched,
+    })?;
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let action = dsr::forward(ctx, backend)?;
+    stats::count_icmp_error(&LB_VIP_STATS, vip.vip_index, bytes);
+    stats::count_icmp_error(&LB_BACKEND_STATS, slot, bytes);
+    Ok(action)
+}
