@@ -112,6 +112,10 @@ pub struct VipView {
     pub check: CheckSpec,
     pub packets: u64,
     pub bytes: u64,
+    /// Of `packets`, ICMP errors about its flows (path MTU, unreachable,
+    /// time exceeded) forwarded to the flow's backend.
+    #[serde(default)]
+    pub icmp_errors: u64,
     /// Over the last second.
     pub packets_per_second: f64,
     pub bytes_per_second: f64,
@@ -139,6 +143,10 @@ pub struct BackendView {
     pub table_entries: u32,
     pub packets: u64,
     pub bytes: u64,
+    /// Of `packets`, ICMP errors about its flows (path MTU, unreachable,
+    /// time exceeded) forwarded to the flow's backend.
+    #[serde(default)]
+    pub icmp_errors: u64,
     pub packets_per_second: f64,
     pub bytes_per_second: f64,
 }

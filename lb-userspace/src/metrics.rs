@@ -150,6 +150,16 @@ pub fn render(stats: &StatsView) -> String {
         stats.vips.iter().map(|v| (vip_label(&v.vip), u8::from(v.all_down).to_string())).collect(),
     );
     family(
+        "lb_backend_icmp_errors_total",
+        "counter",
+        "ICMP errors (path MTU, unreachable, time exceeded) about the backend's flows, forwarded to it.",
+        stats
+            .backends
+            .iter()
+            .map(|b| (backend_label(&b.vip, &b.address.to_string()), b.icmp_errors.to_string()))
+            .collect(),
+    );
+    family(
         "lb_backend_packets_total",
         "counter",
         "Packets forwarded to the backend.",

@@ -33,6 +33,15 @@ pub const CLIENT: &str = "198.19.0.1";
 pub const CLIENT6: &str = "fd00:198:18:1::1";
 /// The table `lb run --announce-table` publishes VIPs in.
 pub const ANNOUNCE_TABLE: &str = "100";
+
+/// The client behind [`Fleet::narrow_client_path`], and the second router's
+/// addresses on its two links.
+pub const NARROW_CLIENT: &str = "198.19.1.1";
+pub const NARROW_CLIENT6: &str = "fd00:198:18:2::1";
+const MIDDLE_CLIENT_SIDE: &str = "198.19.1.254";
+const MIDDLE_CLIENT_SIDE6: &str = "fd00:198:18:2::fe";
+const MIDDLE_ROUTER_SIDE: &str = "198.19.0.253";
+const MIDDLE_ROUTER_SIDE6: &str = "fd00:198:18:1::fd";
 const ROUTER_AS: &str = "65000";
 const BALANCER_AS: &str = "65001";
 const BALANCER_CONF: &str = include_str!("../../scripts/bird/balancer.conf");
@@ -182,6 +191,60 @@ impl Fleet {
             own_vips(&ns)?;
             ip(&ns, &["route", "add", "default", "via", ROUTER_LAN])?;
             ip(&ns, &["-6", "route", "add", "default", "via", ROUTER_LAN6])?;
+        }
+        Ok(())
+    }
+
+    /// Puts a second router between the client and the router, joined to
+    /// the router by a link of `mtu` bytes, as a tunnel on the way would:
+    /// the client keeps a 1500-byte link (so it advertises a full MSS), and
+    /// backends' large replies meet the narrow link only at the router,
+    /// which sends its ICMP errors to the VIP. The client becomes
+    /// [`NARROW_CLIENT`] / [`NARROW_CLIENT6`].
+    pub fn narrow_client_path(&self, mtu: u32) -> anyhow::Result<()> {
+        let (client, router, middle) =
+            (self.client(), self.router(), format!("{}mid", self.prefix));
+        crate::netns::add(&middle)?;
+        // Removing the client's end removes the router's too.
+        ip(&client, &["link", "del", "eth0"])?;
+        let mtu = mtu.to_string();
+        for (left, left_if, right, right_if, link_mtu) in [
+            (&client, "eth0", &middle, "eth0", "1500"),
+            (&middle, "eth1", &router, "eth1", mtu.as_str()),
+        ] {
+            run(
+                "ip",
+                &[
+                    "link", "add", left_if, "netns", left, "mtu", link_mtu, "type", "veth", "peer",
+                    "name", right_if, "netns", right, "mtu", link_mtu,
+                ],
+            )?;
+        }
+        for (ns, iface, v4, v6) in [
+            (&client, "eth0", NARROW_CLIENT, NARROW_CLIENT6),
+            (&middle, "eth0", MIDDLE_CLIENT_SIDE, MIDDLE_CLIENT_SIDE6),
+            (&middle, "eth1", MIDDLE_ROUTER_SIDE, MIDDLE_ROUTER_SIDE6),
+            (&router, "eth1", ROUTER_CLIENT_SIDE, ROUTER_CLIENT_SIDE6),
+        ] {
+            ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", iface])?;
+            ip(ns, &["addr", "add", &format!("{v6}/64"), "dev", iface, "nodad"])?;
+            ip(ns, &["link", "set", iface, "up"])?;
+        }
+        ip(&client, &["route", "add", "default", "via", MIDDLE_CLIENT_SIDE])?;
+        ip(&client, &["-6", "route", "add", "default", "via", MIDDLE_CLIENT_SIDE6])?;
+        ip(&middle, &["route", "add", "default", "via", ROUTER_CLIENT_SIDE])?;
+        ip(&middle, &["-6", "route", "add", "default", "via", ROUTER_CLIENT_SIDE6])?;
+        ip(&router, &["route", "add", "198.19.1.0/24", "via", MIDDLE_ROUTER_SIDE])?;
+        ip(&router, &["-6", "route", "add", "fd00:198:18:2::/64", "via", MIDDLE_ROUTER_SIDE6])?;
+        for ns in [&middle, &router] {
+            for key in [
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ] {
+                sysctl(ns, key)?;
+            }
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 pub mod capture;
 pub mod demo;
+pub mod download;
 pub mod fixture;
 pub mod fleet;
 pub mod forge;

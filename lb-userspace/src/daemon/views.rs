@@ -62,6 +62,7 @@ impl Daemon {
                 check: spec.check.clone(),
                 packets: counters.packets,
                 bytes: counters.bytes,
+                icmp_errors: counters.icmp_errors,
                 packets_per_second: rate.packets,
                 bytes_per_second: rate.bytes,
             });
@@ -104,6 +105,7 @@ impl Daemon {
                     table_entries: installed.table_entries,
                     packets: counters.packets,
                     bytes: counters.bytes,
+                    icmp_errors: counters.icmp_errors,
                     packets_per_second: rate.packets,
                     bytes_per_second: rate.bytes,
                 });

@@ -80,6 +80,12 @@ enum Command {
     /// New TCP connections (connect, read the answer, close) as fast as
     /// THREADS threads go for SECONDS; prints 'OK FAILED'.
     ConnRate { address: SocketAddr, seconds: u64, threads: usize },
+    /// Sends NAME, a newline and BYTES bytes on every connection to PORT;
+    /// stops after SECONDS.
+    DownloadServe { name: String, port: u16, bytes: usize, seconds: u64 },
+    /// COUNT downloads from ADDRESS one after another, each abandoned after
+    /// TIMEOUT seconds without progress; prints them as JSON.
+    Download { address: SocketAddr, count: usize, timeout: u64 },
     /// A WebSocket server answering NAME:message; stops after SECONDS.
     WsServe { name: String, port: u16, seconds: u64 },
     /// COUNT WebSocket connections, then commands on stdin (round, open N,
@@ -148,6 +154,13 @@ fn main() -> anyhow::Result<()> {
         Command::ConnRate { address, seconds, threads } => {
             let (ok, failed) = connection_rate(address, Duration::from_secs(seconds), threads)?;
             println!("{ok} {failed}");
+        }
+        Command::DownloadServe { name, port, bytes, seconds } => {
+            tests::download::serve(&name, port, bytes, seconds)?
+        }
+        Command::Download { address, count, timeout } => {
+            let downloads = tests::download::client(address, count, Duration::from_secs(timeout));
+            println!("{}", serde_json::to_string(&downloads)?);
         }
         Command::WsServe { name, port, seconds } => runtime()?
             .block_on(tests::websocket::serve(name, port, Duration::from_secs(seconds)))?,

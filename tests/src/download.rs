@@ -1,0 +1,72 @@
+//! Bulk downloads for the path-MTU test: a server that sends its name and a
+//! fixed number of bytes on every connection, and a client that downloads
+//! through the VIP and reports how far each download got.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Serves `name`, a newline, then `bytes` bytes on every connection to
+/// `port` (IPv4 and IPv6) until `seconds` have passed.
+pub fn serve(name: &str, port: u16, bytes: usize, seconds: u64) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::from(([0u16; 8], port)))?;
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let body = vec![b'x'; bytes];
+    while Instant::now() < deadline {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                stream.set_nonblocking(false)?;
+                stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+                let (name, body) = (name.to_owned(), body.clone());
+                // A stalled download must not hold up the next one.
+                std::thread::spawn(move || {
+                    let _ = writeln!(stream, "{name}").and_then(|()| stream.write_all(&body));
+                });
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
+
+/// What one download got.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Download {
+    /// The server's name (its first line), or "" when none arrived.
+    pub backend: String,
+    /// Bytes after the name line.
+    pub bytes: usize,
+    pub seconds: f64,
+}
+
+/// `count` downloads from `address`, one after another, each given
+/// `timeout` without progress before it is counted as stalled.
+pub fn client(address: SocketAddr, count: usize, timeout: Duration) -> Vec<Download> {
+    (0..count).map(|_| download(address, timeout)).collect()
+}
+
+fn download(address: SocketAddr, timeout: Duration) -> Download {
+    let started = Instant::now();
+    let mut received = Vec::new();
+    if let Ok(mut stream) = TcpStream::connect_timeout(&address, timeout) {
+        let _ = stream.set_read_timeout(Some(timeout));
+        let mut buffer = [0u8; 65_536];
+        while let Ok(read) = stream.read(&mut buffer) {
+            if read == 0 {
+                break;
+            }
+            received.extend_from_slice(&buffer[..read]);
+        }
+    }
+    let (backend, bytes) = match received.iter().position(|byte| *byte == b'\n') {
+        Some(end) => {
+            (String::from_utf8_lossy(&received[..end]).into_owned(), received.len() - end - 1)
+        }
+        None => (String::new(), 0),
+    };
+    Download { backend, bytes, seconds: started.elapsed().as_secs_f64() }
+}
