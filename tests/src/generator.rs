@@ -11,11 +11,13 @@ use aya::{Ebpf, EbpfLoader};
 use lb_userspace::datapath::BENCH_OBJECT;
 
 /// The bench programs with `bench_generator` loaded: `flows` source ports
-/// and `addresses` client addresses (IPv4) cycled through.
-pub fn load(flows: u32, addresses: u32) -> anyhow::Result<Ebpf> {
+/// and `addresses` client addresses (IPv4) cycled through, each tuple sent
+/// `repeat` times in a row.
+pub fn load(flows: u32, addresses: u32, repeat: u32) -> anyhow::Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .override_global("BENCH_FLOWS", &flows, true)
         .override_global("BENCH_ADDRESSES", &addresses, true)
+        .override_global("BENCH_REPEAT", &repeat, true)
         .load(BENCH_OBJECT)?;
     let program: &mut Xdp =
         ebpf.program_mut("bench_generator").context("bench_generator")?.try_into()?;

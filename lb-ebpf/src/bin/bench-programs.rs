@@ -35,6 +35,11 @@ static BENCH_FLOWS: u32 = 64_000;
 #[unsafe(no_mangle)]
 static BENCH_ADDRESSES: u32 = 1;
 
+/// Frames sent per tuple, in a row, by the generator (a flood that repeats
+/// each spoofed tuple defeats the kernel LRU's second-chance list), set at load.
+#[unsafe(no_mangle)]
+static BENCH_REPEAT: u32 = 1;
+
 /// Index 0: the balancer, for `bench_new_flow` to tail-call.
 #[map]
 static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
@@ -93,13 +98,16 @@ fn vary_source_port(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     let sequence = BENCH_SEQUENCE.get_ptr_mut(0)?;
+    // SAFETY: read_volatile keeps the load-time value from being folded.
+    let repeat = unsafe { core::ptr::read_volatile(&BENCH_REPEAT) }.max(1);
     // SAFETY: a per-CPU value owned by this CPU, and the port lies within the
     // frame (checked above).
     unsafe {
         *sequence = (*sequence).wrapping_add(1);
-        let port = (1024 + (*sequence % flows) % 64_000) as u16;
+        let tuple = *sequence / repeat;
+        let port = (1024 + (tuple % flows) % 64_000) as u16;
         *((start + offset) as *mut [u8; 2]) = port.to_be_bytes();
-        Some(*sequence)
+        Some(tuple)
     }
 }
 

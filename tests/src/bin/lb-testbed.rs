@@ -62,10 +62,11 @@ enum Command {
     },
     /// Prints the body of an HTTP GET (5 s at most); fails on anything but 200.
     HttpGet { address: SocketAddr, path: String },
-    /// UDP frames from the testbed's client to the VIP through the balancer
-    /// with XDP live frames: FLOWS source ports, ADDRESSES client addresses
-    /// (198.18.0.20..), at RATE pps (0: flat out), COUNT frames or SECONDS at
-    /// most; prints a JSON summary.
+    /// UDP frames (or TCP SYNs or bare ACKs, --kind) from the testbed's
+    /// client to the VIP through the balancer with XDP live frames: FLOWS
+    /// source ports, ADDRESSES client addresses (198.18.0.20..), each tuple
+    /// --repeat times in a row, at RATE pps (0: flat out), COUNT frames or
+    /// SECONDS at most; prints a JSON summary.
     Generate {
         prefix: String,
         vip: SocketAddr,
@@ -76,6 +77,10 @@ enum Command {
         rate: u64,
         #[arg(default_value_t = 64)]
         size: usize,
+        #[arg(long, value_enum, default_value_t = FrameKind::Udp)]
+        kind: FrameKind,
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     /// New TCP connections (connect, read the answer, close) as fast as
     /// THREADS threads go for SECONDS; prints 'OK FAILED'.
@@ -137,8 +142,20 @@ fn main() -> anyhow::Result<()> {
         Command::Client { protocol, vip, source, first_port, count } => {
             client(&protocol, vip, source, first_port, count)?
         }
-        Command::Generate { prefix, vip, flows, addresses, count, seconds, rate, size } => {
-            generate(&prefix, vip, flows, addresses, count, seconds, rate, size)?
+        Command::Generate {
+            prefix,
+            vip,
+            flows,
+            addresses,
+            count,
+            seconds,
+            rate,
+            size,
+            kind,
+            repeat,
+        } => {
+            let shape = Generated { flows, addresses, kind, repeat, size };
+            generate(&prefix, vip, &shape, count, seconds, rate)?
         }
         Command::HttpGet { address, path } => {
             let mut stream =
@@ -238,16 +255,30 @@ fn fleet_up(prefix: &str, balancers: usize, backends: usize) -> anyhow::Result<(
     Ok(())
 }
 
-#[expect(clippy::too_many_arguments, reason = "one per command-line argument of `generate`")]
+/// What `generate` sends: UDP datagrams, TCP SYNs or bare TCP ACKs.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum FrameKind {
+    Udp,
+    Syn,
+    Ack,
+}
+
+/// The frames `generate` sends, apart from how many and how fast.
+struct Generated {
+    flows: u32,
+    addresses: u32,
+    kind: FrameKind,
+    repeat: u32,
+    size: usize,
+}
+
 fn generate(
     prefix: &str,
     vip: SocketAddr,
-    flows: u32,
-    addresses: u32,
+    shape: &Generated,
     count: u64,
     seconds: f64,
     rate: u64,
-    size: usize,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         vip.is_ipv4(),
@@ -258,20 +289,27 @@ fn generate(
     let source_mac = netns::mac(&client, netns::LB_IFACE)?;
     let balancer_mac = netns::mac(&balancer, netns::LB_IFACE)?;
     std::mem::forget(testbed); // not ours to remove
+    use tests::packets::{L4, Segment};
+    let (l4, segment, header) = match shape.kind {
+        FrameKind::Udp => (L4::Udp, Segment::Syn, 8),
+        FrameKind::Syn => (L4::Tcp, Segment::Syn, 20),
+        FrameKind::Ack => (L4::Tcp, Segment::Ack, 20),
+    };
     let flow = tests::packets::Flow {
         client: "198.18.0.20".parse()?,
         client_port: 1024,
         vip: vip.ip(),
         vip_port: vip.port(),
-        l4: tests::packets::L4::Udp,
+        l4,
     };
-    let payload = vec![0u8; size.saturating_sub(14 + 20 + 8 + 4).max(1)];
-    let mut frame = tests::packets::frame(flow, tests::packets::Shape::default(), &payload);
+    let payload = vec![0u8; shape.size.saturating_sub(14 + 20 + header + 4).max(1)];
+    let frame_shape = tests::packets::Shape { segment, ..Default::default() };
+    let mut frame = tests::packets::frame(flow, frame_shape, &payload);
     frame[0..6].copy_from_slice(&balancer_mac);
     frame[6..12].copy_from_slice(&source_mac);
     netns::enter(&client)?;
     let ifindex = lb_userspace::neighbour::interface_index(netns::LB_IFACE)?;
-    let ebpf = tests::generator::load(flows, addresses)?;
+    let ebpf = tests::generator::load(shape.flows, shape.addresses, shape.repeat)?;
     let sent = tests::generator::send(&ebpf, &frame, ifindex, count, seconds, rate)?;
     println!("{}", serde_json::to_string(&sent)?);
     Ok(())
