@@ -195,6 +195,11 @@ pub enum ClientError {
     Connect { path: String, error: std::io::Error },
     #[error("talking to the daemon at {path} failed: {error}")]
     Io { path: String, error: std::io::Error },
+    #[error(
+        "the daemon at {path} is not answering (no reply in {} s): it may be stuck or overloaded; see its log",
+        REPLY_TIMEOUT.as_secs()
+    )]
+    NoReply { path: String },
     #[error("the daemon's reply was not understood")]
     Decode(#[from] serde_json::Error),
 }
@@ -206,12 +211,23 @@ pub fn encode_line<T: Serialize>(message: &T) -> String {
     line
 }
 
-/// Sends one request and waits for its reply (the client's half).
+/// How long the CLI waits for the daemon's reply.
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends one request and waits for its reply (the client's half), at most
+/// [`REPLY_TIMEOUT`].
 pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
     let path = socket.display().to_string();
-    let io = |error| ClientError::Io { path: path.clone(), error };
+    let io = |error: std::io::Error| match error.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            ClientError::NoReply { path: path.clone() }
+        }
+        _ => ClientError::Io { path: path.clone(), error },
+    };
     let mut stream = UnixStream::connect(socket)
         .map_err(|error| ClientError::Connect { path: path.clone(), error })?;
+    stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
     stream.write_all(encode_line(request).as_bytes()).map_err(io)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(io)?;

@@ -1,5 +1,7 @@
 //! Protected control: the socket refuses other users and survives garbage;
-//! the Prometheus endpoint reports what `lb stats --json` reports.
+//! the Prometheus endpoint reports what `lb stats --json` reports; with a
+//! million flows in the table, continuous `lb stats` and /metrics requests
+//! do not slow a failover down.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
@@ -149,7 +151,114 @@ fn metrics_report_what_lb_stats_reports() {
     );
 }
 
+/// Fills the daemon's pinned flow table with `count` confirmed flows on
+/// the backend in `slot` (what a million real clients would leave there).
+fn fill_flow_table(daemon: &Daemon, slot: u32, vip_index: u32, count: u32) {
+    use aya::maps::{HashMap, Map, MapData};
+    let path = daemon.pin_dir.join(netns::LB_IFACE).join(lb_common::MAP_FLOWS);
+    let map = MapData::from_pin(&path).expect("the pinned flow table");
+    let mut flows: HashMap<MapData, lb_common::FlowKey, lb_common::FlowEntry> =
+        HashMap::try_from(Map::LruHashMap(map)).unwrap();
+    let now = lb_userspace::datapath::monotonic_ns();
+    for index in 0..count {
+        let client = std::net::IpAddr::from([198, 19, (index >> 16) as u8, (index >> 8) as u8]);
+        let key =
+            lb_common::FlowKey::new(client, index as u16, "198.18.0.10".parse().unwrap(), 80, 6);
+        let entry = lb_common::FlowEntry {
+            backend_slot: slot,
+            vip_index,
+            last_seen_ns: now,
+            flags: 0,
+            generation: 1,
+        };
+        flows.insert(key, entry, 0).unwrap();
+    }
+}
+
+fn a_million_flows_and_busy_readers_do_not_delay_a_failover() {
+    let testbed = Testbed::up("lbe-busy-", 2).expect("testbed");
+    let mut servers: Vec<Option<_>> =
+        start_servers(&testbed, 80).expect("servers").into_iter().map(Some).collect();
+    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    daemon.lb(&["vip", "add", VIP]).unwrap();
+    for index in 1..=2 {
+        daemon.lb(&["backend", "add", VIP, &netns::backend4(index)]).unwrap();
+    }
+    daemon.wait_backends_active().unwrap();
+    let b2 = netns::backend4(2);
+    let down = |address: &str| if address == b2 { "down" } else { "up" };
+
+    // Side by side: a failover alone, then the same with the load.
+    servers[1] = None;
+    let quiet = daemon.wait_backends(down).unwrap();
+    servers[1] = Some(tests::harness::start_server(&testbed, 2, 80).unwrap());
+    daemon.wait_backends_active().unwrap();
+
+    // The first VIP's index and first backend slot are 0, generation 1.
+    fill_flow_table(&daemon, 0, 0, 1_000_000);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|reader| {
+            let (stop, balancer, socket) =
+                (stop.clone(), testbed.balancer(), daemon.socket.clone());
+            std::thread::spawn(move || {
+                let mut requests = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut command = if reader == 0 {
+                        let mut stats = Command::new(lb_binary());
+                        stats.arg("--socket").arg(&socket).args(["stats", "--json"]);
+                        stats
+                    } else {
+                        let mut scrape = Command::new("ip");
+                        scrape.args(["netns", "exec", &balancer]).arg(testbed_binary());
+                        scrape.args(["http-get", "127.0.0.1:9464", "/metrics"]);
+                        scrape
+                    };
+                    let _ = command.stdout(Stdio::null()).stderr(Stdio::null()).status();
+                    requests += 1;
+                }
+                requests
+            })
+        })
+        .collect();
+    // The readers run while the counter catches up with the million flows.
+    let counted = || -> u64 {
+        let stats = daemon.json(&["stats"]).unwrap();
+        stats["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["active_flows"].as_u64().unwrap())
+            .sum()
+    };
+    let filled = std::time::Instant::now();
+    while counted() < 1_000_000 {
+        assert!(
+            filled.elapsed().as_secs() < 20,
+            "the million flows were not counted: {}",
+            counted()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let counted_after = filled.elapsed();
+    servers[1] = None;
+    let busy = daemon.wait_backends(down).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let requests: Vec<u32> = readers.into_iter().map(|reader| reader.join().unwrap()).collect();
+    println!(
+        "FIGURE failover: {} ms alone, {} ms with a million active flows (counted {} ms after the fill) and {requests:?} lb stats / metrics requests running",
+        quiet.as_millis(),
+        busy.as_millis(),
+        counted_after.as_millis()
+    );
+    assert!(
+        busy <= quiet + std::time::Duration::from_secs(1),
+        "the failover took {busy:?} under load against {quiet:?} alone"
+    );
+}
+
 tests::root_tests!(
     the_control_socket_refuses_other_users_and_survives_garbage,
     metrics_report_what_lb_stats_reports,
+    a_million_flows_and_busy_readers_do_not_delay_a_failover,
 );

@@ -33,15 +33,26 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListe
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
+    // Bound inside a directory only root can enter, given its mode there,
+    // then moved into place: it is never reachable with the umask's mode.
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging = tempfile::Builder::new()
+        .prefix(".lb-socket-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a private directory in {}", parent.display()))?;
+    let staged = staging.path().join("sock");
     let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+        UnixListener::bind(&staged).with_context(|| format!("binding {}", path.display()))?;
     match gid {
-        None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?,
+        None => std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?,
         Some(gid) => {
-            std::os::unix::fs::chown(path, None, Some(gid))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+            std::os::unix::fs::chown(&staged, None, Some(gid))?;
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
         }
     }
+    std::fs::rename(&staged, path)
+        .with_context(|| format!("moving the socket to {}", path.display()))?;
     Ok(listener)
 }
 
@@ -58,12 +69,30 @@ fn group_id(name: &str) -> anyhow::Result<u32> {
 }
 
 /// Accepts control connections until the task is aborted.
+/// Control connections served at once; one more is told so and closed.
+const MAX_CONNECTIONS: usize = 64;
+/// A connection that sends no request for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(connection(stream, calls.clone()));
-            }
+            Ok((mut stream, _)) => match std::sync::Arc::clone(&slots).try_acquire_owned() {
+                Ok(slot) => {
+                    let calls = calls.clone();
+                    tokio::spawn(async move {
+                        connection(stream, calls).await;
+                        drop(slot);
+                    });
+                }
+                Err(_) => {
+                    let busy = Reply::Error(format!(
+                        "the daemon already serves {MAX_CONNECTIONS} control connections: try again"
+                    ));
+                    let _ = stream.write_all(encode_line(&busy).as_bytes()).await;
+                }
+            },
             Err(error) => {
                 tracing::warn!(%error, "accepting a control connection failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -77,7 +106,9 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
 async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
     let (reader, mut writer) = stream.into_split();
     let mut reader = BufReader::new(reader);
-    while let Some(incoming) = read_request(&mut reader).await {
+    while let Ok(Some(incoming)) =
+        tokio::time::timeout(IDLE_TIMEOUT, read_request(&mut reader)).await
+    {
         let ends = matches!(incoming, Incoming::TooLong);
         let reply = match incoming {
             Incoming::Request(request) => {

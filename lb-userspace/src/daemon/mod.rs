@@ -22,6 +22,7 @@ use crate::publish;
 use crate::reconcile::Reconciler;
 use crate::sync::{self, SyncOptions, SyncStatus};
 
+mod active_flows;
 mod control;
 mod dispatch;
 mod rates;
@@ -155,6 +156,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             .into_iter()
             .find(|(reason, _)| *reason == lb_common::Reason::Forwarded)
             .map_or(0, |(_, count)| count);
+        // Before the loop starts, so the walk (a second per million flows) delays nothing.
         let flows: u64 = datapath.active_flows().values().sum();
         tracing::info!(
             pins = %pins.display(), active_flows = flows, forwarded_packets = forwarded,
@@ -176,7 +178,24 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     let (wanted_tx, wanted_rx) = watch::channel(Vec::new());
     let (neighbours_tx, mut neighbours_rx) = mpsc::channel(4);
-    let mut neighbour_task = tokio::spawn(neighbour::run(ifindex, wanted_rx, neighbours_tx));
+    let start_neighbours = |delay| {
+        let (wanted, found) = (wanted_rx.clone(), neighbours_tx.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            neighbour::run(ifindex, wanted, found).await
+        })
+    };
+    let mut neighbour_task = start_neighbours(Duration::ZERO);
+    let flow_counter = Arc::new(datapath.flow_counter()?);
+    let (active_flows_tx, active_flows) = watch::channel(active_flows::ActiveFlows::default());
+    let start_counting = |delay| {
+        let (counter, counts) = (Arc::clone(&flow_counter), active_flows_tx.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            active_flows::run(counter, counts).await
+        })
+    };
+    let mut counting_task = start_counting(Duration::ZERO);
     let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(64);
     let metrics_task = metrics_listener.map(|(listener, address)| {
         tracing::info!(%address, "serving Prometheus metrics on /metrics");
@@ -203,6 +222,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         sync_status,
         sync_on: sync_parts.is_some(),
         announce_table,
+        active_flows,
     };
     daemon.checks.sync(&daemon.config.desired, if adopted { Start::Adopted } else { Start::Fresh });
     daemon.reconciler.apply(&daemon.config.desired, &daemon.checks.health_map())?;
@@ -225,14 +245,20 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         ))
     });
     let (announce_tx, announce_rx) = watch::channel(daemon.announcements());
+    let start_announcing = |table, delay| {
+        let announced = announce_rx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            crate::announce::run(table, ifindex, announced).await
+        })
+    };
     let mut announce_task = announce_table.map(|table| {
         tracing::info!(table, "announcing serving VIPs as routes in kernel table {table}");
-        tokio::spawn(crate::announce::run(table, ifindex, announce_rx))
+        start_announcing(table, Duration::ZERO)
     });
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut neighbours_lost = false;
     tracing::info!(socket = %options.socket.display(), "serving the control socket");
     loop {
         tokio::select! {
@@ -246,7 +272,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             }
             Some(found) = neighbours_rx.recv() => daemon.neighbours_changed(found),
             Some(report) = reports_rx.recv() => daemon.health_report(report),
-            _ = tick.tick() => daemon.sample_rates(),
+            _ = tick.tick() => {
+                daemon.sample_rates();
+                daemon.checks.restart_dead();
+            }
             // The status changes with every datagram; only the end of the
             // initial sync matters here (it lets the VIPs be announced).
             _ = initial_sync.wait_for(|status| status.initial_sync_done), if sync_task.is_some() && !initial_sync_seen => {
@@ -257,14 +286,16 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 tracing::error!(why = %task_end(ended), "the flow sync task died: peers no longer learn our flows; restart lb run");
             }
             ended = async { announce_task.as_mut().expect("guarded").await }, if announce_task.is_some() => {
-                announce_task = None;
-                tracing::error!(why = %task_end(ended), "the announce task died: VIP routes are no longer updated; restart lb run");
+                tracing::error!(why = %task_end(ended), "the announce task died: restarting it in {RESTART_DELAY:?}");
+                announce_task = announce_table.map(|table| start_announcing(table, RESTART_DELAY));
             }
-            ended = &mut neighbour_task, if !neighbours_lost => {
-                // Health failover still works without it, so keep serving,
-                // but say loudly that new backends will never get their MAC.
-                neighbours_lost = true;
-                tracing::error!(why = %task_end(ended), "the neighbour task died: backend MACs are no longer resolved; restart lb run");
+            ended = &mut neighbour_task => {
+                tracing::error!(why = %task_end(ended), "the neighbour task died: restarting it in {RESTART_DELAY:?}");
+                neighbour_task = start_neighbours(RESTART_DELAY);
+            }
+            ended = &mut counting_task => {
+                tracing::error!(why = %task_end(ended), "the active-flow counter died: restarting it in {RESTART_DELAY:?}");
+                counting_task = start_counting(RESTART_DELAY);
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break; }
@@ -274,6 +305,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     accept_task.abort();
     neighbour_task.abort();
+    counting_task.abort();
     if let Some(task) = metrics_task {
         task.abort();
     }
@@ -315,7 +347,13 @@ struct Daemon {
     sync_on: bool,
     /// `--announce-table` (or the config's), when announcing.
     announce_table: Option<u32>,
+    /// What the active-flow counter last published.
+    active_flows: watch::Receiver<active_flows::ActiveFlows>,
 }
+
+/// How long a background task that died waits before it is started again,
+/// so that one failing at once does not spin.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 fn task_end<E: std::fmt::Display>(ended: Result<anyhow::Result<()>, E>) -> String {
     match ended {

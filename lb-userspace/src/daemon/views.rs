@@ -72,7 +72,7 @@ impl Daemon {
 
     pub(super) fn backend_views(&self, only: Option<&Vip>) -> anyhow::Result<Vec<BackendView>> {
         let mut views = Vec::new();
-        let active_flows = self.reconciler.datapath().active_flows();
+        let active_flows = self.active_flows.borrow().clone();
         for (vip, spec) in &self.config.desired.vips {
             if only.is_some_and(|only| only != vip) {
                 continue;

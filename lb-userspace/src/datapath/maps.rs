@@ -180,9 +180,50 @@ impl Datapath {
         info.lines().find_map(|line| line.strip_prefix("memlock:")?.trim().parse().ok())
     }
 
+    /// Its own handles on the flow table and the backend slots, for
+    /// counting active flows off the daemon's loop.
+    pub fn flow_counter(&self) -> Result<FlowCounter, DatapathError> {
+        let duplicate = |fd: std::os::fd::BorrowedFd<'_>, name| {
+            let owned = fd.try_clone_to_owned().map_err(|error| DatapathError::Map {
+                name,
+                error: aya::maps::MapError::IoError(error),
+            })?;
+            MapData::from_fd(owned).map_err(map_error(name))
+        };
+        use aya::maps::IterableMap as _;
+        let flows = duplicate(self.flows_fd(), lb_common::MAP_FLOWS)?;
+        let backends = duplicate(self.backends.map().fd().as_fd(), MAP_BACKENDS)?;
+        let flows = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(flows));
+        let backends = aya::maps::Array::try_from(aya::maps::Map::Array(backends));
+        Ok(FlowCounter {
+            flows: flows.map_err(map_error(lb_common::MAP_FLOWS))?,
+            backends: backends.map_err(map_error(MAP_BACKENDS))?,
+            config: self.config,
+        })
+    }
+
     pub(super) fn flows_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use aya::maps::IterableMap as _;
         self.flows.map().fd().as_fd()
+    }
+}
+
+/// Counts active flows from its own map handles, so that the walk (about a
+/// second per million flows) runs on a blocking thread, never on the loop.
+pub struct FlowCounter {
+    flows: aya::maps::HashMap<MapData, FlowKey, FlowEntry>,
+    backends: aya::maps::Array<MapData, Backend>,
+    config: DatapathConfig,
+}
+
+impl FlowCounter {
+    /// Active flows per backend slot, as [`Datapath::active_flows`] counts them.
+    pub fn count(&self) -> std::collections::HashMap<u32, u64> {
+        let backends: Vec<(u32, Backend)> = (0..self.config.max_backends)
+            .filter_map(|slot| self.backends.get(&slot, 0).ok().map(|backend| (slot, backend)))
+            .filter(|(_, backend)| backend.family != 0)
+            .collect();
+        count_active_flows(&self.flows, &backends, &self.config)
     }
 }
 

@@ -112,6 +112,29 @@ impl Checks {
         }
     }
 
+    /// Starts again every check task that ended (a probe loop only ends by
+    /// a bug or a panic), keeping the backend's health; returns how many.
+    pub fn restart_dead(&mut self) -> usize {
+        let mut restarted = 0;
+        for (key, checker) in &mut self.checkers {
+            if !checker.task.as_ref().is_some_and(JoinHandle::is_finished) {
+                continue;
+            }
+            tracing::error!(vip = %key.0, backend = %key.1, "a health check task died: restarting it");
+            self.next_generation += 1;
+            checker.generation = self.next_generation;
+            checker.task = Some(tokio::spawn(probe::check_loop(
+                key.0,
+                key.1,
+                checker.spec.clone(),
+                checker.generation,
+                self.reports.clone(),
+            )));
+            restarted += 1;
+        }
+        restarted
+    }
+
     /// Records one report; returns the transition it caused, if any.
     /// Reports of removed backends or replaced tasks are ignored.
     pub fn observe(&mut self, report: HealthReport) -> Option<Transition> {
