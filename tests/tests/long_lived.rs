@@ -67,13 +67,20 @@ fn five_thousand_websockets_survive_add_weight_and_drain_and_only_a_failed_backe
     let b2 = netns::backend4(2);
     daemon.lb(&["backend", "drain", VIP, &b2]).unwrap();
     let round = clients.round_without_breaks("draining b2");
-    let row = backend_row(&daemon, &b2);
+    // Active flows are counted every 2 s off the daemon's loop: wait for a
+    // count taken after every connection was confirmed.
+    let on_b2 = count(&started["backends"], "b2");
+    let since = std::time::Instant::now();
+    let mut row = backend_row(&daemon, &b2);
+    while row["active_flows"].as_u64().unwrap() < on_b2 && since.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        row = backend_row(&daemon, &b2);
+    }
     println!(
         "FIGURE b2 while draining: state {} active_flows {}",
         row["state"], row["active_flows"]
     );
     assert_eq!(row["state"], "draining");
-    let on_b2 = count(&started["backends"], "b2");
     let active = row["active_flows"].as_u64().unwrap();
     assert!(
         active >= on_b2 && active <= on_b2 + 200,
