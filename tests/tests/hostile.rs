@@ -162,11 +162,15 @@ fn a_spoofed_flood_of_three_flow_tables_breaks_no_idle_websocket() {
     clients.round_without_breaks("adding b4");
 
     let before = flow_events(&daemon);
-    for (kind, target) in [("syn", vip), ("ack", vip), ("udp", udp_vip)] {
+    // Distinct tuples per kind: a SYN and then an ACK of the same spoofed
+    // tuple would be a handshake, which confirms (see the README).
+    let floods =
+        [("syn", vip, "198.18.4.20"), ("ack", vip, "198.18.5.20"), ("udp", udp_vip, "198.18.6.20")];
+    for (kind, target, source) in floods {
         let frames = (2 * FLOOD_TUPLES).to_string();
         let output = Command::new(testbed_binary())
             .args(["generate", prefix, target, "64000", "200", &frames, "60", "200000"])
-            .args(["64", "--kind", kind, "--repeat", "2"])
+            .args(["64", "--kind", kind, "--repeat", "2", "--source", source])
             .output()
             .expect("the flood generator");
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

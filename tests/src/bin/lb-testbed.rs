@@ -81,6 +81,9 @@ enum Command {
         kind: FrameKind,
         #[arg(long, default_value_t = 1)]
         repeat: u32,
+        /// The first client address (IPv4); the others follow it.
+        #[arg(long, default_value = "198.18.0.20")]
+        source: std::net::Ipv4Addr,
     },
     /// New TCP connections (connect, read the answer, close) as fast as
     /// THREADS threads go for SECONDS; prints 'OK FAILED'.
@@ -153,8 +156,9 @@ fn main() -> anyhow::Result<()> {
             size,
             kind,
             repeat,
+            source,
         } => {
-            let shape = Generated { flows, addresses, kind, repeat, size };
+            let shape = Generated { flows, addresses, kind, repeat, size, source };
             generate(&prefix, vip, &shape, count, seconds, rate)?
         }
         Command::HttpGet { address, path } => {
@@ -270,6 +274,7 @@ struct Generated {
     kind: FrameKind,
     repeat: u32,
     size: usize,
+    source: std::net::Ipv4Addr,
 }
 
 fn generate(
@@ -296,7 +301,7 @@ fn generate(
         FrameKind::Ack => (L4::Tcp, Segment::Ack, 20),
     };
     let flow = tests::packets::Flow {
-        client: "198.18.0.20".parse()?,
+        client: IpAddr::V4(shape.source),
         client_port: 1024,
         vip: vip.ip(),
         vip_port: vip.port(),
