@@ -18,7 +18,7 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, FLOW_CONFIRM_NS, FLOW_FLAG_CLOSING, FLOW_FLAG_RESET, FLOW_FLAG_SYN, FLOW_REFRESH_NS,
     FlowEntry, FlowEvent, FlowKey, FlowSyncKind, MAGLEV_CHUNK, NO_BACKEND, PROTO_TCP, Reason,
-    VIP_FLAG_CLIENT_IP_AFFINITY, VipInfo,
+    VIP_FLAG_CLIENT_IP_AFFINITY, VipInfo, VipKey,
 };
 
 use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_MAGLEV, LB_NEW_FLOWS};
@@ -34,6 +34,28 @@ pub struct Settings {
     pub tcp_idle_ns: u64,
     /// Report confirmed and closed flows for peer balancers.
     pub sync_flows: bool,
+}
+
+/// The keys of a flow from `client` to `vip`: its VIP's and its own.
+/// Addresses as in `L3`, ports in network byte order.
+#[inline(always)]
+pub fn keys(
+    client: [u8; 16],
+    client_port: [u8; 2],
+    vip: [u8; 16],
+    vip_port: [u8; 2],
+    protocol: u8,
+    family: u8,
+) -> (VipKey, FlowKey) {
+    let vip_key = VipKey { address: vip, port: vip_port, protocol, family };
+    let flow = FlowKey {
+        client_address: client,
+        vip_address: vip,
+        client_port,
+        vip_port,
+        protocol: u32::from(protocol),
+    };
+    (vip_key, flow)
 }
 
 /// What the TCP flags of a packet mean here (all false for UDP).

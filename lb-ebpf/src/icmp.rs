@@ -6,7 +6,7 @@
 //! that backend's TCP learns the path MTU instead of stalling.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FlowKey, Reason, VipKey};
+use lb_common::Reason;
 
 use crate::flows::{self, Settings};
 use crate::maps::{LB_BACKEND_STATS, LB_VIP_STATS, LB_VIPS};
@@ -27,28 +27,24 @@ pub fn forward_error(
     if quoted.source != l3.destination {
         return Err(Reason::DropIcmpUnmatched);
     }
-    let vip_key = VipKey {
-        address: quoted.source,
-        port: quoted.source_port,
-        protocol: quoted.protocol,
-        family: l3.family,
-    };
+    // The quote is the reply, so its destination is the flow's client.
+    let (vip_key, flow) = flows::keys(
+        quoted.destination,
+        quoted.destination_port,
+        quoted.source,
+        quoted.source_port,
+        quoted.protocol,
+        l3.family,
+    );
     // SAFETY: copied out at once, as in the main path.
     let vip = *unsafe { LB_VIPS.get(vip_key) }.ok_or(Reason::DropIcmpUnmatched)?;
-    let flow = FlowKey {
-        client_address: quoted.destination,
-        vip_address: quoted.source,
-        client_port: quoted.destination_port,
-        vip_port: quoted.source_port,
-        protocol: u32::from(quoted.protocol),
-    };
     let (slot, backend) = flows::find(&flow, &vip, settings).map_err(|reason| match reason {
         Reason::DropInternal => Reason::DropInternal,
         _ => Reason::DropIcmpUnmatched,
     })?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = dsr::forward(ctx, backend)?;
-    stats::count_icmp_error(&LB_VIP_STATS, vip.vip_index, bytes);
-    stats::count_icmp_error(&LB_BACKEND_STATS, slot, bytes);
+    stats::count_traffic(&LB_VIP_STATS, vip.vip_index, bytes, 1);
+    stats::count_traffic(&LB_BACKEND_STATS, slot, bytes, 1);
     Ok(action)
 }

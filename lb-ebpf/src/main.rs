@@ -16,8 +16,7 @@ mod sync;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    FAMILY_IPV6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey,
-    VipKey,
+    FAMILY_IPV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey,
 };
 
 use maps::{LB_BACKEND_STATS, LB_VIP_ADDRESSES, LB_VIP_STATS, LB_VIPS};
@@ -103,29 +102,24 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
         return Err(refuse_if_ours(&l3, Reason::DropMalformedL4));
     };
 
-    let vip_key = VipKey {
-        address: l3.destination,
-        port: ports.destination,
-        protocol: l3.protocol,
-        family: l3.family,
-    };
+    let (vip_key, flow) = flows::keys(
+        l3.source,
+        ports.source,
+        l3.destination,
+        ports.destination,
+        l3.protocol,
+        l3.family,
+    );
     // SAFETY: the value is copied out at once; the daemon replaces entries
     // whole, so the copy is one consistent version.
     let vip = *unsafe { LB_VIPS.get(vip_key) }.ok_or(Reason::PassNotVip)?;
 
-    let flow = FlowKey {
-        client_address: l3.source,
-        vip_address: l3.destination,
-        client_port: ports.source,
-        vip_port: ports.destination,
-        protocol: u32::from(l3.protocol),
-    };
     let (backend_slot, backend) = flows::choose(&flow, &vip, ports.tcp_flags, &settings)?;
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = dsr::forward(ctx, backend)?;
-    stats::count_traffic(&LB_VIP_STATS, vip.vip_index, bytes);
-    stats::count_traffic(&LB_BACKEND_STATS, backend_slot, bytes);
+    stats::count_traffic(&LB_VIP_STATS, vip.vip_index, bytes, 0);
+    stats::count_traffic(&LB_BACKEND_STATS, backend_slot, bytes, 0);
     Ok((Reason::Forwarded, action))
 }
 

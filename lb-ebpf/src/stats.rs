@@ -22,26 +22,16 @@ pub fn count_flow_event(event: FlowEvent) {
     }
 }
 
+/// One forwarded packet of `bytes`; `icmp_errors` is 1 for an ICMP error
+/// about a flow, 0 otherwise.
 #[inline(always)]
-pub fn count_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64) {
+pub fn count_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64, icmp_errors: u64) {
     if let Some(counters) = map.get_ptr_mut(index) {
         // SAFETY: as in count_reason, a per-CPU value owned by this CPU.
         unsafe {
             (*counters).packets += 1;
             (*counters).bytes += bytes;
-        }
-    }
-}
-
-/// An ICMP error forwarded to a flow's backend: counted as traffic and as an error.
-#[inline(always)]
-pub fn count_icmp_error(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64) {
-    if let Some(counters) = map.get_ptr_mut(index) {
-        // SAFETY: as in count_reason, a per-CPU value owned by this CPU.
-        unsafe {
-            (*counters).packets += 1;
-            (*counters).bytes += bytes;
-            (*counters).icmp_errors += 1;
+            (*counters).icmp_errors += icmp_errors;
         }
     }
 }

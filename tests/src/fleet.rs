@@ -136,23 +136,10 @@ impl Fleet {
 
         // Client <-> router, point to point.
         let (client, router) = (self.client(), self.router());
-        run(
-            "ip",
-            &[
-                "link", "add", "eth0", "netns", &client, "type", "veth", "peer", "name", "eth1",
-                "netns", &router,
-            ],
-        )?;
-        for (ns, iface, v4, v6) in [
-            (&client, "eth0", CLIENT, CLIENT6),
-            (&router, "eth1", ROUTER_CLIENT_SIDE, ROUTER_CLIENT_SIDE6),
-        ] {
-            ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", iface])?;
-            ip(ns, &["addr", "add", &format!("{v6}/64"), "dev", iface, "nodad"])?;
-            ip(ns, &["link", "set", iface, "up"])?;
-        }
-        ip(&client, &["route", "add", "default", "via", ROUTER_CLIENT_SIDE])?;
-        ip(&client, &["-6", "route", "add", "default", "via", ROUTER_CLIENT_SIDE6])?;
+        veth_pair((&client, "eth0"), (&router, "eth1"), 1500)?;
+        link_up(&client, "eth0", CLIENT, CLIENT6)?;
+        link_up(&router, "eth1", ROUTER_CLIENT_SIDE, ROUTER_CLIENT_SIDE6)?;
+        default_via(&client, ROUTER_CLIENT_SIDE, ROUTER_CLIENT_SIDE6)?;
 
         // Everyone else on the switch.
         let mut lan = vec![(
@@ -189,8 +176,7 @@ impl Fleet {
         for index in 1..=self.backends {
             let ns = self.backend(index);
             own_vips(&ns)?;
-            ip(&ns, &["route", "add", "default", "via", ROUTER_LAN])?;
-            ip(&ns, &["-6", "route", "add", "default", "via", ROUTER_LAN6])?;
+            default_via(&ns, ROUTER_LAN, ROUTER_LAN6)?;
         }
         Ok(())
     }
@@ -207,33 +193,14 @@ impl Fleet {
         crate::netns::add(&middle)?;
         // Removing the client's end removes the router's too.
         ip(&client, &["link", "del", "eth0"])?;
-        let mtu = mtu.to_string();
-        for (left, left_if, right, right_if, link_mtu) in [
-            (&client, "eth0", &middle, "eth0", "1500"),
-            (&middle, "eth1", &router, "eth1", mtu.as_str()),
-        ] {
-            run(
-                "ip",
-                &[
-                    "link", "add", left_if, "netns", left, "mtu", link_mtu, "type", "veth", "peer",
-                    "name", right_if, "netns", right, "mtu", link_mtu,
-                ],
-            )?;
-        }
-        for (ns, iface, v4, v6) in [
-            (&client, "eth0", NARROW_CLIENT, NARROW_CLIENT6),
-            (&middle, "eth0", MIDDLE_CLIENT_SIDE, MIDDLE_CLIENT_SIDE6),
-            (&middle, "eth1", MIDDLE_ROUTER_SIDE, MIDDLE_ROUTER_SIDE6),
-            (&router, "eth1", ROUTER_CLIENT_SIDE, ROUTER_CLIENT_SIDE6),
-        ] {
-            ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", iface])?;
-            ip(ns, &["addr", "add", &format!("{v6}/64"), "dev", iface, "nodad"])?;
-            ip(ns, &["link", "set", iface, "up"])?;
-        }
-        ip(&client, &["route", "add", "default", "via", MIDDLE_CLIENT_SIDE])?;
-        ip(&client, &["-6", "route", "add", "default", "via", MIDDLE_CLIENT_SIDE6])?;
-        ip(&middle, &["route", "add", "default", "via", ROUTER_CLIENT_SIDE])?;
-        ip(&middle, &["-6", "route", "add", "default", "via", ROUTER_CLIENT_SIDE6])?;
+        veth_pair((&client, "eth0"), (&middle, "eth0"), 1500)?;
+        veth_pair((&middle, "eth1"), (&router, "eth1"), mtu)?;
+        link_up(&client, "eth0", NARROW_CLIENT, NARROW_CLIENT6)?;
+        link_up(&middle, "eth0", MIDDLE_CLIENT_SIDE, MIDDLE_CLIENT_SIDE6)?;
+        link_up(&middle, "eth1", MIDDLE_ROUTER_SIDE, MIDDLE_ROUTER_SIDE6)?;
+        link_up(&router, "eth1", ROUTER_CLIENT_SIDE, ROUTER_CLIENT_SIDE6)?;
+        default_via(&client, MIDDLE_CLIENT_SIDE, MIDDLE_CLIENT_SIDE6)?;
+        default_via(&middle, ROUTER_CLIENT_SIDE, ROUTER_CLIENT_SIDE6)?;
         ip(&router, &["route", "add", "198.19.1.0/24", "via", MIDDLE_ROUTER_SIDE])?;
         ip(&router, &["-6", "route", "add", "fd00:198:18:2::/64", "via", MIDDLE_ROUTER_SIDE6])?;
         for ns in [&middle, &router] {
@@ -450,6 +417,30 @@ pub fn down(prefix: &str) {
     crate::netns::down(prefix);
     crate::harness::remove_pins(prefix);
     let _ = std::fs::remove_dir_all(Path::new(FILES_ROOT).join(prefix));
+}
+
+/// A veth pair of `mtu` bytes from interface `left.1` in namespace `left.0`
+/// to `right.1` in `right.0`.
+fn veth_pair(left: (&str, &str), right: (&str, &str), mtu: u32) -> anyhow::Result<()> {
+    let mtu = mtu.to_string();
+    let args = [
+        "link", "add", left.1, "netns", left.0, "mtu", &mtu, "type", "veth", "peer", "name",
+        right.1, "netns", right.0, "mtu", &mtu,
+    ];
+    run("ip", &args).map(|_| ())
+}
+
+/// Gives `iface` in `ns` its addresses (a /24 and a /64) and brings it up.
+fn link_up(ns: &str, iface: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
+    ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", iface])?;
+    ip(ns, &["addr", "add", &format!("{v6}/64"), "dev", iface, "nodad"])?;
+    ip(ns, &["link", "set", iface, "up"]).map(|_| ())
+}
+
+/// Default routes of `ns` via `v4` and `v6`.
+fn default_via(ns: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
+    ip(ns, &["route", "add", "default", "via", v4])?;
+    ip(ns, &["-6", "route", "add", "default", "via", v6]).map(|_| ())
 }
 
 fn fill(template: &str, values: &[(&str, &str)]) -> String {

@@ -180,29 +180,21 @@ pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 /// A backend's reply in `flow` (from VIP:port to client:port), as an IP
 /// packet without Ethernet: what an ICMP error quotes.
 pub fn reply_packet(flow: Flow, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let written = match (flow.vip, flow.client) {
+    let ip = match (flow.vip, flow.client) {
         (IpAddr::V4(vip), IpAddr::V4(client)) => {
-            let ip = PacketBuilder::ipv4(vip.octets(), client.octets(), 64);
-            match flow.l4 {
-                L4::Tcp => ip
-                    .tcp(flow.vip_port, flow.client_port, 1, 64_000)
-                    .ack(1001)
-                    .write(&mut out, payload),
-                L4::Udp => ip.udp(flow.vip_port, flow.client_port).write(&mut out, payload),
-            }
+            PacketBuilder::ipv4(vip.octets(), client.octets(), 64)
         }
         (IpAddr::V6(vip), IpAddr::V6(client)) => {
-            let ip = PacketBuilder::ipv6(vip.octets(), client.octets(), 64);
-            match flow.l4 {
-                L4::Tcp => ip
-                    .tcp(flow.vip_port, flow.client_port, 1, 64_000)
-                    .ack(1001)
-                    .write(&mut out, payload),
-                L4::Udp => ip.udp(flow.vip_port, flow.client_port).write(&mut out, payload),
-            }
+            PacketBuilder::ipv6(vip.octets(), client.octets(), 64)
         }
         _ => panic!("client and VIP of different families"),
+    };
+    let mut out = Vec::new();
+    let written = match flow.l4 {
+        L4::Tcp => {
+            ip.tcp(flow.vip_port, flow.client_port, 1, 64_000).ack(1001).write(&mut out, payload)
+        }
+        L4::Udp => ip.udp(flow.vip_port, flow.client_port).write(&mut out, payload),
     };
     written.expect("writing to a Vec cannot fail");
     out

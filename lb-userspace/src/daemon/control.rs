@@ -68,12 +68,12 @@ fn group_id(name: &str) -> anyhow::Result<u32> {
     }
 }
 
-/// Accepts control connections until the task is aborted.
 /// Control connections served at once; one more is told so and closed.
 const MAX_CONNECTIONS: usize = 64;
 /// A connection that sends no request for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Accepts control connections until the task is aborted.
 pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {

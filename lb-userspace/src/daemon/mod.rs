@@ -179,21 +179,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let (wanted_tx, wanted_rx) = watch::channel(Vec::new());
     let (neighbours_tx, mut neighbours_rx) = mpsc::channel(4);
     let start_neighbours = |delay| {
-        let (wanted, found) = (wanted_rx.clone(), neighbours_tx.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            neighbour::run(ifindex, wanted, found).await
-        })
+        spawn_after(delay, neighbour::run(ifindex, wanted_rx.clone(), neighbours_tx.clone()))
     };
     let mut neighbour_task = start_neighbours(Duration::ZERO);
     let flow_counter = Arc::new(datapath.flow_counter()?);
     let (active_flows_tx, active_flows) = watch::channel(active_flows::ActiveFlows::default());
     let start_counting = |delay| {
-        let (counter, counts) = (Arc::clone(&flow_counter), active_flows_tx.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            active_flows::run(counter, counts).await
-        })
+        spawn_after(delay, active_flows::run(Arc::clone(&flow_counter), active_flows_tx.clone()))
     };
     let mut counting_task = start_counting(Duration::ZERO);
     let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(64);
@@ -246,11 +238,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     });
     let (announce_tx, announce_rx) = watch::channel(daemon.announcements());
     let start_announcing = |table, delay| {
-        let announced = announce_rx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            crate::announce::run(table, ifindex, announced).await
-        })
+        spawn_after(delay, crate::announce::run(table, ifindex, announce_rx.clone()))
     };
     let mut announce_task = announce_table.map(|table| {
         tracing::info!(table, "announcing serving VIPs as routes in kernel table {table}");
@@ -354,6 +342,18 @@ struct Daemon {
 /// How long a background task that died waits before it is started again,
 /// so that one failing at once does not spin.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// Spawns `task` after `delay`: how background tasks start, and start again.
+fn spawn_after<F>(delay: Duration, task: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        task.await
+    })
+}
 
 fn task_end<E: std::fmt::Display>(ended: Result<anyhow::Result<()>, E>) -> String {
     match ended {

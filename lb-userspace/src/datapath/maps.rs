@@ -64,10 +64,7 @@ impl Maps for Datapath {
     }
 
     fn backend_entries(&self) -> Vec<(u32, Backend)> {
-        (0..self.config.max_backends)
-            .filter_map(|slot| self.backends.get(&slot, 0).ok().map(|backend| (slot, backend)))
-            .filter(|(_, backend)| backend.family != 0)
-            .collect()
+        used_backends(&self.backends, self.config.max_backends)
     }
 
     fn write_table(&mut self, vip_index: u32, slot: u32, table: &[u32]) {
@@ -183,13 +180,7 @@ impl Datapath {
     /// Its own handles on the flow table and the backend slots, for
     /// counting active flows off the daemon's loop.
     pub fn flow_counter(&self) -> Result<FlowCounter, DatapathError> {
-        let duplicate = |fd: std::os::fd::BorrowedFd<'_>, name| {
-            let owned = fd.try_clone_to_owned().map_err(|error| DatapathError::Map {
-                name,
-                error: aya::maps::MapError::IoError(error),
-            })?;
-            MapData::from_fd(owned).map_err(map_error(name))
-        };
+        let duplicate = |fd, name| MapData::from_fd(owned_fd(fd, name)?).map_err(map_error(name));
         use aya::maps::IterableMap as _;
         let flows = duplicate(self.flows_fd(), lb_common::MAP_FLOWS)?;
         let backends = duplicate(self.backends.map().fd().as_fd(), MAP_BACKENDS)?;
@@ -219,12 +210,29 @@ pub struct FlowCounter {
 impl FlowCounter {
     /// Active flows per backend slot, as [`Datapath::active_flows`] counts them.
     pub fn count(&self) -> std::collections::HashMap<u32, u64> {
-        let backends: Vec<(u32, Backend)> = (0..self.config.max_backends)
-            .filter_map(|slot| self.backends.get(&slot, 0).ok().map(|backend| (slot, backend)))
-            .filter(|(_, backend)| backend.family != 0)
-            .collect();
+        let backends = used_backends(&self.backends, self.config.max_backends);
         count_active_flows(&self.flows, &backends, &self.config)
     }
+}
+
+/// Every backend slot in use (family set) of the first `max_backends`, with its entry.
+fn used_backends<T: std::borrow::Borrow<MapData>>(
+    backends: &aya::maps::Array<T, Backend>,
+    max_backends: u32,
+) -> Vec<(u32, Backend)> {
+    (0..max_backends)
+        .filter_map(|slot| backends.get(&slot, 0).ok().map(|backend| (slot, backend)))
+        .filter(|(_, backend)| backend.family != 0)
+        .collect()
+}
+
+/// A second descriptor of a map, for a task that needs its own handle.
+pub(super) fn owned_fd(
+    fd: std::os::fd::BorrowedFd<'_>,
+    name: &'static str,
+) -> Result<std::os::fd::OwnedFd, DatapathError> {
+    fd.try_clone_to_owned()
+        .map_err(|error| DatapathError::Map { name, error: aya::maps::MapError::IoError(error) })
 }
 
 /// The walk behind [`Datapath::active_flows`], on any handle of the flow

@@ -226,9 +226,7 @@ impl Datapath {
     /// and its own handle on the flow table.
     pub fn take_sync(&mut self) -> Result<Option<crate::sync::SyncDatapath>, DatapathError> {
         let Some(ring) = self.flow_sync.take() else { return Ok(None) };
-        let flow_table = self.flows_fd().try_clone_to_owned().map_err(|error| {
-            DatapathError::Map { name: MAP_FLOWS, error: aya::maps::MapError::IoError(error) }
-        })?;
+        let flow_table = maps::owned_fd(self.flows_fd(), MAP_FLOWS)?;
         Ok(Some(crate::sync::SyncDatapath { ring, flow_table }))
     }
 

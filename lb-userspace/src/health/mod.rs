@@ -60,6 +60,16 @@ impl Drop for Checker {
     }
 }
 
+/// Spawns the probe loop of one (VIP, backend); its reports carry `generation`.
+fn start_check(
+    key: (Vip, IpAddr),
+    spec: &CheckSpec,
+    generation: u64,
+    reports: &mpsc::Sender<HealthReport>,
+) -> JoinHandle<()> {
+    tokio::spawn(probe::check_loop(key.0, key.1, spec.clone(), generation, reports.clone()))
+}
+
 /// The check tasks of every (VIP, backend), and their health.
 pub struct Checks {
     checkers: HashMap<(Vip, IpAddr), Checker>,
@@ -99,15 +109,8 @@ impl Checks {
             };
             self.next_generation += 1;
             let generation = self.next_generation;
-            let task = (spec.kind != CheckKind::None).then(|| {
-                tokio::spawn(probe::check_loop(
-                    key.0,
-                    key.1,
-                    spec.clone(),
-                    generation,
-                    self.reports.clone(),
-                ))
-            });
+            let task = (spec.kind != CheckKind::None)
+                .then(|| start_check(key, &spec, generation, &self.reports));
             self.checkers.insert(key, Checker { spec, generation, task, state });
         }
     }
@@ -123,13 +126,8 @@ impl Checks {
             tracing::error!(vip = %key.0, backend = %key.1, "a health check task died: restarting it");
             self.next_generation += 1;
             checker.generation = self.next_generation;
-            checker.task = Some(tokio::spawn(probe::check_loop(
-                key.0,
-                key.1,
-                checker.spec.clone(),
-                checker.generation,
-                self.reports.clone(),
-            )));
+            checker.task =
+                Some(start_check(*key, &checker.spec, checker.generation, &self.reports));
             restarted += 1;
         }
         restarted
