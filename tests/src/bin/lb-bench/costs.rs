@@ -1,16 +1,18 @@
 //! Section 1: the per-packet cost of each datapath path through
 //! BPF_PROG_TEST_RUN with a large repeat, against XDP_DROP and an XDP_TX MAC
 //! swap (the floor). Each row proves from the datapath's own counters that
-//! every repeat took the path it claims.
+//! every repeat took the path it claims. The flood and flow-sync rows are in
+//! `hostile_costs`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use aya::maps::ProgramArray;
+use aya::maps::{MapData, PerCpuArray, PerCpuValues, ProgramArray};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
-use lb_common::{FlowEvent, Reason};
+use lb_common::{FLOW_CONFIRM_NS, Reason};
 use lb_userspace::datapath::BENCH_OBJECT;
 use lb_userspace::model::{DatapathConfig, Protocol};
 use lb_userspace::reconcile::Reconciler;
@@ -18,13 +20,14 @@ use serde::Serialize;
 use tests::packets::{Flow, L4, Segment, Shape, frame};
 
 use crate::forwarding::pin_to_cpu;
+use crate::hostile_costs::{flood_costs, sync_costs};
 use crate::ip;
 use tests::{XDP_DROP, XDP_PASS, XDP_TX};
 
 /// Repeats per per-packet measurement, and measurements per row (median kept).
 pub const REPEAT: u32 = 1_000_000;
-/// New-flow rows: RUNS x this stays under the 64,000 distinct ports the
-/// wrapper cycles through, so no repeat meets an earlier flow.
+/// Fresh-port rows: RUNS x this stays under the 64,000 distinct ports the
+/// wrapper cycles through, so no repeat meets an earlier flow of its row.
 pub const NEW_FLOW_REPEAT: u32 = 12_000;
 pub const RUNS: usize = 5;
 
@@ -34,9 +37,18 @@ pub struct CostRow {
     pub ns_per_packet: f64,
     /// Cost over the XDP_TX MAC-swap floor's.
     pub vs_xdp_tx_floor: f64,
-    /// The counter that proves the path, and whether it moved by exactly the repeat count.
+    /// The counters that prove the path, and whether they moved as claimed.
     pub proof: String,
     pub proven: bool,
+}
+
+impl CostRow {
+    /// Adds a further proof of the path to this row.
+    pub fn also(mut self, holds: bool, proof: String) -> Self {
+        self.proof = format!("{}, {proof}", self.proof);
+        self.proven &= holds;
+        self
+    }
 }
 
 /// A reconciler with four VIPs (TCP/UDP, IPv4/IPv6) of ten backends each.
@@ -54,6 +66,19 @@ pub fn balancer(config: DatapathConfig) -> anyhow::Result<Reconciler> {
         tests::fixture::backend_mac,
     )?;
     Ok(reconciler)
+}
+
+/// The bench's datapath settings: small enough to load fast, the default
+/// flow table unless `flow_table_size` says otherwise.
+pub fn config(flow_table_size: Option<u32>, sync_flows: bool) -> DatapathConfig {
+    let default = DatapathConfig::default();
+    DatapathConfig {
+        max_vips: 8,
+        max_backends: 64,
+        flow_table_size: flow_table_size.unwrap_or(default.flow_table_size),
+        sync_flows,
+        ..default
+    }
 }
 
 pub fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
@@ -94,45 +119,153 @@ pub fn counters(reconciler: &Reconciler) -> anyhow::Result<BTreeMap<String, u64>
     Ok(all)
 }
 
+/// Runs `measure` on `reconciler`'s datapath and proves the path: the
+/// counter `proof` moved by exactly `expected`, and for XDP_TX paths so did
+/// `forwarded`.
+pub fn row(
+    reconciler: &Reconciler,
+    path: impl Into<String>,
+    floor: f64,
+    proof: &str,
+    expected: u64,
+    measure: impl FnOnce() -> anyhow::Result<f64>,
+) -> anyhow::Result<CostRow> {
+    let before = counters(reconciler)?;
+    let ns = measure()?;
+    let after = counters(reconciler)?;
+    let moved = |name: &str| after[name] - before[name];
+    let forwarded = moved(Reason::Forwarded.name());
+    let forwards = proof != Reason::PassNotVip.name();
+    Ok(CostRow {
+        path: path.into(),
+        ns_per_packet: ns,
+        vs_xdp_tx_floor: ns / floor,
+        proof: format!("{proof} +{} of {expected}", moved(proof)),
+        proven: moved(proof) == expected && (!forwards || forwarded == expected),
+    })
+}
+
+/// Sends each frame to `program` once, [`FLOW_CONFIRM_NS`] apart: a
+/// handshake (SYN, then ACK) or a UDP flow seen again confirms its flow.
+pub fn prime(program: &Xdp, frames: &[Vec<u8>]) -> anyhow::Result<()> {
+    for (index, frame) in frames.iter().enumerate() {
+        if index > 0 {
+            std::thread::sleep(Duration::from_nanos(FLOW_CONFIRM_NS) + Duration::from_millis(50));
+        }
+        program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut vec![0; frame.len() + 256]),
+            ..Default::default()
+        })?;
+    }
+    Ok(())
+}
+
+/// The floors and the fresh-port wrapper (`bench_new_flow`) from the bench
+/// programs.
+pub struct Harness {
+    bench: Ebpf,
+    target: ProgramArray<MapData>,
+    sequence: PerCpuArray<MapData, u32>,
+    /// The wrapper's own cost: it tail-calling XDP_DROP, less XDP_DROP.
+    wrapper: f64,
+    pub drop: f64,
+    /// XDP_TX after a MAC swap: what every row is compared with.
+    pub floor: f64,
+}
+
+impl Harness {
+    pub fn load(sample: &[u8]) -> anyhow::Result<Self> {
+        let mut bench = EbpfLoader::new()
+            .override_global("BENCH_FLOWS", &64_000u32, true)
+            .load(BENCH_OBJECT)?;
+        for name in ["bench_drop", "bench_mac_swap", "bench_new_flow"] {
+            xdp(&mut bench, name)?.load()?;
+        }
+        let mut target =
+            ProgramArray::try_from(bench.take_map("BENCH_TARGET").context("BENCH_TARGET")?)?;
+        let sequence =
+            PerCpuArray::try_from(bench.take_map("BENCH_SEQUENCE").context("BENCH_SEQUENCE")?)?;
+        let drop = cost(xdp(&mut bench, "bench_drop")?, sample, REPEAT, XDP_DROP)?;
+        let floor = cost(xdp(&mut bench, "bench_mac_swap")?, sample, REPEAT, XDP_TX)?;
+        target.set(0, xdp(&mut bench, "bench_drop")?.fd()?, 0)?;
+        let wrapper = cost(xdp(&mut bench, "bench_new_flow")?, sample, REPEAT, XDP_DROP)? - drop;
+        Ok(Self { bench, target, sequence, wrapper, drop, floor })
+    }
+
+    /// ns per packet of `balancer` on `frame` with a fresh source port
+    /// every repeat (the wrapper's cost taken off).
+    pub fn fresh_ports(&mut self, balancer: &Xdp, frame: &[u8]) -> anyhow::Result<f64> {
+        self.target.set(0, balancer.fd()?, 0)?;
+        let wrapper = xdp(&mut self.bench, "bench_new_flow")?;
+        Ok(cost(wrapper, frame, NEW_FLOW_REPEAT, XDP_TX)? - self.wrapper)
+    }
+
+    /// Where the wrapper's port sequence stands, to replay it with [`Self::rewind`].
+    pub fn mark(&self) -> anyhow::Result<PerCpuValues<u32>> {
+        Ok(self.sequence.get(&0, 0)?)
+    }
+
+    /// The next fresh-port run goes over the same ports as the one after `mark`.
+    pub fn rewind(&mut self, mark: &PerCpuValues<u32>) -> anyhow::Result<()> {
+        let values = PerCpuValues::try_from(mark.iter().copied().collect::<Vec<_>>())?;
+        Ok(self.sequence.set(0, values, 0)?)
+    }
+}
+
+/// Test flows of the bench: TCP and UDP, IPv4 and IPv6, each from its own client.
+pub fn bench_flow(client: &str, vip: &str, l4: L4) -> Flow {
+    let vip: SocketAddr = vip.parse().expect("bench VIP");
+    Flow { client: ip(client), client_port: 40_000, vip: vip.ip(), vip_port: vip.port(), l4 }
+}
+
+pub fn packet(flow: Flow, segment: Segment) -> Vec<u8> {
+    frame(flow, Shape { segment, ..Shape::default() }, &[0u8; 10])
+}
+
+/// The four kinds of flow a row can run, named, with their client's last
+/// address byte (IPv4) or group (IPv6) set to `client`.
+pub fn kinds(client: u8) -> [(&'static str, Flow); 4] {
+    let v4 = format!("198.18.0.{client}");
+    let v6 = format!("fd00:198:18::{client:x}:1");
+    [
+        ("TCP IPv4", bench_flow(&v4, "198.18.0.10:80", L4::Tcp)),
+        ("UDP IPv4", bench_flow(&v4, "198.18.0.10:53", L4::Udp)),
+        ("TCP IPv6", bench_flow(&v6, "[fd00:198:18::10]:80", L4::Tcp)),
+        ("UDP IPv6", bench_flow(&v6, "[fd00:198:18::10]:53", L4::Udp)),
+    ]
+}
+
+/// The frames that confirm `flow` as established: its handshake, or for UDP
+/// one datagram and another a second later.
+pub fn establishing(flow: Flow) -> Vec<Vec<u8>> {
+    match flow.l4 {
+        L4::Tcp => vec![packet(flow, Segment::Syn), packet(flow, Segment::Ack)],
+        L4::Udp => vec![packet(flow, Segment::Syn); 2],
+    }
+}
+
+/// A packet of an established flow: an ACK, or a UDP datagram.
+pub fn established(flow: Flow) -> Vec<u8> {
+    packet(flow, Segment::Ack)
+}
+
 pub fn per_packet_costs() -> anyhow::Result<Vec<CostRow>> {
     // One CPU: the wrapper's port sequence is per CPU, and must not restart.
     pin_to_cpu(0)?;
-    let config = DatapathConfig { max_vips: 8, max_backends: 64, ..DatapathConfig::default() };
-    let reconciler = balancer(config)?;
+    let reconciler = balancer(config(None, false))?;
     let lb = reconciler.datapath().program();
-    let mut bench =
-        EbpfLoader::new().override_global("BENCH_FLOWS", &64_000u32, true).load(BENCH_OBJECT)?;
-    for name in ["bench_drop", "bench_mac_swap", "bench_new_flow"] {
-        xdp(&mut bench, name)?.load()?;
-    }
-    let mut target =
-        ProgramArray::try_from(bench.take_map("BENCH_TARGET").context("BENCH_TARGET")?)?;
-
-    let flow = |client: &str, vip: &str, l4| {
-        let vip: SocketAddr = vip.parse().unwrap();
-        Flow { client: ip(client), client_port: 40_000, vip: vip.ip(), vip_port: vip.port(), l4 }
-    };
-    let packet = |flow, segment| frame(flow, Shape { segment, ..Shape::default() }, &[0u8; 10]);
-    let tcp4 = flow("198.18.0.1", "198.18.0.10:80", L4::Tcp);
-    let udp4 = flow("198.18.0.1", "198.18.0.10:53", L4::Udp);
-    let tcp6 = flow("fd00:198:18::1", "[fd00:198:18::10]:80", L4::Tcp);
-    let udp6 = flow("fd00:198:18::1", "[fd00:198:18::10]:53", L4::Udp);
-
-    let drop = cost(xdp(&mut bench, "bench_drop")?, &packet(tcp4, Segment::Syn), REPEAT, XDP_DROP)?;
-    let floor =
-        cost(xdp(&mut bench, "bench_mac_swap")?, &packet(tcp4, Segment::Syn), REPEAT, XDP_TX)?;
-    // The wrapper's own cost: the same wrapper tail-calling XDP_DROP, less XDP_DROP.
-    target.set(0, xdp(&mut bench, "bench_drop")?.fd()?, 0)?;
-    let wrapper =
-        cost(xdp(&mut bench, "bench_new_flow")?, &packet(tcp4, Segment::Syn), REPEAT, XDP_DROP)?
-            - drop;
-    target.set(0, lb.fd()?, 0)?;
+    let [(_, tcp4), ..] = kinds(1);
+    let mut harness = Harness::load(&packet(tcp4, Segment::Syn))?;
+    let floor = harness.floor;
+    let repeats = u64::from(REPEAT) * RUNS as u64;
+    let fresh = u64::from(NEW_FLOW_REPEAT) * RUNS as u64;
 
     let mut rows = vec![
         CostRow {
             path: "floor: XDP_DROP".into(),
-            ns_per_packet: drop,
-            vs_xdp_tx_floor: drop / floor,
+            ns_per_packet: harness.drop,
+            vs_xdp_tx_floor: harness.drop / floor,
             proof: "-".into(),
             proven: true,
         },
@@ -144,243 +277,72 @@ pub fn per_packet_costs() -> anyhow::Result<Vec<CostRow>> {
             proven: true,
         },
     ];
-    let new_flow = xdp(&mut bench, "bench_new_flow")?;
-    let cases: Vec<CostCase> = vec![
-        (
-            "TCP SYN, IPv4: Maglev choice, no flow lookup",
-            lb,
-            packet(tcp4, Segment::Syn),
-            REPEAT,
-            XDP_TX,
-            "flow_created".into(),
-            false,
-        ),
-        (
-            "new flow, TCP IPv4 (fresh port every repeat)",
-            new_flow,
-            packet(tcp4, Segment::Syn),
-            NEW_FLOW_REPEAT,
-            XDP_TX,
-            "flow_created".into(),
-            false,
-        ),
-        (
-            "new flow, UDP IPv4 (fresh port every repeat)",
-            new_flow,
-            packet(udp4, Segment::Syn),
-            NEW_FLOW_REPEAT,
-            XDP_TX,
-            "flow_created".into(),
-            false,
-        ),
-        (
-            "new flow, TCP IPv6 (fresh port every repeat)",
-            new_flow,
-            packet(tcp6, Segment::Syn),
-            NEW_FLOW_REPEAT,
-            XDP_TX,
-            "flow_created".into(),
-            false,
-        ),
-        (
-            "new flow, UDP IPv6 (fresh port every repeat)",
-            new_flow,
-            packet(udp6, Segment::Syn),
-            NEW_FLOW_REPEAT,
-            XDP_TX,
-            "flow_created".into(),
-            false,
-        ),
-        (
-            "established, TCP IPv4: flow-table hit",
-            lb,
-            packet(tcp4, Segment::Ack),
-            REPEAT,
-            XDP_TX,
-            "flow_hit".into(),
-            true,
-        ),
-        (
-            "established, UDP IPv4: flow-table hit",
-            lb,
-            packet(udp4, Segment::Syn),
-            REPEAT,
-            XDP_TX,
-            "flow_hit".into(),
-            true,
-        ),
-        (
-            "established, TCP IPv6: flow-table hit",
-            lb,
-            packet(tcp6, Segment::Ack),
-            REPEAT,
-            XDP_TX,
-            "flow_hit".into(),
-            true,
-        ),
-        (
-            "established, UDP IPv6: flow-table hit",
-            lb,
-            packet(udp6, Segment::Syn),
-            REPEAT,
-            XDP_TX,
-            "flow_hit".into(),
-            true,
-        ),
-        (
-            "not a VIP (passed to the kernel)",
-            lb,
-            packet(flow("198.18.0.1", "198.18.0.99:22", L4::Tcp), Segment::Ack),
-            REPEAT,
-            XDP_PASS,
-            Reason::PassNotVip.name().into(),
-            false,
-        ),
-    ];
-    for (index, (path, program, frame, repeat, action, proof, prime)) in
-        cases.into_iter().enumerate()
-    {
-        // Each new-flow row starts from its own client address, so its flows are new.
-        let mut frame = frame;
-        if path.starts_with("new flow") {
-            let client_last_byte =
-                if frame[12..14] == [0x86, 0xdd] { 14 + 8 + 15 } else { 14 + 12 + 3 };
-            frame[client_last_byte] = 100 + index as u8;
+    let syn = packet(tcp4, Segment::Syn);
+    rows.push(row(
+        &reconciler,
+        "TCP SYN, IPv4 (one tuple): Maglev choice, unconfirmed entry",
+        floor,
+        "flow_created",
+        repeats,
+        || cost(lb, &syn, REPEAT, XDP_TX),
+    )?);
+    // New flows, each kind from its own client; a TCP flow's handshake ACK
+    // then replays the same ports and confirms every one of them.
+    for (name, flow) in kinds(100) {
+        let start = harness.mark()?;
+        let first = packet(flow, Segment::Syn);
+        rows.push(row(
+            &reconciler,
+            format!("new flow, {name} (fresh port every repeat)"),
+            floor,
+            "flow_created",
+            fresh,
+            || harness.fresh_ports(lb, &first),
+        )?);
+        if let L4::Tcp = flow.l4 {
+            harness.rewind(&start)?;
+            let ack = packet(flow, Segment::Ack);
+            rows.push(row(
+                &reconciler,
+                format!("handshake ACK, {name}: confirms the new flow"),
+                floor,
+                "flow_confirmed",
+                fresh,
+                || harness.fresh_ports(lb, &ack),
+            )?);
         }
-        if prime {
-            lb.test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut vec![0; 512]),
-                ..Default::default()
-            })?;
-        }
-        let before = counters(&reconciler)?;
-        let mut ns = cost(program, &frame, repeat, action)?;
-        let after = counters(&reconciler)?;
-        if std::ptr::eq(program, new_flow) {
-            ns -= wrapper;
-        }
-        let moved = after[&proof] - before[&proof];
-        let expected = u64::from(repeat) * RUNS as u64;
-        let forwarded = after[Reason::Forwarded.name()] - before[Reason::Forwarded.name()];
-        let proven = moved == expected && (action != XDP_TX || forwarded == expected);
-        rows.push(CostRow {
-            path: path.into(),
-            ns_per_packet: ns,
-            vs_xdp_tx_floor: ns / floor,
-            proof: format!("{proof} +{moved} of {expected} repeats"),
-            proven,
-        });
     }
-    let (syn, ack) = (packet(tcp4, Segment::Syn), packet(tcp4, Segment::Ack));
-    rows.extend(sync_costs(&mut target, new_flow, wrapper, floor, [syn, ack])?);
-    let _ = FlowEvent::Created;
+    for (name, flow) in kinds(1) {
+        prime(lb, &establishing(flow))?;
+        let frame = established(flow);
+        rows.push(row(
+            &reconciler,
+            format!("established, {name}: flow-table hit"),
+            floor,
+            "flow_hit",
+            repeats,
+            || cost(lb, &frame, REPEAT, XDP_TX),
+        )?);
+    }
+    let not_vip = packet(bench_flow("198.18.0.1", "198.18.0.99:22", L4::Tcp), Segment::Ack);
+    rows.push(row(
+        &reconciler,
+        "not a VIP (passed to the kernel)",
+        floor,
+        Reason::PassNotVip.name(),
+        repeats,
+        || cost(lb, &not_vip, REPEAT, XDP_PASS),
+    )?);
+    rows.extend(flood_costs(&mut harness)?);
+    rows.extend(sync_costs(&mut harness)?);
     Ok(rows)
 }
-
-/// The new-flow and established TCP IPv4 rows on two fresh datapaths, flow
-/// sync off and on, prepared alike: a new flow with sync on also writes a
-/// record into the ring; an established packet must cost the same. The ring
-/// (4 MiB, 65,536 records) holds every new-flow repeat, and the proof counts
-/// them there. Established packets alternate between the two datapaths for
-/// [`SYNC_ROUNDS`] rounds (median kept), so drift hits both alike.
-fn sync_costs(
-    target: &mut ProgramArray<aya::maps::MapData>,
-    new_flow: &Xdp,
-    wrapper: f64,
-    floor: f64,
-    [mut syn, mut ack]: [Vec<u8>; 2],
-) -> anyhow::Result<Vec<CostRow>> {
-    // A client address no other row uses, so every flow is new here.
-    syn[14 + 12 + 3] = 99;
-    ack[14 + 12 + 3] = 99;
-    let mut rows = Vec::new();
-    let mut datapaths = Vec::new();
-    for sync_flows in [false, true] {
-        let config = DatapathConfig {
-            max_vips: 8,
-            max_backends: 64,
-            sync_flows,
-            ..DatapathConfig::default()
-        };
-        let mut reconciler = balancer(config)?;
-        let mut ring = reconciler.datapath_mut().take_sync()?.map(|sync| sync.ring);
-        let label = if sync_flows { "on" } else { "off" };
-        target.set(0, reconciler.datapath().program().fd()?, 0)?;
-
-        let before = counters(&reconciler)?;
-        let ns = cost(new_flow, &syn, NEW_FLOW_REPEAT, XDP_TX)? - wrapper;
-        let after = counters(&reconciler)?;
-        let (created, lost) = (
-            after["flow_created"] - before["flow_created"],
-            after["flow_sync_lost"] - before["flow_sync_lost"],
-        );
-        let records = drain(&mut ring);
-        let expected = u64::from(NEW_FLOW_REPEAT) * RUNS as u64;
-        rows.push(CostRow {
-            path: format!("new flow, TCP IPv4, flow sync {label}"),
-            ns_per_packet: ns,
-            vs_xdp_tx_floor: ns / floor,
-            proof: format!(
-                "flow_created +{created} of {expected} repeats, ring records {records}, {lost} lost"
-            ),
-            proven: created == expected
-                && lost == 0
-                && records == if sync_flows { expected } else { 0 },
-        });
-        // The established flow: its SYN, once.
-        reconciler.datapath().program().test_run(TestRunOptions {
-            data_in: Some(&syn),
-            data_out: Some(&mut vec![0; 512]),
-            ..Default::default()
-        })?;
-        drain(&mut ring);
-        datapaths.push((label, reconciler, ring, Vec::new(), 0u64));
-    }
-    for _ in 0..SYNC_ROUNDS {
-        for (_, reconciler, _, samples, hits) in &mut datapaths {
-            let before = counters(reconciler)?["flow_hit"];
-            samples.push(cost(reconciler.datapath().program(), &ack, REPEAT, XDP_TX)?);
-            *hits += counters(reconciler)?["flow_hit"] - before;
-        }
-    }
-    for (label, _, mut ring, mut samples, hits) in datapaths {
-        samples.sort_by(f64::total_cmp);
-        let ns = samples[SYNC_ROUNDS / 2];
-        let records = drain(&mut ring);
-        let expected = u64::from(REPEAT) * (RUNS * SYNC_ROUNDS) as u64;
-        rows.push(CostRow {
-            path: format!("established, TCP IPv4, flow sync {label}"),
-            ns_per_packet: ns,
-            vs_xdp_tx_floor: ns / floor,
-            proof: format!("flow_hit +{hits} of {expected} repeats, ring records {records}"),
-            proven: hits == expected && records == 0,
-        });
-    }
-    Ok(rows)
-}
-
-/// Rounds of the established sync off/on pair.
-const SYNC_ROUNDS: usize = 3;
-
-/// Empties the flow-change ring (if there is one); returns how many records it held.
-fn drain(ring: &mut Option<aya::maps::RingBuf<aya::maps::MapData>>) -> u64 {
-    let mut records = 0;
-    while ring.as_mut().and_then(|ring| ring.next()).is_some() {
-        records += 1;
-    }
-    records
-}
-
-/// (description, program, frame, repeat, expected action, the counter that
-/// must move by exactly the repeat count, whether to send the frame once first)
-type CostCase<'a> = (&'a str, &'a Xdp, Vec<u8>, u32, u32, String, bool);
 
 pub fn print_costs(rows: &[CostRow]) {
-    println!("{:<50} {:>9} {:>9}  PROOF", "PATH", "NS/PKT", "x FLOOR");
+    println!("{:<62} {:>8} {:>8}  PROOF", "PATH", "NS/PKT", "x FLOOR");
     for row in rows {
         println!(
-            "{:<50} {:>9.1} {:>9.2}  {}{}",
+            "{:<62} {:>8.1} {:>8.2}  {}{}",
             row.path,
             row.ns_per_packet,
             row.vs_xdp_tx_floor,

@@ -14,6 +14,7 @@ mod connections;
 mod control;
 mod costs;
 mod forwarding;
+mod hostile_costs;
 mod report;
 
 use std::net::IpAddr;

@@ -73,6 +73,26 @@ pub fn targets(
             met: on <= 1.1 * off,
         });
     }
+    if let (Some(before), Some(after)) = (
+        ns("established, TCP IPv4, before the flood"),
+        ns("established, TCP IPv4, after the flood"),
+    ) {
+        targets.push(Target {
+            target: "established packet after a flood at most 1.1x before it".into(),
+            measured: format!("{:.2}x ({after:.0} vs {before:.0} ns)", after / before),
+            met: after <= 1.1 * before,
+        });
+    }
+    if let (Some(syn), Some(ack)) = (
+        ns("new flow, TCP IPv4 (fresh port every repeat)"),
+        ns("handshake ACK, TCP IPv4: confirms the new flow"),
+    ) {
+        targets.push(Target {
+            target: "handshake ACK (confirmation) at most 1.5x the new flow's SYN".into(),
+            measured: format!("{:.2}x ({ack:.0} vs {syn:.0} ns)", ack / syn),
+            met: ack <= 1.5 * syn,
+        });
+    }
     let rate = |system: &str| {
         connections.iter().find(|row| row.system == system).map(|row| row.connections_per_second)
     };
