@@ -196,10 +196,9 @@ pub enum ClientError {
     #[error("talking to the daemon at {path} failed: {error}")]
     Io { path: String, error: std::io::Error },
     #[error(
-        "the daemon at {path} is not answering (no reply in {} s): it may be stuck or overloaded; see its log",
-        REPLY_TIMEOUT.as_secs()
+        "the daemon at {path} is not answering (no reply in {waited:?}): it may be stuck or overloaded; see its log"
     )]
-    NoReply { path: String },
+    NoReply { path: String, waited: std::time::Duration },
     #[error("the daemon's reply was not understood")]
     Decode(#[from] serde_json::Error),
 }
@@ -217,17 +216,26 @@ pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// Sends one request and waits for its reply (the client's half), at most
 /// [`REPLY_TIMEOUT`].
 pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
+    call_within(socket, request, REPLY_TIMEOUT)
+}
+
+/// [`call`], waiting at most `timeout` for each read and write.
+fn call_within(
+    socket: &Path,
+    request: &Request,
+    timeout: std::time::Duration,
+) -> Result<Reply, ClientError> {
     let path = socket.display().to_string();
     let io = |error: std::io::Error| match error.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            ClientError::NoReply { path: path.clone() }
+            ClientError::NoReply { path: path.clone(), waited: timeout }
         }
         _ => ClientError::Io { path: path.clone(), error },
     };
     let mut stream = UnixStream::connect(socket)
         .map_err(|error| ClientError::Connect { path: path.clone(), error })?;
-    stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
-    stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
     stream.write_all(encode_line(request).as_bytes()).map_err(io)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(io)?;
@@ -280,6 +288,37 @@ mod tests {
             "{garbage:?}"
         );
         assert_eq!(read_request(&mut reader).await, Some(Incoming::TooLong));
+    }
+
+    /// A daemon that accepts and never answers: a read without a timeout is
+    /// still waiting long after the client's limit, and the client gives up
+    /// at the limit saying so.
+    #[test]
+    fn the_client_gives_up_on_a_daemon_that_does_not_answer() {
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("stuck.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let accepted = std::thread::spawn(move || {
+            (0..2).map(|_| listener.accept().unwrap().0).collect::<Vec<_>>()
+        });
+
+        let limit = Duration::from_millis(300);
+        let mut unbounded = UnixStream::connect(&socket).unwrap();
+        unbounded.write_all(encode_line(&Request::Stats).as_bytes()).unwrap();
+        unbounded.set_nonblocking(true).unwrap();
+        std::thread::sleep(3 * limit);
+        let mut byte = [0u8; 1];
+        let pending = std::io::Read::read(&mut unbounded, &mut byte).unwrap_err();
+        assert_eq!(pending.kind(), std::io::ErrorKind::WouldBlock, "the stuck daemon answered");
+
+        let started = Instant::now();
+        let error = call_within(&socket, &Request::Stats, limit).unwrap_err();
+        let waited = started.elapsed();
+        assert!(matches!(error, ClientError::NoReply { .. }), "{error:?}");
+        assert!(error.to_string().contains("is not answering"), "{error}");
+        assert!(waited >= limit && waited < 10 * limit, "gave up after {waited:?}");
+        drop(accepted.join().unwrap());
     }
 
     #[test]

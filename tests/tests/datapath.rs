@@ -703,7 +703,7 @@ fn two_connections(fixture: &Fixture) -> [Flow; 2] {
 
 fn the_datapath_reports_each_created_and_closed_flow_once_when_sync_is_on() {
     let mut fixture = Fixture::with(DatapathConfig { sync_flows: true, ..CONFIG });
-    let mut sync = fixture.reconciler.datapath_mut().take_sync().unwrap().expect("the ring");
+    let sync = fixture.reconciler.datapath_mut().take_sync().unwrap().expect("the ring");
     let flows = two_connections(&fixture);
     let slot_of = |flow: Flow| {
         let backend = fixture.expected_backend(flow);
@@ -714,7 +714,7 @@ fn the_datapath_reports_each_created_and_closed_flow_once_when_sync_is_on() {
         (FlowSyncKind::Open as u32, FlowSyncKind::Closing as u32, FlowSyncKind::Reset as u32);
     let (first, second) = (to_key(flows[0]), to_key(flows[1]));
     assert_eq!(
-        sync_events(&mut sync.ring),
+        sync_events(&mut sync.open_ring().unwrap()),
         [
             (first, slot_of(flows[0]), open),
             (first, slot_of(flows[0]), closing),
@@ -726,11 +726,21 @@ fn the_datapath_reports_each_created_and_closed_flow_once_when_sync_is_on() {
     );
     assert_eq!(event(&fixture.flow_events(), FlowEvent::SyncLost), 0);
 
+    // A reader opened again, as by a sync task started again after it died,
+    // resumes where the last one stopped: old events are not read twice,
+    // new ones are read.
+    let mut reopened = sync.open_ring().unwrap();
+    assert_eq!(sync_events(&mut reopened), [], "a new reader read old events again");
+    let third = tcp_flows(38_100, 1)[0];
+    fixture.send(third, Segment::Syn);
+    fixture.send(third, Segment::Ack);
+    assert_eq!(sync_events(&mut reopened), [(to_key(third), slot_of(third), open)]);
+
     // Without sync the same traffic reports nothing.
     let mut fixture = Fixture::new();
-    let mut sync = fixture.reconciler.datapath_mut().take_sync().unwrap().expect("the ring");
+    let sync = fixture.reconciler.datapath_mut().take_sync().unwrap().expect("the ring");
     two_connections(&fixture);
-    assert_eq!(sync_events(&mut sync.ring), []);
+    assert_eq!(sync_events(&mut sync.open_ring().unwrap()), []);
 }
 
 // --- hostile traffic ------------------------------------------------------------

@@ -128,3 +128,95 @@ async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+
+    use super::*;
+    use crate::api::{Body, Request};
+
+    /// A control socket in a fresh directory, served by [`serve`], with a
+    /// daemon that answers every request "done".
+    async fn served() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lb.sock");
+        let listener = bind_socket(&path, None).unwrap();
+        let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(64);
+        tokio::spawn(serve(listener, calls_tx));
+        tokio::spawn(async move {
+            while let Some((_, reply)) = calls_rx.recv().await {
+                let _ = reply.send(Reply::Ok(Body::Done { message: "done".into() }));
+            }
+        });
+        (dir, path)
+    }
+
+    /// Sends a request on `stream` and returns the reply line ("" at EOF).
+    async fn ask(stream: &mut UnixStream) -> String {
+        let _ = stream.write_all(encode_line(&Request::Stats).as_bytes()).await;
+        let mut line = String::new();
+        let _ = BufReader::new(stream).read_line(&mut line).await;
+        line
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_are_told_so_and_closed() {
+        let (_dir, path) = served().await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut stream = UnixStream::connect(&path).await.unwrap();
+            assert!(
+                ask(&mut stream).await.contains("done"),
+                "connection {} not served",
+                held.len()
+            );
+            held.push(stream);
+        }
+        let mut refused = UnixStream::connect(&path).await.unwrap();
+        let mut said = String::new();
+        refused.read_to_string(&mut said).await.unwrap();
+        assert!(said.contains("already serves 64 control connections"), "{said:?}");
+
+        // One closes: a newcomer is served again (once the server has seen the close).
+        drop(held.pop());
+        let mut served_again = false;
+        for _ in 0..100 {
+            let mut stream = UnixStream::connect(&path).await.unwrap();
+            if ask(&mut stream).await.contains("done") {
+                served_again = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(served_again, "a slot freed by a closed connection was never reused");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+        let (_dir, path) = served().await;
+        let mut busy = UnixStream::connect(&path).await.unwrap();
+        let mut idle = UnixStream::connect(&path).await.unwrap();
+        let started = tokio::time::Instant::now();
+        for _ in 0..4 {
+            assert!(ask(&mut busy).await.contains("done"));
+            tokio::time::sleep(IDLE_TIMEOUT / 2).await;
+        }
+        // The busy connection outlived two idle timeouts; the idle one did not.
+        assert!(ask(&mut busy).await.contains("done"));
+        assert_eq!(ask(&mut idle).await, "", "the idle connection still answered");
+        assert!(started.elapsed() >= 2 * IDLE_TIMEOUT);
+
+        // Closed after the timeout, not before.
+        let mut fresh = UnixStream::connect(&path).await.unwrap();
+        let opened = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        fresh.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(
+            opened.elapsed().as_secs(),
+            IDLE_TIMEOUT.as_secs(),
+            "closed after {:?}",
+            opened.elapsed()
+        );
+    }
+}

@@ -26,9 +26,11 @@ mod active_flows;
 mod control;
 mod dispatch;
 mod rates;
+mod supervise;
 mod views;
 
 use rates::{Counted, Rates};
+use supervise::Supervised;
 
 pub const DEFAULT_STATE: &str = "/var/lib/lb/state.toml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -178,16 +180,16 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     let (wanted_tx, wanted_rx) = watch::channel(Vec::new());
     let (neighbours_tx, mut neighbours_rx) = mpsc::channel(4);
-    let start_neighbours = |delay| {
-        spawn_after(delay, neighbour::run(ifindex, wanted_rx.clone(), neighbours_tx.clone()))
-    };
-    let mut neighbour_task = start_neighbours(Duration::ZERO);
+    let mut neighbour_task =
+        Supervised::start("neighbours", "backend MACs are not followed", move || {
+            neighbour::run(ifindex, wanted_rx.clone(), neighbours_tx.clone())
+        });
     let flow_counter = Arc::new(datapath.flow_counter()?);
     let (active_flows_tx, active_flows) = watch::channel(active_flows::ActiveFlows::default());
-    let start_counting = |delay| {
-        spawn_after(delay, active_flows::run(Arc::clone(&flow_counter), active_flows_tx.clone()))
-    };
-    let mut counting_task = start_counting(Duration::ZERO);
+    let mut counting_task =
+        Supervised::start("active-flows", "active-flow counts are not updated", move || {
+            active_flows::run(Arc::clone(&flow_counter), active_flows_tx.clone())
+        });
     let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(64);
     let metrics_task = metrics_listener.map(|(listener, address)| {
         tracing::info!(%address, "serving Prometheus metrics on /metrics");
@@ -198,7 +200,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let sync_parts = match sync_options {
         Some((socket, sync_options)) => {
             let sync_datapath = datapath.take_sync()?.expect("the ring is taken once, here");
-            Some((socket, sync_options, sync_datapath))
+            Some((socket, sync_options, Arc::new(sync_datapath)))
         }
         None => None,
     };
@@ -222,27 +224,29 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     wanted_tx.send_replace(daemon.reconciler.wanted_neighbours());
 
     let (directory_tx, directory_rx) = watch::channel(Arc::new(daemon.reconciler.directory()));
-    let mut sync_task = sync_parts.map(|(socket, sync_options, sync_datapath)| {
-        let settings = sync::Settings {
-            hash_seed: daemon.config.datapath.hash_seed,
-            table_size: daemon.config.datapath.table_size,
+    let mut sync_task = sync_parts.map(|(socket, options, datapath)| {
+        let inputs = sync::Inputs {
+            socket: Arc::new(socket),
+            options,
+            settings: sync::Settings {
+                hash_seed: daemon.config.datapath.hash_seed,
+                table_size: daemon.config.datapath.table_size,
+            },
+            datapath,
+            directory: directory_rx,
+            status: sync_status_tx,
         };
-        tokio::spawn(sync::run(
-            socket,
-            sync_options,
-            settings,
-            sync_datapath,
-            directory_rx,
-            sync_status_tx,
-        ))
+        Supervised::start("flow-sync", "peers do not learn our flows", move || {
+            sync::run(inputs.clone())
+        })
     });
     let (announce_tx, announce_rx) = watch::channel(daemon.announcements());
-    let start_announcing = |table, delay| {
-        spawn_after(delay, crate::announce::run(table, ifindex, announce_rx.clone()))
-    };
     let mut announce_task = announce_table.map(|table| {
         tracing::info!(table, "announcing serving VIPs as routes in kernel table {table}");
-        start_announcing(table, Duration::ZERO)
+        let announcements = announce_rx.clone();
+        Supervised::start("announce", "VIP routes are not updated", move || {
+            crate::announce::run(table, ifindex, announcements.clone())
+        })
     });
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -269,22 +273,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             _ = initial_sync.wait_for(|status| status.initial_sync_done), if sync_task.is_some() && !initial_sync_seen => {
                 initial_sync_seen = true;
             }
-            ended = async { sync_task.as_mut().expect("guarded").await }, if sync_task.is_some() => {
-                sync_task = None;
-                tracing::error!(why = %task_end(ended), "the flow sync task died: peers no longer learn our flows; restart lb run");
-            }
-            ended = async { announce_task.as_mut().expect("guarded").await }, if announce_task.is_some() => {
-                tracing::error!(why = %task_end(ended), "the announce task died: restarting it in {RESTART_DELAY:?}");
-                announce_task = announce_table.map(|table| start_announcing(table, RESTART_DELAY));
-            }
-            ended = &mut neighbour_task => {
-                tracing::error!(why = %task_end(ended), "the neighbour task died: restarting it in {RESTART_DELAY:?}");
-                neighbour_task = start_neighbours(RESTART_DELAY);
-            }
-            ended = &mut counting_task => {
-                tracing::error!(why = %task_end(ended), "the active-flow counter died: restarting it in {RESTART_DELAY:?}");
-                counting_task = start_counting(RESTART_DELAY);
-            }
+            () = async { sync_task.as_mut().expect("guarded").restart_when_ended().await }, if sync_task.is_some() => {}
+            () = async { announce_task.as_mut().expect("guarded").restart_when_ended().await }, if announce_task.is_some() => {}
+            () = neighbour_task.restart_when_ended() => {}
+            () = counting_task.restart_when_ended() => {}
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
@@ -292,18 +284,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         publish::if_changed(&announce_tx, &daemon.announcements());
     }
     accept_task.abort();
-    neighbour_task.abort();
-    counting_task.abort();
     if let Some(task) = metrics_task {
         task.abort();
     }
     let _ = std::fs::remove_file(&options.socket);
-    if let Some(task) = sync_task {
-        task.abort();
-    }
-    if let Some(task) = announce_task {
-        task.abort();
-    }
+    // Dropping a supervised task aborts it.
+    drop((neighbour_task, counting_task, sync_task, announce_task));
     if options.detach_on_exit {
         let withdrawn = crate::announce::withdraw_all(ifindex).await?;
         if withdrawn > 0 {
@@ -337,30 +323,6 @@ struct Daemon {
     announce_table: Option<u32>,
     /// What the active-flow counter last published.
     active_flows: watch::Receiver<active_flows::ActiveFlows>,
-}
-
-/// How long a background task that died waits before it is started again,
-/// so that one failing at once does not spin.
-const RESTART_DELAY: Duration = Duration::from_secs(1);
-
-/// Spawns `task` after `delay`: how background tasks start, and start again.
-fn spawn_after<F>(delay: Duration, task: F) -> tokio::task::JoinHandle<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
-        task.await
-    })
-}
-
-fn task_end<E: std::fmt::Display>(ended: Result<anyhow::Result<()>, E>) -> String {
-    match ended {
-        Ok(Ok(())) => "it ended".to_owned(),
-        Ok(Err(error)) => format!("{error:#}"),
-        Err(error) => error.to_string(),
-    }
 }
 
 impl Daemon {

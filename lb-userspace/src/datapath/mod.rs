@@ -226,6 +226,7 @@ impl Datapath {
     /// and its own handle on the flow table.
     pub fn take_sync(&mut self) -> Result<Option<crate::sync::SyncDatapath>, DatapathError> {
         let Some(ring) = self.flow_sync.take() else { return Ok(None) };
+        let ring = maps::owned_fd(ring.as_fd(), MAP_FLOW_SYNC)?;
         let flow_table = maps::owned_fd(self.flows_fd(), MAP_FLOWS)?;
         Ok(Some(crate::sync::SyncDatapath { ring, flow_table }))
     }

@@ -79,17 +79,40 @@ pub struct SyncStatus {
     pub dropped_settings_differ: u64,
 }
 
-/// What the sync task is given of the datapath.
+/// What the sync task is given of the datapath: handles it reopens on each
+/// start, so a task started again resumes reading the ring where the last
+/// one stopped (the read position lives in the ring's shared memory).
 pub struct SyncDatapath {
     /// The flow-change ring buffer.
-    pub ring: RingBuf<MapData>,
-    /// The flow table's file descriptor, reopened for each writer and dump.
+    pub ring: OwnedFd,
+    /// The flow table, reopened for each writer and dump.
     pub flow_table: OwnedFd,
+}
+
+impl SyncDatapath {
+    /// A reader of the flow-change ring, from where the last reader stopped.
+    pub fn open_ring(&self) -> std::io::Result<RingBuf<MapData>> {
+        let map = MapData::from_fd(self.ring.try_clone()?).map_err(std::io::Error::other)?;
+        RingBuf::try_from(aya::maps::Map::RingBuf(map)).map_err(std::io::Error::other)
+    }
+}
+
+/// Everything the sync task runs on. The daemon keeps it, to start the task
+/// again if it dies: the socket, the datapath's handles and the channels
+/// outlive any one run.
+#[derive(Clone)]
+pub struct Inputs {
+    pub socket: Arc<UdpSocket>,
+    pub options: SyncOptions,
+    pub settings: Settings,
+    pub datapath: Arc<SyncDatapath>,
+    pub directory: watch::Receiver<Arc<Directory>>,
+    pub status: watch::Sender<SyncStatus>,
 }
 
 /// Our side of the protocol: the socket and what every datagram header says.
 struct Sender {
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     key: SyncKey,
     settings: Settings,
     session: u64,
@@ -132,17 +155,14 @@ pub async fn bind(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
     Ok(socket)
 }
 
-/// Runs sync until the process ends.
-pub async fn run(
-    socket: UdpSocket,
-    options: SyncOptions,
-    settings: Settings,
-    datapath: SyncDatapath,
-    mut directory: watch::Receiver<Arc<Directory>>,
-    status: watch::Sender<SyncStatus>,
-) -> anyhow::Result<()> {
-    let SyncDatapath { mut ring, flow_table } = datapath;
-    let mut table = open_table(&flow_table)?;
+/// Runs sync until the process ends. Started again after it dies, it
+/// carries on with the counters last shown and a new session (peers take a
+/// newer session as a restart of ours), and asks its peers for a resync.
+pub async fn run(inputs: Inputs) -> anyhow::Result<()> {
+    let Inputs { socket, options, settings, datapath, mut directory, status } = inputs;
+    let flow_table = &datapath.flow_table;
+    let mut ring = datapath.open_ring()?;
+    let mut table = open_table(flow_table)?;
     let sender = Arc::new(Sender {
         socket,
         key: options.key.clone(),
@@ -155,7 +175,7 @@ pub async fn run(
     let started = Instant::now();
     let mut peers: HashMap<IpAddr, Peer> =
         options.peers.iter().map(|address| (address.ip(), Peer::new(*address))).collect();
-    let mut shown = SyncStatus { listen: Some(options.listen), ..SyncStatus::default() };
+    let mut shown = SyncStatus { listen: Some(options.listen), ..status.borrow().clone() };
     let mut dumps: JoinSet<(SocketAddr, std::io::Result<u64>)> = JoinSet::new();
     let mut dumping: HashSet<IpAddr> = HashSet::new();
     let mut next_dump = 0u64;

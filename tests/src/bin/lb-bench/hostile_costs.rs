@@ -89,7 +89,8 @@ pub fn sync_costs(harness: &mut Harness) -> anyhow::Result<Vec<CostRow>> {
     let mut datapaths = Vec::new();
     for sync_flows in [false, true] {
         let mut reconciler = balancer(config(None, sync_flows))?;
-        let mut ring = reconciler.datapath_mut().take_sync()?.map(|sync| sync.ring);
+        let mut ring =
+            reconciler.datapath_mut().take_sync()?.map(|sync| sync.open_ring()).transpose()?;
         let lb = reconciler.datapath().program();
         let label = if sync_flows { "on" } else { "off" };
 
