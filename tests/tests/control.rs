@@ -151,14 +151,20 @@ fn metrics_report_what_lb_stats_reports() {
     );
 }
 
-/// Fills the daemon's pinned flow table with `count` confirmed flows on
-/// the backend in `slot` (what a million real clients would leave there).
-fn fill_flow_table(daemon: &Daemon, slot: u32, vip_index: u32, count: u32) {
+/// The daemon's flow table, through its pin.
+fn pinned_flow_table(
+    daemon: &Daemon,
+) -> aya::maps::HashMap<aya::maps::MapData, lb_common::FlowKey, lb_common::FlowEntry> {
     use aya::maps::{HashMap, Map, MapData};
     let path = daemon.pin_dir.join(netns::LB_IFACE).join(lb_common::MAP_FLOWS);
     let map = MapData::from_pin(&path).expect("the pinned flow table");
-    let mut flows: HashMap<MapData, lb_common::FlowKey, lb_common::FlowEntry> =
-        HashMap::try_from(Map::LruHashMap(map)).unwrap();
+    HashMap::try_from(Map::LruHashMap(map)).unwrap()
+}
+
+/// Fills the daemon's pinned flow table with `count` confirmed flows on
+/// the backend in `slot` (what a million real clients would leave there).
+fn fill_flow_table(daemon: &Daemon, slot: u32, vip_index: u32, count: u32) {
+    let mut flows = pinned_flow_table(daemon);
     let now = lb_userspace::datapath::monotonic_ns();
     for index in 0..count {
         let client = std::net::IpAddr::from([198, 19, (index >> 16) as u8, (index >> 8) as u8]);
@@ -255,6 +261,31 @@ fn a_million_flows_and_busy_readers_do_not_delay_a_failover() {
         busy <= quiet + std::time::Duration::from_secs(1),
         "the failover took {busy:?} under load against {quiet:?} alone"
     );
+
+    // The failure this prevents: before, every `lb stats` and every scrape
+    // walked the flow table on the daemon's loop, which then handled
+    // nothing else, health reports included.
+    let (entries, walk) = walk_flow_table(&daemon);
+    let held = walk * requests.iter().sum::<u32>();
+    println!(
+        "FIGURE one walk of the {entries}-entry flow table takes {} ms; walked on the loop for each of those requests (the code before), they would have held it {:.1} s in all",
+        walk.as_millis(),
+        held.as_secs_f64()
+    );
+    assert!(entries >= 1_000_000, "the table holds {entries} entries");
+    assert!(
+        held > std::time::Duration::from_secs(1),
+        "too light a load to show anything: {held:?}"
+    );
+}
+
+/// Walks the daemon's pinned flow table once, as counting active flows
+/// does: how many entries, and how long it took.
+fn walk_flow_table(daemon: &Daemon) -> (u64, std::time::Duration) {
+    let flows = pinned_flow_table(daemon);
+    let started = std::time::Instant::now();
+    let entries = flows.iter().filter_map(Result::ok).count() as u64;
+    (entries, started.elapsed())
 }
 
 tests::root_tests!(

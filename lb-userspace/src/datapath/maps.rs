@@ -163,8 +163,9 @@ impl Datapath {
 
     /// Active flows per backend slot: confirmed entries of the slot's
     /// current occupant (same VIP and generation) neither closing nor idle
-    /// past their protocol's timeout. Walks the whole flow table (about a
-    /// second per million flows): never on the daemon's loop.
+    /// past their protocol's timeout. Walks the whole flow table (about two
+    /// seconds per million flows, two syscalls per entry): never on the
+    /// daemon's loop.
     pub fn active_flows(&self) -> std::collections::HashMap<u32, u64> {
         count_active_flows(&self.flows, &self.backend_entries(), &self.config)
     }
@@ -199,8 +200,8 @@ impl Datapath {
     }
 }
 
-/// Counts active flows from its own map handles, so that the walk (about a
-/// second per million flows) runs on a blocking thread, never on the loop.
+/// Counts active flows from its own map handles, so that the walk (about two
+/// seconds per million flows) runs on a blocking thread, never on the loop.
 pub struct FlowCounter {
     flows: aya::maps::HashMap<MapData, FlowKey, FlowEntry>,
     backends: aya::maps::Array<MapData, Backend>,
