@@ -1,6 +1,6 @@
 //! Active flows per backend slot, counted on a blocking thread every two
 //! seconds and published for `lb backend list`, `lb stats` and /metrics: a
-//! walk of a million-entry flow table takes about a second, which must
+//! walk of a million-entry flow table takes about two seconds, which must
 //! never stand between a health report and the failover it causes.
 
 use std::collections::HashMap;

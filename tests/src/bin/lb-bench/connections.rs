@@ -203,7 +203,18 @@ pub fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
         }
     }
     let loaded = rss_bytes(lb_pid);
-    let stats = daemon.json(&["stats"])?;
+    // Active flows are counted every 2 s off the daemon's loop: wait (a
+    // bounded time) for a count taken after the last connection opened.
+    let active_of = |stats: &serde_json::Value| -> u64 {
+        let backends = stats["backends"].as_array().map(Vec::as_slice).unwrap_or_default();
+        backends.iter().filter_map(|b| b["active_flows"].as_u64()).sum()
+    };
+    let since = std::time::Instant::now();
+    let mut stats = daemon.json(&["stats"])?;
+    while active_of(&stats) < opened && since.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+        stats = daemon.json(&["stats"])?;
+    }
     // A client process that died (its connections closed) must not count.
     let dead = holders
         .iter_mut()
@@ -216,12 +227,7 @@ pub fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
             holders.len()
         );
     }
-    let active: u64 = stats["backends"]
-        .as_array()
-        .context("backends")?
-        .iter()
-        .filter_map(|b| b["active_flows"].as_u64())
-        .sum();
+    let active = active_of(&stats);
     for holder in holders {
         quit(holder);
     }
