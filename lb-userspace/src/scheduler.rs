@@ -1,0 +1,157 @@
+//! Least-connections as Maglev weights: the share of *new* flows each
+//! backend should get so that *open* flows converge to the operator's
+//! weights. Pure: no I/O, no clocks. Established flows never move (the flow
+//! table pins them); only where new ones land changes.
+//!
+//! Each backend's target after the next `horizon` new flows is its weighted
+//! part of all the flows then open; a backend below its target is owed the
+//! difference, and new flows are shared in proportion to what each is owed.
+//! Two bounds keep a wrong guess from doing harm:
+//! - a floor: every backend keeps [`FLOOR`] of its weighted share, so a
+//!   backend is never starved and a burst larger than the horizon is never
+//!   thrown at one backend alone;
+//! - the horizon itself: a caller that expects more new flows than it sees
+//!   gets shares closer to the weights, never an overshoot.
+
+/// One backend that may take new flows: the operator's weight (a capacity
+/// multiplier) and the flows it holds open now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Load {
+    pub weight: u32,
+    pub active: u64,
+}
+
+/// The part of its weighted share every backend keeps whatever it holds.
+pub const FLOOR: f64 = 0.1;
+
+/// Maglev weights for new flows come out summing to about this: a
+/// resolution of a tenth of a percent of new flows.
+pub const WEIGHT_SCALE: u32 = 1_000;
+
+/// The Maglev weights for the next `horizon` new flows (the caller's
+/// estimate of how many arrive before it asks again). A backend of weight 0
+/// gets 0; every other gets at least 1.
+pub fn new_flow_weights(loads: &[Load], horizon: u64) -> Vec<u32> {
+    let total_weight: f64 = loads.iter().map(|load| f64::from(load.weight)).sum();
+    if total_weight == 0.0 {
+        return vec![0; loads.len()];
+    }
+    let open: f64 = loads.iter().map(|load| load.active as f64).sum();
+    let after = open + horizon.max(1) as f64;
+    let owed: Vec<f64> = loads
+        .iter()
+        .map(|load| {
+            let target = after * f64::from(load.weight) / total_weight;
+            (target - load.active as f64).max(0.0)
+        })
+        .collect();
+    let total_owed: f64 = owed.iter().sum();
+    loads
+        .iter()
+        .zip(&owed)
+        .map(|(load, owed)| {
+            if load.weight == 0 {
+                return 0;
+            }
+            let weighted = f64::from(load.weight) / total_weight;
+            // total_owed >= horizon > 0: the targets add up to more than is open.
+            let share = FLOOR * weighted + (1.0 - FLOOR) * owed / total_owed;
+            ((share * f64::from(WEIGHT_SCALE)).round() as u32).max(1)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loads(weights: &[u32], active: &[u64]) -> Vec<Load> {
+        weights.iter().zip(active).map(|(&weight, &active)| Load { weight, active }).collect()
+    }
+
+    /// Opens `flows` new flows in rounds of `per_round`, each round shared by
+    /// the weights computed from the counts before it (as the daemon would,
+    /// once a second); returns the final counts.
+    fn open(weights: &[u32], mut active: Vec<u64>, flows: u64, per_round: u64) -> Vec<u64> {
+        let mut left = flows;
+        while left > 0 {
+            let round = per_round.min(left);
+            let shares = new_flow_weights(&loads(weights, &active), per_round);
+            let total: u64 = shares.iter().map(|&s| u64::from(s)).sum();
+            let mut given = 0;
+            for (index, share) in shares.iter().enumerate() {
+                let part = if index + 1 == shares.len() {
+                    round - given
+                } else {
+                    round * u64::from(*share) / total
+                };
+                active[index] += part;
+                given += part;
+            }
+            left -= round;
+        }
+        active
+    }
+
+    fn within(counts: &[u64], weights: &[u32], tolerance: f64) -> bool {
+        let total: f64 = counts.iter().map(|&c| c as f64).sum();
+        let total_weight: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        counts.iter().zip(weights).all(|(&count, &weight)| {
+            let expected = total * f64::from(weight) / total_weight;
+            (count as f64 - expected).abs() <= tolerance * expected
+        })
+    }
+
+    #[test]
+    fn balanced_backends_get_new_flows_by_weight() {
+        assert_eq!(new_flow_weights(&loads(&[1, 1, 1], &[500, 500, 500]), 300), [333, 333, 333]);
+        assert_eq!(new_flow_weights(&loads(&[1, 1, 2], &[0, 0, 0]), 100), [250, 250, 500]);
+    }
+
+    #[test]
+    fn a_restarted_backend_gets_most_new_flows_and_the_others_keep_a_floor() {
+        let weights = new_flow_weights(&loads(&[1, 1, 1], &[0, 1_500, 1_500]), 1_500);
+        assert_eq!(weights, [933, 33, 33]);
+    }
+
+    #[test]
+    fn weight_zero_gets_nothing_and_no_weight_at_all_gives_zeros() {
+        assert_eq!(new_flow_weights(&loads(&[0, 1], &[0, 100]), 10)[0], 0);
+        assert_eq!(new_flow_weights(&loads(&[0, 0], &[5, 5]), 10), [0, 0]);
+    }
+
+    /// The rolling restart, at 100 new flows a second: 3,000 flows
+    /// with backend 1 back empty, then 1,500 more. Under hashing by weight
+    /// alone it ends at 500 against 2,000; here within 10% of even.
+    #[test]
+    fn after_a_rolling_restart_open_flows_converge_to_even() {
+        let counts = open(&[1, 1, 1], vec![0, 1_500, 1_500], 1_500, 100);
+        assert!(within(&counts, &[1, 1, 1], 0.10), "{counts:?}");
+        let hashed = [500u64, 2_000, 2_000];
+        assert!(!within(&hashed, &[1, 1, 1], 0.10), "the baseline is not imbalanced");
+    }
+
+    #[test]
+    fn after_a_scale_up_the_new_backend_catches_up() {
+        let counts = open(&[1, 1, 1, 1], vec![1_000, 1_000, 1_000, 0], 1_500, 100);
+        assert!(within(&counts, &[1, 1, 1, 1], 0.10), "{counts:?}");
+    }
+
+    #[test]
+    fn weights_one_one_two_converge_to_one_one_two() {
+        let counts = open(&[1, 1, 2], vec![0, 0, 0], 4_000, 100);
+        assert!(within(&counts, &[1, 1, 2], 0.10), "{counts:?}");
+        let counts = open(&[1, 1, 2], vec![1_000, 1_000, 0], 2_000, 100);
+        assert!(within(&counts, &[1, 1, 2], 0.10), "{counts:?}");
+    }
+
+    /// A burst ten times the horizon still reaches every backend.
+    #[test]
+    fn a_burst_beyond_the_horizon_is_not_thrown_at_one_backend() {
+        let weights = new_flow_weights(&loads(&[1, 1, 1], &[0, 1_000, 1_000]), 10);
+        let total: u32 = weights.iter().sum();
+        for weight in &weights[1..] {
+            assert!(f64::from(*weight) / f64::from(total) >= FLOOR / 3.0 - 0.001, "{weights:?}");
+        }
+    }
+}
