@@ -9,7 +9,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::Reason;
 
 use crate::flows::{self, Settings};
-use crate::maps::{LB_BACKEND_STATS, LB_VIP_STATS, LB_VIPS};
+use crate::maps::LB_VIPS;
 use crate::parse::{icmp::parse_icmp_error, ip::L3};
 use crate::{dsr, stats};
 
@@ -44,7 +44,6 @@ pub fn forward_error(
     })?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = dsr::forward(ctx, backend)?;
-    stats::count_traffic(&LB_VIP_STATS, vip.vip_index, bytes, 1);
-    stats::count_traffic(&LB_BACKEND_STATS, slot, bytes, 1);
+    stats::count_forwarded(vip.vip_index, slot, bytes, true);
     Ok(action)
 }

@@ -19,7 +19,7 @@ use lb_common::{
     FAMILY_IPV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey,
 };
 
-use maps::{LB_BACKEND_STATS, LB_VIP_ADDRESSES, LB_VIP_STATS, LB_VIPS};
+use maps::{LB_VIP_ADDRESSES, LB_VIPS};
 use parse::{
     ethernet::{ETH_P_IPV4, parse_ethernet},
     ip::{L3, parse_ipv4, parse_ipv6},
@@ -118,8 +118,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = dsr::forward(ctx, backend)?;
-    stats::count_traffic(&LB_VIP_STATS, vip.vip_index, bytes, 0);
-    stats::count_traffic(&LB_BACKEND_STATS, backend_slot, bytes, 0);
+    stats::count_forwarded(vip.vip_index, backend_slot, bytes, false);
     Ok((Reason::Forwarded, action))
 }
 

@@ -3,7 +3,7 @@
 use aya_ebpf::maps::PerCpuArray;
 use lb_common::{FlowEvent, Reason, TrafficCounters};
 
-use crate::maps::{LB_FLOW_EVENTS, LB_REASONS};
+use crate::maps::{LB_BACKEND_STATS, LB_FLOW_EVENTS, LB_REASONS, LB_VIP_STATS};
 
 #[inline(always)]
 pub fn count_reason(reason: Reason) {
@@ -22,10 +22,17 @@ pub fn count_flow_event(event: FlowEvent) {
     }
 }
 
-/// One forwarded packet of `bytes`; `icmp_errors` is 1 for an ICMP error
-/// about a flow, 0 otherwise.
+/// One packet of `bytes` forwarded for the VIP `vip_index` to the backend in
+/// `slot`: a packet of a flow, or an ICMP error about one (`icmp_error`).
 #[inline(always)]
-pub fn count_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64, icmp_errors: u64) {
+pub fn count_forwarded(vip_index: u32, slot: u32, bytes: u64, icmp_error: bool) {
+    let icmp_errors = u64::from(icmp_error);
+    count_traffic(&LB_VIP_STATS, vip_index, bytes, icmp_errors);
+    count_traffic(&LB_BACKEND_STATS, slot, bytes, icmp_errors);
+}
+
+#[inline(always)]
+fn count_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64, icmp_errors: u64) {
     if let Some(counters) = map.get_ptr_mut(index) {
         // SAFETY: as in count_reason, a per-CPU value owned by this CPU.
         unsafe {

@@ -8,7 +8,8 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
-use super::{ip::L3, ptr_at};
+use super::ip::{L3, ipv4_address};
+use super::ptr_at;
 
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
@@ -80,11 +81,9 @@ fn quoted_ipv4(ctx: &XdpContext, offset: usize) -> Result<(Quoted, usize), Reaso
     if ip.vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN || later_fragment {
         return Err(Reason::DropIcmpMalformed);
     }
-    let [s0, s1, s2, s3] = ip.src_addr;
-    let [d0, d1, d2, d3] = ip.dst_addr;
     let quoted = Quoted {
-        source: [s0, s1, s2, s3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        destination: [d0, d1, d2, d3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        source: ipv4_address(ip.src_addr),
+        destination: ipv4_address(ip.dst_addr),
         protocol: ip.proto,
         source_port: [0; 2],
         destination_port: [0; 2],

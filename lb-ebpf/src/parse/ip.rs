@@ -22,6 +22,12 @@ pub struct L3 {
     pub unhashable: Option<Reason>,
 }
 
+/// An IPv4 address as `L3` and the map keys hold it: its four bytes, then zeros.
+#[inline(always)]
+pub fn ipv4_address([a, b, c, d]: [u8; 4]) -> [u8; 16] {
+    [a, b, c, d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
 #[inline(always)]
 pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<L3, Reason> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, offset).ok_or(Reason::PassMalformed)?;
@@ -40,14 +46,10 @@ pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<L3, Reason> {
     // More-fragments flag or a non-zero offset: either way the ports of the
     // flow are missing from all but one piece.
     let is_fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
-    let [s0, s1, s2, s3] = ip.src_addr;
-    let [d0, d1, d2, d3] = ip.dst_addr;
-    let source = [s0, s1, s2, s3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    let destination = [d0, d1, d2, d3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     Ok(L3 {
         family: FAMILY_IPV4,
-        source,
-        destination,
+        source: ipv4_address(ip.src_addr),
+        destination: ipv4_address(ip.dst_addr),
         protocol: ip.proto,
         l4_offset: offset + header_len,
         l3_end: offset + total_len,
