@@ -158,7 +158,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             .into_iter()
             .find(|(reason, _)| *reason == lb_common::Reason::Forwarded)
             .map_or(0, |(_, count)| count);
-        // Before the loop starts, so the walk (two seconds per million flows, measured by tests/tests/control.rs) delays nothing.
+        // A walk of the whole flow table (about two seconds per million
+        // flows): it delays start-up, never the loop, while the pinned
+        // program keeps forwarding.
         let flows: u64 = datapath.active_flows().values().sum();
         tracing::info!(
             pins = %pins.display(), active_flows = flows, forwarded_packets = forwarded,

@@ -116,9 +116,8 @@ impl Checks {
     }
 
     /// Starts again every check task that ended (a probe loop only ends by
-    /// a bug or a panic), keeping the backend's health; returns how many.
-    pub fn restart_dead(&mut self) -> usize {
-        let mut restarted = 0;
+    /// a bug or a panic), keeping the backend's health.
+    pub fn restart_dead(&mut self) {
         for (key, checker) in &mut self.checkers {
             if !checker.task.as_ref().is_some_and(JoinHandle::is_finished) {
                 continue;
@@ -128,9 +127,7 @@ impl Checks {
             checker.generation = self.next_generation;
             checker.task =
                 Some(start_check(*key, &checker.spec, checker.generation, &self.reports));
-            restarted += 1;
         }
-        restarted
     }
 
     /// Records one report; returns the transition it caused, if any.

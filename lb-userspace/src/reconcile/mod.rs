@@ -321,7 +321,7 @@ impl<M: Maps> Reconciler<M> {
                     family,
                     _pad: [0; 3],
                     vip_index: self.installed[vip].vip_index,
-                    generation: self.generations.get(slot).copied().unwrap_or_default(),
+                    generation: self.generation(*slot),
                     _pad2: 0,
                 };
                 self.datapath.set_backend(*slot, backend)?;
@@ -394,6 +394,11 @@ impl<M: Maps> Reconciler<M> {
         self.tables_built += 1;
         self.table_rebuild_time += building + installing.elapsed();
         Ok(())
+    }
+
+    /// The generation of the backend in `slot` (0 for a slot not in use).
+    fn generation(&self, slot: u32) -> u32 {
+        self.generations.get(&slot).copied().unwrap_or_default()
     }
 
     fn release_backend(&mut self, slot: u32) -> Result<(), ReconcileError> {

@@ -49,9 +49,10 @@ impl<M: Maps> Reconciler<M> {
     pub fn directory(&self) -> crate::sync::Directory {
         let mut directory = crate::sync::Directory::default();
         for (vip, installed) in &self.installed {
-            let slots = installed.slots.iter().map(|(address, slot)| {
-                (*address, *slot, self.generations.get(slot).copied().unwrap_or_default())
-            });
+            let slots = installed
+                .slots
+                .iter()
+                .map(|(address, slot)| (*address, *slot, self.generation(*slot)));
             directory.insert(vip.endpoint(), vip.protocol.number(), installed.vip_index, slots);
         }
         directory
