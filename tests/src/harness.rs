@@ -177,6 +177,12 @@ impl Drop for Daemon {
     }
 }
 
+/// The active flows of every backend in `lb stats --json`, added up.
+pub fn total_active_flows(stats: &serde_json::Value) -> u64 {
+    let backends = stats["backends"].as_array().expect("lb stats lists backends");
+    backends.iter().map(|b| b["active_flows"].as_u64().expect("a backend's active_flows")).sum()
+}
+
 impl Daemon {
     pub fn start(testbed: &Testbed, extra: &[&str]) -> anyhow::Result<Self> {
         Self::start_in(&testbed.balancer(), extra)
@@ -294,6 +300,25 @@ impl Daemon {
         let mut full = args.to_vec();
         full.push("--json");
         Ok(serde_json::from_str(&self.lb(&full)?)?)
+    }
+
+    /// `lb stats`, asked every 200 ms until the backends' active flows add
+    /// up to `at_least` or `within` has passed; the last answer. Active flows
+    /// are counted every 2 s off the daemon's loop, so a count lags
+    /// connections just opened.
+    pub fn stats_once_counted(
+        &self,
+        at_least: u64,
+        within: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let stats = self.json(&["stats"])?;
+            if total_active_flows(&stats) >= at_least || start.elapsed() >= within {
+                return Ok(stats);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Waits until every backend of every VIP is up (MAC resolved, checks passing).

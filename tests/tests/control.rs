@@ -8,7 +8,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 
-use tests::harness::{Daemon, client_requests, lb_binary, start_servers, testbed_binary};
+use tests::harness::{
+    Daemon, client_requests, lb_binary, start_servers, testbed_binary, total_active_flows,
+};
 use tests::netns::{self, CLIENT4, Testbed};
 
 const VIP: &str = "198.18.0.10:80";
@@ -228,24 +230,10 @@ fn a_million_flows_and_busy_readers_do_not_delay_a_failover() {
         })
         .collect();
     // The readers run while the counter catches up with the million flows.
-    let counted = || -> u64 {
-        let stats = daemon.json(&["stats"]).unwrap();
-        stats["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["active_flows"].as_u64().unwrap())
-            .sum()
-    };
     let filled = std::time::Instant::now();
-    while counted() < 1_000_000 {
-        assert!(
-            filled.elapsed().as_secs() < 20,
-            "the million flows were not counted: {}",
-            counted()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let stats = daemon.stats_once_counted(1_000_000, std::time::Duration::from_secs(20)).unwrap();
+    let counted = total_active_flows(&stats);
+    assert!(counted >= 1_000_000, "the million flows were not counted: {counted}");
     let counted_after = filled.elapsed();
     servers[1] = None;
     let busy = daemon.wait_backends(down).unwrap();

@@ -628,7 +628,19 @@ fn flows_of_a_removed_backend_are_rescued_not_sent_to_an_empty_slot() {
     let removed = ip(V4_BACKENDS[0]);
     fixture.desired.remove_backend(&vip(TCP4, Protocol::Tcp), removed).unwrap();
     fixture.apply(&HealthMap::new());
-    for (flow, old) in flows.iter().zip(&before) {
+    assert_only_the_removed_backends_flows_move(&fixture, &flows, &before, removed);
+}
+
+/// Sends an ACK on every flow: a flow that was on `removed` takes the
+/// Maglev choice (which is a newcomer in the slot only where the table says
+/// so); every other stays where it was (`before`).
+fn assert_only_the_removed_backends_flows_move(
+    fixture: &Fixture,
+    flows: &[Flow],
+    before: &[IpAddr],
+    removed: IpAddr,
+) {
+    for (flow, old) in flows.iter().zip(before) {
         let now = fixture.send(*flow, Segment::Ack);
         if *old == removed {
             assert_eq!(now, fixture.expected_backend(*flow), "{flow:?} not rescued");
@@ -942,16 +954,7 @@ fn a_reused_backend_slot_does_not_inherit_the_old_backends_flows() {
     let orphans = before.iter().filter(|b| **b == removed).count() as u64;
     assert!(orphans > 50);
     let rescued_before = event(&fixture.flow_events(), FlowEvent::Rescued);
-    for (flow, old) in flows.iter().zip(&before) {
-        let now = fixture.send(*flow, Segment::Ack);
-        if *old == removed {
-            // The removed backend's flows take the Maglev choice, which is
-            // the newcomer only where the table says so.
-            assert_eq!(now, fixture.expected_backend(*flow), "{flow:?} inherited by the newcomer");
-        } else {
-            assert_eq!(now, *old, "{flow:?} of a remaining backend moved");
-        }
-    }
+    assert_only_the_removed_backends_flows_move(&fixture, &flows, &before, removed);
     assert_eq!(event(&fixture.flow_events(), FlowEvent::Rescued) - rescued_before, orphans);
 }
 

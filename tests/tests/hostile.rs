@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::Value;
 use tests::download::Download;
 use tests::fleet::{self, Fleet};
-use tests::harness::{Daemon, WsClients, spawn_in, testbed_binary};
+use tests::harness::{Daemon, WsClients, spawn_in, testbed_binary, total_active_flows};
 use tests::netns::{self, Testbed, VIP4, VIP6};
 
 /// A VIP and the address of its backend `index`.
@@ -181,13 +181,7 @@ fn a_spoofed_flood_of_three_flow_tables_breaks_no_idle_websocket() {
     }
     let after = flow_events(&daemon);
     let delta = |event: &str| after[event].as_u64().unwrap() - before[event].as_u64().unwrap();
-    let stats = daemon.json(&["stats"]).unwrap();
-    let active: u64 = stats["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["active_flows"].as_u64().unwrap())
-        .sum();
+    let active = total_active_flows(&daemon.json(&["stats"]).unwrap());
     println!(
         "FIGURE what the flood did (flow table {FLOW_TABLE}): created {}, miss_fallback {}, new_hit {}, confirmed {}; active flows after it {active}",
         delta("created"),

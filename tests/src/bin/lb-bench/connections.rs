@@ -203,18 +203,8 @@ pub fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
         }
     }
     let loaded = rss_bytes(lb_pid);
-    // Active flows are counted every 2 s off the daemon's loop: wait (a
-    // bounded time) for a count taken after the last connection opened.
-    let active_of = |stats: &serde_json::Value| -> u64 {
-        let backends = stats["backends"].as_array().map(Vec::as_slice).unwrap_or_default();
-        backends.iter().filter_map(|b| b["active_flows"].as_u64()).sum()
-    };
-    let since = std::time::Instant::now();
-    let mut stats = daemon.json(&["stats"])?;
-    while active_of(&stats) < opened && since.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(200));
-        stats = daemon.json(&["stats"])?;
-    }
+    // Wait (a bounded time) for a count taken after the last connection opened.
+    let stats = daemon.stats_once_counted(opened, Duration::from_secs(10))?;
     // A client process that died (its connections closed) must not count.
     let dead = holders
         .iter_mut()
@@ -227,7 +217,7 @@ pub fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
             holders.len()
         );
     }
-    let active = active_of(&stats);
+    let active = tests::harness::total_active_flows(&stats);
     for holder in holders {
         quit(holder);
     }
