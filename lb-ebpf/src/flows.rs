@@ -105,11 +105,21 @@ pub fn choose(
             None => FlowEvent::Rescued,
         };
         count_flow_event(event);
-        // The flow was confirmed once: it stays confirmed, on the current choice.
+        // The flow was confirmed once: it stays confirmed, on the current
+        // choice. A TCP connection rescued mid-stream is closing: the new
+        // backend has no socket for it and resets it (out of our sight), so
+        // it must not count as active there.
         let (slot, backend) = maglev_choice(flow, vip, settings)?;
-        let renewed = new_entry(slot, backend, vip, now, closing_flags(&segment));
+        let rescued_mid_stream = event == FlowEvent::Rescued && is_tcp && !segment.syn;
+        let flags = if rescued_mid_stream { FLOW_FLAG_CLOSING } else { closing_flags(&segment) };
+        let renewed = new_entry(slot, backend, vip, now, flags);
         if LB_FLOWS.insert(flow, renewed, 0).is_ok() {
-            sync::report(settings.sync_flows, flow, vip.vip_index, slot, FlowSyncKind::Open);
+            let kind = if flags & FLOW_FLAG_CLOSING != 0 {
+                FlowSyncKind::Closing
+            } else {
+                FlowSyncKind::Open
+            };
+            sync::report(settings.sync_flows, flow, vip.vip_index, slot, kind);
         }
         return Ok((slot, backend));
     }

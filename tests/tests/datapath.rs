@@ -556,6 +556,44 @@ fn a_backend_that_goes_down_loses_its_established_flows_to_healthy_ones() {
     assert_eq!(event(&fixture.flow_events(), FlowEvent::Rescued), rescued);
 }
 
+/// A confirmed TCP flow of a failed backend follows its rescue to the
+/// Maglev choice, but no longer counts as active: the new backend has no
+/// connection for it and resets it, out of the balancer's sight (DSR). If it
+/// counted, least-connections would see phantom load on the backends that
+/// rescued a failed one's flows, for the TCP idle timeout.
+fn a_rescued_tcp_flow_follows_its_new_backend_but_no_longer_counts_as_active() {
+    let mut fixture = Fixture::new();
+    let vip4 = vip(TCP4, Protocol::Tcp);
+    let flows = tcp_flows(36_000, 300);
+    let before: Vec<IpAddr> = flows
+        .iter()
+        .map(|f| {
+            fixture.send(*f, Segment::Syn);
+            fixture.send(*f, Segment::Ack)
+        })
+        .collect();
+    let dead = ip(V4_BACKENDS[2]);
+    let on_dead = before.iter().filter(|b| **b == dead).count() as u64;
+    assert!(on_dead > 50, "{on_dead}");
+    let total =
+        |fixture: &Fixture| fixture.reconciler.datapath().active_flows().values().sum::<u64>();
+    assert_eq!(total(&fixture), flows.len() as u64);
+
+    let mut health = HealthMap::new();
+    health.insert((vip4, dead), BackendHealth { up: false, ever_up: true });
+    fixture.apply(&health);
+    let rescued: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Ack)).collect();
+    let again: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Ack)).collect();
+    assert_eq!(again, rescued, "a rescued flow follows its new entry");
+    assert!(!rescued.contains(&dead));
+    assert_eq!(event(&fixture.flow_events(), FlowEvent::Rescued), on_dead);
+    assert_eq!(
+        total(&fixture),
+        flows.len() as u64 - on_dead,
+        "only the flows of the backends that stayed up count"
+    );
+}
+
 fn idle_udp_flows_expire() {
     let mut fixture = Fixture::new();
     let udp = flow("198.18.0.1", 35_000, UDP4, L4::Udp);
@@ -1024,6 +1062,7 @@ tests::root_tests!(
     client_ip_affinity_keeps_a_clients_connections_together,
     the_default_flow_table_holds_a_million_flows_and_reports_its_memory,
     flows_of_a_removed_backend_are_rescued_not_sent_to_an_empty_slot,
+    a_rescued_tcp_flow_follows_its_new_backend_but_no_longer_counts_as_active,
     established_flows_of_a_removed_vip_are_not_forwarded,
     the_datapath_reports_each_created_and_closed_flow_once_when_sync_is_on,
     icmp_errors_reach_the_backend_of_the_flow_they_quote,
