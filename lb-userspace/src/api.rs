@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _};
 use tokio::sync::oneshot;
 
-use crate::model::{Affinity, CheckOptions, CheckSpec, Protocol, Vip};
+use crate::model::{Affinity, CheckOptions, CheckSpec, Protocol, Scheduler, Vip};
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 
@@ -33,6 +33,14 @@ pub enum Request {
         check: CheckOptions,
         #[serde(default)]
         affinity: Affinity,
+        #[serde(default)]
+        scheduler: Scheduler,
+    },
+    /// Changes how a VIP picks backends for new flows (the fields given).
+    VipSet {
+        vip: Vip,
+        affinity: Option<Affinity>,
+        scheduler: Option<Scheduler>,
     },
     /// Changes the given fields of a VIP's check.
     CheckSet {
@@ -109,6 +117,8 @@ pub struct VipView {
     /// receiving traffic rather than the VIP black-holing it.
     pub all_down: bool,
     pub affinity: Affinity,
+    #[serde(default)]
+    pub scheduler: Scheduler,
     pub check: CheckSpec,
     pub packets: u64,
     pub bytes: u64,
@@ -141,6 +151,11 @@ pub struct BackendView {
     pub mac: Option<String>,
     /// Entries of the VIP's Maglev table that point at it.
     pub table_entries: u32,
+    /// The part of new flows it gets now (`table_entries` over the table
+    /// size): the weights' part under maglev, or what least-connections
+    /// gives it to even out the active flows.
+    #[serde(default)]
+    pub new_flow_share: f64,
     pub packets: u64,
     pub bytes: u64,
     /// Of `packets`, ICMP errors about its flows (path MTU, unreachable,

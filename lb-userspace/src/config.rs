@@ -20,6 +20,7 @@
 //! address = "198.18.0.10:80"
 //! protocol = "tcp"       # default tcp
 //! affinity = "flow"      # or "client-ip"
+//! scheduler = "maglev"   # or "least-connections": new flows to the least loaded
 //!
 //! [vip.check]            # optional; default: a tcp connect to the VIP port
 //! type = "http"          # tcp, http, ws or none
@@ -49,7 +50,7 @@ use crate::maglev::is_valid_table_size;
 use crate::model::CheckKind;
 use crate::model::{
     Affinity, BackendSpec, CheckOptions, CheckSpec, DEFAULT_WEIGHT, DatapathConfig, DesiredState,
-    Limits, Protocol, Vip, parse_address, parse_endpoint,
+    Limits, Protocol, Scheduler, Vip, parse_address, parse_endpoint,
 };
 
 /// Everything `lb run` needs besides its command line.
@@ -142,6 +143,7 @@ struct VipIn {
     address: Spanned<String>,
     protocol: Option<Spanned<String>>,
     affinity: Option<Affinity>,
+    scheduler: Option<Scheduler>,
     check: Option<Spanned<CheckOptions>>,
     #[serde(default)]
     backend: Vec<BackendIn>,
@@ -177,6 +179,7 @@ struct VipOut {
     address: String,
     protocol: Protocol,
     affinity: Affinity,
+    scheduler: Scheduler,
     check: CheckSpec,
     backend: Vec<BackendSpec>,
 }
@@ -304,6 +307,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         config
             .desired
             .add_vip(vip, check, affinity, limits)
+            .and_then(|()| config.desired.set_scheduling(&vip, None, vip_in.scheduler))
             .map_err(|error| invalid(vip_in.address.span(), "vip.address", error.to_string()))?;
         for backend_in in &vip_in.backend {
             let address = parse_address(backend_in.address.get_ref()).map_err(|message| {
@@ -345,6 +349,7 @@ pub fn render(config: &Config) -> String {
                 address: vip.endpoint().to_string(),
                 protocol: vip.protocol,
                 affinity: spec.affinity,
+                scheduler: spec.scheduler,
                 check: spec.check.clone(),
                 backend: spec.backends.values().cloned().collect(),
             })
@@ -403,6 +408,7 @@ draining = true
 address = "[fd00:198:18::10]:53"
 protocol = "udp"
 affinity = "client-ip"
+scheduler = "least-connections"
 
 [vip.check]
 type = "ws"
@@ -422,6 +428,9 @@ status = "101"
         let checks: Vec<&CheckSpec> =
             config.desired.vips.values().map(|spec| &spec.check).collect();
         assert_eq!(checks[0], &CheckSpec::default());
+        let schedulers: Vec<Scheduler> =
+            config.desired.vips.values().map(|spec| spec.scheduler).collect();
+        assert_eq!(schedulers, [Scheduler::Maglev, Scheduler::LeastConnections]);
         assert_eq!(
             (checks[1].kind, checks[1].port, checks[1].path.as_str(), checks[1].rise),
             (CheckKind::Ws, Some(9000), "/socket", 1)
@@ -467,6 +476,12 @@ status = "101"
         assert_eq!(
             error_of(&format!("{vip}\n[vip.check]\ntype = \"tcp\"\nfall = 0\n")),
             "lb.toml:4: vip.check: check fall 0 is out of range: expected 1 to 100"
+        );
+        let bad_scheduler = error_of(&format!("{vip}scheduler = \"leastconn\"\n"));
+        assert!(
+            bad_scheduler.contains("line 3")
+                && bad_scheduler.contains("expected `maglev` or `least-connections`"),
+            "{bad_scheduler}"
         );
         let bad_type = error_of(&format!("{vip}[vip.check]\ntype = \"icmp\"\n"));
         assert!(bad_type.contains("line 4") && bad_type.contains("icmp"), "{bad_type}");

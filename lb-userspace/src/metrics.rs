@@ -132,6 +132,19 @@ pub fn render(stats: &StatsView) -> String {
         stats.vips.iter().map(|v| (vip_label(&v.vip), v.bytes.to_string())).collect(),
     );
     family(
+        "lb_vip_scheduler",
+        "gauge",
+        "1 for the scheduler that shares the VIP's new flows (maglev or least-connections).",
+        stats
+            .vips
+            .iter()
+            .map(|v| {
+                let labels = format!("{{vip=\"{}\",scheduler=\"{}\"}}", label(&v.vip), v.scheduler);
+                (labels, "1".to_owned())
+            })
+            .collect(),
+    );
+    family(
         "lb_vip_backends",
         "gauge",
         "Backends configured for the VIP.",
@@ -187,6 +200,16 @@ pub fn render(stats: &StatsView) -> String {
             .backends
             .iter()
             .map(|b| (backend_label(&b.vip, &b.address.to_string()), b.active_flows.to_string()))
+            .collect(),
+    );
+    family(
+        "lb_backend_new_flow_share",
+        "gauge",
+        "Part of the VIP's new flows the backend gets now (0 to 1): by weight under maglev, toward the least loaded under least-connections.",
+        stats
+            .backends
+            .iter()
+            .map(|b| (backend_label(&b.vip, &b.address.to_string()), b.new_flow_share.to_string()))
             .collect(),
     );
     family(

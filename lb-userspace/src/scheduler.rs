@@ -7,11 +7,14 @@
 //! part of all the flows then open; a backend below its target is owed the
 //! difference, and new flows are shared in proportion to what each is owed.
 //! Two bounds keep a wrong guess from doing harm:
-//! - a floor: every backend keeps [`FLOOR`] of its weighted share, so a
-//!   backend is never starved and a burst larger than the horizon is never
-//!   thrown at one backend alone;
-//! - the horizon itself: a caller that expects more new flows than it sees
-//!   gets shares closer to the weights, never an overshoot.
+//! - the horizon (see [`horizon`]): planning for more new flows than arrive
+//!   gives shares closer to the weights, never an overshoot, so it is never
+//!   below a tenth of the open flows, and a burst after a quiet spell is not
+//!   thrown at the one backend that was owed a few;
+//! - a floor: every backend keeps [`FLOOR`] of its weighted share, so none
+//!   is starved, whatever its count says. It is small because it also caps
+//!   catching up: after a rolling restart the emptied backend can take at
+//!   most 1 - FLOOR x (N-1)/N of new flows.
 
 /// One backend that may take new flows: the operator's weight (a capacity
 /// multiplier) and the flows it holds open now.
@@ -22,11 +25,33 @@ pub struct Load {
 }
 
 /// The part of its weighted share every backend keeps whatever it holds.
-pub const FLOOR: f64 = 0.1;
+pub const FLOOR: f64 = 0.02;
 
 /// Maglev weights for new flows come out summing to about this: a
 /// resolution of a tenth of a percent of new flows.
 pub const WEIGHT_SCALE: u32 = 1_000;
+
+/// The smallest horizon: below it, a burst after a quiet spell would mostly
+/// land on the one backend that was owed a few flows.
+pub const MIN_HORIZON: u64 = 100;
+
+/// A VIP's part of the flows confirmed on all VIPs (the datapath counts
+/// confirmations, not per VIP): in proportion to the flows it holds open.
+pub fn arrivals(open: u64, open_everywhere: u64, confirmed_everywhere: u64) -> u64 {
+    if open_everywhere == 0 {
+        return confirmed_everywhere;
+    }
+    let part = u128::from(confirmed_everywhere) * u128::from(open) / u128::from(open_everywhere);
+    u64::try_from(part).unwrap_or(u64::MAX)
+}
+
+/// How many new flows to plan for until the next count: as many as arrived
+/// in the last interval (see [`arrivals`]), but at least a tenth of those
+/// open and [`MIN_HORIZON`]. Erring high only slows convergence; erring low
+/// overshoots.
+pub fn horizon(open: u64, arrivals: u64) -> u64 {
+    arrivals.max(open / 10).max(MIN_HORIZON)
+}
 
 /// The Maglev weights for the next `horizon` new flows (the caller's
 /// estimate of how many arrive before it asks again). A backend of weight 0
@@ -103,6 +128,20 @@ mod tests {
     }
 
     #[test]
+    fn confirmations_are_shared_among_vips_by_their_open_flows() {
+        assert_eq!(arrivals(3_000, 6_000, 2_000), 1_000);
+        assert_eq!(arrivals(0, 6_000, 2_000), 0);
+        assert_eq!(arrivals(0, 0, 2_000), 2_000, "before any count, all of them");
+    }
+
+    #[test]
+    fn the_horizon_follows_arrivals_but_never_falls_below_a_tenth_of_the_open_flows() {
+        assert_eq!(horizon(0, 0), MIN_HORIZON);
+        assert_eq!(horizon(3_000, 50), 300);
+        assert_eq!(horizon(3_000, 5_000), 5_000);
+    }
+
+    #[test]
     fn balanced_backends_get_new_flows_by_weight() {
         assert_eq!(new_flow_weights(&loads(&[1, 1, 1], &[500, 500, 500]), 300), [333, 333, 333]);
         assert_eq!(new_flow_weights(&loads(&[1, 1, 2], &[0, 0, 0]), 100), [250, 250, 500]);
@@ -111,7 +150,7 @@ mod tests {
     #[test]
     fn a_restarted_backend_gets_most_new_flows_and_the_others_keep_a_floor() {
         let weights = new_flow_weights(&loads(&[1, 1, 1], &[0, 1_500, 1_500]), 1_500);
-        assert_eq!(weights, [933, 33, 33]);
+        assert_eq!(weights, [987, 7, 7]);
     }
 
     #[test]

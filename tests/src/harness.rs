@@ -304,7 +304,7 @@ impl Daemon {
 
     /// `lb stats`, asked every 200 ms until the backends' active flows add
     /// up to `at_least` or `within` has passed; the last answer. Active flows
-    /// are counted every 2 s off the daemon's loop, so a count lags
+    /// are counted about every second off the daemon's loop, so a count lags
     /// connections just opened.
     pub fn stats_once_counted(
         &self,

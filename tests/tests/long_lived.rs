@@ -67,7 +67,7 @@ fn five_thousand_websockets_survive_add_weight_and_drain_and_only_a_failed_backe
     let b2 = netns::backend4(2);
     daemon.lb(&["backend", "drain", VIP, &b2]).unwrap();
     let round = clients.round_without_breaks("draining b2");
-    // Active flows are counted every 2 s off the daemon's loop: wait for a
+    // Active flows are counted about every second off the daemon's loop: wait for a
     // count taken after every connection was confirmed.
     let on_b2 = count(&started["backends"], "b2");
     let since = std::time::Instant::now();

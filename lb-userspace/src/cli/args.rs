@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::api;
 use crate::daemon;
 use crate::datapath::AttachMode;
-use crate::model::{Affinity, CheckOptions, DEFAULT_WEIGHT, Protocol, parse_endpoint};
+use crate::model::{Affinity, CheckOptions, DEFAULT_WEIGHT, Protocol, Scheduler, parse_endpoint};
 
 /// A stateless L3/L4 load balancer on XDP: Maglev hashing, direct server return.
 #[derive(Parser)]
@@ -104,8 +104,27 @@ pub enum VipCommand {
         /// address only (all of a client's connections on one backend).
         #[arg(long, value_enum, default_value = "flow")]
         affinity: Affinity,
+        /// How new flows are shared: by weight through the Maglev table, or
+        /// toward the backends with the fewest active flows for their weight
+        /// (open connections even out after a restart or a scale-up).
+        #[arg(long, value_enum, default_value = "maglev")]
+        scheduler: Scheduler,
         #[command(flatten)]
         check: CheckOptions,
+    },
+    /// Change how a VIP picks backends for new flows; established flows stay
+    /// where they are. Example: lb vip set 198.18.0.10:80 --scheduler least-connections
+    #[command(group = clap::ArgGroup::new("setting").required(true).multiple(true))]
+    Set {
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        /// The whole flow, or the client address only.
+        #[arg(long, value_enum, group = "setting")]
+        affinity: Option<Affinity>,
+        /// maglev (by weight) or least-connections.
+        #[arg(long, value_enum, group = "setting")]
+        scheduler: Option<Scheduler>,
     },
     /// Remove a VIP and its backends.
     Remove {

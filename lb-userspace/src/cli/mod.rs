@@ -82,8 +82,11 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Command::Vip(VipCommand::Add { vip, protocol, affinity, check }) => {
-            (Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check, affinity }, false)
+        Command::Vip(VipCommand::Add { vip, protocol, affinity, scheduler, check }) => {
+            (Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check, affinity, scheduler }, false)
+        }
+        Command::Vip(VipCommand::Set { vip, protocol, affinity, scheduler }) => {
+            (Request::VipSet { vip: vip_arg(&vip, &protocol)?, affinity, scheduler }, false)
         }
         Command::Backend(BackendCommand::Drain { vip, backend, protocol }) => (
             Request::BackendDrain {

@@ -18,8 +18,16 @@ pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
         Body::Done { message } => println!("{message}"),
         Body::Vips { vips } => {
             println!(
-                "{:<32} {:>8} {:>7} {:>8} {:<6} {:>12} {:>14} {:>10}",
-                "VIP", "BACKENDS", "ACTIVE", "SERVING", "CHECK", "PACKETS", "BYTES", "PPS"
+                "{:<32} {:>8} {:>7} {:>8} {:<6} {:<17} {:>12} {:>14} {:>10}",
+                "VIP",
+                "BACKENDS",
+                "ACTIVE",
+                "SERVING",
+                "CHECK",
+                "SCHEDULER",
+                "PACKETS",
+                "BYTES",
+                "PPS"
             );
             for vip in vips {
                 let serving = if vip.all_down {
@@ -29,12 +37,13 @@ pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
                 };
                 let check = serde_json::to_value(vip.check.kind)?;
                 println!(
-                    "{:<32} {:>8} {:>7} {:>8} {:<6} {:>12} {:>14} {:>10.0}",
+                    "{:<32} {:>8} {:>7} {:>8} {:<6} {:<17} {:>12} {:>14} {:>10.0}",
                     vip.vip,
                     vip.backends,
                     vip.active_backends,
                     serving,
                     check.as_str().unwrap_or("?"),
+                    vip.scheduler.to_string(),
                     vip.packets,
                     vip.bytes,
                     vip.packets_per_second
@@ -99,15 +108,15 @@ pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
 
 fn print_backends(backends: &[api::BackendView]) {
     println!(
-        "{:<32} {:<24} {:>6} {:<9} {:>10} {:>12} {:<17} {:>7} {:>12} {:>10}  LAST ERROR",
+        "{:<32} {:<24} {:>6} {:<9} {:>10} {:>12} {:>9} {:<17} {:>12} {:>10}  LAST ERROR",
         "VIP",
         "BACKEND",
         "WEIGHT",
         "STATE",
         "SINCE",
         "ACTIVE FLOWS",
+        "NEW SHARE",
         "MAC",
-        "ENTRIES",
         "PACKETS",
         "PPS"
     );
@@ -117,15 +126,15 @@ fn print_backends(backends: &[api::BackendView]) {
         .as_secs_f64();
     for backend in backends {
         println!(
-            "{:<32} {:<24} {:>6} {:<9} {:>10} {:>12} {:<17} {:>7} {:>12} {:>10.0}  {}",
+            "{:<32} {:<24} {:>6} {:<9} {:>10} {:>12} {:>8.1}% {:<17} {:>12} {:>10.0}  {}",
             backend.vip,
             backend.address.to_string(),
             backend.weight,
             backend.state,
             format_age(now - backend.since),
             backend.active_flows,
+            backend.new_flow_share * 100.0,
             backend.mac.as_deref().unwrap_or("-"),
-            backend.table_entries,
             backend.packets,
             backend.packets_per_second,
             backend.last_error.as_deref().unwrap_or("-"),

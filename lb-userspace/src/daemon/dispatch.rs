@@ -18,10 +18,21 @@ impl Daemon {
         let limits = self.config.limits();
         let done = |message: String| Ok(Body::Done { message });
         match request {
-            Request::VipAdd { vip, check, affinity } => {
+            Request::VipAdd { vip, check, affinity, scheduler } => {
                 let check = check.applied_to(&CheckSpec::default());
-                self.change(|state| state.add_vip(vip, check, affinity, limits))?;
-                done(format!("VIP {vip} added"))
+                self.change(|state| {
+                    state.add_vip(vip, check, affinity, limits)?;
+                    state.set_scheduling(&vip, None, Some(scheduler))
+                })?;
+                done(format!("VIP {vip} added ({scheduler} scheduler)"))
+            }
+            Request::VipSet { vip, affinity, scheduler } => {
+                self.change(|state| state.set_scheduling(&vip, affinity, scheduler))?;
+                let spec = &self.config.desired.vips[&vip];
+                done(format!(
+                    "VIP {vip} now picks backends for new flows by {} with {} affinity; established flows stay where they are",
+                    spec.scheduler, spec.affinity
+                ))
             }
             Request::CheckSet { vip, check } => {
                 let current =

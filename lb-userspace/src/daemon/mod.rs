@@ -16,10 +16,10 @@ use crate::api::Call;
 use crate::config::{self, Config, SyncConfig};
 use crate::datapath::{self, AttachMode, Datapath, Maps as _};
 use crate::health::{Checks, Health, HealthReport, Start};
-use crate::model::{ChangeError, DesiredState, format_mac};
+use crate::model::{ChangeError, DesiredState, Scheduler, format_mac};
 use crate::neighbour::{self, Neighbours};
 use crate::publish;
-use crate::reconcile::Reconciler;
+use crate::reconcile::{FlowCounts, Reconciler};
 use crate::sync::{self, SyncOptions, SyncStatus};
 
 mod active_flows;
@@ -152,18 +152,20 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     config.datapath.own_mac = neighbour::interface_mac(&options.iface)?;
     let mut datapath = Datapath::load_pinned(config.datapath, &pins)?;
     let adopted = datapath.adopted();
+    // What least-connections VIPs start from: the adopted flows, counted by
+    // a walk of the whole flow table (about two seconds per million flows).
+    // It delays start-up, never the loop, while the pinned program keeps
+    // forwarding.
+    let mut first_count = active_flows::ActiveFlows::default();
     if adopted {
         let forwarded = datapath
             .reason_counters()?
             .into_iter()
             .find(|(reason, _)| *reason == lb_common::Reason::Forwarded)
             .map_or(0, |(_, count)| count);
-        // A walk of the whole flow table (about two seconds per million
-        // flows): it delays start-up, never the loop, while the pinned
-        // program keeps forwarding.
-        let flows: u64 = datapath.active_flows().values().sum();
+        first_count = Arc::new(datapath.active_flows());
         tracing::info!(
-            pins = %pins.display(), active_flows = flows, forwarded_packets = forwarded,
+            pins = %pins.display(), active_flows = first_count.values().sum::<u64>(), forwarded_packets = forwarded,
             "found a pinned datapath still forwarding: adopting its maps, flows and counters"
         );
     }
@@ -187,7 +189,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             neighbour::run(ifindex, wanted_rx.clone(), neighbours_tx.clone())
         });
     let flow_counter = Arc::new(datapath.flow_counter()?);
-    let (active_flows_tx, active_flows) = watch::channel(active_flows::ActiveFlows::default());
+    let (active_flows_tx, active_flows) = watch::channel(Arc::clone(&first_count));
+    let mut counted = active_flows.clone();
     let mut counting_task =
         Supervised::start("active-flows", "active-flow counts are not updated", move || {
             active_flows::run(Arc::clone(&flow_counter), active_flows_tx.clone())
@@ -209,9 +212,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let (reports_tx, mut reports_rx) = mpsc::channel::<HealthReport>(256);
     let (sync_status_tx, sync_status) = watch::channel(SyncStatus::default());
     let (mut initial_sync, mut initial_sync_seen) = (sync_status.clone(), false);
+    let mut reconciler = Reconciler::new(datapath);
+    reconciler.set_flow_counts(FlowCounts { active: first_count, recently_confirmed: 0 });
     let mut daemon = Daemon {
         config,
-        reconciler: Reconciler::new(datapath),
+        reconciler,
         state_path: options.state.clone(),
         rates: Rates::default(),
         checks: Checks::new(reports_tx),
@@ -219,6 +224,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         sync_on: sync_parts.is_some(),
         announce_table,
         active_flows,
+        last_confirmed: None,
     };
     daemon.checks.sync(&daemon.config.desired, if adopted { Start::Adopted } else { Start::Fresh });
     daemon.reconciler.apply(&daemon.config.desired, &daemon.checks.health_map())?;
@@ -266,6 +272,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             }
             Some(found) = neighbours_rx.recv() => daemon.neighbours_changed(found),
             Some(report) = reports_rx.recv() => daemon.health_report(report),
+            Ok(()) = counted.changed() => daemon.flows_counted(),
             _ = tick.tick() => {
                 daemon.sample_rates();
                 daemon.checks.restart_dead();
@@ -325,6 +332,8 @@ struct Daemon {
     announce_table: Option<u32>,
     /// What the active-flow counter last published.
     active_flows: watch::Receiver<active_flows::ActiveFlows>,
+    /// The datapath's `confirmed` flow count at the last count of active flows.
+    last_confirmed: Option<u64>,
 }
 
 impl Daemon {
@@ -402,6 +411,37 @@ impl Daemon {
                 self.reconciler.apply(&self.config.desired, &self.checks.health_map())
         {
             tracing::error!(%error, "installing tables after a MAC change failed");
+        }
+    }
+
+    /// A new count of active flows: the least-connections VIPs get new
+    /// shares of new flows from it.
+    fn flows_counted(&mut self) {
+        let confirmed = match self.reconciler.datapath().flow_event_counters() {
+            Ok(counters) => counters
+                .into_iter()
+                .find(|(event, _)| *event == lb_common::FlowEvent::Confirmed)
+                .map_or(0, |(_, count)| count),
+            Err(error) => {
+                tracing::warn!(%error, "reading the flow counters failed: planning for the least new flows");
+                self.last_confirmed.unwrap_or_default()
+            }
+        };
+        let recently_confirmed = confirmed.saturating_sub(self.last_confirmed.unwrap_or(confirmed));
+        self.last_confirmed = Some(confirmed);
+        let active = self.active_flows.borrow().clone();
+        self.reconciler.set_flow_counts(FlowCounts { active, recently_confirmed });
+        let scheduled = self
+            .config
+            .desired
+            .vips
+            .values()
+            .any(|spec| spec.scheduler == Scheduler::LeastConnections);
+        if scheduled
+            && let Err(error) =
+                self.reconciler.apply(&self.config.desired, &self.checks.health_map())
+        {
+            tracing::error!(%error, "installing least-connections tables after a flow count failed");
         }
     }
 

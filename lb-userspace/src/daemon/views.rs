@@ -59,6 +59,7 @@ impl Daemon {
                 serving_backends: if status.fail_open { 0 } else { status.serving },
                 all_down: status.fail_open,
                 affinity: spec.affinity,
+                scheduler: spec.scheduler,
                 check: spec.check.clone(),
                 packets: counters.packets,
                 bytes: counters.bytes,
@@ -73,6 +74,7 @@ impl Daemon {
     pub(super) fn backend_views(&self, only: Option<&Vip>) -> anyhow::Result<Vec<BackendView>> {
         let mut views = Vec::new();
         let active_flows = self.active_flows.borrow().clone();
+        let table_size = f64::from(self.config.datapath.table_size);
         for (vip, spec) in &self.config.desired.vips {
             if only.is_some_and(|only| only != vip) {
                 continue;
@@ -103,6 +105,7 @@ impl Daemon {
                     last_error: health.and_then(|h| h.last_error.clone()),
                     mac: installed.mac.map(format_mac),
                     table_entries: installed.table_entries,
+                    new_flow_share: f64::from(installed.table_entries) / table_size,
                     packets: counters.packets,
                     bytes: counters.bytes,
                     icmp_errors: counters.icmp_errors,

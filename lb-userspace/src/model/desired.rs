@@ -43,11 +43,49 @@ pub enum Affinity {
     ClientIp,
 }
 
-/// A VIP's configuration: how its backends are checked, and the backends.
+/// How a VIP shares new flows among its serving backends. Established flows
+/// never move under either: the flow table pins them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// In proportion to the weights, by the Maglev table alone: every
+    /// balancer with the same configuration picks the same backend.
+    #[default]
+    Maglev,
+    /// Toward the backends with the fewest active flows for their weight, so
+    /// that open connections even out after a restart or a scale-up.
+    LeastConnections,
+}
+
+/// Writes a setting as the command line and the config spell it (`least-connections`).
+fn write_value_name(
+    value: &impl clap::ValueEnum,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    match value.to_possible_value() {
+        Some(possible) => f.write_str(possible.get_name()),
+        None => Ok(()),
+    }
+}
+
+impl std::fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write_value_name(self, f)
+    }
+}
+
+impl std::fmt::Display for Affinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write_value_name(self, f)
+    }
+}
+
+/// A VIP's configuration: how its backends are checked and chosen, and the backends.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VipSpec {
     pub check: CheckSpec,
     pub affinity: Affinity,
+    pub scheduler: Scheduler,
     pub backends: BTreeMap<IpAddr, BackendSpec>,
 }
 
@@ -136,7 +174,20 @@ impl DesiredState {
         if count > limits.max_vips as usize {
             return Err(ChangeError::TooManyVips { vip, count, limit: limits.max_vips });
         }
-        self.vips.insert(vip, VipSpec { check, affinity, backends: BTreeMap::new() });
+        self.vips.insert(vip, VipSpec { check, affinity, ..VipSpec::default() });
+        Ok(())
+    }
+
+    /// Changes how the VIP picks backends for new flows; established flows stay.
+    pub fn set_scheduling(
+        &mut self,
+        vip: &Vip,
+        affinity: Option<Affinity>,
+        scheduler: Option<Scheduler>,
+    ) -> Result<(), ChangeError> {
+        let spec = self.vips.get_mut(vip).ok_or(ChangeError::UnknownVip(*vip))?;
+        spec.affinity = affinity.unwrap_or(spec.affinity);
+        spec.scheduler = scheduler.unwrap_or(spec.scheduler);
         Ok(())
     }
 

@@ -15,7 +15,8 @@ mod desired;
 pub use check::{CheckKind, CheckOptions, CheckSpec, StatusRange};
 pub use datapath_config::DatapathConfig;
 pub use desired::{
-    Affinity, BackendSpec, ChangeError, DEFAULT_WEIGHT, DesiredState, Limits, VipSpec, WEIGHT_RANGE,
+    Affinity, BackendSpec, ChangeError, DEFAULT_WEIGHT, DesiredState, Limits, Scheduler, VipSpec,
+    WEIGHT_RANGE,
 };
 
 /// An Ethernet address, as the datapath writes it into frames.

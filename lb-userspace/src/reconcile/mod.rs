@@ -1,10 +1,12 @@
 //! The reconcile step: the only code that writes the datapath's maps. It
 //! compares the desired state (and the resolved MACs) with what is installed,
-//! rebuilds the Maglev table of every VIP whose usable backend set changed,
+//! rebuilds the Maglev table of every VIP whose usable backend set changed
+//! (or, under least-connections, whose backends' share of new flows did),
 //! and installs it without a packet ever seeing a half-written table.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lb_common::{
@@ -15,8 +17,9 @@ use lb_common::{
 use crate::datapath::{Datapath, DatapathError, Maps};
 use crate::maglev::{Candidate, build_failover_table};
 use crate::model::{
-    Affinity, BackendHealth, DesiredState, HealthMap, Mac, Vip, address_from_bytes,
+    Affinity, BackendHealth, DesiredState, HealthMap, Mac, Scheduler, Vip, address_from_bytes,
 };
+use crate::scheduler::{Load, arrivals, horizon, new_flow_weights};
 
 mod read;
 #[cfg(test)]
@@ -78,6 +81,17 @@ impl Slots {
     }
 }
 
+/// What least-connections VIPs are scheduled by, as last counted off the
+/// daemon's loop.
+#[derive(Clone, Debug, Default)]
+pub struct FlowCounts {
+    /// Backend slot -> its active flows.
+    pub active: Arc<HashMap<u32, u64>>,
+    /// Flows confirmed (all VIPs) between the last two counts: each VIP
+    /// plans for its part of as many new flows until the next.
+    pub recently_confirmed: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     #[error(transparent)]
@@ -97,6 +111,7 @@ pub struct Reconciler<M: Maps = Datapath> {
     generations: HashMap<u32, u32>,
     macs: HashMap<IpAddr, Mac>,
     vip_addresses: BTreeMap<VipAddressKey, u32>,
+    flow_counts: FlowCounts,
     tables_built: u64,
     table_rebuild_time: Duration,
 }
@@ -115,6 +130,7 @@ impl<M: Maps> Reconciler<M> {
             generations: HashMap::new(),
             macs: HashMap::new(),
             vip_addresses: BTreeMap::new(),
+            flow_counts: FlowCounts::default(),
             tables_built: 0,
             table_rebuild_time: Duration::ZERO,
             datapath,
@@ -200,6 +216,42 @@ impl<M: Maps> Reconciler<M> {
     /// Returns whether anything changed (then call [`Self::apply`]).
     pub fn set_mac(&mut self, address: IpAddr, mac: Mac) -> bool {
         self.macs.insert(address, mac) != Some(mac)
+    }
+
+    /// Records a new count of active flows; the next [`Self::apply`]
+    /// reschedules the least-connections VIPs by it.
+    pub fn set_flow_counts(&mut self, counts: FlowCounts) {
+        self.flow_counts = counts;
+    }
+
+    /// Least-connections: replaces the members' weights with the share of
+    /// new flows that evens out their active flows for their weights (see
+    /// [`crate::scheduler`]). Flows of a member that takes no new ones
+    /// (down, draining) are left out: they are leaving.
+    fn schedule_by_active_flows(&self, vip: &Vip, members: &mut [Member]) {
+        let slots = &self.installed[vip].slots;
+        let loads: Vec<Load> = members
+            .iter()
+            .map(|member| match member.serving {
+                true => Load {
+                    weight: member.weight,
+                    active: self
+                        .flow_counts
+                        .active
+                        .get(&slots[&member.address])
+                        .copied()
+                        .unwrap_or(0),
+                },
+                false => Load { weight: 0, active: 0 },
+            })
+            .collect();
+        let open = loads.iter().map(|load| load.active).sum();
+        let open_everywhere = self.flow_counts.active.values().sum();
+        let arrivals = arrivals(open, open_everywhere, self.flow_counts.recently_confirmed);
+        let horizon = horizon(open, arrivals);
+        for (member, weight) in members.iter_mut().zip(new_flow_weights(&loads, horizon)) {
+            member.weight = weight;
+        }
     }
 
     /// Brings the maps in line with `desired` and the backends' health.
@@ -294,6 +346,9 @@ impl<M: Maps> Reconciler<M> {
                     member.serving =
                         health_of(member.address).ever_up && !backends[&member.address].draining;
                 }
+            }
+            if spec.scheduler == Scheduler::LeastConnections {
+                self.schedule_by_active_flows(vip, &mut members);
             }
             let flags = match spec.affinity {
                 Affinity::Flow => 0,

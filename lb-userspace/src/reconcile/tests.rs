@@ -4,17 +4,18 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use lb_common::{
     BACKEND_FLAG_DOWN, Backend, FlowEntry, FlowKey, NO_BACKEND, SLOTS_PER_VIP, VipAddressKey,
     VipInfo, VipKey,
 };
 
-use super::{ReconcileError, Reconciler};
+use super::{FlowCounts, ReconcileError, Reconciler};
 use crate::datapath::{DatapathError, Maps};
 use crate::model::{
     Affinity, BackendHealth, BackendSpec, CheckSpec, DatapathConfig, DesiredState, HealthMap,
-    Limits, Protocol, Vip,
+    Limits, Protocol, Scheduler, Vip,
 };
 
 /// One write to the fake maps, in the order the reconcile step made it.
@@ -308,4 +309,62 @@ fn a_backend_is_released_only_after_the_table_without_it_is_published() {
     let release =
         maps.position(&Write::SetBackend(1, Backend { generation: 1, ..Backend::default() }));
     assert!(unpublish < release, "{:?}", maps.writes);
+}
+
+/// Entries of the published table per backend, in address order.
+fn entries(reconciler: &Reconciler<FakeMaps>) -> Vec<u32> {
+    reconciler.backends(&web()).iter().map(|backend| backend.table_entries).collect()
+}
+
+fn tables_written(reconciler: &Reconciler<FakeMaps>) -> usize {
+    reconciler.datapath().writes.iter().filter(|write| matches!(write, Write::Table { .. })).count()
+}
+
+/// Active flows of backends 1, 2 and 3, as the counting thread reports them.
+fn counted(reconciler: &Reconciler<FakeMaps>, active: [u64; 3]) -> FlowCounts {
+    let slots = (1..=3).map(|last| slot_of(reconciler, last));
+    FlowCounts { active: Arc::new(slots.zip(active).collect()), recently_confirmed: 0 }
+}
+
+#[test]
+fn least_connections_sends_new_flows_to_the_emptied_backend_and_follows_each_count() {
+    let (mut reconciler, mut desired) = setup(&[1, 2, 3]);
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    let by_weight = entries(&reconciler);
+    assert!(by_weight.iter().all(|&e| (4..=5).contains(&e)), "{by_weight:?}");
+
+    // Under maglev a count changes nothing: no table is built.
+    let built = tables_written(&reconciler);
+    reconciler.set_flow_counts(counted(&reconciler, [0, 1_500, 1_500]));
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    assert_eq!((tables_written(&reconciler), entries(&reconciler)), (built, by_weight.clone()));
+
+    // Under least-connections the emptied backend gets nearly all new flows.
+    desired.set_scheduling(&web(), None, Some(Scheduler::LeastConnections)).unwrap();
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    let emptied = entries(&reconciler);
+    assert!(emptied[0] >= 11, "backend 1 holds no flows but gets {emptied:?} of 13 entries");
+
+    // Once it caught up, shares are even again; the same count builds nothing.
+    reconciler.set_flow_counts(counted(&reconciler, [1_500, 1_500, 1_500]));
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    assert_eq!(entries(&reconciler), by_weight);
+    let built = tables_written(&reconciler);
+    reconciler.set_flow_counts(counted(&reconciler, [1_500, 1_500, 1_500]));
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    assert_eq!(tables_written(&reconciler), built);
+
+    // A draining backend's flows are leaving: they neither hold back nor
+    // attract new flows, which the other two share by their counts.
+    desired.set_draining(&web(), ip(3), true).unwrap();
+    reconciler.set_flow_counts(counted(&reconciler, [0, 1_500, 9_000]));
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    let draining = entries(&reconciler);
+    assert!(draining[0] >= 11 && draining[2] == 0, "{draining:?}");
+
+    // Back to maglev: the weights' table again.
+    desired.set_draining(&web(), ip(3), false).unwrap();
+    desired.set_scheduling(&web(), None, Some(Scheduler::Maglev)).unwrap();
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    assert_eq!(entries(&reconciler), by_weight);
 }
