@@ -61,6 +61,13 @@ struct Connection {
     broken: bool,
 }
 
+impl Connection {
+    /// One that could not be opened: it counts as broken from the start.
+    fn failed() -> Self {
+        Self { socket: None, backend: String::new(), broken: true }
+    }
+}
+
 /// How long one exchange may take before the connection counts as broken.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections opened or exercised at once.
@@ -109,8 +116,11 @@ fn tally<'a>(backends: impl Iterator<Item = &'a String>) -> BTreeMap<String, usi
 /// Opens `count` connections to `ws://vip/`, then obeys commands on stdin,
 /// answering each with one JSON line on stdout:
 /// - `round`: one message on every open connection; counts those that
-///   broke now, and those answered by another backend than at first.
+///   broke now, those answered by another backend than at first, and the
+///   open ones by backend.
 /// - `open N`: N more connections; where they landed.
+/// - `pace N RATE`: N more connections, RATE a second at a steady pace
+///   (as clients arrive, rather than all at once); where they landed.
 /// - `reconnect`: reopens every broken connection; where they landed.
 /// - `stream MS SECONDS`: for SECONDS, every connection exchanges a message
 ///   every MS milliseconds, all at once; counts breaks and moves, and the
@@ -160,11 +170,20 @@ pub async fn clients(vip: SocketAddr, count: usize) -> anyhow::Result<()> {
                 json!({ "command": "round", "round": round,
                         "ok": connections.iter().filter(|c| !c.broken).count(),
                         "newly_broken": newly_broken, "moved": moved,
-                        "broken_by_backend": broken_by_backend })
+                        "broken_by_backend": broken_by_backend,
+                        "open_by_backend": tally(connections.iter().filter(|c| !c.broken).map(|c| &c.backend)) })
             }
             ["open", n] => {
                 let fresh = open_many(&url, n.parse()?).await;
                 let report = json!({ "command": "open",
+                        "failed": fresh.iter().filter(|c| c.broken).count(),
+                        "backends": tally(fresh.iter().filter(|c| !c.broken).map(|c| &c.backend)) });
+                connections.extend(fresh);
+                report
+            }
+            ["pace", n, per_second] => {
+                let fresh = open_paced(&url, n.parse()?, per_second.parse()?).await;
+                let report = json!({ "command": "pace",
                         "failed": fresh.iter().filter(|c| c.broken).count(),
                         "backends": tally(fresh.iter().filter(|c| !c.broken).map(|c| &c.backend)) });
                 connections.extend(fresh);
@@ -236,15 +255,23 @@ async fn stream_on(
     (false, moved, longest)
 }
 
+/// Opens `count` connections, the i-th at i / `per_second` seconds from now.
+async fn open_paced(url: &str, count: usize, per_second: f64) -> Vec<Connection> {
+    let start = tokio::time::Instant::now();
+    stream::iter(0..count)
+        .map(|index| async move {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(index as f64 / per_second))
+                .await;
+            open(url).await.unwrap_or_else(|_| Connection::failed())
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await
+}
+
 async fn open_many(url: &str, count: usize) -> Vec<Connection> {
     stream::iter(0..count)
-        .map(|_| async {
-            open(url).await.unwrap_or(Connection {
-                socket: None,
-                backend: String::new(),
-                broken: true,
-            })
-        })
+        .map(|_| async { open(url).await.unwrap_or_else(|_| Connection::failed()) })
         .buffer_unordered(CONCURRENCY)
         .collect()
         .await
