@@ -28,8 +28,9 @@ pub struct Load {
 pub const FLOOR: f64 = 0.02;
 
 /// Maglev weights for new flows come out summing to about this: a
-/// resolution of a tenth of a percent of new flows.
-pub const WEIGHT_SCALE: u32 = 1_000;
+/// resolution of a millionth of new flows, fine enough for a thousand
+/// backends (Maglev's cost depends on the weights' ratios, not their size).
+pub const WEIGHT_SCALE: u32 = 1_000_000;
 
 /// The smallest horizon: below it, a burst after a quiet spell would mostly
 /// land on the one backend that was owed a few flows.
@@ -143,14 +144,16 @@ mod tests {
 
     #[test]
     fn balanced_backends_get_new_flows_by_weight() {
-        assert_eq!(new_flow_weights(&loads(&[1, 1, 1], &[500, 500, 500]), 300), [333, 333, 333]);
-        assert_eq!(new_flow_weights(&loads(&[1, 1, 2], &[0, 0, 0]), 100), [250, 250, 500]);
+        let even = [333_333, 333_333, 333_333];
+        assert_eq!(new_flow_weights(&loads(&[1, 1, 1], &[500, 500, 500]), 300), even);
+        let by_weight = [250_000, 250_000, 500_000];
+        assert_eq!(new_flow_weights(&loads(&[1, 1, 2], &[0, 0, 0]), 100), by_weight);
     }
 
     #[test]
     fn a_restarted_backend_gets_most_new_flows_and_the_others_keep_a_floor() {
         let weights = new_flow_weights(&loads(&[1, 1, 1], &[0, 1_500, 1_500]), 1_500);
-        assert_eq!(weights, [987, 7, 7]);
+        assert_eq!(weights, [986_667, 6_667, 6_667]);
     }
 
     #[test]

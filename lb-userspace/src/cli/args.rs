@@ -116,6 +116,7 @@ pub enum VipCommand {
     /// where they are. Example: lb vip set 198.18.0.10:80 --scheduler least-connections
     #[command(group = clap::ArgGroup::new("setting").required(true).multiple(true))]
     Set {
+        /// ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
         vip: String,
         #[command(flatten)]
         protocol: ProtocolArg,

@@ -86,7 +86,9 @@ pub fn quit(mut holder: std::process::Child) {
     let _ = holder.wait();
 }
 
-pub fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
+/// The connection rows, and the daemon's cost per scheduler measured while
+/// the 100,000 connections are held.
+pub fn connections() -> anyhow::Result<(Vec<ConnectionRow>, Vec<crate::control::SchedulerRow>)> {
     use tests::harness::{Daemon, Process, spawn_in, start_servers, testbed_binary};
     let testbed = tests::netns::Testbed::up("lbb-c-", 3)?;
     let _servers = start_servers(&testbed, 80)?;
@@ -218,6 +220,10 @@ pub fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
         );
     }
     let active = tests::harness::total_active_flows(&stats);
+    let mut vips: Vec<String> = ["80", "8081"].iter().map(|p| format!("198.18.0.10:{p}")).collect();
+    vips.extend(LARGE_PORTS.iter().map(|port| format!("198.18.0.10:{port}")));
+    let schedulers =
+        crate::control::scheduler_cost(&testbed, &daemon, &vips, "198.18.0.10:80", active)?;
     for holder in holders {
         quit(holder);
     }
@@ -253,7 +259,7 @@ pub fn connections() -> anyhow::Result<Vec<ConnectionRow>> {
     {
         println!("haproxy: {line}");
     }
-    Ok(rows)
+    Ok((rows, schedulers))
 }
 
 /// Active flows per VIP, from `lb stats --json`.

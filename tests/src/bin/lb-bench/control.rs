@@ -1,10 +1,12 @@
 //! Section 3: the control plane: building and installing a 65,537-entry
-//! Maglev table for 10, 100 and 1,000 backends.
+//! Maglev table for 10, 100 and 1,000 backends, by weight (maglev) and as
+//! least-connections reschedules it after a count, with one backend emptied.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use lb_userspace::model::{DatapathConfig, HealthMap, Protocol, Vip};
+use lb_userspace::model::{DatapathConfig, HealthMap, Protocol, Scheduler, Vip};
+use lb_userspace::reconcile::FlowCounts;
 use serde::Serialize;
 
 use crate::costs::RUNS;
@@ -14,6 +16,10 @@ pub struct ControlRow {
     pub backends: u32,
     pub build_ms: f64,
     pub rebuild_and_install_ms: f64,
+    /// Least-connections: rescheduling after a count (the weights from the
+    /// counts, then a rebuild and install) with one backend emptied, as
+    /// after a rolling restart: the most skewed weights, the slowest build.
+    pub least_connections_reschedule_ms: f64,
 }
 
 pub fn control_plane() -> anyhow::Result<Vec<ControlRow>> {
@@ -55,12 +61,116 @@ pub fn control_plane() -> anyhow::Result<Vec<ControlRow>> {
             reconciler.apply(&desired, &HealthMap::new())?;
             installs.push(start.elapsed().as_secs_f64() * 1e3);
         }
-        builds.sort_by(f64::total_cmp);
-        installs.sort_by(f64::total_cmp);
+        desired.set_weight(&vip, candidates[0].address, 1)?;
+        desired.set_scheduling(&vip, None, Some(Scheduler::LeastConnections))?;
+        let slots: Vec<u32> = reconciler.backends(&vip).iter().map(|b| b.slot).collect();
+        let mut reschedules = Vec::new();
+        let count = |reconciler: &mut lb_userspace::reconcile::Reconciler, emptied: bool| {
+            let active = slots
+                .iter()
+                .enumerate()
+                .map(|(index, slot)| (*slot, if emptied && index == 0 { 0 } else { 1_000 }))
+                .collect();
+            let active = std::sync::Arc::new(active);
+            reconciler.set_flow_counts(FlowCounts { active, recently_confirmed: 0 });
+        };
+        for _ in 0..RUNS {
+            // Timed: from even counts to backend 0 emptied, the most skewed
+            // weights. Untimed: back to even, so that the next count changes.
+            count(&mut reconciler, false);
+            std::thread::sleep(Duration::from_millis(10)); // past the slot quiet time
+            reconciler.apply(&desired, &HealthMap::new())?;
+            count(&mut reconciler, true);
+            std::thread::sleep(Duration::from_millis(10));
+            let built = reconciler.tables_built();
+            let start = Instant::now();
+            reconciler.apply(&desired, &HealthMap::new())?;
+            reschedules.push(start.elapsed().as_secs_f64() * 1e3);
+            anyhow::ensure!(reconciler.tables_built() == built + 1, "the count changed no table");
+        }
+        let emptied = reconciler.backends(&vip)[0].table_entries;
+        // The emptied backend is owed 1,000 flows of the horizon (a tenth
+        // of those open): most of the table with 10 backends, a tenth with 1,000.
+        anyhow::ensure!(
+            f64::from(emptied) > 5.0 * f64::from(config.table_size) / f64::from(backends),
+            "the emptied backend got only {emptied} entries"
+        );
+        for times in [&mut builds, &mut installs, &mut reschedules] {
+            times.sort_by(f64::total_cmp);
+        }
         rows.push(ControlRow {
             backends,
             build_ms: builds[RUNS / 2],
             rebuild_and_install_ms: installs[RUNS / 2],
+            least_connections_reschedule_ms: reschedules[RUNS / 2],
+        });
+    }
+    Ok(rows)
+}
+
+/// The running daemon's cost per scheduler: every VIP under one scheduler
+/// while 100,000 WebSockets are held and short connections churn one VIP.
+#[derive(Serialize)]
+pub struct SchedulerRow {
+    pub scheduler: String,
+    pub flows_held: u64,
+    pub seconds: f64,
+    /// Maglev tables built and installed per second (`tables_built`).
+    pub tables_per_second: f64,
+    /// The daemon's CPU time over the wall time, all threads (the counting
+    /// walk included), in percent of one core.
+    pub daemon_cpu_percent: f64,
+    /// The churn itself: new connections per second through the balancer.
+    pub connections_per_second: f64,
+}
+
+/// User plus system CPU seconds of process `pid`, all threads.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime
+    // are the 12th and 13th.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks =
+        |index: usize| fields.get(index).and_then(|f| f.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |hz| hz as f64);
+    (ticks(11) + ticks(12)) / per_second
+}
+
+/// Measures the daemon under each scheduler in turn (`lb vip set` on every
+/// VIP in `vips`), while `connection_rate` churns `churn_target`.
+pub fn scheduler_cost(
+    testbed: &tests::netns::Testbed,
+    daemon: &tests::harness::Daemon,
+    vips: &[String],
+    churn_target: &str,
+    flows_held: u64,
+) -> anyhow::Result<Vec<SchedulerRow>> {
+    let pid = daemon.process.as_ref().map_or(0, |process| process.0.id());
+    let mut rows = Vec::new();
+    for scheduler in ["maglev", "least-connections"] {
+        for vip in vips {
+            daemon.lb(&["vip", "set", vip, "--scheduler", scheduler])?;
+        }
+        std::thread::sleep(Duration::from_secs(2)); // the switch's own rebuilds
+        let tables = |daemon: &tests::harness::Daemon| -> anyhow::Result<u64> {
+            Ok(daemon.json(&["stats"])?["tables_built"].as_u64().unwrap_or(0))
+        };
+        let (tables_before, cpu_before, start) =
+            (tables(daemon)?, cpu_seconds(pid), Instant::now());
+        let (rate, _) = crate::connections::connection_rate(testbed, churn_target)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let (tables_after, cpu_after) = (tables(daemon)?, cpu_seconds(pid));
+        rows.push(SchedulerRow {
+            scheduler: scheduler.into(),
+            flows_held,
+            seconds,
+            tables_per_second: (tables_after - tables_before) as f64 / seconds,
+            daemon_cpu_percent: (cpu_after - cpu_before) / seconds * 100.0,
+            connections_per_second: rate,
         });
     }
     Ok(rows)

@@ -39,6 +39,8 @@ struct Results {
     per_packet: Vec<CostRow>,
     throughput: Vec<ThroughputRow>,
     connections: Vec<ConnectionRow>,
+    /// The running daemon's cost under each scheduler (section 4's setup).
+    schedulers: Vec<control::SchedulerRow>,
     control_plane: Vec<ControlRow>,
     targets: Vec<Target>,
     notes: Vec<String>,
@@ -73,11 +75,22 @@ fn main() -> anyhow::Result<()> {
         print_throughput(&throughput_rows);
     }
     let throughput = throughput_rows;
-    let mut connections = Vec::new();
+    let (mut connections, mut schedulers) = (Vec::new(), Vec::new());
     if wanted("connections") {
         println!("\n== 4. Connections: rate and memory, against HAProxy (TCP mode)");
-        connections = connections::connections()?;
+        (connections, schedulers) = connections::connections()?;
         print_connections(&connections);
+        println!("\n   The daemon per scheduler (every VIP), holding the connections, with churn:");
+        for row in &schedulers {
+            println!(
+                "   {:<18} {:>7} flows held: {:>5.1} tables/s, daemon CPU {:>5.1}% of a core, churn {:>6.0} conn/s",
+                row.scheduler,
+                row.flows_held,
+                row.tables_per_second,
+                row.daemon_cpu_percent,
+                row.connections_per_second
+            );
+        }
     }
     let mut control_plane = Vec::new();
     if wanted("control") {
@@ -86,8 +99,11 @@ fn main() -> anyhow::Result<()> {
     }
     for row in &control_plane {
         println!(
-            "{:>6} backends: build {:>7.2} ms, rebuild + install {:>7.2} ms",
-            row.backends, row.build_ms, row.rebuild_and_install_ms
+            "{:>6} backends: build {:>7.2} ms, rebuild + install {:>7.2} ms, least-connections reschedule (one emptied) {:>7.2} ms",
+            row.backends,
+            row.build_ms,
+            row.rebuild_and_install_ms,
+            row.least_connections_reschedule_ms
         );
     }
 
@@ -105,6 +121,7 @@ fn main() -> anyhow::Result<()> {
         per_packet,
         throughput,
         connections,
+        schedulers,
         control_plane,
         targets,
         notes: vec![
