@@ -27,7 +27,9 @@ pub enum Command {
     ///
     /// The configuration comes from --config when given (it replaces the saved
     /// state), else from the state file, else starts empty. Every change is
-    /// saved to the state file. SIGINT or SIGTERM detaches the program.
+    /// saved to the state file. SIGINT or SIGTERM stops the daemon, while the
+    /// pinned datapath keeps forwarding with its last tables (a new lb run
+    /// adopts it); --detach-on-exit detaches it instead.
     Run {
         /// Interface to attach to (the one that receives VIP traffic).
         #[arg(long)]
