@@ -57,6 +57,16 @@ fn add_backend(daemon: &Daemon, index: usize, weight: u32) {
     }
 }
 
+/// One client process per VIP, each holding [`OPENED_FIRST`] connections.
+fn open_first(testbed: &Testbed) -> [WsClients; 2] {
+    [MAGLEV, LEAST].map(|vip| {
+        let (clients, started) = WsClients::start(&testbed.client(), vip, OPENED_FIRST);
+        println!("FIGURE {vip}: opened {started}");
+        assert_eq!(started["opened"].as_u64(), Some(OPENED_FIRST as u64), "{vip}: {started}");
+        clients
+    })
+}
+
 /// How far the most unbalanced backend is from its part of the total, by
 /// weight, as a fraction of that part (0.1 = 10% off).
 fn imbalance(counts: &BTreeMap<String, u64>, weights: &[u32]) -> f64 {
@@ -164,12 +174,7 @@ fn rolling_restart(prefix: &str, weights: [u32; 3]) {
         (1..=3).map(|index| Some(servers(&testbed, index))).collect();
     let daemon = Daemon::start(&testbed, &[]).expect("lb run");
     declare(&daemon, &weights, true);
-    let mut clients = [MAGLEV, LEAST].map(|vip| {
-        let (clients, started) = WsClients::start(&testbed.client(), vip, OPENED_FIRST);
-        println!("FIGURE {vip}: opened {started}");
-        assert_eq!(started["opened"].as_u64(), Some(OPENED_FIRST as u64), "{vip}: {started}");
-        clients
-    });
+    let mut clients = open_first(&testbed);
 
     servers[0] = None;
     let b1 = netns::backend4(1);
@@ -230,12 +235,7 @@ fn after_a_scale_up_the_new_backend_catches_up_under_least_connections() {
     let servers: Vec<[Process; 2]> = (1..=4).map(|index| servers(&testbed, index)).collect();
     let daemon = Daemon::start(&testbed, &[]).expect("lb run");
     declare(&daemon, &[1, 1, 1], false);
-    let mut clients = [MAGLEV, LEAST].map(|vip| {
-        let (clients, started) = WsClients::start(&testbed.client(), vip, OPENED_FIRST);
-        println!("FIGURE {vip}: opened {started}");
-        assert_eq!(started["opened"].as_u64(), Some(OPENED_FIRST as u64), "{vip}: {started}");
-        clients
-    });
+    let mut clients = open_first(&testbed);
     // The operator switches a running VIP: nothing established moves.
     daemon.lb(&["vip", "set", LEAST, "--scheduler", "least-connections"]).unwrap();
     let listed = daemon.json(&["vip", "list"]).unwrap();
