@@ -373,8 +373,7 @@ pub fn run(target: &Target, seed: u64, count: u64) -> anyhow::Result<Report> {
         Ok((forwarded, passed, dropped))
     };
     let icmp_forwarded = |datapath: &Datapath| -> anyhow::Result<u64> {
-        let counters = datapath.reason_counters()?;
-        Ok(counters.iter().find(|(reason, _)| *reason == Reason::ForwardedIcmp).map_or(0, |c| c.1))
+        Ok(lb_userspace::datapath::total_of(&datapath.reason_counters()?, Reason::ForwardedIcmp))
     };
     let icmp_before = icmp_forwarded(datapath)?;
     let mut before = totals(datapath)?;

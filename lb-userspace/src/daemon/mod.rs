@@ -158,11 +158,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     // forwarding.
     let mut first_count = active_flows::ActiveFlows::default();
     if adopted {
-        let forwarded = datapath
-            .reason_counters()?
-            .into_iter()
-            .find(|(reason, _)| *reason == lb_common::Reason::Forwarded)
-            .map_or(0, |(_, count)| count);
+        let forwarded =
+            datapath::total_of(&datapath.reason_counters()?, lb_common::Reason::Forwarded);
         first_count = Arc::new(datapath.active_flows());
         tracing::info!(
             pins = %pins.display(), active_flows = first_count.values().sum::<u64>(), forwarded_packets = forwarded,
@@ -418,10 +415,7 @@ impl Daemon {
     /// shares of new flows from it.
     fn flows_counted(&mut self) {
         let confirmed = match self.reconciler.datapath().flow_event_counters() {
-            Ok(counters) => counters
-                .into_iter()
-                .find(|(event, _)| *event == lb_common::FlowEvent::Confirmed)
-                .map_or(0, |(_, count)| count),
+            Ok(counters) => datapath::total_of(&counters, lb_common::FlowEvent::Confirmed),
             Err(error) => {
                 tracing::warn!(%error, "reading the flow counters failed: planning for the least new flows");
                 self.last_confirmed.unwrap_or_default()

@@ -270,6 +270,12 @@ pub fn monotonic_ns() -> u64 {
         .map_or(0, |now| now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
 }
 
+/// One label's packets in what [`Datapath::reason_counters`] or
+/// [`Datapath::flow_event_counters`] returned.
+pub fn total_of<L: PartialEq>(counters: &[(L, u64)], label: L) -> u64 {
+    counters.iter().find(|(each, _)| *each == label).map_or(0, |(_, count)| *count)
+}
+
 /// Each labelled index of a per-CPU counter array, summed over CPUs.
 fn per_cpu_totals<L, const N: usize>(
     map: &PerCpuArray<MapData, u64>,
