@@ -227,28 +227,36 @@ impl<M: Maps> Reconciler<M> {
     /// Least-connections: replaces the members' weights with the share of
     /// new flows that evens out their active flows for their weights (see
     /// [`crate::scheduler`]). Flows of a member that takes no new ones
-    /// (down, draining) are left out: they are leaving.
-    fn schedule_by_active_flows(&self, vip: &Vip, members: &mut [Member]) {
+    /// (down, draining) are left out: they are leaving. Those of a member
+    /// that is down are also planned for as new flows: its clients are
+    /// about to reconnect all at once, and that storm must be shared as
+    /// evenly as it is large, not thrown at whoever was owed a few.
+    fn schedule_by_active_flows(
+        &self,
+        vip: &Vip,
+        members: &mut [Member],
+        is_down: impl Fn(IpAddr) -> bool,
+    ) {
         let slots = &self.installed[vip].slots;
+        let active = |member: &Member| {
+            self.flow_counts.active.get(&slots[&member.address]).copied().unwrap_or(0)
+        };
         let loads: Vec<Load> = members
             .iter()
             .map(|member| match member.serving {
-                true => Load {
-                    weight: member.weight,
-                    active: self
-                        .flow_counts
-                        .active
-                        .get(&slots[&member.address])
-                        .copied()
-                        .unwrap_or(0),
-                },
+                true => Load { weight: member.weight, active: active(member) },
                 false => Load { weight: 0, active: 0 },
             })
             .collect();
+        let reconnecting: u64 = members
+            .iter()
+            .filter(|member| !member.serving && is_down(member.address))
+            .map(active)
+            .sum();
         let open = loads.iter().map(|load| load.active).sum();
         let open_everywhere = self.flow_counts.active.values().sum();
         let arrivals = arrivals(open, open_everywhere, self.flow_counts.recently_confirmed);
-        let horizon = horizon(open, arrivals);
+        let horizon = horizon(open, arrivals + reconnecting);
         for (member, weight) in members.iter_mut().zip(new_flow_weights(&loads, horizon)) {
             member.weight = weight;
         }
@@ -348,7 +356,7 @@ impl<M: Maps> Reconciler<M> {
                 }
             }
             if spec.scheduler == Scheduler::LeastConnections {
-                self.schedule_by_active_flows(vip, &mut members);
+                self.schedule_by_active_flows(vip, &mut members, |address| !health_of(address).up);
             }
             let flags = match spec.affinity {
                 Affinity::Flow => 0,

@@ -368,3 +368,22 @@ fn least_connections_sends_new_flows_to_the_emptied_backend_and_follows_each_cou
     reconciler.apply(&desired, &HealthMap::new()).unwrap();
     assert_eq!(entries(&reconciler), by_weight);
 }
+
+/// Backend 1 fails with 975 flows while backend 2 is a little below
+/// backend 3: its clients' reconnects, all at once, are shared about evenly
+/// rather than mostly thrown at backend 2 (8 and 5 of 13 entries; 10 and 3
+/// when the failed backend's flows were not planned for).
+#[test]
+fn a_failed_backends_reconnecting_clients_are_planned_for() {
+    let (mut reconciler, mut desired) = setup(&[1, 2, 3]);
+    desired.set_scheduling(&web(), None, Some(Scheduler::LeastConnections)).unwrap();
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    reconciler.set_flow_counts(counted(&reconciler, [975, 963, 1_047]));
+    reconciler.apply(&desired, &health(&[(1, false, true)])).unwrap();
+    let shares = entries(&reconciler);
+    assert_eq!(shares[0], 0, "{shares:?}");
+    assert!(
+        shares[1].abs_diff(shares[2]) <= 3,
+        "the reconnects would pile on backend 2: {shares:?}"
+    );
+}
