@@ -45,8 +45,29 @@ pub const MAP_LAYOUT: &str = "LB_LAYOUT";
 /// [`GLOBAL_SYNC_FLOWS`] is set.
 pub const MAP_FLOW_SYNC: &str = "LB_FLOW_SYNC";
 
+/// `Array` of `u64` words, [`VIP_PORT_WORDS`] of them: one bit per
+/// (protocol, destination port) that some VIP listens on. The datapath's
+/// prefilter: a packet whose bit is clear is the host's, and skips every
+/// hash lookup. Written by the daemon on every VIP change.
+pub const MAP_VIP_PORTS: &str = "LB_VIP_PORTS";
+
+/// Words of [`MAP_VIP_PORTS`]: 65,536 ports for each of TCP and UDP.
+pub const VIP_PORT_WORDS: u32 = 2 * 65_536 / 64;
+
+/// The word of [`MAP_VIP_PORTS`] holding the bit of (`protocol`, `port`)
+/// (host byte order), and that bit; None for a protocol no VIP can have.
+#[inline(always)]
+pub fn vip_port_bit(protocol: u8, port: u16) -> Option<(u32, u64)> {
+    let base = match protocol {
+        PROTO_TCP => 0,
+        PROTO_UDP => VIP_PORT_WORDS / 2,
+        _ => return None,
+    };
+    Some((base + u32::from(port >> 6), 1 << (port & 63)))
+}
+
 /// Every map, in the order they are pinned and adopted.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_VIPS,
     MAP_VIP_ADDRESSES,
     MAP_MAGLEV,
@@ -59,11 +80,12 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_FLOW_EVENTS,
     MAP_LAYOUT,
     MAP_FLOW_SYNC,
+    MAP_VIP_PORTS,
 ];
 
 /// Bumped whenever a map's key or value layout changes: pinned maps of
 /// another version are refused rather than misread.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Value of [`MAP_LAYOUT`]. Written by the daemon that creates the maps.
 #[repr(C)]

@@ -14,7 +14,6 @@
 //! table. An entry whose backend is down, gone or replaced (another slot
 //! generation) is given the Maglev choice, and an idle UDP entry expires.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, FLOW_CONFIRM_NS, FLOW_FLAG_CLOSING, FLOW_FLAG_RESET, FLOW_FLAG_SYN, FLOW_REFRESH_NS,
     FlowEntry, FlowEvent, FlowKey, FlowSyncKind, MAGLEV_CHUNK, NO_BACKEND, PROTO_TCP, Reason,
@@ -59,49 +58,98 @@ pub fn keys(
 }
 
 /// What the TCP flags of a packet mean here (all false for UDP).
-struct Segment {
+pub struct Segment {
+    is_tcp: bool,
     /// A SYN without ACK: a client opening a connection.
     syn: bool,
     rst: bool,
     fin: bool,
 }
 
-/// The backend slot for this packet's flow, and the backend itself.
+impl Segment {
+    #[inline(always)]
+    pub fn of(protocol: u8, tcp_flags: u8) -> Self {
+        let is_tcp = protocol == PROTO_TCP;
+        Self {
+            is_tcp,
+            syn: is_tcp && tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0,
+            rst: is_tcp && tcp_flags & TCP_RST != 0,
+            fin: is_tcp && tcp_flags & TCP_FIN != 0,
+        }
+    }
+}
+
+/// Where a packet of an established flow goes, found without its VIP.
+pub struct Hit {
+    pub vip_index: u32,
+    pub slot: u32,
+    pub backend: &'static Backend,
+}
+
+/// What the confirmed flow table says of a packet's flow.
+pub enum Confirmed {
+    /// A usable entry, now followed: the packet goes to its backend.
+    Follow(Hit),
+    /// An entry that needs the VIP's current table: its backend is no longer
+    /// usable, it is idle, or a SYN reopens it after a close.
+    Stale(*mut FlowEntry),
+    Missing,
+}
+
+/// The established path, and the only lookup most packets make: the
+/// confirmed entry of the flow, followed when usable. A usable entry needs no
+/// VIP lookup: its backend slot still holds the same backend (generation) of
+/// the same VIP, and a removed VIP's slots are freed, so the entry's VIP is
+/// the one the flow's key names.
+#[inline(always)]
+pub fn confirmed(flow: &FlowKey, segment: &Segment, now: u64, settings: &Settings) -> Confirmed {
+    let Some(entry) = LB_FLOWS.get_ptr_mut(flow) else {
+        return Confirmed::Missing;
+    };
+    // SAFETY: the pointer from a map lookup is valid for this run. Another
+    // CPU may write the same entry meanwhile; the copy below is checked as a
+    // whole (slot, VIP and generation must agree) before it is used.
+    let current = unsafe { *entry };
+    let idle = is_idle(&current, segment, now, settings);
+    let reopened = segment.syn && (current.flags & FLOW_FLAG_CLOSING != 0 || idle);
+    match usable_backend(&current, current.vip_index) {
+        Some(backend) if !reopened && !(idle && !segment.is_tcp) => {
+            // SAFETY: as above; the entry's fields are rewritten one by one.
+            follow(unsafe { &mut *entry }, &current, segment, now, flow, settings);
+            Confirmed::Follow(Hit {
+                vip_index: current.vip_index,
+                slot: current.backend_slot,
+                backend,
+            })
+        }
+        _ => Confirmed::Stale(entry),
+    }
+}
+
+/// Whether the entry has seen no packet for its protocol's idle timeout.
+#[inline(always)]
+fn is_idle(entry: &FlowEntry, segment: &Segment, now: u64, settings: &Settings) -> bool {
+    let idle_ns = if segment.is_tcp { settings.tcp_idle_ns } else { settings.udp_idle_ns };
+    now.saturating_sub(entry.last_seen_ns) > idle_ns
+}
+
+/// The backend slot for a packet of `vip` that [`confirmed`] did not
+/// forward (its flow's `stale` entry, if any), and the backend itself.
 #[inline(always)]
 pub fn choose(
     flow: &FlowKey,
+    stale: Option<*mut FlowEntry>,
     vip: &VipInfo,
-    tcp_flags: u8,
+    segment: &Segment,
+    now: u64,
     settings: &Settings,
 ) -> Result<(u32, &'static Backend), Reason> {
-    // The coarse clock (a jiffy's resolution) is plenty for idle timeouts and
-    // costs a fraction of bpf_ktime_get_ns on every packet.
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let is_tcp = flow.protocol == u32::from(PROTO_TCP);
-    let segment = Segment {
-        syn: is_tcp && tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0,
-        rst: is_tcp && tcp_flags & TCP_RST != 0,
-        fin: is_tcp && tcp_flags & TCP_FIN != 0,
-    };
-
-    if let Some(entry) = LB_FLOWS.get_ptr_mut(flow) {
-        // SAFETY: the pointer from a map lookup is valid for this run. Another
-        // CPU may write the same entry meanwhile; the copy below is checked
-        // as a whole (slot, VIP and generation must agree) before it is used.
-        let entry = unsafe { &mut *entry };
-        let current = *entry;
-        let idle_ns = if is_tcp { settings.tcp_idle_ns } else { settings.udp_idle_ns };
-        let idle = now.saturating_sub(current.last_seen_ns) > idle_ns;
-        let event = match usable_backend(&current, vip) {
-            Some(_) if !is_tcp && idle => FlowEvent::Expired,
-            Some(_) if segment.syn && (current.flags & FLOW_FLAG_CLOSING != 0 || idle) => {
-                FlowEvent::Renewed
-            }
-            Some(backend) => {
-                follow(entry, &current, &segment, now, flow, vip, settings);
-                return Ok((current.backend_slot, backend));
-            }
+    if let Some(entry) = stale {
+        // SAFETY: as in `confirmed`, copied out and checked as a whole.
+        let current = unsafe { *entry };
+        let event = match usable_backend(&current, vip.vip_index) {
+            Some(_) if !segment.is_tcp => FlowEvent::Expired,
+            Some(_) => FlowEvent::Renewed,
             None => FlowEvent::Rescued,
         };
         count_flow_event(event);
@@ -110,8 +158,8 @@ pub fn choose(
         // backend has no socket for it and resets it (out of our sight), so
         // it must not count as active there.
         let (slot, backend) = maglev_choice(flow, vip, settings)?;
-        let rescued_mid_stream = event == FlowEvent::Rescued && is_tcp && !segment.syn;
-        let flags = if rescued_mid_stream { FLOW_FLAG_CLOSING } else { closing_flags(&segment) };
+        let rescued_mid_stream = event == FlowEvent::Rescued && segment.is_tcp && !segment.syn;
+        let flags = if rescued_mid_stream { FLOW_FLAG_CLOSING } else { closing_flags(segment) };
         let renewed = new_entry(slot, backend, vip, now, flags);
         if LB_FLOWS.insert(flow, renewed, 0).is_ok() {
             let kind = if flags & FLOW_FLAG_CLOSING != 0 {
@@ -131,16 +179,17 @@ pub fn choose(
         // SAFETY: copied out at once; a concurrent rewrite can only make the
         // copy stale, and it is checked as a whole below.
         let pending = unsafe { *entry };
-        let expired = !is_tcp && now.saturating_sub(pending.last_seen_ns) > settings.udp_idle_ns;
-        match usable_backend(&pending, vip) {
+        let expired =
+            !segment.is_tcp && now.saturating_sub(pending.last_seen_ns) > settings.udp_idle_ns;
+        match usable_backend(&pending, vip.vip_index) {
             Some(backend) if !expired => {
-                confirm_or_follow(flow, &pending, &segment, now, vip, settings);
+                confirm_or_follow(flow, &pending, segment, now, vip, settings);
                 return Ok((pending.backend_slot, backend));
             }
             _ if expired => count_flow_event(FlowEvent::Expired),
             _ => count_flow_event(FlowEvent::Rescued),
         }
-    } else if is_tcp && !segment.syn {
+    } else if segment.is_tcp && !segment.syn {
         count_flow_event(FlowEvent::MissFallback);
     } else {
         count_flow_event(FlowEvent::Created);
@@ -150,7 +199,7 @@ pub fn choose(
     // A reset needs no entry; anything else is pinned from now on. The
     // entry's last_seen_ns stays its creation time until it is confirmed.
     if !segment.rst {
-        let flags = if segment.syn { FLOW_FLAG_SYN } else { closing_flags(&segment) };
+        let flags = if segment.syn { FLOW_FLAG_SYN } else { closing_flags(segment) };
         let _ = LB_NEW_FLOWS.insert(flow, new_entry(slot, backend, vip, now, flags), 0);
     }
     Ok((slot, backend))
@@ -165,12 +214,11 @@ fn follow(
     segment: &Segment,
     now: u64,
     flow: &FlowKey,
-    vip: &VipInfo,
     settings: &Settings,
 ) {
     let slot = current.backend_slot;
     let flags = current.flags;
-    let report = |kind| sync::report(settings.sync_flows, flow, vip.vip_index, slot, kind);
+    let report = |kind| sync::report(settings.sync_flows, flow, current.vip_index, slot, kind);
     if segment.rst {
         if flags & FLOW_FLAG_CLOSING == 0 {
             entry.flags = flags | FLOW_FLAG_CLOSING | FLOW_FLAG_RESET;
@@ -242,14 +290,14 @@ fn new_entry(slot: u32, backend: &Backend, vip: &VipInfo, now: u64, flags: u32) 
     }
 }
 
-/// The entry's backend when it may still be used: this VIP's, the same
-/// occupant of the slot (a removed backend's slot may have been reused),
-/// resolved and up.
+/// The entry's backend when it may still be used: the VIP `vip_index`'s, the
+/// same occupant of the slot (a removed backend's slot may have been
+/// reused), resolved and up.
 #[inline(always)]
-fn usable_backend(entry: &FlowEntry, vip: &VipInfo) -> Option<&'static Backend> {
+fn usable_backend(entry: &FlowEntry, vip_index: u32) -> Option<&'static Backend> {
     let backend = LB_BACKENDS.get(entry.backend_slot)?;
-    let usable = entry.vip_index == vip.vip_index
-        && backend.vip_index == vip.vip_index
+    let usable = entry.vip_index == vip_index
+        && backend.vip_index == vip_index
         && backend.generation == entry.generation
         && backend.has_mac()
         && !backend.is_down();
@@ -262,7 +310,7 @@ fn usable_entry(entry: Option<*const FlowEntry>, vip: &VipInfo) -> Option<(u32, 
     // SAFETY: a pointer from a map lookup, valid for this run; copied out at
     // once and checked as a whole, as in choose.
     let entry = unsafe { *entry? };
-    usable_backend(&entry, vip).map(|backend| (entry.backend_slot, backend))
+    usable_backend(&entry, vip.vip_index).map(|backend| (entry.backend_slot, backend))
 }
 
 /// Where a flow goes without creating or touching an entry: its confirmed

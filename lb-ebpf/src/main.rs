@@ -1,10 +1,13 @@
-//! The balancer's XDP program. The pipeline, in order: parse, VIP lookup,
+//! The balancer's XDP program. The pipeline, in order: parse, the port
+//! prefilter (the host's traffic leaves here), the confirmed flow table (an
+//! established packet leaves here, after one hash lookup), VIP lookup,
 //! backend choice through the VIP's Maglev table, rewrite, transmit. Every
 //! exit counts exactly one `Reason`.
 // Built for the BPF target by lb-userspace's build.rs; on the host (cargo
 // build/clippy --workspace) it compiles to an empty program.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
+mod clock;
 mod dsr;
 mod flows;
 mod icmp;
@@ -19,7 +22,8 @@ use lb_common::{
     FAMILY_IPV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey,
 };
 
-use maps::{LB_VIP_ADDRESSES, LB_VIPS};
+use flows::{Confirmed, Hit, Segment};
+use maps::{LB_VIP_ADDRESSES, LB_VIP_PORTS, LB_VIPS};
 use parse::{
     ethernet::{ETH_P_IPV4, parse_ethernet},
     ip::{L3, parse_ipv4, parse_ipv6},
@@ -102,6 +106,10 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
         return Err(refuse_if_ours(&l3, Reason::DropMalformedL4));
     };
 
+    if !is_vip_port(l3.protocol, ports.destination) {
+        return Err(Reason::PassNotVip);
+    }
+
     let (vip_key, flow) = flows::keys(
         l3.source,
         ports.source,
@@ -110,16 +118,38 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
         l3.protocol,
         l3.family,
     );
+    let segment = Segment::of(l3.protocol, ports.tcp_flags);
+    let now = clock::now();
+    let stale = match flows::confirmed(&flow, &segment, now, &settings) {
+        Confirmed::Follow(hit) => return forward(ctx, hit),
+        Confirmed::Stale(entry) => Some(entry),
+        Confirmed::Missing => None,
+    };
     // SAFETY: the value is copied out at once; the daemon replaces entries
     // whole, so the copy is one consistent version.
     let vip = *unsafe { LB_VIPS.get(vip_key) }.ok_or(Reason::PassNotVip)?;
+    let (slot, backend) = flows::choose(&flow, stale, &vip, &segment, now, &settings)?;
+    forward(ctx, Hit { vip_index: vip.vip_index, slot, backend })
+}
 
-    let (backend_slot, backend) = flows::choose(&flow, &vip, ports.tcp_flags, &settings)?;
-
+/// Sends the packet to its backend and counts it.
+#[inline(always)]
+fn forward(ctx: &XdpContext, hit: Hit) -> Result<(Reason, u32), Reason> {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let action = dsr::forward(ctx, backend)?;
-    stats::count_forwarded(vip.vip_index, backend_slot, bytes, false);
+    let action = dsr::forward(ctx, hit.backend)?;
+    stats::count_forwarded(hit.vip_index, hit.slot, bytes, false);
     Ok((Reason::Forwarded, action))
+}
+
+/// Whether some VIP listens on this protocol and destination port (network
+/// byte order): the prefilter that lets the host's traffic skip every hash
+/// lookup.
+#[inline(always)]
+fn is_vip_port(protocol: u8, port: [u8; 2]) -> bool {
+    let Some((word, bit)) = lb_common::vip_port_bit(protocol, u16::from_be_bytes(port)) else {
+        return false;
+    };
+    LB_VIP_PORTS.get(word).is_some_and(|listening| listening & bit != 0)
 }
 
 /// A packet that cannot be hashed is dropped when it is addressed to one of

@@ -11,14 +11,23 @@ use aya_ebpf::{
 use lb_common::{
     Backend, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
     FLOW_SYNC_RING_BYTES, FlowEntry, FlowEvent, FlowKey, Layout, MaglevChunk, Reason,
-    SLOTS_PER_VIP, TrafficCounters, VipAddressKey, VipInfo, VipKey, maglev_elements,
-    new_flow_table_size,
+    SLOTS_PER_VIP, TrafficCounters, VIP_PORT_WORDS, VipAddressKey, VipInfo, VipKey,
+    maglev_elements, new_flow_table_size,
 };
+
+use crate::clock::Clock;
 
 /// VipKey -> VipInfo. Written by the daemon on every VIP or table change;
 /// sized to the maximum number of VIPs.
 #[map]
 pub static LB_VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// (protocol, destination port) bit -> some VIP listens there (see
+/// lb_common::vip_port_bit). Written by the daemon on every VIP change; read
+/// for every TCP and UDP packet before any hash lookup, so that the host's
+/// own traffic costs one array read. 16 KiB: it stays in cache.
+#[map]
+pub static LB_VIP_PORTS: Array<u64> = Array::with_max_entries(VIP_PORT_WORDS, 0);
 
 /// VipAddressKey -> number of VIPs on that address. Written by the daemon;
 /// read only for packets that cannot be hashed, to drop them when they are ours.
@@ -87,3 +96,9 @@ pub static LB_FLOW_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Flow
 /// sized so that a burst of new connections between two reads fits.
 #[map]
 pub static LB_FLOW_SYNC: RingBuf = RingBuf::with_byte_size(FLOW_SYNC_RING_BYTES, 0);
+
+/// One entry, per CPU: the coarse clock as last read, and the jiffy it was
+/// read in. Written and read by the datapath only (never pinned): the coarse
+/// clock only moves once a jiffy, so one helper call a jiffy is enough.
+#[map]
+pub static LB_CLOCK: PerCpuArray<Clock> = PerCpuArray::with_max_entries(1, 0);

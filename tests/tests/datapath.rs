@@ -220,6 +220,12 @@ fn cases() -> Vec<Case> {
             Reason::PassNotVip,
         ),
         untouched(
+            "TCP to a non-VIP address, on a VIP's port",
+            frame(flow("198.18.0.1", 22, "198.18.0.99:80", L4::Tcp), plain, payload),
+            XDP_PASS,
+            Reason::PassNotVip,
+        ),
+        untouched(
             "VIP address, port without a VIP",
             frame(flow("198.18.0.1", 1234, "198.18.0.10:81", L4::Tcp), plain, payload),
             XDP_PASS,
@@ -691,10 +697,16 @@ fn assert_only_the_removed_backends_flows_move(
 fn established_flows_of_a_removed_vip_are_not_forwarded() {
     let mut fixture = Fixture::new();
     let vip4 = vip(TCP4, Protocol::Tcp);
+    // Half of them confirmed (found before any VIP lookup), half pending.
     let flows = tcp_flows(37_000, 50);
-    for flow in &flows {
+    for (index, flow) in flows.iter().enumerate() {
         fixture.send(*flow, Segment::Syn);
+        if index % 2 == 0 {
+            fixture.send(*flow, Segment::Ack);
+        }
     }
+    let confirmed = fixture.reconciler.datapath().flow_event_counters().unwrap();
+    assert_eq!(event(&confirmed, FlowEvent::Confirmed), 25);
     let spec = fixture.desired.vips[&vip4].clone();
     fixture.desired.remove_vip(&vip4).unwrap();
     fixture.apply(&HealthMap::new());

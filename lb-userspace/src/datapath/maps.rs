@@ -7,8 +7,8 @@ use std::os::fd::AsFd as _;
 use aya::maps::{MapData, PerCpuArray};
 use lb_common::{
     Backend, FLOW_FLAG_CLOSING, FlowEntry, FlowEvent, FlowKey, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_FLOW_EVENTS, MAP_REASONS, MAP_VIP_ADDRESSES, MAP_VIP_STATS, MAP_VIPS, PROTO_TCP, Reason,
-    SLOTS_PER_VIP, TrafficCounters, VipAddressKey, VipInfo, VipKey,
+    MAP_FLOW_EVENTS, MAP_REASONS, MAP_VIP_ADDRESSES, MAP_VIP_PORTS, MAP_VIP_STATS, MAP_VIPS,
+    PROTO_TCP, Reason, SLOTS_PER_VIP, TrafficCounters, VipAddressKey, VipInfo, VipKey,
 };
 
 use super::{Datapath, DatapathError, map_error};
@@ -38,6 +38,8 @@ pub trait Maps {
     fn remove_vip(&mut self, key: &VipKey) -> Result<(), DatapathError>;
     /// Records how many VIPs use `address` (0 removes it).
     fn set_vip_address(&mut self, key: VipAddressKey, count: u32) -> Result<(), DatapathError>;
+    /// Writes one word of the port prefilter (see `lb_common::vip_port_bit`).
+    fn set_vip_port_word(&mut self, word: u32, bits: u64) -> Result<(), DatapathError>;
     fn set_backend(&mut self, slot: u32, backend: Backend) -> Result<(), DatapathError>;
     /// The entry of one backend slot, used or free (a free slot keeps the
     /// generation of its last occupant).
@@ -101,6 +103,10 @@ impl Maps for Datapath {
         } else {
             self.vip_addresses.insert(key, count, 0).map_err(map_error(MAP_VIP_ADDRESSES))
         }
+    }
+
+    fn set_vip_port_word(&mut self, word: u32, bits: u64) -> Result<(), DatapathError> {
+        self.vip_ports.set(word, bits, 0).map_err(map_error(MAP_VIP_PORTS))
     }
 
     fn set_backend(&mut self, slot: u32, backend: Backend) -> Result<(), DatapathError> {

@@ -98,6 +98,7 @@ pub struct Datapath {
     config: DatapathConfig,
     vips: HashMap<MapData, VipKey, VipInfo>,
     vip_addresses: HashMap<MapData, VipAddressKey, u32>,
+    vip_ports: Array<MapData, u64>,
     backends: Array<MapData, Backend>,
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
@@ -180,6 +181,8 @@ impl Datapath {
         let vips = HashMap::try_from(take(MAP_VIPS)?).map_err(map_error(MAP_VIPS))?;
         let vip_addresses =
             HashMap::try_from(take(MAP_VIP_ADDRESSES)?).map_err(map_error(MAP_VIP_ADDRESSES))?;
+        let vip_ports = Array::try_from(take(lb_common::MAP_VIP_PORTS)?)
+            .map_err(map_error(lb_common::MAP_VIP_PORTS))?;
         let backends = Array::try_from(take(MAP_BACKENDS)?).map_err(map_error(MAP_BACKENDS))?;
         let vip_stats =
             PerCpuArray::try_from(take(MAP_VIP_STATS)?).map_err(map_error(MAP_VIP_STATS))?;
@@ -206,6 +209,7 @@ impl Datapath {
             config,
             vips,
             vip_addresses,
+            vip_ports,
             backends,
             vip_stats,
             backend_stats,

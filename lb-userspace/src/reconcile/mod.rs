@@ -111,6 +111,9 @@ pub struct Reconciler<M: Maps = Datapath> {
     generations: HashMap<u32, u32>,
     macs: HashMap<IpAddr, Mac>,
     vip_addresses: BTreeMap<VipAddressKey, u32>,
+    /// The port prefilter as last written; None until the first write, which
+    /// writes every word (adopted maps may hold an older one).
+    vip_port_words: Option<Vec<u64>>,
     flow_counts: FlowCounts,
     tables_built: u64,
     table_rebuild_time: Duration,
@@ -130,6 +133,7 @@ impl<M: Maps> Reconciler<M> {
             generations: HashMap::new(),
             macs: HashMap::new(),
             vip_addresses: BTreeMap::new(),
+            vip_port_words: None,
             flow_counts: FlowCounts::default(),
             tables_built: 0,
             table_rebuild_time: Duration::ZERO,
@@ -279,6 +283,7 @@ impl<M: Maps> Reconciler<M> {
             }
             self.vip_indexes.give_back(installed.vip_index);
         }
+        self.sync_vip_ports(desired)?;
 
         for (vip, spec) in &desired.vips {
             let backends = &spec.backends;
@@ -489,6 +494,26 @@ impl<M: Maps> Reconciler<M> {
             }
         }
         self.vip_addresses = counts;
+        Ok(())
+    }
+
+    /// Writes the words of the port prefilter that changed. `apply` calls it
+    /// after unpublishing removed VIPs and before publishing added ones, so
+    /// no published VIP's packets are ever filtered out.
+    fn sync_vip_ports(&mut self, desired: &DesiredState) -> Result<(), ReconcileError> {
+        let mut words = vec![0u64; lb_common::VIP_PORT_WORDS as usize];
+        for vip in desired.vips.keys() {
+            if let Some((word, bit)) = lb_common::vip_port_bit(vip.protocol.number(), vip.port) {
+                words[word as usize] |= bit;
+            }
+        }
+        for (word, bits) in (0..).zip(&words) {
+            let written = self.vip_port_words.as_ref().map(|old| old[word as usize]);
+            if written != Some(*bits) {
+                self.datapath.set_vip_port_word(word, *bits)?;
+            }
+        }
+        self.vip_port_words = Some(words);
         Ok(())
     }
 }

@@ -26,6 +26,7 @@ enum Write {
     SetBackend(u32, Backend),
     Table { vip_index: u32, slot: u32 },
     ResetBackendStats(u32),
+    PortWord(u32, u64),
 }
 
 /// The maps in memory. `fail_set_vip` makes every VIP update fail, as a
@@ -128,6 +129,10 @@ impl Maps for FakeMaps {
         Ok(())
     }
     fn set_vip_address(&mut self, _: VipAddressKey, _: u32) -> Result<(), DatapathError> {
+        Ok(())
+    }
+    fn set_vip_port_word(&mut self, word: u32, bits: u64) -> Result<(), DatapathError> {
+        self.writes.push(Write::PortWord(word, bits));
         Ok(())
     }
     fn backend(&self, slot: u32) -> Option<Backend> {
@@ -309,6 +314,41 @@ fn a_backend_is_released_only_after_the_table_without_it_is_published() {
     let release =
         maps.position(&Write::SetBackend(1, Backend { generation: 1, ..Backend::default() }));
     assert!(unpublish < release, "{:?}", maps.writes);
+}
+
+#[test]
+fn the_port_prefilter_covers_every_published_vip_and_nothing_else() {
+    let (mut reconciler, mut desired) = setup(&[1]);
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    let (word, bit) = lb_common::vip_port_bit(lb_common::PROTO_TCP, 80).expect("TCP");
+    let port_writes = |maps: &FakeMaps| -> Vec<(u32, u64)> {
+        let words = maps.writes.iter().filter_map(|write| match write {
+            Write::PortWord(word, bits) => Some((*word, *bits)),
+            _ => None,
+        });
+        words.collect()
+    };
+    // The first apply writes every word (adopted maps may hold stale
+    // ones), with port 80's bit set before the VIP is published.
+    let maps = reconciler.datapath();
+    let written = port_writes(maps);
+    assert_eq!(written.len(), lb_common::VIP_PORT_WORDS as usize);
+    assert_eq!(written.iter().filter(|(_, bits)| *bits != 0).collect::<Vec<_>>(), [&(word, bit)]);
+    let published = maps.writes.iter().position(|write| matches!(write, Write::SetVip(..)));
+    assert!(maps.position(&Write::PortWord(word, bit)) < published.expect("published"));
+
+    // Unchanged VIPs write nothing; a removed VIP's bit is cleared after it
+    // is unpublished.
+    reconciler.datapath_mut().writes.clear();
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    assert_eq!(port_writes(reconciler.datapath()), []);
+    desired.remove_vip(&web()).unwrap();
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    let maps = reconciler.datapath();
+    assert_eq!(port_writes(maps), [(word, 0)]);
+    assert!(
+        maps.position(&Write::RemoveVip(web().key())) < maps.position(&Write::PortWord(word, 0))
+    );
 }
 
 /// Entries of the published table per backend, in address order.
