@@ -21,6 +21,7 @@ use lb_common::{
 };
 
 use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_MAGLEV, LB_NEW_FLOWS};
+use crate::parse::ip::{Address, key_bytes};
 use crate::parse::transport::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::stats::count_flow_event;
 use crate::sync;
@@ -39,17 +40,17 @@ pub struct Settings {
 /// Addresses as in `L3`, ports in network byte order.
 #[inline(always)]
 pub fn keys(
-    client: [u8; 16],
+    client: Address,
     client_port: [u8; 2],
-    vip: [u8; 16],
+    vip: Address,
     vip_port: [u8; 2],
     protocol: u8,
     family: u8,
 ) -> (VipKey, FlowKey) {
-    let vip_key = VipKey { address: vip, port: vip_port, protocol, family };
+    let vip_key = VipKey { address: key_bytes(vip), port: vip_port, protocol, family };
     let flow = FlowKey {
-        client_address: client,
-        vip_address: vip,
+        client_address: key_bytes(client),
+        vip_address: key_bytes(vip),
         client_port,
         vip_port,
         protocol: u32::from(protocol),

@@ -26,7 +26,7 @@ use flows::{Confirmed, Hit, Segment};
 use maps::{LB_VIP_ADDRESSES, LB_VIP_PORTS, LB_VIPS};
 use parse::{
     ethernet::{ETH_P_IPV4, parse_ethernet},
-    ip::{L3, parse_ipv4, parse_ipv6},
+    ip::{L3, key_bytes, parse_ipv4, parse_ipv6},
     transport::parse_ports,
 };
 
@@ -163,7 +163,7 @@ fn refuse_if_ours(l3: &L3, reason: Reason) -> Reason {
 /// Whether the packet is addressed to one of our VIP addresses (any port).
 #[inline(always)]
 fn is_vip_address(l3: &L3) -> bool {
-    let key = VipAddressKey { address: l3.destination, family: u32::from(l3.family) };
+    let key = VipAddressKey { address: key_bytes(l3.destination), family: u32::from(l3.family) };
     // SAFETY: only the presence of the key is used.
     unsafe { LB_VIP_ADDRESSES.get(key) }.is_some()
 }

@@ -8,7 +8,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
-use super::ip::{L3, ipv4_address};
+use super::ip::{Address, L3, ipv4_address, ipv6_address};
 use super::ptr_at;
 
 const ICMP_DEST_UNREACHABLE: u8 = 3;
@@ -24,8 +24,8 @@ const ICMP_HEADER_LEN: usize = 8;
 /// The packet an ICMP error quotes: a backend's reply, from VIP:port to
 /// client:port. Addresses as in `L3`, ports in network byte order.
 pub struct Quoted {
-    pub source: [u8; 16],
-    pub destination: [u8; 16],
+    pub source: Address,
+    pub destination: Address,
     pub protocol: u8,
     pub source_port: [u8; 2],
     pub destination_port: [u8; 2],
@@ -102,8 +102,8 @@ fn quoted_ipv6(ctx: &XdpContext, offset: usize) -> Result<(Quoted, usize), Reaso
         return Err(Reason::DropIcmpMalformed);
     }
     let quoted = Quoted {
-        source: ip.src_addr,
-        destination: ip.dst_addr,
+        source: ipv6_address(&ip.src_addr),
+        destination: ipv6_address(&ip.dst_addr),
         protocol: ip.next_hdr,
         source_port: [0; 2],
         destination_port: [0; 2],

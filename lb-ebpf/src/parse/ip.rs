@@ -9,8 +9,8 @@ use super::ptr_at;
 /// What the rest of the pipeline needs from the IP header.
 pub struct L3 {
     pub family: u8,
-    pub source: [u8; 16],
-    pub destination: [u8; 16],
+    pub source: Address,
+    pub destination: Address,
     /// The transport protocol once extension headers are skipped.
     pub protocol: u8,
     pub l4_offset: usize,
@@ -22,10 +22,30 @@ pub struct L3 {
     pub unhashable: Option<Reason>,
 }
 
+/// An address as read from the packet: 16 bytes in network order, held
+/// as words so that it moves into map keys in four loads and stores (as
+/// bytes, LLVM moves it a byte at a time).
+pub type Address = [u32; 4];
+
 /// An IPv4 address as `L3` and the map keys hold it: its four bytes, then zeros.
 #[inline(always)]
-pub fn ipv4_address([a, b, c, d]: [u8; 4]) -> [u8; 16] {
-    [a, b, c, d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+pub fn ipv4_address(bytes: [u8; 4]) -> Address {
+    [u32::from_ne_bytes(bytes), 0, 0, 0]
+}
+
+/// An IPv6 address from the packet, as words.
+#[inline(always)]
+pub fn ipv6_address(bytes: &[u8; 16]) -> Address {
+    // SAFETY: [u8; 16] and [u32; 4] have the same size and every bit pattern
+    // is valid for both; the read is unaligned.
+    unsafe { core::ptr::read_unaligned(bytes as *const [u8; 16] as *const Address) }
+}
+
+/// An address in the byte layout of the lb-common map keys.
+#[inline(always)]
+pub fn key_bytes(address: Address) -> [u8; 16] {
+    // SAFETY: as in ipv6_address: same size, any bit pattern valid.
+    unsafe { core::mem::transmute::<Address, [u8; 16]>(address) }
 }
 
 #[inline(always)]
@@ -79,8 +99,8 @@ pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<L3, Reason> {
     }
     let mut l3 = L3 {
         family: FAMILY_IPV6,
-        source: ip.src_addr,
-        destination: ip.dst_addr,
+        source: ipv6_address(&ip.src_addr),
+        destination: ipv6_address(&ip.dst_addr),
         protocol: ip.next_hdr,
         l4_offset: offset + Ipv6Hdr::LEN,
         l3_end: offset + Ipv6Hdr::LEN + payload_len,
