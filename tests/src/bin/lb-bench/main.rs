@@ -15,6 +15,7 @@ mod control;
 mod costs;
 mod forwarding;
 mod hostile_costs;
+mod program_size;
 mod report;
 
 use std::net::IpAddr;
@@ -27,6 +28,7 @@ use connections::{ConnectionRow, print_connections};
 use control::ControlRow;
 use costs::{CostRow, RUNS, per_packet_costs, print_costs};
 use forwarding::{ThroughputRow, print_throughput, throughput};
+use program_size::{ProgramSize, print_program_size, program_size};
 use report::{Target, chart, targets};
 
 /// An address in the bench's code (always valid).
@@ -36,6 +38,8 @@ fn ip(text: &str) -> IpAddr {
 
 #[derive(Serialize)]
 struct Results {
+    /// The balancer program's size as loaded (section 1).
+    program: Option<ProgramSize>,
     per_packet: Vec<CostRow>,
     throughput: Vec<ThroughputRow>,
     connections: Vec<ConnectionRow>,
@@ -60,8 +64,14 @@ fn main() -> anyhow::Result<()> {
     let only = std::env::args().nth(1);
     let wanted = |section: &str| only.as_deref().is_none_or(|only| only == section);
     let mut per_packet = Vec::new();
+    let mut program = None;
     if wanted("costs") {
         println!("== 1. Per-packet cost (BPF_PROG_TEST_RUN, median of {RUNS} runs)");
+        // The size does not depend on the maps' sizes: load small ones.
+        let balancer = costs::balancer(costs::config(Some(4_096), false))?;
+        let size = program_size(balancer.datapath().program())?;
+        print_program_size(&size);
+        program = Some(size);
         // On a thread of its own: it pins itself to one CPU.
         per_packet = std::thread::spawn(per_packet_costs)
             .join()
@@ -118,6 +128,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let results = Results {
+        program,
         per_packet,
         throughput,
         connections,
