@@ -69,18 +69,32 @@ pub fn send(
 }
 
 /// BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES: every frame the
-/// generator returns XDP_TX for leaves through `ifindex` for real. aya's
-/// TestRun needs the Xdp object, which is not Send, so this calls the
-/// syscall through aya's program fd with the same attributes.
+/// generator returns XDP_TX for leaves through `ifindex` for real.
 pub fn live_frames(
     fd: &aya::programs::ProgramFd,
     frame: &[u8],
     ifindex: u32,
     repeat: u32,
 ) -> anyhow::Result<()> {
+    test_run_fd(fd, frame, Some(ifindex), repeat).map(|_| ())
+}
+
+/// BPF_PROG_TEST_RUN of the program `fd` on `frame`, `repeat` times, on
+/// this thread's CPU: the program's return value of the last run and the
+/// mean duration of one, in ns. With `live` (an ifindex), frames are sent
+/// for real (BPF_F_TEST_XDP_LIVE_FRAMES). aya's TestRun needs the Xdp
+/// object, which is not Send, so this calls the syscall through the
+/// program's fd with the same attributes.
+pub fn test_run_fd(
+    fd: &aya::programs::ProgramFd,
+    frame: &[u8],
+    live: Option<u32>,
+    repeat: u32,
+) -> anyhow::Result<(u32, u32)> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let context: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let context: [u32; 6] = [0, frame.len() as u32, 0, live.unwrap_or(0), 0, 0];
+    let mut out = vec![0u8; frame.len() + 256];
     // Pointers stay pointers (not integers) so that the compiler sees the
     // frame and context escape into the syscall and keeps them written.
     #[repr(C)]
@@ -108,22 +122,22 @@ pub fn live_frames(
         prog_fd: fd.as_fd().as_raw_fd() as u32,
         retval: 0,
         data_size_in: frame.len() as u32,
-        data_size_out: 0,
+        data_size_out: if live.is_some() { 0 } else { out.len() as u32 },
         data_in: frame.as_ptr(),
-        data_out: std::ptr::null_mut(),
+        data_out: if live.is_some() { std::ptr::null_mut() } else { out.as_mut_ptr() },
         repeat,
         duration: 0,
-        ctx_size_in: size_of_val(&context) as u32,
+        ctx_size_in: if live.is_some() { size_of_val(&context) as u32 } else { 0 },
         ctx_size_out: 0,
-        ctx_in: context.as_ptr(),
+        ctx_in: if live.is_some() { context.as_ptr() } else { std::ptr::null() },
         ctx_out: std::ptr::null_mut(),
-        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+        flags: if live.is_some() { BPF_F_TEST_XDP_LIVE_FRAMES } else { 0 },
         cpu: 0,
-        batch_size: 64,
+        batch_size: if live.is_some() { 64 } else { 0 },
         _tail: 0,
     };
     // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_TEST_RUN whose
-    // pointers (frame, context) outlive the call; the kernel reads
+    // pointers (frame, output, context) outlive the call; the kernel reads
     // size_of::<TestAttr>() bytes of it.
     let result = unsafe {
         libc::syscall(
@@ -134,7 +148,7 @@ pub fn live_frames(
         )
     };
     if result != 0 {
-        bail!("live-frames test run: {}", std::io::Error::last_os_error());
+        bail!("test run: {}", std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok((attr.retval, attr.duration))
 }

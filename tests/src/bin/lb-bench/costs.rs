@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues, ProgramArray};
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::{ProgramFd, TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{FLOW_CONFIRM_NS, Reason};
 use lb_userspace::datapath::BENCH_OBJECT;
@@ -22,6 +22,7 @@ use tests::packets::{Flow, L4, Segment, Shape, frame};
 use crate::forwarding::pin_to_cpu;
 use crate::hostile_costs::{flood_costs, sync_costs};
 use crate::ip;
+use crate::two_cpus::many_flows_on_both_cpus;
 use tests::{XDP_DROP, XDP_PASS, XDP_TX};
 
 /// Repeats per per-packet measurement, and measurements per row (median kept).
@@ -202,6 +203,13 @@ impl Harness {
         Ok(cost(wrapper, frame, NEW_FLOW_REPEAT, XDP_TX)? - self.wrapper)
     }
 
+    /// The wrapper aimed at `balancer`, as an fd that threads on other CPUs
+    /// can run (see `tests::generator::test_run_fd`), and its own cost.
+    pub fn wrapper_for(&mut self, balancer: &Xdp) -> anyhow::Result<(ProgramFd, f64)> {
+        self.target.set(0, balancer.fd()?, 0)?;
+        Ok((xdp(&mut self.bench, "bench_new_flow")?.fd()?.try_clone()?, self.wrapper))
+    }
+
     /// Where the wrapper's port sequence stands, to replay it with [`Self::rewind`].
     pub fn mark(&self) -> anyhow::Result<PerCpuValues<u32>> {
         Ok(self.sequence.get(&0, 0)?)
@@ -334,6 +342,7 @@ pub fn per_packet_costs() -> anyhow::Result<Vec<CostRow>> {
         repeats,
         || cost(lb, &not_vip, REPEAT, XDP_PASS),
     )?);
+    rows.extend(many_flows_on_both_cpus(&mut harness, &reconciler)?);
     rows.extend(flood_costs(&mut harness)?);
     rows.extend(sync_costs(&mut harness)?);
     Ok(rows)

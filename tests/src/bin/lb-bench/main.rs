@@ -17,6 +17,7 @@ mod forwarding;
 mod hostile_costs;
 mod program_size;
 mod report;
+mod two_cpus;
 
 use std::net::IpAddr;
 use std::path::Path;
