@@ -24,6 +24,8 @@ pub struct ConnectionRow {
     pub memory_note: String,
 }
 
+/// The row of clients connecting to a backend without a balancer.
+pub const DIRECT: &str = "direct to one backend";
 pub const CONCURRENT: u64 = 10_000;
 pub const LARGE_CONCURRENT: u64 = 100_000;
 /// The VIP ports of the 100,000-connection row.
@@ -138,7 +140,19 @@ pub fn connections() -> anyhow::Result<(Vec<ConnectionRow>, Vec<crate::control::
     std::thread::sleep(Duration::from_secs(1));
     let haproxy_pid = haproxy.0.id();
 
-    let mut rows = Vec::new();
+    // The same clients straight to one backend, no balancer on the way:
+    // what lb's rate is held against.
+    let (rate, failed) = connection_rate(&testbed, &format!("{}:80", tests::netns::backend4(1)))?;
+    let mut rows = vec![ConnectionRow {
+        system: DIRECT.into(),
+        connections_per_second: rate,
+        failed_connections: failed,
+        concurrent_asked: 0,
+        concurrent_opened: 0,
+        memory_idle_bytes: 0,
+        memory_loaded_bytes: 0,
+        memory_note: "no balancer: the clients connect to backend 1 itself".into(),
+    }];
     for (system, rate_target, ws_target, pid, note) in [
         (
             "lb",
