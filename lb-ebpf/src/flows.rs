@@ -113,8 +113,9 @@ pub fn confirmed(flow: &FlowKey, segment: &Segment, now: u64, settings: &Setting
     let current = unsafe { *entry };
     let idle = is_idle(&current, segment, now, settings);
     let reopened = segment.syn && (current.flags & FLOW_FLAG_CLOSING != 0 || idle);
+    let expired = idle && !segment.is_tcp;
     match usable_backend(&current, current.vip_index) {
-        Some(backend) if !reopened && !(idle && !segment.is_tcp) => {
+        Some(backend) if !reopened && !expired => {
             // SAFETY: as above; the entry's fields are rewritten one by one.
             follow(unsafe { &mut *entry }, &current, segment, now, flow, settings);
             Confirmed::Follow(Hit {
