@@ -181,8 +181,7 @@ pub fn choose(
         // SAFETY: copied out at once; a concurrent rewrite can only make the
         // copy stale, and it is checked as a whole below.
         let pending = unsafe { *entry };
-        let expired =
-            !segment.is_tcp && now.saturating_sub(pending.last_seen_ns) > settings.udp_idle_ns;
+        let expired = !segment.is_tcp && is_idle(&pending, segment, now, settings);
         match usable_backend(&pending, vip.vip_index) {
             Some(backend) if !expired => {
                 confirm_or_follow(flow, &pending, segment, now, vip, settings);
