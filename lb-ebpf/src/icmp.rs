@@ -8,10 +8,9 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::Reason;
 
-use crate::flows::{self, Settings};
+use crate::flows::{self, Hit, Settings};
 use crate::maps::LB_VIPS;
 use crate::parse::{icmp::parse_icmp_error, ip::L3};
-use crate::{dsr, stats};
 
 /// Forwards an ICMP error addressed to a VIP address (the caller checked
 /// that) to its flow's backend: `Ok(XDP_TX)`, or the reason it was not.
@@ -42,8 +41,5 @@ pub fn forward_error(
         Reason::DropInternal => Reason::DropInternal,
         _ => Reason::DropIcmpUnmatched,
     })?;
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let action = dsr::forward(ctx, backend)?;
-    stats::count_forwarded(vip.vip_index, slot, bytes, true);
-    Ok(action)
+    crate::send(ctx, Hit { vip_index: vip.vip_index, slot, backend }, true)
 }

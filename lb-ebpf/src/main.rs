@@ -132,13 +132,20 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
     forward(ctx, Hit { vip_index: vip.vip_index, slot, backend })
 }
 
-/// Sends the packet to its backend and counts it.
+/// A packet of a flow, sent to its backend and counted.
 #[inline(always)]
 fn forward(ctx: &XdpContext, hit: Hit) -> Result<(Reason, u32), Reason> {
+    Ok((Reason::Forwarded, send(ctx, hit, false)?))
+}
+
+/// Sends the frame to `hit`'s backend and counts it for the VIP and the
+/// backend: a packet of a flow, or an ICMP error about one (`icmp_error`).
+#[inline(always)]
+fn send(ctx: &XdpContext, hit: Hit, icmp_error: bool) -> Result<u32, Reason> {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = dsr::forward(ctx, hit.backend)?;
-    stats::count_forwarded(hit.vip_index, hit.slot, bytes, false);
-    Ok((Reason::Forwarded, action))
+    stats::count_forwarded(hit.vip_index, hit.slot, bytes, icmp_error);
+    Ok(action)
 }
 
 /// Whether some VIP listens on this protocol and destination port (network
