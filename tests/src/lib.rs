@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+pub mod bpf;
 pub mod capture;
 pub mod demo;
 pub mod download;

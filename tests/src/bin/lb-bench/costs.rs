@@ -204,7 +204,7 @@ impl Harness {
     }
 
     /// The wrapper aimed at `balancer`, as an fd that threads on other CPUs
-    /// can run (see `tests::generator::test_run_fd`), and its own cost.
+    /// can run (see `tests::bpf::test_run_fd`), and its own cost.
     pub fn wrapper_for(&mut self, balancer: &Xdp) -> anyhow::Result<(ProgramFd, f64)> {
         self.target.set(0, balancer.fd()?, 0)?;
         Ok((xdp(&mut self.bench, "bench_new_flow")?.fd()?.try_clone()?, self.wrapper))

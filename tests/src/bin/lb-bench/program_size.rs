@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
-use anyhow::bail;
+use anyhow::Context as _;
 use aya::programs::Xdp;
 use serde::Serialize;
 
@@ -42,7 +42,6 @@ fn program_info(program: &Xdp, info: &mut ProgInfoPrefix) -> anyhow::Result<()> 
         info_len: u32,
         info: u64,
     }
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     let fd = program.fd()?;
     let mut attr = InfoAttr {
         bpf_fd: fd.as_fd().as_raw_fd() as u32,
@@ -53,17 +52,8 @@ fn program_info(program: &Xdp, info: &mut ProgInfoPrefix) -> anyhow::Result<()> 
     // `info` (and the buffer its jited_prog_insns may point at, of
     // jited_prog_len bytes) outlive the call, and the kernel writes at most
     // info_len bytes of it.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            size_of::<InfoAttr>() as u32,
-        )
-    };
-    if result != 0 {
-        bail!("BPF_OBJ_GET_INFO_BY_FD: {}", std::io::Error::last_os_error());
-    }
+    unsafe { tests::bpf::syscall(tests::bpf::BPF_OBJ_GET_INFO_BY_FD, &mut attr) }
+        .context("BPF_OBJ_GET_INFO_BY_FD")?;
     Ok(())
 }
 

@@ -39,7 +39,7 @@ fn on_cpus(
                 let fd = fd?;
                 pin_to_cpu(cpu)?;
                 barrier.wait();
-                let (action, ns) = tests::generator::test_run_fd(&fd, &frame, None, repeat)?;
+                let (action, ns) = tests::bpf::test_run_fd(&fd, &frame, None, repeat)?;
                 if action != XDP_TX {
                     bail!("CPU {cpu}: the balancer returned {action}, not XDP_TX");
                 }
