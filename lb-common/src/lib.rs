@@ -30,9 +30,11 @@ pub const MAP_BACKEND_STATS: &str = "LB_BACKEND_STATS";
 pub const MAP_REASONS: &str = "LB_REASONS";
 /// `LruHashMap<FlowKey, FlowEntry>`: confirmed flows and their backend.
 pub const MAP_FLOWS: &str = "LB_FLOWS";
-/// `LruHashMap<FlowKey, FlowEntry>`: flows not confirmed yet (a SYN without
-/// its handshake's ACK, a first packet without an entry), kept apart so that
-/// a flood of spoofed tuples churns this table and never [`MAP_FLOWS`].
+/// `Array<PendingFlow>`: flows not confirmed yet (a SYN without its
+/// handshake's ACK, a first packet without an entry), each in one of the
+/// [`PENDING_WAYS`] slots of the bucket its flow hash selects
+/// ([`pending_bucket`]). Kept apart so that a flood of spoofed tuples
+/// overwrites this table and never [`MAP_FLOWS`].
 pub const MAP_NEW_FLOWS: &str = "LB_NEW_FLOWS";
 /// `PerCpuArray<u64>`: one counter per [`FlowEvent`].
 pub const MAP_FLOW_EVENTS: &str = "LB_FLOW_EVENTS";
@@ -85,7 +87,7 @@ pub const ALL_MAPS: [&str; 13] = [
 
 /// Bumped whenever a map's key or value layout changes: pinned maps of
 /// another version are refused rather than misread.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Value of [`MAP_LAYOUT`]. Written by the daemon that creates the maps.
 #[repr(C)]
@@ -105,6 +107,8 @@ pub const PROGRAM_NAME: &str = "lb_xdp";
 
 /// Global (`u32`): seed of the flow hash; must match on every balancer that shares VIPs.
 pub const GLOBAL_HASH_SEED: &str = "LB_HASH_SEED";
+/// Global (`u32`): slots of [`MAP_NEW_FLOWS`] ([`new_flow_table_size`]).
+pub const GLOBAL_NEW_FLOW_SLOTS: &str = "LB_NEW_FLOW_SLOTS";
 /// Global (`u32`): entries in one Maglev table (a prime).
 pub const GLOBAL_TABLE_SIZE: &str = "LB_TABLE_SIZE";
 /// Global (`u64`): nanoseconds after which an idle UDP flow is forgotten.
@@ -154,12 +158,24 @@ pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 /// a spoofed tuple sent in a burst never is.
 pub const FLOW_CONFIRM_NS: u64 = 1_000_000_000;
 
-/// Entries of [`MAP_NEW_FLOWS`] for a flow table of `flow_table_size`: a
-/// quarter (at least 1,024). Flows stay there one round trip (TCP) or one
-/// second (others), so it needs far fewer entries than the flow table.
+/// Slots of [`MAP_NEW_FLOWS`] for a flow table of `flow_table_size`: as
+/// many, rounded up to a power of two (at least 1,024), so that a bucket is
+/// a mask of the flow hash. Flows stay there one round trip (TCP) or one
+/// second (others), so buckets are seldom full: a flow loses its pin to
+/// another only when four newer ones share its bucket.
 pub const fn new_flow_table_size(flow_table_size: u32) -> u32 {
-    let quarter = flow_table_size / 4;
-    if quarter < 1_024 { 1_024 } else { quarter }
+    let slots = flow_table_size.next_power_of_two();
+    if slots < 1_024 { 1_024 } else { slots }
+}
+
+/// Slots per bucket of [`MAP_NEW_FLOWS`]: four cache lines side by side.
+pub const PENDING_WAYS: u32 = 4;
+
+/// The first slot of the [`MAP_NEW_FLOWS`] bucket (of `slots`, a power of
+/// two) where the flow with this [`flow_hash`] is pinned while unconfirmed.
+#[inline(always)]
+pub fn pending_bucket(hash: u32, slots: u32) -> u32 {
+    (hash & (slots / PENDING_WAYS - 1)) * PENDING_WAYS
 }
 
 /// A Maglev table entry that points at no backend (a VIP without backends).
@@ -310,6 +326,57 @@ pub struct FlowEntry {
     pub generation: u32,
 }
 const _: () = assert!(size_of::<FlowEntry>() == 24);
+
+/// Value of [`MAP_NEW_FLOWS`]: an unconfirmed flow, pinned in a slot of the
+/// bucket its flow hash selects. Written by the datapath only. A new flow
+/// takes the bucket's slot with the oldest `created_ns` (0: empty or
+/// confirmed). A flow whose slot a later flow took is no longer pinned: its
+/// next packet takes the Maglev choice again, as after an eviction from an
+/// LRU table. One cache line.
+///
+/// Two CPUs may write one slot at once (two flows of one slot), and a slot
+/// is written field by field, so a slot may hold parts of two flows.
+/// `check` is written with the other fields and covers them all (see
+/// [`PendingFlow::check_of`]): a slot whose fields do not agree with it is
+/// read as empty, never as a pin to a wrong backend.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PendingFlow {
+    pub key: FlowKey,
+    /// Backend slot the flow was given.
+    pub backend_slot: u32,
+    /// [`Backend::generation`] of the slot when the flow was given it.
+    pub generation: u32,
+    /// The coarse clock when the flow's first packet was seen; 0 once the
+    /// flow is confirmed, which frees the slot.
+    pub created_ns: u64,
+    /// `FLOW_FLAG_*` bits.
+    pub flags: u32,
+    /// [`PendingFlow::check_of`] the other fields and the key's flow hash.
+    pub check: u32,
+}
+const _: () = assert!(size_of::<PendingFlow>() == 64);
+
+impl PendingFlow {
+    /// The check word of a slot holding these fields for the flow whose
+    /// [`flow_hash`] is `hash`. Each field moves it differently, so fields
+    /// of two flows mixed in one slot do not match either flow's check.
+    #[inline(always)]
+    pub fn check_of(
+        hash: u32,
+        backend_slot: u32,
+        generation: u32,
+        created_ns: u64,
+        flags: u32,
+    ) -> u32 {
+        let mut check = hash ^ 0x9e37_79b9;
+        for word in [backend_slot, generation, created_ns as u32, (created_ns >> 32) as u32, flags]
+        {
+            check = (check ^ word).wrapping_mul(0x85eb_ca6b).rotate_left(13);
+        }
+        check
+    }
+}
 
 /// A FIN or RST was seen: the flow still follows its entry (both can be
 /// forged, and the balancer never sees the sequence window), but it no longer
@@ -650,7 +717,47 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEntry {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::PendingFlow {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Layout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowSyncEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slot written field by field by two CPUs at once may hold any mix of
+    /// the two flows' fields: no mix but the flows' own passes either check.
+    #[test]
+    fn a_pending_slot_mixed_from_two_flows_matches_neither_check() {
+        let (hash_a, hash_b) = (0x1234_5678, 0x9abc_def0);
+        let a = [3, 7, 1_000_000_000, 4];
+        let b = [5, 7, 1_000_000_000, 0];
+        let check = |hash, fields: [u64; 4]| {
+            PendingFlow::check_of(
+                hash,
+                fields[0] as u32,
+                fields[1] as u32,
+                fields[2],
+                fields[3] as u32,
+            )
+        };
+        let (check_a, check_b) = (check(hash_a, a), check(hash_b, b));
+        for mask in 0..16u32 {
+            let mixed: [u64; 4] =
+                core::array::from_fn(
+                    |field| if mask & (1 << field) != 0 { b[field] } else { a[field] },
+                );
+            if mixed != a {
+                assert_ne!(check(hash_a, mixed), check_a, "{mixed:?} passes as flow a");
+                assert_ne!(check(hash_a, mixed), check_b, "a's key, b's check word");
+            }
+            if mixed != b {
+                assert_ne!(check(hash_b, mixed), check_b, "{mixed:?} passes as flow b");
+                assert_ne!(check(hash_b, mixed), check_a, "b's key, a's check word");
+            }
+        }
+    }
 }

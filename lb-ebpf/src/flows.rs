@@ -1,11 +1,11 @@
 //! Backend choice through two flow tables and the VIP's Maglev table.
 //!
-//! A new flow takes the Maglev choice and is recorded in LB_NEW_FLOWS, where
-//! it is pinned but unconfirmed. It moves to LB_FLOWS (confirmed) on its
+//! A new flow takes the Maglev choice and is recorded in LB_NEW_FLOWS (in
+//! the bucket its flow hash selects), where it is pinned but unconfirmed. It moves to LB_FLOWS (confirmed) on its
 //! handshake's ACK (a flow that began with a SYN) or on a packet
 //! `FLOW_CONFIRM_NS` after its first (UDP, TCP picked up mid-stream). A
 //! spoofed flood, which never answers a SYN-ACK and sends its tuples in a
-//! burst, churns LB_NEW_FLOWS only: confirmed flows, idle WebSockets among
+//! burst, overwrites LB_NEW_FLOWS only: confirmed flows, idle WebSockets among
 //! them, are never evicted to make room for it.
 //!
 //! A confirmed flow follows its entry after the table changes. FIN and RST
@@ -16,8 +16,8 @@
 
 use lb_common::{
     Backend, FLOW_CONFIRM_NS, FLOW_FLAG_CLOSING, FLOW_FLAG_RESET, FLOW_FLAG_SYN, FLOW_REFRESH_NS,
-    FlowEntry, FlowEvent, FlowKey, FlowSyncKind, MAGLEV_CHUNK, NO_BACKEND, PROTO_TCP, Reason,
-    VIP_FLAG_CLIENT_IP_AFFINITY, VipInfo, VipKey,
+    FlowEntry, FlowEvent, FlowKey, FlowSyncKind, MAGLEV_CHUNK, NO_BACKEND, PENDING_WAYS, PROTO_TCP,
+    PendingFlow, Reason, VIP_FLAG_CLIENT_IP_AFFINITY, VipInfo, VipKey,
 };
 
 use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_MAGLEV, LB_NEW_FLOWS};
@@ -30,6 +30,8 @@ use crate::sync;
 pub struct Settings {
     pub hash_seed: u32,
     pub table_size: u32,
+    /// Slots of LB_NEW_FLOWS, a power of two.
+    pub new_flow_slots: u32,
     pub udp_idle_ns: u64,
     pub tcp_idle_ns: u64,
     /// Report confirmed and closed flows for peer balancers.
@@ -131,8 +133,14 @@ pub fn confirmed(flow: &FlowKey, segment: &Segment, now: u64, settings: &Setting
 /// Whether the entry has seen no packet for its protocol's idle timeout.
 #[inline(always)]
 fn is_idle(entry: &FlowEntry, segment: &Segment, now: u64, settings: &Settings) -> bool {
+    is_idle_since(entry.last_seen_ns, segment, now, settings)
+}
+
+/// Whether a flow last seen at `last_seen_ns` is idle now.
+#[inline(always)]
+fn is_idle_since(last_seen_ns: u64, segment: &Segment, now: u64, settings: &Settings) -> bool {
     let idle_ns = if segment.is_tcp { settings.tcp_idle_ns } else { settings.udp_idle_ns };
-    now.saturating_sub(entry.last_seen_ns) > idle_ns
+    now.saturating_sub(last_seen_ns) > idle_ns
 }
 
 /// The backend slot for a packet of `vip` that [`confirmed`] did not
@@ -146,6 +154,7 @@ pub fn choose(
     now: u64,
     settings: &Settings,
 ) -> Result<(u32, &'static Backend), Reason> {
+    let hash = lb_common::flow_hash(flow, settings.hash_seed);
     if let Some(entry) = stale {
         // SAFETY: as in `confirmed`, copied out and checked as a whole.
         let current = unsafe { *entry };
@@ -159,7 +168,7 @@ pub fn choose(
         // choice. A TCP connection rescued mid-stream is closing: the new
         // backend has no socket for it and resets it (out of our sight), so
         // it must not count as active there.
-        let (slot, backend) = maglev_choice(flow, vip, settings)?;
+        let (slot, backend) = maglev_choice(flow, hash, vip, settings)?;
         let rescued_mid_stream = event == FlowEvent::Rescued && segment.is_tcp && !segment.syn;
         let flags = if rescued_mid_stream { FLOW_FLAG_CLOSING } else { closing_flags(segment) };
         let renewed = new_entry(slot, backend, vip, now, flags);
@@ -176,15 +185,12 @@ pub fn choose(
 
     // A SYN without a confirmed entry is a new connection: it takes the
     // current table even over an unconfirmed entry of the same tuple.
-    let pending = if segment.syn { None } else { LB_NEW_FLOWS.get_ptr(flow) };
-    if let Some(entry) = pending {
-        // SAFETY: copied out at once; a concurrent rewrite can only make the
-        // copy stale, and it is checked as a whole below.
-        let pending = unsafe { *entry };
-        let expired = !segment.is_tcp && is_idle(&pending, segment, now, settings);
-        match usable_backend(&pending, vip.vip_index) {
+    let pending = if segment.syn { None } else { pending(flow, hash, settings) };
+    if let Some((entry, pending)) = pending {
+        let expired = !segment.is_tcp && is_idle_since(pending.created_ns, segment, now, settings);
+        match usable_slot(pending.backend_slot, pending.generation, vip.vip_index) {
             Some(backend) if !expired => {
-                confirm_or_follow(flow, &pending, segment, now, vip, settings);
+                confirm_or_follow(flow, entry, &pending, segment, now, vip, settings);
                 return Ok((pending.backend_slot, backend));
             }
             _ if expired => count_flow_event(FlowEvent::Expired),
@@ -196,14 +202,86 @@ pub fn choose(
         count_flow_event(FlowEvent::Created);
     }
 
-    let (slot, backend) = maglev_choice(flow, vip, settings)?;
-    // A reset needs no entry; anything else is pinned from now on. The
-    // entry's last_seen_ns stays its creation time until it is confirmed.
+    let (slot, backend) = maglev_choice(flow, hash, vip, settings)?;
+    // A reset needs no entry; anything else is pinned from now on.
     if !segment.rst {
         let flags = if segment.syn { FLOW_FLAG_SYN } else { closing_flags(segment) };
-        let _ = LB_NEW_FLOWS.insert(flow, new_entry(slot, backend, vip, now, flags), 0);
+        pin(flow, hash, slot, backend, now, flags, settings);
     }
     Ok((slot, backend))
+}
+
+/// The flow's unconfirmed pin (its LB_NEW_FLOWS slot, and a copy of it),
+/// when a slot of its bucket holds it whole: a newer flow may have taken its
+/// slot, or be writing it on another CPU.
+#[inline(always)]
+fn pending(
+    flow: &FlowKey,
+    hash: u32,
+    settings: &Settings,
+) -> Option<(*mut PendingFlow, PendingFlow)> {
+    let bucket = lb_common::pending_bucket(hash, settings.new_flow_slots);
+    for way in 0..PENDING_WAYS {
+        let Some(entry) = LB_NEW_FLOWS.get_ptr_mut(bucket + way) else { continue };
+        // SAFETY: the pointer from a map lookup is valid for this run. The
+        // copy may mix two writers' fields; `check` tells.
+        let pending = unsafe { *entry };
+        if pending.key != *flow {
+            continue;
+        }
+        let check = PendingFlow::check_of(
+            hash,
+            pending.backend_slot,
+            pending.generation,
+            pending.created_ns,
+            pending.flags,
+        );
+        if pending.check == check {
+            return Some((entry, pending));
+        }
+    }
+    None
+}
+
+/// Pins a new flow to `slot` in its LB_NEW_FLOWS bucket: in the slot that
+/// holds this flow already (a repeated SYN takes the current choice), else
+/// in the oldest or free one. `created_ns` stays its first packet's time
+/// until it is confirmed.
+#[inline(always)]
+fn pin(
+    flow: &FlowKey,
+    hash: u32,
+    slot: u32,
+    backend: &Backend,
+    now: u64,
+    flags: u32,
+    settings: &Settings,
+) {
+    let bucket = lb_common::pending_bucket(hash, settings.new_flow_slots);
+    let mut victim: Option<*mut PendingFlow> = None;
+    let mut oldest = u64::MAX;
+    for way in 0..PENDING_WAYS {
+        let Some(entry) = LB_NEW_FLOWS.get_ptr_mut(bucket + way) else { continue };
+        // SAFETY: the pointer from a map lookup is valid for this run; only
+        // read to choose the slot.
+        let (key, created_ns) = unsafe { ((*entry).key, (*entry).created_ns) };
+        if key == *flow {
+            victim = Some(entry);
+            break;
+        }
+        if created_ns < oldest {
+            oldest = created_ns;
+            victim = Some(entry);
+        }
+    }
+    let Some(entry) = victim else { return };
+    let generation = backend.generation;
+    let check = PendingFlow::check_of(hash, slot, generation, now, flags);
+    let pending =
+        PendingFlow { key: *flow, backend_slot: slot, generation, created_ns: now, flags, check };
+    // SAFETY: the pointer from a map lookup is valid for this run; a reader
+    // of a half-written slot rejects it by its check.
+    unsafe { *entry = pending };
 }
 
 /// A packet of a confirmed flow whose entry is usable: closes or reopens
@@ -254,21 +332,33 @@ fn follow(
 #[inline(always)]
 fn confirm_or_follow(
     flow: &FlowKey,
-    pending: &FlowEntry,
+    entry: *mut PendingFlow,
+    pending: &PendingFlow,
     segment: &Segment,
     now: u64,
     vip: &VipInfo,
     settings: &Settings,
 ) {
     let handshake_done = pending.flags & FLOW_FLAG_SYN != 0;
-    let seen_again = now.saturating_sub(pending.last_seen_ns) >= FLOW_CONFIRM_NS;
+    let seen_again = now.saturating_sub(pending.created_ns) >= FLOW_CONFIRM_NS;
     if segment.rst || !(handshake_done || seen_again) {
         count_flow_event(FlowEvent::NewHit);
         return;
     }
-    let confirmed = FlowEntry { last_seen_ns: now, flags: closing_flags(segment), ..*pending };
+    let confirmed = FlowEntry {
+        backend_slot: pending.backend_slot,
+        vip_index: vip.vip_index,
+        last_seen_ns: now,
+        flags: closing_flags(segment),
+        generation: pending.generation,
+    };
     if LB_FLOWS.insert(flow, confirmed, 0).is_ok() {
-        let _ = LB_NEW_FLOWS.remove(flow);
+        // Unpinned, and the slot free for the next new flow of the bucket:
+        // the flow follows its confirmed entry from now on. Were the slot
+        // rewritten meanwhile, that flow is unpinned instead (its check no
+        // longer matches), and its next packet takes the Maglev choice.
+        // SAFETY: the pointer from a map lookup is valid for this run.
+        unsafe { (*entry).created_ns = 0 };
         let slot = pending.backend_slot;
         sync::report(settings.sync_flows, flow, vip.vip_index, slot, FlowSyncKind::Open);
     }
@@ -291,27 +381,27 @@ fn new_entry(slot: u32, backend: &Backend, vip: &VipInfo, now: u64, flags: u32) 
     }
 }
 
-/// The entry's backend when it may still be used: the VIP `vip_index`'s, the
-/// same occupant of the slot (a removed backend's slot may have been
-/// reused), resolved and up.
+/// The entry's backend when it may still be used: the entry is the VIP
+/// `vip_index`'s, and its backend is [`usable_slot`].
 #[inline(always)]
 fn usable_backend(entry: &FlowEntry, vip_index: u32) -> Option<&'static Backend> {
-    let backend = LB_BACKENDS.get(entry.backend_slot)?;
-    let usable = entry.vip_index == vip_index
-        && backend.vip_index == vip_index
-        && backend.generation == entry.generation
+    if entry.vip_index != vip_index {
+        return None;
+    }
+    usable_slot(entry.backend_slot, entry.generation, vip_index)
+}
+
+/// The backend in `slot` when a flow given it at `generation` may still use
+/// it: the VIP `vip_index`'s, the same occupant of the slot (a removed
+/// backend's slot may have been reused), resolved and up.
+#[inline(always)]
+fn usable_slot(slot: u32, generation: u32, vip_index: u32) -> Option<&'static Backend> {
+    let backend = LB_BACKENDS.get(slot)?;
+    let usable = backend.vip_index == vip_index
+        && backend.generation == generation
         && backend.has_mac()
         && !backend.is_down();
     if usable { Some(backend) } else { None }
-}
-
-/// The slot and backend of a looked-up entry, if it may be used.
-#[inline(always)]
-fn usable_entry(entry: Option<*const FlowEntry>, vip: &VipInfo) -> Option<(u32, &'static Backend)> {
-    // SAFETY: a pointer from a map lookup, valid for this run; copied out at
-    // once and checked as a whole, as in choose.
-    let entry = unsafe { *entry? };
-    usable_backend(&entry, vip.vip_index).map(|backend| (entry.backend_slot, backend))
 }
 
 /// Where a flow goes without creating or touching an entry: its confirmed
@@ -323,19 +413,30 @@ pub fn find(
     vip: &VipInfo,
     settings: &Settings,
 ) -> Result<(u32, &'static Backend), Reason> {
-    if let Some(found) = usable_entry(LB_FLOWS.get_ptr(flow), vip) {
-        return Ok(found);
+    if let Some(entry) = LB_FLOWS.get_ptr(flow) {
+        // SAFETY: a pointer from a map lookup, valid for this run; copied out
+        // at once and checked as a whole, as in `confirmed`.
+        let entry = unsafe { *entry };
+        if let Some(backend) = usable_backend(&entry, vip.vip_index) {
+            return Ok((entry.backend_slot, backend));
+        }
     }
-    if let Some(found) = usable_entry(LB_NEW_FLOWS.get_ptr(flow), vip) {
-        return Ok(found);
+    let hash = lb_common::flow_hash(flow, settings.hash_seed);
+    if let Some((_, pending)) = pending(flow, hash, settings) {
+        let slot = pending.backend_slot;
+        if let Some(backend) = usable_slot(slot, pending.generation, vip.vip_index) {
+            return Ok((slot, backend));
+        }
     }
-    maglev_choice(flow, vip, settings)
+    maglev_choice(flow, hash, vip, settings)
 }
 
-/// The backend the VIP's current Maglev table gives this flow.
+/// The backend the VIP's current Maglev table gives this flow, whose
+/// [`lb_common::flow_hash`] is `hash`.
 #[inline(always)]
 fn maglev_choice(
     flow: &FlowKey,
+    hash: u32,
     vip: &VipInfo,
     settings: &Settings,
 ) -> Result<(u32, &'static Backend), Reason> {
@@ -348,7 +449,7 @@ fn maglev_choice(
     let hash = if vip.flags & VIP_FLAG_CLIENT_IP_AFFINITY != 0 {
         lb_common::client_hash(flow, settings.hash_seed)
     } else {
-        lb_common::flow_hash(flow, settings.hash_seed)
+        hash
     };
     let index = lb_common::table_index(vip.vip_index, vip.active_slot, settings.table_size, hash);
     let chunk = LB_MAGLEV.get(index / MAGLEV_CHUNK).ok_or(Reason::DropInternal)?;

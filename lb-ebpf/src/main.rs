@@ -38,6 +38,11 @@ static LB_HASH_SEED: u32 = 0;
 #[unsafe(no_mangle)]
 static LB_TABLE_SIZE: u32 = lb_common::DEFAULT_TABLE_SIZE;
 
+/// Slots of LB_NEW_FLOWS (a power of two), set by the control plane at load
+/// time to match the map's size.
+#[unsafe(no_mangle)]
+static LB_NEW_FLOW_SLOTS: u32 = lb_common::new_flow_table_size(lb_common::DEFAULT_FLOW_TABLE_SIZE);
+
 /// Idle time after which a UDP flow is forgotten, set at load time.
 #[unsafe(no_mangle)]
 static LB_UDP_IDLE_NS: u64 = lb_common::DEFAULT_UDP_IDLE_NS;
@@ -86,6 +91,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
         flows::Settings {
             hash_seed: core::ptr::read_volatile(&LB_HASH_SEED),
             table_size: core::ptr::read_volatile(&LB_TABLE_SIZE),
+            new_flow_slots: core::ptr::read_volatile(&LB_NEW_FLOW_SLOTS),
             udp_idle_ns: core::ptr::read_volatile(&LB_UDP_IDLE_NS),
             tcp_idle_ns: core::ptr::read_volatile(&LB_TCP_IDLE_NS),
             sync_flows: core::ptr::read_volatile(&LB_SYNC_FLOWS) != 0,

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
-    FLOW_SYNC_RING_BYTES, FlowEntry, FlowEvent, FlowKey, Layout, MaglevChunk, Reason,
+    FLOW_SYNC_RING_BYTES, FlowEntry, FlowEvent, FlowKey, Layout, MaglevChunk, PendingFlow, Reason,
     SLOTS_PER_VIP, TrafficCounters, VIP_PORT_WORDS, VipAddressKey, VipInfo, VipKey,
     maglev_elements, new_flow_table_size,
 };
@@ -74,13 +74,14 @@ pub static LB_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
-/// FlowKey -> FlowEntry: flows pinned but not confirmed yet. Written by the
-/// datapath only. Its own LRU, so that floods of spoofed tuples evict each
-/// other here and never a confirmed flow. Sized by
-/// lb_common::new_flow_table_size(flow_table_size).
+/// lb_common::pending_slot(flow hash) -> PendingFlow: flows pinned but not
+/// confirmed yet. Written by the datapath only. A new flow takes its slot
+/// from whichever flow held it, with one write and no allocation or lock,
+/// so floods of spoofed tuples overwrite each other here and never a
+/// confirmed flow. Sized by lb_common::new_flow_table_size(flow_table_size).
 #[map]
-pub static LB_NEW_FLOWS: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::with_max_entries(new_flow_table_size(DEFAULT_FLOW_TABLE_SIZE), 0);
+pub static LB_NEW_FLOWS: Array<PendingFlow> =
+    Array::with_max_entries(new_flow_table_size(DEFAULT_FLOW_TABLE_SIZE), 0);
 
 /// One entry: the sizes and seed the maps were created with. Written by the
 /// daemon that creates them, read by a daemon adopting them. Never read here.

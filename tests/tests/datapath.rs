@@ -26,7 +26,10 @@ const CONFIG: DatapathConfig = DatapathConfig {
     table_size: 251,
     max_vips: 8,
     max_backends: 32,
-    flow_table_size: 4096,
+    // Hundreds of half-open flows at once are pinned in buckets of four
+    // slots (lb_common::PENDING_WAYS): a table this size keeps every pin,
+    // where 4,096 slots would put five of some test's flows in one bucket.
+    flow_table_size: 65_536,
     udp_idle_timeout_ms: UDP_IDLE_MS,
     tcp_idle_timeout_ms: 3_600_000,
     sync_flows: false,
@@ -491,6 +494,59 @@ fn established_flows_keep_their_backend_when_the_table_changes() {
         (result.backend, result.established_backend),
         (Some(new_choice[0]), Some(renewed[0]))
     );
+}
+
+/// `count` TCP flows (client 198.18.0.1, ports from `first_port`) whose
+/// unconfirmed pins share one LB_NEW_FLOWS bucket under `CONFIG`, starting
+/// with one the fourth backend moves (a scratch balancer tells which).
+fn flows_of_one_bucket(first_port: u16, count: usize) -> Vec<Flow> {
+    let slots = lb_common::new_flow_table_size(CONFIG.flow_table_size);
+    let bucket_of = |flow: Flow| {
+        lb_common::pending_bucket(lb_common::flow_hash(&to_key(flow), CONFIG.hash_seed), slots)
+    };
+    let (before, mut after) = (Fixture::new(), Fixture::new());
+    add_fourth_backend(&mut after);
+    let moves = |flow: Flow| before.expected_backend(flow) != after.expected_backend(flow);
+    let mut buckets: std::collections::HashMap<u32, Vec<Flow>> = Default::default();
+    for port in first_port..=u16::MAX {
+        let flow = flow("198.18.0.1", port, TCP4, L4::Tcp);
+        let members = buckets.entry(bucket_of(flow)).or_default();
+        members.push(flow);
+        if members.len() >= count && members.iter().any(|member| moves(*member)) {
+            let mut members = members.clone();
+            let mover = members.iter().position(|member| moves(*member)).unwrap();
+            members.swap(0, mover);
+            members.truncate(count);
+            before.send(members[0], Segment::Syn);
+            return members;
+        }
+    }
+    panic!("no bucket of {count} flows above port {first_port}");
+}
+
+/// A bucket holds four unconfirmed flows: a fifth takes the oldest one's
+/// slot. The other four keep their pins through a table change; the first
+/// lost its pin, so its handshake's ACK takes the current table (a bare ACK
+/// without an entry), as after an eviction from an LRU table.
+fn a_fifth_half_open_flow_of_a_bucket_takes_the_oldest_ones_pin() {
+    let mut fixture = Fixture::new();
+    let flows = flows_of_one_bucket(20_000, lb_common::PENDING_WAYS as usize + 1);
+    let before: Vec<IpAddr> = flows.iter().map(|f| fixture.send(*f, Segment::Syn)).collect();
+    add_fourth_backend(&mut fixture);
+    let moved_choice = fixture.expected_backend(flows[0]);
+    assert_ne!(moved_choice, before[0], "the first flow's choice moves");
+
+    // The oldest flow's ACK last: pinned again on its miss, it would take
+    // the slot of the next oldest.
+    let events_before = fixture.flow_events();
+    let newest: Vec<IpAddr> = flows[1..].iter().map(|f| fixture.send(*f, Segment::Ack)).collect();
+    let oldest = fixture.send(flows[0], Segment::Ack);
+    let events = fixture.flow_events();
+    let delta = |which| event(&events, which) - event(&events_before, which);
+    assert_eq!(newest, before[1..], "the four newest flows keep their pins");
+    assert_eq!(oldest, moved_choice, "the oldest flow's ACK takes the current table");
+    assert_eq!(delta(FlowEvent::Confirmed), 4);
+    assert_eq!(delta(FlowEvent::MissFallback), 1);
 }
 
 fn a_segment_without_an_entry_falls_back_to_maglev_and_is_recorded() {
@@ -1009,11 +1065,18 @@ fn a_reused_backend_slot_does_not_inherit_the_old_backends_flows() {
 }
 
 /// `count` spoofed frames of one kind to `endpoint`, from distinct tuples
-/// (client addresses 198.18.100.1 onwards, 60,000 ports each), each sent
-/// twice in a row: the kernel's LRU keeps what was looked up again longest.
-fn flood(fixture: &Fixture, endpoint: &str, l4: L4, segment: Segment, count: u32) -> u32 {
+/// (client addresses 198.18.`network`.1 onwards, 60,000 ports each), each
+/// sent twice in a row: the kernel's LRU keeps what was looked up again
+/// longest.
+fn flood(
+    fixture: &Fixture,
+    endpoint: &str,
+    (l4, segment): (L4, Segment),
+    network: u8,
+    count: u32,
+) -> u32 {
     for index in 0..count {
-        let client = format!("198.18.100.{}", index / 60_000 + 1);
+        let client = format!("198.18.{network}.{}", index / 60_000 + 1);
         let spoofed = flow(&client, (1024 + index % 60_000) as u16, endpoint, l4);
         let input = frame(spoofed, Shape { segment, ..Shape::default() }, b"");
         for _ in 0..2 {
@@ -1035,9 +1098,11 @@ fn spoofed_floods_never_evict_confirmed_flows() {
     add_fourth_backend(&mut fixture);
 
     let events_before = fixture.flow_events();
-    let tuples = flood(&fixture, TCP4, L4::Tcp, Segment::Syn, 3 * TABLE)
-        + flood(&fixture, TCP4, L4::Tcp, Segment::Ack, 3 * TABLE)
-        + flood(&fixture, UDP4, L4::Udp, Segment::Syn, 3 * TABLE);
+    // Distinct tuples per kind: a SYN and then an ACK of the same spoofed
+    // tuple would be a handshake, which confirms (see the README).
+    let tuples = flood(&fixture, TCP4, (L4::Tcp, Segment::Syn), 100, 3 * TABLE)
+        + flood(&fixture, TCP4, (L4::Tcp, Segment::Ack), 101, 3 * TABLE)
+        + flood(&fixture, UDP4, (L4::Udp, Segment::Syn), 102, 3 * TABLE);
     let events = fixture.flow_events();
     let delta = |which| event(&events, which) - event(&events_before, which);
     println!(
@@ -1067,6 +1132,7 @@ tests::root_tests!(
     flows_spread_over_all_backends_exactly_where_lookup_says,
     counters_count_packets_and_bytes_per_vip_and_backend,
     established_flows_keep_their_backend_when_the_table_changes,
+    a_fifth_half_open_flow_of_a_bucket_takes_the_oldest_ones_pin,
     a_segment_without_an_entry_falls_back_to_maglev_and_is_recorded,
     drained_backends_get_no_new_flows_but_keep_established_ones,
     a_backend_that_goes_down_loses_its_established_flows_to_healthy_ones,

@@ -141,6 +141,7 @@ impl Datapath {
         let tcp_idle_ns = config.tcp_idle_timeout_ms.saturating_mul(1_000_000);
         let sync_flows = u32::from(config.sync_flows);
         let own_mac = lb_common::mac_word(config.own_mac);
+        let new_flow_slots = lb_common::new_flow_table_size(config.flow_table_size);
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
             for name in lb_common::ALL_MAPS {
@@ -154,10 +155,8 @@ impl Datapath {
             .override_global(GLOBAL_SYNC_FLOWS, &sync_flows, true)
             .override_global(lb_common::GLOBAL_OWN_MAC, &own_mac, true)
             .map_max_entries(MAP_FLOWS, config.flow_table_size)
-            .map_max_entries(
-                lb_common::MAP_NEW_FLOWS,
-                lb_common::new_flow_table_size(config.flow_table_size),
-            )
+            .map_max_entries(lb_common::MAP_NEW_FLOWS, new_flow_slots)
+            .override_global(lb_common::GLOBAL_NEW_FLOW_SLOTS, &new_flow_slots, true)
             .override_global(GLOBAL_TABLE_SIZE, &config.table_size, true)
             .map_max_entries(MAP_VIPS, config.max_vips)
             .map_max_entries(MAP_VIP_ADDRESSES, config.max_vips)

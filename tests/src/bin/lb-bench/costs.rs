@@ -147,6 +147,29 @@ pub fn row(
     })
 }
 
+/// A handshake-ACK row: [`row`] proven on `flow_confirmed`, except that an
+/// ACK whose flow lost its unconfirmed pin to newer flows of its bucket
+/// (lb_common::PendingFlow) takes the Maglev choice as a `miss_fallback`.
+/// Both together must be every ACK, and the lost pins at most one in a
+/// thousand (the flows of one row are all half-open at once).
+pub fn confirmation_row(
+    reconciler: &Reconciler,
+    path: impl Into<String>,
+    floor: f64,
+    expected: u64,
+    measure: impl FnOnce() -> anyhow::Result<f64>,
+) -> anyhow::Result<CostRow> {
+    let before = counters(reconciler)?;
+    let measured = row(reconciler, path, floor, "flow_confirmed", expected, measure)?;
+    let after = counters(reconciler)?;
+    let moved = |name: &str| after[name] - before[name];
+    let lost = moved("flow_miss_fallback");
+    let holds = moved("flow_confirmed") + lost == expected
+        && moved(Reason::Forwarded.name()) == expected
+        && lost * 1_000 <= expected;
+    Ok(CostRow { proven: holds, ..measured }.also(holds, format!("{lost} pins lost")))
+}
+
 /// Sends each frame to `program` once, [`FLOW_CONFIRM_NS`] apart: a
 /// handshake (SYN, then ACK) or a UDP flow seen again confirms its flow.
 pub fn prime(program: &Xdp, frames: &[Vec<u8>]) -> anyhow::Result<()> {
@@ -311,11 +334,10 @@ pub fn per_packet_costs() -> anyhow::Result<Vec<CostRow>> {
         if let L4::Tcp = flow.l4 {
             harness.rewind(&start)?;
             let ack = packet(flow, Segment::Ack);
-            rows.push(row(
+            rows.push(confirmation_row(
                 &reconciler,
                 format!("handshake ACK, {name}: confirms the new flow"),
                 floor,
-                "flow_confirmed",
                 fresh,
                 || harness.fresh_ports(lb, &ack),
             )?);

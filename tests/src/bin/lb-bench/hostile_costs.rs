@@ -13,8 +13,8 @@ use aya::maps::{MapData, RingBuf};
 use lb_common::new_flow_table_size;
 
 use crate::costs::{
-    CostRow, Harness, NEW_FLOW_REPEAT, REPEAT, RUNS, balancer, config, cost, counters, established,
-    establishing, kinds, packet, prime, row,
+    CostRow, Harness, NEW_FLOW_REPEAT, REPEAT, RUNS, balancer, config, confirmation_row, cost,
+    counters, established, establishing, kinds, packet, prime, row,
 };
 use tests::XDP_TX;
 use tests::packets::Segment;
@@ -103,13 +103,14 @@ pub fn sync_costs(harness: &mut Harness) -> anyhow::Result<Vec<CostRow>> {
         rows.push(measured.also(records == 0, format!("ring records {records}")));
 
         harness.rewind(&start)?;
+        let confirmed_before = counters(&reconciler)?["flow_confirmed"];
         let ack = packet(new, Segment::Ack);
         let path = format!("handshake ACK, TCP IPv4, flow sync {label}");
-        let measured = row(&reconciler, path, floor, "flow_confirmed", fresh, || {
-            harness.fresh_ports(lb, &ack)
-        })?;
+        let measured =
+            confirmation_row(&reconciler, path, floor, fresh, || harness.fresh_ports(lb, &ack))?;
         let (records, lost) = (drain(&mut ring), counters(&reconciler)?["flow_sync_lost"]);
-        let reported = if sync_flows { fresh } else { 0 };
+        let confirmed = counters(&reconciler)?["flow_confirmed"] - confirmed_before;
+        let reported = if sync_flows { confirmed } else { 0 };
         rows.push(measured.also(
             records == reported && lost == 0,
             format!("ring records {records}, {lost} lost"),
