@@ -164,7 +164,12 @@ pub const FLOW_CONFIRM_NS: u64 = 1_000_000_000;
 /// second (others), so buckets are seldom full: a flow loses its pin to
 /// another only when four newer ones share its bucket.
 pub const fn new_flow_table_size(flow_table_size: u32) -> u32 {
-    let slots = flow_table_size.next_power_of_two();
+    let slots = match flow_table_size.checked_next_power_of_two() {
+        Some(slots) => slots,
+        // Above 2^31 flows: the largest power of two (a map the kernel
+        // refuses to create at 64 bytes a slot, with its own error).
+        None => 1 << 31,
+    };
     if slots < 1_024 { 1_024 } else { slots }
 }
 
