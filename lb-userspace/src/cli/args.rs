@@ -80,6 +80,9 @@ pub enum Command {
     Check(CheckCommand),
     /// Packets, bytes and rates per VIP and backend, and the datapath's reason counters.
     Stats(Output),
+    /// Work with configuration files, without a daemon.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Which backend a client's flow goes to, computed with the kernel's hash and table.
     Lookup {
         /// VIP as ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
@@ -88,6 +91,20 @@ pub enum Command {
         client: String,
         #[command(flatten)]
         protocol: ProtocolArg,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Validate FILE as `lb run --config FILE` would read it, without a
+    /// daemon or root. Exit status 0: it would be accepted; 1: it would be
+    /// refused, with the file, line and field of the mistake.
+    /// Example: lb config check /etc/lb/lb.toml
+    Check {
+        /// The TOML configuration to check.
+        file: PathBuf,
         #[command(flatten)]
         output: Output,
     },

@@ -3,6 +3,7 @@
 //! (`output`). It never touches BPF; `lb run` hands over to the daemon.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 
 use crate::api::{self, Reply, Request};
 use crate::daemon::{self, RunOptions};
@@ -11,7 +12,7 @@ use crate::model::{Vip, parse_address, parse_endpoint};
 pub mod args;
 mod output;
 
-use args::{BackendCommand, CheckCommand, Cli, Command, ProtocolArg, VipCommand};
+use args::{BackendCommand, CheckCommand, Cli, Command, ConfigCommand, ProtocolArg, VipCommand};
 
 fn vip_arg(text: &str, protocol: &ProtocolArg) -> anyhow::Result<Vip> {
     let endpoint = parse_endpoint(text).map_err(|message| anyhow::anyhow!("VIP: {message}"))?;
@@ -20,6 +21,31 @@ fn vip_arg(text: &str, protocol: &ProtocolArg) -> anyhow::Result<Vip> {
 
 fn backend_arg(text: &str) -> anyhow::Result<IpAddr> {
     parse_address(text).map_err(|message| anyhow::anyhow!("backend: {message}"))
+}
+
+/// `lb config check`: reads the file as `lb run --config` would and says
+/// whether it would be accepted (an error, so exit status 1, if not).
+fn check_config(file: &Path, json: bool) -> anyhow::Result<()> {
+    let config = match crate::config::load(file) {
+        Ok(config) => config,
+        Err(error) => {
+            if json {
+                let report =
+                    serde_json::json!({ "file": file, "valid": false, "error": error.to_string() });
+                println!("{report}");
+            }
+            return Err(error.into());
+        }
+    };
+    let vips = &config.desired.vips;
+    let backends: usize = vips.values().map(|vip| vip.backends.len()).sum();
+    if json {
+        let report = serde_json::json!({ "file": file, "valid": true, "vips": vips.len(), "backends": backends });
+        println!("{report}");
+    } else {
+        println!("{}: valid: {} VIP(s), {backends} backend(s)", file.display(), vips.len());
+    }
+    Ok(())
 }
 
 /// Runs one `lb` command to completion.
@@ -139,6 +165,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             (Request::BackendList { vip }, output.json)
         }
         Command::Stats(output) => (Request::Stats, output.json),
+        Command::Config(ConfigCommand::Check { file, output }) => {
+            return check_config(&file, output.json);
+        }
         Command::Lookup { vip, client, protocol, output } => {
             let client: SocketAddr =
                 parse_endpoint(&client).map_err(|message| anyhow::anyhow!("client: {message}"))?;
