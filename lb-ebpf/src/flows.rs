@@ -1,12 +1,12 @@
 //! Backend choice through two flow tables and the VIP's Maglev table.
 //!
 //! A new flow takes the Maglev choice and is recorded in LB_NEW_FLOWS (in
-//! the bucket its flow hash selects), where it is pinned but unconfirmed. It moves to LB_FLOWS (confirmed) on its
-//! handshake's ACK (a flow that began with a SYN) or on a packet
-//! `FLOW_CONFIRM_NS` after its first (UDP, TCP picked up mid-stream). A
-//! spoofed flood, which never answers a SYN-ACK and sends its tuples in a
-//! burst, overwrites LB_NEW_FLOWS only: confirmed flows, idle WebSockets among
-//! them, are never evicted to make room for it.
+//! the bucket its flow hash selects), where it is pinned but unconfirmed. It
+//! moves to LB_FLOWS (confirmed) on its handshake's ACK (a flow that began
+//! with a SYN) or on a packet `FLOW_CONFIRM_NS` after its first (UDP, TCP
+//! picked up mid-stream). A spoofed flood, which never answers a SYN-ACK and
+//! sends its tuples in a burst, overwrites LB_NEW_FLOWS only: confirmed
+//! flows, idle WebSockets among them, are never evicted to make room for it.
 //!
 //! A confirmed flow follows its entry after the table changes. FIN and RST
 //! mark it closing and never delete it (the balancer cannot check their
