@@ -339,7 +339,7 @@ const _: () = assert!(size_of::<FlowEntry>() == 24);
 /// next packet takes the Maglev choice again, as after an eviction from an
 /// LRU table. One cache line.
 ///
-/// Two CPUs may write one slot at once (two flows of one slot), and a slot
+/// Two CPUs may write one slot at once (two flows of one bucket), and a slot
 /// is written field by field, so a slot may hold parts of two flows.
 /// `check` is written with the other fields and covers them all (see
 /// [`PendingFlow::check_of`]): a slot whose fields do not agree with it is

@@ -74,10 +74,10 @@ pub static LB_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
-/// lb_common::pending_slot(flow hash) -> PendingFlow: flows pinned but not
-/// confirmed yet. Written by the datapath only. A new flow takes its slot
-/// from whichever flow held it, with one write and no allocation or lock,
-/// so floods of spoofed tuples overwrite each other here and never a
+/// lb_common::pending_bucket(flow hash) + way -> PendingFlow: flows pinned
+/// but not confirmed yet. Written by the datapath only. A new flow takes the
+/// oldest or free slot of its bucket, with one write and no allocation or
+/// lock, so floods of spoofed tuples overwrite each other here and never a
 /// confirmed flow. Sized by lb_common::new_flow_table_size(flow_table_size).
 #[map]
 pub static LB_NEW_FLOWS: Array<PendingFlow> =

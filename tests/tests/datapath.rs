@@ -512,12 +512,13 @@ fn flows_of_one_bucket(first_port: u16, count: usize) -> Vec<Flow> {
         let flow = flow("198.18.0.1", port, TCP4, L4::Tcp);
         let members = buckets.entry(bucket_of(flow)).or_default();
         members.push(flow);
-        if members.len() >= count && members.iter().any(|member| moves(*member)) {
+        if members.len() < count {
+            continue;
+        }
+        if let Some(mover) = members.iter().position(|member| moves(*member)) {
             let mut members = members.clone();
-            let mover = members.iter().position(|member| moves(*member)).unwrap();
             members.swap(0, mover);
             members.truncate(count);
-            before.send(members[0], Segment::Syn);
             return members;
         }
     }

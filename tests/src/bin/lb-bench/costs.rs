@@ -151,23 +151,26 @@ pub fn row(
 /// ACK whose flow lost its unconfirmed pin to newer flows of its bucket
 /// (lb_common::PendingFlow) takes the Maglev choice as a `miss_fallback`.
 /// Both together must be every ACK, and the lost pins at most one in a
-/// thousand (the flows of one row are all half-open at once).
+/// thousand (the flows of one row are all half-open at once). Also returns
+/// how many flows were confirmed.
 pub fn confirmation_row(
     reconciler: &Reconciler,
     path: impl Into<String>,
     floor: f64,
     expected: u64,
     measure: impl FnOnce() -> anyhow::Result<f64>,
-) -> anyhow::Result<CostRow> {
+) -> anyhow::Result<(CostRow, u64)> {
     let before = counters(reconciler)?;
     let measured = row(reconciler, path, floor, "flow_confirmed", expected, measure)?;
     let after = counters(reconciler)?;
     let moved = |name: &str| after[name] - before[name];
     let lost = moved("flow_miss_fallback");
-    let holds = moved("flow_confirmed") + lost == expected
+    let confirmed = moved("flow_confirmed");
+    let holds = confirmed + lost == expected
         && moved(Reason::Forwarded.name()) == expected
         && lost * 1_000 <= expected;
-    Ok(CostRow { proven: holds, ..measured }.also(holds, format!("{lost} pins lost")))
+    let measured = CostRow { proven: holds, ..measured }.also(holds, format!("{lost} pins lost"));
+    Ok((measured, confirmed))
 }
 
 /// Sends each frame to `program` once, [`FLOW_CONFIRM_NS`] apart: a
@@ -334,13 +337,14 @@ pub fn per_packet_costs() -> anyhow::Result<Vec<CostRow>> {
         if let L4::Tcp = flow.l4 {
             harness.rewind(&start)?;
             let ack = packet(flow, Segment::Ack);
-            rows.push(confirmation_row(
+            let (measured, _) = confirmation_row(
                 &reconciler,
                 format!("handshake ACK, {name}: confirms the new flow"),
                 floor,
                 fresh,
                 || harness.fresh_ports(lb, &ack),
-            )?);
+            )?;
+            rows.push(measured);
         }
     }
     for (name, flow) in kinds(1) {

@@ -103,13 +103,11 @@ pub fn sync_costs(harness: &mut Harness) -> anyhow::Result<Vec<CostRow>> {
         rows.push(measured.also(records == 0, format!("ring records {records}")));
 
         harness.rewind(&start)?;
-        let confirmed_before = counters(&reconciler)?["flow_confirmed"];
         let ack = packet(new, Segment::Ack);
         let path = format!("handshake ACK, TCP IPv4, flow sync {label}");
-        let measured =
+        let (measured, confirmed) =
             confirmation_row(&reconciler, path, floor, fresh, || harness.fresh_ports(lb, &ack))?;
         let (records, lost) = (drain(&mut ring), counters(&reconciler)?["flow_sync_lost"]);
-        let confirmed = counters(&reconciler)?["flow_confirmed"] - confirmed_before;
         let reported = if sync_flows { confirmed } else { 0 };
         rows.push(measured.also(
             records == reported && lost == 0,
