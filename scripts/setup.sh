@@ -23,9 +23,10 @@ fi
 llvm_major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 [ -n "$llvm_major" ] || die "could not read nightly's LLVM version from 'rustc +nightly -vV'"
 
-# prometheus brings promtool, which checks our /metrics in the tests; bird2
+# prometheus (and promtool) scrape our /metrics and check our alert rules in
+# the tests; systemd-analyze verifies the unit; tmux runs `lb top`; bird2
 # announces VIPs over BGP in the multi-balancer testbed.
-packages=(iproute2 nftables ethtool haproxy util-linux prometheus bird2 "llvm-${llvm_major}-dev" libpolly-"${llvm_major}"-dev libzstd-dev zlib1g-dev)
+packages=(iproute2 nftables ethtool haproxy util-linux prometheus bird2 systemd man-db tmux curl "llvm-${llvm_major}-dev" libpolly-"${llvm_major}"-dev libzstd-dev zlib1g-dev)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")

@@ -87,7 +87,7 @@ pub const ALL_MAPS: [&str; 13] = [
 
 /// Bumped whenever a map's key or value layout changes: pinned maps of
 /// another version are refused rather than misread.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Value of [`MAP_LAYOUT`]. Written by the daemon that creates the maps.
 #[repr(C)]
@@ -508,8 +508,12 @@ pub struct TrafficCounters {
     /// Of `packets`, the ICMP errors about the VIP's flows (path MTU,
     /// unreachable, time exceeded) forwarded to the flow's backend.
     pub icmp_errors: u64,
+    /// VIPs only, not in `packets`: packets of the VIP dropped after its
+    /// lookup (no backend, backend MAC unresolved, internal). Counted on
+    /// the drop path only, so forwarding pays nothing for it.
+    pub dropped: u64,
 }
-const _: () = assert!(size_of::<TrafficCounters>() == 24);
+const _: () = assert!(size_of::<TrafficCounters>() == 32);
 
 /// Why the datapath let a packet go the way it did: every exit of the
 /// program counts exactly one reason. Indexes [`MAP_REASONS`].

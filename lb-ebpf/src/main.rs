@@ -134,7 +134,12 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
     // SAFETY: the value is copied out at once; the daemon replaces entries
     // whole, so the copy is one consistent version.
     let vip = *unsafe { LB_VIPS.get(vip_key) }.ok_or(Reason::PassNotVip)?;
-    let (slot, backend) = flows::choose(&flow, stale, &vip, &segment, now, &settings)?;
+    let chosen = flows::choose(&flow, stale, &vip, &segment, now, &settings);
+    let (slot, backend) = chosen.inspect_err(|reason| {
+        if reason.is_drop() {
+            stats::count_vip_drop(vip.vip_index);
+        }
+    })?;
     forward(ctx, Hit { vip_index: vip.vip_index, slot, backend })
 }
 

@@ -31,6 +31,15 @@ pub fn count_forwarded(vip_index: u32, slot: u32, bytes: u64, icmp_error: bool) 
     count_traffic(&LB_BACKEND_STATS, slot, bytes, icmp_errors);
 }
 
+/// A packet of the VIP `vip_index` dropped after its lookup.
+#[inline(always)]
+pub fn count_vip_drop(vip_index: u32) {
+    if let Some(counters) = LB_VIP_STATS.get_ptr_mut(vip_index) {
+        // SAFETY: as in count_reason, a per-CPU value owned by this CPU.
+        unsafe { (*counters).dropped += 1 };
+    }
+}
+
 #[inline(always)]
 fn count_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64, icmp_errors: u64) {
     if let Some(counters) = map.get_ptr_mut(index) {

@@ -8,12 +8,13 @@ use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _};
 use tokio::sync::oneshot;
 
+use crate::model::diff::Change;
 use crate::model::{Affinity, CheckOptions, CheckSpec, Protocol, Scheduler, Vip};
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
@@ -80,23 +81,92 @@ pub enum Request {
         vip: Vip,
         client: SocketAddr,
     },
+    /// Established flows of a VIP, at most `limit`.
+    Flows {
+        vip: Vip,
+        limit: u32,
+    },
+    /// The running configuration as TOML.
+    ConfigShow,
+    /// What applying a configuration file's `text` would change; `file`
+    /// names it in errors.
+    ConfigDiff {
+        file: PathBuf,
+        text: String,
+    },
+    /// Applies a configuration file's `text`: only what differs changes.
+    ConfigApply {
+        file: PathBuf,
+        text: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Ok(Body),
+    /// Refused or failed, and why.
     Error(String),
+    /// The VIP or backend named does not exist.
+    NotFound(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Body {
-    Done { message: String },
-    Vips { vips: Vec<VipView> },
-    Backends { backends: Vec<BackendView> },
+    /// A change: `changed` is false when it asked for what already was
+    /// (adding what exists identically).
+    Done {
+        message: String,
+        #[serde(default = "changed_by_default")]
+        changed: bool,
+    },
+    Vips {
+        vips: Vec<VipView>,
+    },
+    Backends {
+        backends: Vec<BackendView>,
+    },
     Stats(StatsView),
     Lookup(LookupView),
+    Flows(FlowsView),
+    /// `lb config show`: TOML that `lb config apply` and `lb run --config` read.
+    Config {
+        toml: String,
+    },
+    /// `lb config diff` (`applied: false`) and `lb config apply`.
+    ConfigChanges {
+        file: PathBuf,
+        changes: Vec<Change>,
+        applied: bool,
+    },
+}
+
+fn changed_by_default() -> bool {
+    true
+}
+
+/// `lb flows VIP`: flows of the VIP found in the flow table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowsView {
+    pub vip: String,
+    pub flows: Vec<FlowView>,
+    /// The walk stopped at the limit: the VIP may have more flows.
+    pub truncated: bool,
+}
+
+/// One flow of the flow table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowView {
+    pub client: SocketAddr,
+    /// The backend it is pinned to; None when its backend was removed
+    /// since (its next packet takes the Maglev choice).
+    pub backend: Option<IpAddr>,
+    /// `active`, `closing` (FIN or RST seen) or `idle` (past the idle timeout).
+    pub state: String,
+    /// Seconds since its last packet, to within the datapath's refresh
+    /// interval.
+    pub idle_seconds: f64,
 }
 
 /// A VIP as `lb vip list --json` and `lb stats --json` show it.
@@ -126,9 +196,15 @@ pub struct VipView {
     /// time exceeded) forwarded to the flow's backend.
     #[serde(default)]
     pub icmp_errors: u64,
+    /// Packets of the VIP dropped after its lookup (no backend, backend MAC
+    /// unresolved, internal); not in `packets`.
+    #[serde(default)]
+    pub dropped: u64,
     /// Over the last second.
     pub packets_per_second: f64,
     pub bytes_per_second: f64,
+    #[serde(default)]
+    pub dropped_per_second: f64,
 }
 
 /// A backend of one VIP, as `lb backend list --json` and `lb stats --json` show it.
@@ -148,6 +224,10 @@ pub struct BackendView {
     pub since: f64,
     /// The last failed check's error, until a check passes.
     pub last_error: Option<String>,
+    /// How long the last health check took; None before the first (or
+    /// for check type none).
+    #[serde(default)]
+    pub last_check_seconds: Option<f64>,
     pub mac: Option<String>,
     /// Entries of the VIP's Maglev table that point at it.
     pub table_entries: u32,
@@ -179,6 +259,18 @@ pub struct StatsView {
     /// Packets per flow-table path (`created`, `hit`, `miss_fallback`, `rescued`, `expired`).
     pub flow_events: BTreeMap<String, u64>,
     pub flow_table_size: u32,
+    /// Entries in the flow table at the last count (about every second).
+    #[serde(default)]
+    pub flow_table_entries: u64,
+    /// Most VIPs and backends the maps hold (`max_vips`, `max_backends`).
+    #[serde(default)]
+    pub max_vips: u32,
+    #[serde(default)]
+    pub max_backends: u32,
+    /// How the program is attached: `native` (driver) or `skb` (generic,
+    /// much slower).
+    #[serde(default)]
+    pub attach_mode: String,
     /// Memory the kernel charges for the flow table, when it says.
     pub flow_table_memory_bytes: Option<u64>,
     /// Kernel routing table VIP routes are published in (`--announce-table`).

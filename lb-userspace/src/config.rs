@@ -65,6 +65,27 @@ pub struct Config {
     /// Whether the file set `hash_seed` (a state file always does). When it
     /// did not, `lb run` keeps the seed of its state or picks a random one.
     pub hash_seed_set: bool,
+    /// In the state file only: the configuration file last applied as a
+    /// whole (at start, by `lb config apply` or SIGHUP). `lb run --config`
+    /// restores the state instead of the file while the file is unchanged.
+    pub source: Option<ConfigSource>,
+}
+
+/// A configuration file as it was when applied: its path and a digest of
+/// its text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// xxh3-64 of the file's bytes, in hex.
+    pub digest: String,
+}
+
+impl ConfigSource {
+    pub fn of(path: &Path, text: &str) -> Self {
+        let digest = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()));
+        Self { path: path.to_owned(), digest }
+    }
 }
 
 /// The `[sync]` table (or `--sync-*`): where to listen, which peers, and
@@ -133,6 +154,7 @@ struct FileIn {
     tcp_idle_timeout_ms: Option<Spanned<u64>>,
     announce_table: Option<Spanned<u32>>,
     sync: Option<Spanned<SyncConfig>>,
+    source: Option<ConfigSource>,
     #[serde(default)]
     vip: Vec<VipIn>,
 }
@@ -171,6 +193,8 @@ struct FileOut {
     announce_table: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sync: Option<SyncConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<ConfigSource>,
     vip: Vec<VipOut>,
 }
 
@@ -190,6 +214,21 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
     parse(&text, path)
+}
+
+/// Reads a configuration file to apply as a whole: [`load`], with
+/// `source` naming the file and its digest.
+pub fn load_source(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+    parse_source(&text, path)
+}
+
+/// [`parse`], with `source` naming the file and its digest.
+pub fn parse_source(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let mut config = parse(text, path)?;
+    config.source = Some(ConfigSource::of(path, text));
+    Ok(config)
 }
 
 /// Parses config text; `path` only names the file in errors.
@@ -284,6 +323,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         sync,
         announce_table,
         hash_seed_set: file.hash_seed.is_some(),
+        source: file.source,
     };
     let limits = config.limits();
     for vip_in in &file.vip {
@@ -341,6 +381,7 @@ pub fn render(config: &Config) -> String {
         tcp_idle_timeout_ms: config.datapath.tcp_idle_timeout_ms,
         announce_table: config.announce_table,
         sync: config.sync.clone(),
+        source: config.source.clone(),
         vip: config
             .desired
             .vips
@@ -357,6 +398,44 @@ pub fn render(config: &Config) -> String {
     };
     let body = toml::to_string_pretty(&file).expect("the state always serializes");
     format!("# Written by `lb run`: the balancer's configuration as last changed.\n{body}")
+}
+
+/// The settings fixed when the datapath is loaded (or the fleet joined)
+/// that differ between the running configuration and a file's, as
+/// `name running -> file`: a file that changes any cannot be applied
+/// without a restart. A seed the file does not set is not a difference.
+pub fn restart_settings(running: &Config, file: &Config) -> Vec<String> {
+    let (now, next) = (&running.datapath, &file.datapath);
+    let mut differ = Vec::new();
+    let mut compare = |name: &str, now: String, next: String| {
+        if now != next {
+            differ.push(format!("{name} {now} -> {next}"));
+        }
+    };
+    if file.hash_seed_set {
+        compare("hash_seed", now.hash_seed.to_string(), next.hash_seed.to_string());
+    }
+    compare("table_size", now.table_size.to_string(), next.table_size.to_string());
+    compare("max_vips", now.max_vips.to_string(), next.max_vips.to_string());
+    compare("max_backends", now.max_backends.to_string(), next.max_backends.to_string());
+    compare("flow_table_size", now.flow_table_size.to_string(), next.flow_table_size.to_string());
+    compare(
+        "udp_idle_timeout_ms",
+        now.udp_idle_timeout_ms.to_string(),
+        next.udp_idle_timeout_ms.to_string(),
+    );
+    compare(
+        "tcp_idle_timeout_ms",
+        now.tcp_idle_timeout_ms.to_string(),
+        next.tcp_idle_timeout_ms.to_string(),
+    );
+    compare(
+        "announce_table",
+        format!("{:?}", running.announce_table),
+        format!("{:?}", file.announce_table),
+    );
+    compare("[sync]", format!("{:?}", running.sync), format!("{:?}", file.sync));
+    differ
 }
 
 /// Writes the state atomically: a crash leaves either the old or the new

@@ -3,24 +3,33 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use lb_userspace::cli::{self, args::Cli};
+use lb_userspace::cli::{
+    self,
+    args::{Cli, LogFormat},
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        // One JSON object per line, fields flattened, for log shippers.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
         // Colour only for a person at a terminal, never into log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => {
+            logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
+        }
+    }
+    let json = cli.json;
     match cli::execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("lb: error: {error:#}");
-            ExitCode::FAILURE
+        Err(failure) => {
+            eprintln!("lb: error: {failure:#}");
+            if json {
+                println!("{}", failure.to_json());
+            }
+            ExitCode::from(failure.exit_status())
         }
     }
 }

@@ -1,9 +1,8 @@
 //! The Prometheus endpoint (`lb run --metrics ADDR:PORT`): a GET of
 //! `/metrics` answers with the same figures `lb stats --json` gives, in the
-//! Prometheus text exposition format (0.0.4). The numbers come from the
-//! daemon through the control API, so the two never disagree.
+//! OpenMetrics text format, encoded by prometheus-client. The numbers come
+//! from the daemon through the control API, so the two never disagree.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,7 +10,16 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{Body, Call, Reply, Request, StatsView};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::api::{BackendView, Body, Call, Reply, Request, StatsView};
 
 /// Serves `/metrics` on `listener` until the task is aborted.
 pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) {
@@ -32,6 +40,8 @@ pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
         .await
         .map_err(|error| anyhow::anyhow!("metrics endpoint {address}: {error} (choose another --metrics ADDR:PORT, or --metrics off)"))
 }
+
+const TEXT: &str = "text/plain; charset=utf-8";
 
 /// What a scraper asked for.
 #[derive(Debug, PartialEq, Eq)]
@@ -74,7 +84,7 @@ async fn answer(mut stream: TcpStream, calls: mpsc::Sender<Call>) -> std::io::Re
             break asked;
         }
     };
-    let (status, body) = match asked {
+    let (status, body, content_type) = match asked {
         Asked::Metrics => {
             let (reply_tx, reply_rx) = oneshot::channel();
             let stats = match calls.send((Request::Stats, reply_tx)).await {
@@ -82,15 +92,15 @@ async fn answer(mut stream: TcpStream, calls: mpsc::Sender<Call>) -> std::io::Re
                 Err(_) => None,
             };
             match stats {
-                Some(Reply::Ok(Body::Stats(stats))) => ("200 OK", render(&stats)),
-                _ => ("503 Service Unavailable", "the daemon did not answer\n".to_owned()),
+                Some(Reply::Ok(Body::Stats(stats))) => ("200 OK", render(&stats), CONTENT_TYPE),
+                _ => ("503 Service Unavailable", "the daemon did not answer\n".to_owned(), TEXT),
             }
         }
-        Asked::Elsewhere => ("404 Not Found", "only /metrics is served here\n".to_owned()),
-        Asked::Garbage => ("400 Bad Request", "not an HTTP request\n".to_owned()),
+        Asked::Elsewhere => ("404 Not Found", "only /metrics is served here\n".to_owned(), TEXT),
+        Asked::Garbage => ("400 Bad Request", "not an HTTP request\n".to_owned(), TEXT),
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -98,260 +108,325 @@ async fn answer(mut stream: TcpStream, calls: mpsc::Sender<Call>) -> std::io::Re
     stream.shutdown().await
 }
 
-/// A label value, escaped as the exposition format requires.
-fn label(value: &str) -> String {
-    value.replace('\\', r"\\").replace('"', "\\\"").replace('\n', r"\n")
-}
+/// The OpenMetrics content type prometheus-client's text encoder writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The stats in Prometheus text format. Names follow Prometheus
-/// conventions: `lb_` prefix, base units, `_total` for counters.
+/// The stats in the OpenMetrics text format, encoded by prometheus-client.
+/// Names follow Prometheus conventions: `lb_` prefix, base units, counters
+/// end in `_total` (the encoder adds it), limits end in `_capacity`.
 pub fn render(stats: &StatsView) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshot(stats.clone())));
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-    };
-    let vip_label = |vip: &str| format!("{{vip=\"{}\"}}", label(vip));
-    let backend_label = |vip: &str, backend: &str| {
-        format!("{{vip=\"{}\",backend=\"{}\"}}", label(vip), label(backend))
-    };
-
-    family(
-        "lb_vip_packets_total",
-        "counter",
-        "Packets forwarded for the VIP.",
-        stats.vips.iter().map(|v| (vip_label(&v.vip), v.packets.to_string())).collect(),
-    );
-    family(
-        "lb_vip_bytes_total",
-        "counter",
-        "Bytes (whole frames) forwarded for the VIP.",
-        stats.vips.iter().map(|v| (vip_label(&v.vip), v.bytes.to_string())).collect(),
-    );
-    family(
-        "lb_vip_scheduler",
-        "gauge",
-        "1 for the scheduler that shares the VIP's new flows (maglev or least-connections).",
-        stats
-            .vips
-            .iter()
-            .map(|v| {
-                let labels = format!("{{vip=\"{}\",scheduler=\"{}\"}}", label(&v.vip), v.scheduler);
-                (labels, "1".to_owned())
-            })
-            .collect(),
-    );
-    family(
-        "lb_vip_backends",
-        "gauge",
-        "Backends configured for the VIP.",
-        stats.vips.iter().map(|v| (vip_label(&v.vip), v.backends.to_string())).collect(),
-    );
-    family(
-        "lb_vip_serving_backends",
-        "gauge",
-        "Backends of the VIP receiving new flows.",
-        stats.vips.iter().map(|v| (vip_label(&v.vip), v.serving_backends.to_string())).collect(),
-    );
-    family(
-        "lb_vip_all_down",
-        "gauge",
-        "1 when every backend fails its checks and the VIP fails open.",
-        stats.vips.iter().map(|v| (vip_label(&v.vip), u8::from(v.all_down).to_string())).collect(),
-    );
-    family(
-        "lb_backend_icmp_errors_total",
-        "counter",
-        "ICMP errors (path MTU, unreachable, time exceeded) about the backend's flows, forwarded to it.",
-        stats
-            .backends
-            .iter()
-            .map(|b| (backend_label(&b.vip, &b.address.to_string()), b.icmp_errors.to_string()))
-            .collect(),
-    );
-    family(
-        "lb_backend_packets_total",
-        "counter",
-        "Packets forwarded to the backend.",
-        stats
-            .backends
-            .iter()
-            .map(|b| (backend_label(&b.vip, &b.address.to_string()), b.packets.to_string()))
-            .collect(),
-    );
-    family(
-        "lb_backend_bytes_total",
-        "counter",
-        "Bytes (whole frames) forwarded to the backend.",
-        stats
-            .backends
-            .iter()
-            .map(|b| (backend_label(&b.vip, &b.address.to_string()), b.bytes.to_string()))
-            .collect(),
-    );
-    family(
-        "lb_backend_active_flows",
-        "gauge",
-        "Flows in the flow table neither closing nor idle.",
-        stats
-            .backends
-            .iter()
-            .map(|b| (backend_label(&b.vip, &b.address.to_string()), b.active_flows.to_string()))
-            .collect(),
-    );
-    family(
-        "lb_backend_new_flow_share",
-        "gauge",
-        "Part of the VIP's new flows the backend gets now (0 to 1): by weight under maglev, toward the least loaded under least-connections.",
-        stats
-            .backends
-            .iter()
-            .map(|b| (backend_label(&b.vip, &b.address.to_string()), b.new_flow_share.to_string()))
-            .collect(),
-    );
-    family(
-        "lb_backend_up",
-        "gauge",
-        "1 when the backend passes its health checks (up or draining).",
-        stats
-            .backends
-            .iter()
-            .map(|b| {
-                let up = matches!(b.state.as_str(), "up" | "draining");
-                (backend_label(&b.vip, &b.address.to_string()), u8::from(up).to_string())
-            })
-            .collect(),
-    );
-    family(
-        "lb_backend_state",
-        "gauge",
-        "1 for the backend's current state (up, draining, down, resolving).",
-        stats
-            .backends
-            .iter()
-            .map(|b| {
-                let labels = format!(
-                    "{{vip=\"{}\",backend=\"{}\",state=\"{}\"}}",
-                    label(&b.vip),
-                    b.address,
-                    label(&b.state)
-                );
-                (labels, "1".to_owned())
-            })
-            .collect(),
-    );
-    family(
-        "lb_datapath_packets_total",
-        "counter",
-        "Packets by the reason the datapath forwarded, passed or dropped them.",
-        stats
-            .reasons
-            .iter()
-            .map(|(reason, count)| (format!("{{reason=\"{}\"}}", label(reason)), count.to_string()))
-            .collect(),
-    );
-    family(
-        "lb_flow_table_events_total",
-        "counter",
-        "VIP packets by flow-table path (created, hit, miss_fallback, rescued, expired).",
-        stats
-            .flow_events
-            .iter()
-            .map(|(event, count)| (format!("{{event=\"{}\"}}", label(event)), count.to_string()))
-            .collect(),
-    );
-    family(
-        "lb_flow_table_size",
-        "gauge",
-        "Flows the flow table holds before evicting.",
-        vec![(String::new(), stats.flow_table_size.to_string())],
-    );
-    family(
-        "lb_table_rebuilds_total",
-        "counter",
-        "Maglev tables built and installed since lb run started.",
-        vec![(String::new(), stats.tables_built.to_string())],
-    );
-    family(
-        "lb_table_rebuild_seconds_total",
-        "counter",
-        "Time spent building and installing Maglev tables.",
-        vec![(String::new(), format!("{:.6}", stats.table_rebuild_seconds))],
-    );
-    family(
-        "lb_announced_vips",
-        "gauge",
-        "VIP addresses published for the routing daemon to announce.",
-        vec![(String::new(), stats.announced.len().to_string())],
-    );
-    if let Some(sync) = &stats.sync {
-        render_sync(sync, &mut family);
-    }
+    encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
 }
 
+/// One scrape's figures, as `lb stats` gives them.
+#[derive(Debug)]
+struct Snapshot(StatsView);
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Writes one metric family: its help, its type, and one sample per label set.
+fn family<M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, M)>,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, value) in samples {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn one<M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: M,
+) -> std::fmt::Result {
+    value.encode(encoder.encode_descriptor(name, help, None, M::TYPE)?)
+}
+
+fn counter(value: u64) -> ConstCounter<u64> {
+    ConstCounter::new(value)
+}
+
+fn gauge(value: f64) -> ConstGauge<f64> {
+    ConstGauge::new(value)
+}
+
+fn flag(on: bool) -> ConstGauge<i64> {
+    ConstGauge::new(i64::from(on))
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let stats = &self.0;
+        let e = &mut encoder;
+        let build = Info::new(vec![
+            ("version", env!("CARGO_PKG_VERSION").to_owned()),
+            ("layout", lb_common::LAYOUT_VERSION.to_string()),
+        ]);
+        build.encode(e.encode_descriptor(
+            "lb_build",
+            "The running lb's version and map layout.",
+            None,
+            Info::<Labels>::TYPE,
+        )?)?;
+        family(
+            e,
+            "lb_attach_mode",
+            "1 for how the XDP program is attached: native (driver) or skb (generic, far slower).",
+            [(vec![("mode", stats.attach_mode.clone())], flag(true))],
+        )?;
+        self.encode_vips(e)?;
+        self.encode_backends(e)?;
+        family(
+            e,
+            "lb_datapath_packets",
+            "Packets by the reason the datapath forwarded, passed or dropped them.",
+            stats.reasons.iter().map(|(reason, n)| (vec![("reason", reason.clone())], counter(*n))),
+        )?;
+        family(
+            e,
+            "lb_flow_table_events",
+            "VIP packets by flow-table path (created, hit, miss_fallback, rescued, expired).",
+            stats
+                .flow_events
+                .iter()
+                .map(|(event, n)| (vec![("event", event.clone())], counter(*n))),
+        )?;
+        one(
+            e,
+            "lb_flow_table_capacity",
+            "Flows the flow table holds before evicting the least recently used.",
+            gauge(f64::from(stats.flow_table_size)),
+        )?;
+        one(
+            e,
+            "lb_flow_table_entries",
+            "Flows in the flow table at the last count (about every second).",
+            gauge(stats.flow_table_entries as f64),
+        )?;
+        one(
+            e,
+            "lb_vips_capacity",
+            "Most VIPs the maps hold (max_vips).",
+            gauge(f64::from(stats.max_vips)),
+        )?;
+        one(
+            e,
+            "lb_backends_capacity",
+            "Most backends over all VIPs the maps hold (max_backends).",
+            gauge(f64::from(stats.max_backends)),
+        )?;
+        one(
+            e,
+            "lb_table_rebuilds",
+            "Maglev tables built and installed since lb run started.",
+            counter(stats.tables_built),
+        )?;
+        one(
+            e,
+            "lb_table_rebuild_seconds",
+            "Time spent building and installing Maglev tables.",
+            ConstCounter::new(stats.table_rebuild_seconds),
+        )?;
+        one(
+            e,
+            "lb_announced_vips",
+            "VIP addresses published for the routing daemon to announce.",
+            gauge(stats.announced.len() as f64),
+        )?;
+        if let Some(sync) = &stats.sync {
+            encode_sync(sync, e)?;
+        }
+        Ok(())
+    }
+}
+
+impl Snapshot {
+    fn encode_vips(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let vips = &self.0.vips;
+        let per_vip = |value: fn(&crate::api::VipView) -> u64| {
+            vips.iter().map(move |v| (vec![("vip", v.vip.clone())], counter(value(v))))
+        };
+        let per_vip_gauge = |value: fn(&crate::api::VipView) -> f64| {
+            vips.iter().map(move |v| (vec![("vip", v.vip.clone())], gauge(value(v))))
+        };
+        family(e, "lb_vip_packets", "Packets forwarded for the VIP.", per_vip(|v| v.packets))?;
+        family(
+            e,
+            "lb_vip_bytes",
+            "Bytes (whole frames) forwarded for the VIP.",
+            per_vip(|v| v.bytes),
+        )?;
+        family(
+            e,
+            "lb_vip_dropped_packets",
+            "Packets of the VIP dropped after its lookup: no backend, backend MAC unresolved, internal.",
+            per_vip(|v| v.dropped),
+        )?;
+        family(
+            e,
+            "lb_vip_scheduler",
+            "1 for the scheduler that shares the VIP's new flows (maglev or least-connections).",
+            vips.iter().map(|v| {
+                (vec![("vip", v.vip.clone()), ("scheduler", v.scheduler.to_string())], flag(true))
+            }),
+        )?;
+        family(
+            e,
+            "lb_vip_backends",
+            "Backends configured for the VIP.",
+            per_vip_gauge(|v| v.backends as f64),
+        )?;
+        family(
+            e,
+            "lb_vip_serving_backends",
+            "Backends of the VIP receiving new flows.",
+            per_vip_gauge(|v| v.serving_backends as f64),
+        )?;
+        family(
+            e,
+            "lb_vip_all_down",
+            "1 when every backend fails its checks and the VIP fails open.",
+            per_vip_gauge(|v| f64::from(u8::from(v.all_down))),
+        )
+    }
+
+    fn encode_backends(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let backends = &self.0.backends;
+        let labels =
+            |b: &BackendView| vec![("vip", b.vip.clone()), ("backend", b.address.to_string())];
+        let per_backend = |value: fn(&BackendView) -> u64| {
+            backends.iter().map(move |b| (labels(b), counter(value(b))))
+        };
+        let per_backend_gauge = |value: fn(&BackendView) -> f64| {
+            backends.iter().map(move |b| (labels(b), gauge(value(b))))
+        };
+        family(
+            e,
+            "lb_backend_packets",
+            "Packets forwarded to the backend.",
+            per_backend(|b| b.packets),
+        )?;
+        family(
+            e,
+            "lb_backend_bytes",
+            "Bytes (whole frames) forwarded to the backend.",
+            per_backend(|b| b.bytes),
+        )?;
+        family(
+            e,
+            "lb_backend_icmp_errors",
+            "ICMP errors (path MTU, unreachable, time exceeded) about the backend's flows, forwarded to it.",
+            per_backend(|b| b.icmp_errors),
+        )?;
+        family(
+            e,
+            "lb_backend_active_flows",
+            "Flows in the flow table neither closing nor idle.",
+            per_backend_gauge(|b| b.active_flows as f64),
+        )?;
+        family(
+            e,
+            "lb_backend_new_flow_share",
+            "Part of the VIP's new flows the backend gets now (0 to 1): by weight under maglev, toward the least loaded under least-connections.",
+            per_backend_gauge(|b| b.new_flow_share),
+        )?;
+        family(
+            e,
+            "lb_backend_up",
+            "1 when the backend passes its health checks (up or draining).",
+            per_backend_gauge(|b| {
+                f64::from(u8::from(matches!(b.state.as_str(), "up" | "draining")))
+            }),
+        )?;
+        family(
+            e,
+            "lb_backend_state",
+            "1 for the backend's current state (up, draining, down, resolving).",
+            backends.iter().map(|b| {
+                let mut labels = labels(b);
+                labels.push(("state", b.state.clone()));
+                (labels, flag(true))
+            }),
+        )?;
+        family(
+            e,
+            "lb_backend_health_check_duration_seconds",
+            "How long the backend's last health check took.",
+            backends.iter().filter_map(|b| Some((labels(b), gauge(b.last_check_seconds?)))),
+        )?;
+        family(
+            e,
+            "lb_backend_last_change_timestamp_seconds",
+            "Unix time of the backend's last up/down transition.",
+            per_backend_gauge(|b| b.since),
+        )
+    }
+}
+
 /// Flow sync's figures: per peer, and datagrams dropped by reason.
-fn render_sync(
-    sync: &crate::sync::SyncStatus,
-    family: &mut impl FnMut(&str, &str, &str, Vec<(String, String)>),
-) {
-    let peer_label = |peer: &crate::sync::PeerStatus| format!("{{peer=\"{}\"}}", peer.address);
-    let per_peer = |value: fn(&crate::sync::PeerStatus) -> String| {
-        sync.peers.iter().map(|peer| (peer_label(peer), value(peer))).collect::<Vec<_>>()
+fn encode_sync(sync: &crate::sync::SyncStatus, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let labels = |peer: &crate::sync::PeerStatus| vec![("peer", peer.address.to_string())];
+    let per_peer = |value: fn(&crate::sync::PeerStatus) -> u64| {
+        sync.peers.iter().map(move |peer| (labels(peer), counter(value(peer))))
     };
-    family(
+    one(
+        e,
         "lb_sync_initial_done",
-        "gauge",
         "1 once the first full resync from every reachable peer is complete.",
-        vec![(String::new(), u8::from(sync.initial_sync_done).to_string())],
-    );
+        flag(sync.initial_sync_done),
+    )?;
     family(
+        e,
         "lb_sync_peer_in_sync",
-        "gauge",
         "1 when the peer is heard and its flows are all known here.",
-        per_peer(|peer| u8::from(peer.state == crate::sync::PeerState::InSync).to_string()),
-    );
-    family(
-        "lb_sync_peer_refused",
-        "gauge",
-        "1 when the peer's hash seed or table size differs from ours.",
-        per_peer(|peer| u8::from(peer.state == crate::sync::PeerState::Refused).to_string()),
-    );
-    family(
-        "lb_sync_flows_sent_total",
-        "counter",
-        "Flow records sent to the peer.",
-        per_peer(|peer| peer.flows_sent.to_string()),
-    );
-    family(
-        "lb_sync_flows_received_total",
-        "counter",
-        "Flow records received from the peer and applied.",
-        per_peer(|peer| peer.flows_received.to_string()),
-    );
-    family(
-        "lb_sync_flows_refused_total",
-        "counter",
-        "Flow records from the peer naming a VIP or backend not configured here.",
-        per_peer(|peer| peer.flows_refused.to_string()),
-    );
-    family(
-        "lb_sync_peer_lag_seconds",
-        "gauge",
-        "Age of the peer's last datagram on arrival.",
         sync.peers
             .iter()
-            .filter_map(|peer| {
-                Some((peer_label(peer), format!("{:.3}", peer.lag_ms? as f64 / 1e3)))
-            })
-            .collect(),
-    );
+            .map(|peer| (labels(peer), flag(peer.state == crate::sync::PeerState::InSync))),
+    )?;
     family(
-        "lb_sync_datagrams_dropped_total",
-        "counter",
+        e,
+        "lb_sync_peer_refused",
+        "1 when the peer's hash seed or table size differs from ours.",
+        sync.peers
+            .iter()
+            .map(|peer| (labels(peer), flag(peer.state == crate::sync::PeerState::Refused))),
+    )?;
+    family(
+        e,
+        "lb_sync_flows_sent",
+        "Flow records sent to the peer.",
+        per_peer(|peer| peer.flows_sent),
+    )?;
+    family(
+        e,
+        "lb_sync_flows_received",
+        "Flow records received from the peer and applied.",
+        per_peer(|peer| peer.flows_received),
+    )?;
+    family(
+        e,
+        "lb_sync_flows_refused",
+        "Flow records from the peer naming a VIP or backend not configured here.",
+        per_peer(|peer| peer.flows_refused),
+    )?;
+    family(
+        e,
+        "lb_sync_peer_lag_seconds",
+        "Age of the peer's last datagram on arrival.",
+        sync.peers.iter().filter_map(|peer| Some((labels(peer), gauge(peer.lag_ms? as f64 / 1e3)))),
+    )?;
+    family(
+        e,
+        "lb_sync_datagrams_dropped",
         "Sync datagrams dropped before use, by reason.",
         [
             ("unauthenticated", sync.dropped_unauthenticated),
@@ -361,9 +436,8 @@ fn render_sync(
             ("settings_differ", sync.dropped_settings_differ),
         ]
         .into_iter()
-        .map(|(reason, count)| (format!("{{reason=\"{reason}\"}}"), count.to_string()))
-        .collect(),
-    );
+        .map(|(reason, n)| (vec![("reason", reason.to_owned())], counter(n))),
+    )
 }
 
 #[cfg(test)]

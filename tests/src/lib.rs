@@ -16,6 +16,7 @@ pub mod generator;
 pub mod harness;
 pub mod netns;
 pub mod packets;
+pub mod prometheus;
 pub mod websocket;
 
 /// XDP verdicts (the kernel's `enum xdp_action`), as `test_run` returns them.

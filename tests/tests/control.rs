@@ -12,6 +12,7 @@ use tests::harness::{
     Daemon, client_requests, lb_binary, start_servers, testbed_binary, total_active_flows,
 };
 use tests::netns::{self, CLIENT4, Testbed};
+use tests::prometheus::Prometheus;
 
 const VIP: &str = "198.18.0.10:80";
 
@@ -65,25 +66,6 @@ fn the_control_socket_refuses_other_users_and_survives_garbage() {
     assert_eq!(daemon.lb(&["vip", "list", "--json"]).unwrap(), before);
 }
 
-/// `promtool check metrics` on `exposition`: Ok, or what promtool said.
-fn promtool_check_metrics(exposition: &str) -> Result<(), String> {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package; scripts/setup.sh installs it)");
-    child.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    if output.status.success() && said.trim().is_empty() { Ok(()) } else { Err(said) }
-}
-
 fn metrics_report_what_lb_stats_reports() {
     let testbed = Testbed::up("lbe-mt-", 2).expect("testbed");
     let _servers = start_servers(&testbed, 80).expect("servers");
@@ -103,12 +85,7 @@ fn metrics_report_what_lb_stats_reports() {
         .unwrap();
     assert!(scrape.status.success(), "{}", String::from_utf8_lossy(&scrape.stderr));
     let metrics = String::from_utf8(scrape.stdout).unwrap();
-    // Prometheus's own parser and linter accept the exposition as it is;
-    // they do refuse a counter without _total, and a line that does not parse.
-    assert!(promtool_check_metrics("# TYPE lb_x counter\nlb_x 1\n").is_err());
-    assert!(promtool_check_metrics("lb_x{a=\"1\" 1\n").is_err());
-    let verdict = promtool_check_metrics(&metrics);
-    assert!(verdict.is_ok(), "promtool check metrics: {verdict:?}\n{metrics}");
+    assert!(metrics.ends_with("# EOF\n"), "not OpenMetrics:\n{metrics}");
     let stats = daemon.json(&["stats"]).unwrap();
     let sample = |line_start: &str| -> u64 {
         let line = metrics
@@ -118,7 +95,20 @@ fn metrics_report_what_lb_stats_reports() {
         line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64
     };
     let vip = stats["vips"][0]["vip"].as_str().unwrap();
-    assert!(metrics.contains("# TYPE lb_vip_packets_total counter"));
+    assert!(metrics.contains("# TYPE lb_vip_packets counter"));
+    for family in [
+        "lb_build_info{version=",
+        "lb_attach_mode{mode=\"native\"} 1",
+        "lb_flow_table_capacity ",
+        "lb_flow_table_entries ",
+        "lb_vips_capacity ",
+        "lb_backends_capacity ",
+        "lb_vip_dropped_packets_total{",
+        "lb_backend_health_check_duration_seconds{",
+        "lb_backend_last_change_timestamp_seconds{",
+    ] {
+        assert!(metrics.contains(family), "no {family} in:\n{metrics}");
+    }
     assert_eq!(
         sample(&format!("lb_vip_packets_total{{vip=\"{vip}\"}}")),
         stats["vips"][0]["packets"].as_u64().unwrap()
@@ -151,6 +141,64 @@ fn metrics_report_what_lb_stats_reports() {
         metrics.lines().count(),
         stats["vips"][0]["packets"]
     );
+    prometheus_scrapes_it_and_loads_the_rules_and_dashboard(&testbed, &metrics, &stats);
+}
+
+/// A real Prometheus scrapes the endpoint (health `up` means its parser
+/// took every line), stores what `lb stats` says, evaluates the shipped
+/// alert rules without error, and answers every query of the shipped
+/// Grafana dashboard; each metric those queries name is one lb exports.
+fn prometheus_scrapes_it_and_loads_the_rules_and_dashboard(
+    testbed: &Testbed,
+    metrics: &str,
+    stats: &serde_json::Value,
+) {
+    let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist");
+    let rules = dist.join("prometheus/lb-alerts.yml");
+    let server = Prometheus::start(&testbed.balancer(), "127.0.0.1:9464", &rules).unwrap();
+    let (health, error) = server.scraped().unwrap();
+    assert_eq!((health.as_str(), error.as_str()), ("up", ""), "the scrape failed");
+    let stored = server.query("lb_vip_packets_total").unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0]["value"][1], stats["vips"][0]["packets"].to_string().as_str());
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let rules = loop {
+        let groups = server.api("/api/v1/rules", &[]).unwrap();
+        let rules = groups["data"]["groups"][0]["rules"].as_array().cloned().unwrap_or_default();
+        if rules.iter().all(|rule| rule["health"] == "ok") && !rules.is_empty()
+            || std::time::Instant::now() > deadline
+        {
+            break rules;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(rules.len(), 6, "{rules:?}");
+    for rule in &rules {
+        assert_eq!(rule["health"], "ok", "{rule}");
+    }
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dist.join("grafana/lb-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let exported: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .collect();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expression = target["expr"].as_str().unwrap();
+            let query = expression.replace("$__rate_interval", "1m").replace("$instance", ".*");
+            server.query(&query).unwrap_or_else(|error| panic!("{}: {error}", panel["title"]));
+            for name in query.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if name.starts_with("lb_") {
+                    assert!(exported.contains(name), "{}: {name} is not exported", panel["title"]);
+                }
+            }
+        }
+    }
 }
 
 /// The daemon's flow table, through its pin.

@@ -128,32 +128,53 @@ fn bad_input_changes_nothing_and_state_survives_a_restart() {
         daemon.json(&["backend", "list"]).unwrap(),
     );
 
-    for (args, expected) in [
-        (vec!["vip", "add", "198.18.0.10"], "is not ADDRESS:PORT"),
-        (vec!["vip", "add", vip], "already exists"),
-        (vec!["vip", "add", "198.18.0.11:80", "--proto", "sctp"], "expected tcp or udp"),
-        (vec!["backend", "add", vip, "198.18.0.300"], "'198.18.0.300' is not an IP address"),
-        (vec!["backend", "add", vip, "198.18.0.101:80"], "without a port"),
-        (vec!["backend", "add", vip, &netns::backend4(1)], "already serves VIP"),
+    // Adding what exists identically is done, and says it changed nothing.
+    for args in [
+        vec!["vip", "add", vip],
+        vec!["vip", "add", "198.18.0.10:80/tcp"],
+        vec!["backend", "add", vip, &netns::backend4(1), "--weight", "2"],
+    ] {
+        let done = daemon.json(&args).unwrap();
+        assert_eq!(done["changed"], false, "lb {args:?}: {done}");
+    }
+
+    // Each refusal names what is wrong, and its exit status says what kind
+    // of failure it is: 1 refused, 2 usage, 3 not found.
+    for (args, expected, status) in [
+        (vec!["vip", "add", "198.18.0.10"], "is not ADDRESS:PORT", 2),
+        (
+            vec!["vip", "add", vip, "--scheduler", "least-connections"],
+            "already exists with other settings",
+            1,
+        ),
+        (vec!["vip", "add", "198.18.0.11:80", "--proto", "sctp"], "expected tcp or udp", 2),
+        (vec!["vip", "add", "198.18.0.11:80/udp", "--proto", "tcp"], "says udp but --proto", 2),
+        (vec!["backend", "add", vip, "198.18.0.300"], "'198.18.0.300' is not an IP address", 2),
+        (vec!["backend", "add", vip, "198.18.0.101:80"], "without a port", 2),
+        (vec!["backend", "add", vip, &netns::backend4(1)], "already serves VIP", 1),
         (
             vec!["backend", "add", "198.18.0.99:80", "198.18.0.105"],
             "VIP 198.18.0.99:80/tcp does not exist",
+            3,
         ),
         (
             vec!["backend", "add", vip, "198.18.0.105", "--weight", "0"],
             "weight 0 is out of range: expected 1 to 256",
+            1,
         ),
         (
             vec!["backend", "add", vip, "198.18.0.105", "--weight", "257"],
             "weight 257 is out of range",
+            1,
         ),
-        (vec!["backend", "add", vip, "fd00:198:18::105"], "needs the same family"),
-        (vec!["backend", "remove", vip, "198.18.0.105"], "does not serve VIP"),
-        (vec!["lookup", vip, "198.18.0.1"], "client: '198.18.0.1' is not ADDRESS:PORT"),
+        (vec!["backend", "add", vip, "fd00:198:18::105"], "needs the same family", 1),
+        (vec!["backend", "remove", vip, "198.18.0.105"], "does not serve VIP", 3),
+        (vec!["vip", "remove", "198.18.0.10:81"], "does not exist", 3),
+        (vec!["lookup", vip, "198.18.0.1"], "client: '198.18.0.1' is not ADDRESS:PORT", 2),
     ] {
         let output = daemon.command(&args);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "lb {args:?} succeeded");
+        assert_eq!(output.status.code(), Some(status), "lb {args:?}: {stderr}");
         assert!(stderr.contains(expected), "lb {args:?}: {stderr}");
     }
     let after = (

@@ -12,24 +12,64 @@ use crate::model::{Affinity, CheckOptions, DEFAULT_WEIGHT, Protocol, Scheduler, 
 
 /// A stateless L3/L4 load balancer on XDP: Maglev hashing, direct server return.
 #[derive(Parser)]
-#[command(name = "lb", version, propagate_version = true)]
+#[command(name = "lb", version, propagate_version = true, after_help = EXAMPLES)]
 pub struct Cli {
     /// The daemon's control socket.
     #[arg(long, global = true, default_value = api::DEFAULT_SOCKET, env = "LB_SOCKET")]
     pub socket: PathBuf,
+    /// Print the result as one JSON document on stdout, errors included
+    /// (`{"error": ..., "kind": ..., "exit_status": N}`).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log lines as text, or as one JSON object per line for log shippers.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  lb run --iface eth0 --config /etc/lb/lb.toml
+  lb vip add 198.18.0.10:80/tcp --check http --check-path /health
+  lb backend add 198.18.0.10:80/tcp 198.18.1.1 --weight 2
+  lb backend drain 198.18.0.10:80/tcp 198.18.1.1
+  lb config diff /etc/lb/lb.toml && lb config apply /etc/lb/lb.toml
+  lb top
+  lb stats --json | jq '.vips[].packets_per_second'
+
+A VIP is written ADDRESS:PORT/PROTO (IPv6 as [ADDRESS]:PORT/PROTO), as lb
+prints it; without /PROTO, --proto says (default tcp).
+
+Exit status:
+  0  done (adding what already exists identically is done, not an error)
+  1  refused or failed: the daemon or the file said no, and why
+  2  usage: a command, argument or value lb does not accept
+  3  not found: the VIP or backend does not exist
+  4  daemon not running: nothing answers on --socket";
+
+/// How `lb` writes its log lines (`lb run`'s above all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
 pub enum Command {
     /// Load and attach the datapath, apply the configuration, serve the control socket.
     ///
-    /// The configuration comes from --config when given (it replaces the saved
-    /// state), else from the state file, else starts empty. Every change is
-    /// saved to the state file. SIGINT or SIGTERM stops the daemon, while the
-    /// pinned datapath keeps forwarding with its last tables (a new lb run
-    /// adopts it); --detach-on-exit detaches it instead.
+    /// The configuration: with --config, the file, unless the state file
+    /// holds that same file as last applied plus changes made with `lb`
+    /// since (then the state, so those changes are kept); a file that
+    /// changed is applied, and the state it replaces is kept beside the
+    /// state file as STATE.replaced. Without --config, the state file, else
+    /// empty. Every change is saved to the state file. SIGHUP re-reads
+    /// --config and applies what differs (as `lb config apply`). SIGINT or
+    /// SIGTERM stops the daemon while the pinned datapath keeps forwarding
+    /// with its last tables (a new lb run adopts it); --detach-on-exit
+    /// detaches it instead.
+    /// Example: lb run --iface eth0 --config /etc/lb/lb.toml
     Run {
         /// Interface to attach to (the one that receives VIP traffic).
         #[arg(long)]
@@ -79,21 +119,48 @@ pub enum Command {
     #[command(subcommand)]
     Check(CheckCommand),
     /// Packets, bytes and rates per VIP and backend, and the datapath's reason counters.
-    Stats(Output),
-    /// Work with configuration files, without a daemon.
+    Stats,
+    /// A live view, refreshed every second: per VIP and backend, packets/s,
+    /// bytes/s, active flows, health and drops. q or Ctrl-C quits.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+    },
+    /// Established flows of a VIP and their backends, from the flow table
+    /// (at most --limit; the walk stops there).
+    /// Example: lb flows 198.18.0.10:80/tcp --limit 20
+    Flows {
+        /// The VIP, as ADDRESS:PORT/PROTO.
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        /// Most flows to list, 1 to 100000.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        limit: u32,
+    },
+    /// Check, show, compare and apply configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Which backend a client's flow goes to, computed with the kernel's hash and table.
+    /// Example: lb lookup 198.18.0.10:80/tcp 198.18.0.1:40000
     Lookup {
-        /// VIP as ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
+        /// The VIP, as ADDRESS:PORT/PROTO.
         vip: String,
         /// Client as ADDRESS:PORT.
         client: String,
         #[command(flatten)]
         protocol: ProtocolArg,
-        #[command(flatten)]
-        output: Output,
     },
+    /// Print a shell completion script. Example: lb completions bash > /etc/bash_completion.d/lb
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), as `cargo xtask dist` installs it.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -105,17 +172,39 @@ pub enum ConfigCommand {
     Check {
         /// The TOML configuration to check.
         file: PathBuf,
-        #[command(flatten)]
-        output: Output,
+    },
+    /// Print the running configuration as TOML, ready to be saved and
+    /// given back to `lb config apply` or `lb run --config`.
+    /// Example: lb config show > /etc/lb/lb.toml
+    Show,
+    /// What `lb config apply FILE` would change in the running
+    /// configuration, one line per VIP or backend (+ added, - removed,
+    /// ~ changed). Exit status 0 either way.
+    /// Example: lb config diff /etc/lb/lb.toml
+    Diff {
+        /// The TOML configuration to compare with the running one.
+        file: PathBuf,
+    },
+    /// Make the running configuration FILE's, in one step: only what
+    /// differs changes, established flows of kept backends are untouched,
+    /// and a file with any mistake changes nothing. Settings fixed at load
+    /// (sizes, seed, timeouts, sync, announce table) must match the
+    /// running ones. SIGHUP to lb run does the same with its --config.
+    /// Example: lb config apply /etc/lb/lb.toml
+    Apply {
+        /// The TOML configuration to apply.
+        file: PathBuf,
     },
 }
 
 #[derive(Subcommand)]
 pub enum VipCommand {
     /// Declare a VIP (it drops traffic until it has a backend). Its backends
-    /// are checked with a TCP connect to the VIP port unless --check says otherwise.
+    /// are checked with a TCP connect to the VIP port unless --check says
+    /// otherwise. Adding a VIP that exists with the same settings is done.
+    /// Example: lb vip add 198.18.0.10:80/tcp --scheduler least-connections
     Add {
-        /// ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
+        /// ADDRESS:PORT/PROTO ([ADDRESS]:PORT/PROTO for IPv6).
         vip: String,
         #[command(flatten)]
         protocol: ProtocolArg,
@@ -135,7 +224,7 @@ pub enum VipCommand {
     /// where they are. Example: lb vip set 198.18.0.10:80 --scheduler least-connections
     #[command(group = clap::ArgGroup::new("setting").required(true).multiple(true))]
     Set {
-        /// ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
+        /// The VIP, as ADDRESS:PORT/PROTO.
         vip: String,
         #[command(flatten)]
         protocol: ProtocolArg,
@@ -148,20 +237,23 @@ pub enum VipCommand {
     },
     /// Remove a VIP and its backends.
     Remove {
+        /// The VIP, as ADDRESS:PORT/PROTO.
         vip: String,
         #[command(flatten)]
         protocol: ProtocolArg,
     },
     /// List VIPs.
-    List(Output),
+    List,
 }
 
 #[derive(Subcommand)]
 pub enum BackendCommand {
     /// Add a backend to a VIP. Its MAC is resolved automatically; it takes new
-    /// flows once resolved and past `rise` passing health checks.
+    /// flows once resolved and past `rise` passing health checks. Adding a
+    /// backend that serves the VIP with the same weight is done.
+    /// Example: lb backend add 198.18.0.10:80/tcp 198.18.1.1 --weight 2
     Add {
-        /// The VIP as ADDRESS:PORT.
+        /// The VIP, as ADDRESS:PORT/PROTO.
         vip: String,
         /// The backend's address (no port: backends serve the VIP's port).
         backend: String,
@@ -174,21 +266,27 @@ pub enum BackendCommand {
     /// Stop new flows to a backend; its established flows continue. Remove it
     /// once `lb backend list` shows 0 active flows.
     Drain {
+        /// The VIP, as ADDRESS:PORT/PROTO.
         vip: String,
+        /// The backend's address.
         backend: String,
         #[command(flatten)]
         protocol: ProtocolArg,
     },
     /// Let a drained backend take new flows again.
     Undrain {
+        /// The VIP, as ADDRESS:PORT/PROTO.
         vip: String,
+        /// The backend's address.
         backend: String,
         #[command(flatten)]
         protocol: ProtocolArg,
     },
     /// Change a backend's weight; established flows stay where they are.
     Set {
+        /// The VIP, as ADDRESS:PORT/PROTO.
         vip: String,
+        /// The backend's address.
         backend: String,
         /// Relative share of new flows, 1 to 256.
         #[arg(long)]
@@ -198,18 +296,19 @@ pub enum BackendCommand {
     },
     /// Remove a backend from a VIP.
     Remove {
+        /// The VIP, as ADDRESS:PORT/PROTO.
         vip: String,
+        /// The backend's address.
         backend: String,
         #[command(flatten)]
         protocol: ProtocolArg,
     },
     /// List backends, of one VIP or of all.
     List {
+        /// Only this VIP's backends, as ADDRESS:PORT/PROTO.
         vip: Option<String>,
         #[command(flatten)]
         protocol: ProtocolArg,
-        #[command(flatten)]
-        output: Output,
     },
 }
 
@@ -218,6 +317,7 @@ pub enum CheckCommand {
     /// Change a VIP's check; options not given keep their current value.
     /// Example: lb check set 198.18.0.10:80 --check ws --check-path /socket --fall 2
     Set {
+        /// The VIP, as ADDRESS:PORT/PROTO.
         vip: String,
         #[command(flatten)]
         protocol: ProtocolArg,
@@ -228,9 +328,10 @@ pub enum CheckCommand {
 
 #[derive(Args)]
 pub struct ProtocolArg {
-    /// The VIP's protocol.
-    #[arg(long = "proto", default_value = "tcp", value_parser = parse_protocol)]
-    pub protocol: Protocol,
+    /// The VIP's protocol, tcp or udp, when the VIP is not written with
+    /// /PROTO (default tcp).
+    #[arg(long = "proto", value_parser = parse_protocol)]
+    pub protocol: Option<Protocol>,
 }
 
 fn parse_protocol(text: &str) -> Result<Protocol, String> {
@@ -278,9 +379,9 @@ fn parse_metrics(text: &str) -> Result<MetricsAddress, String> {
     parse_endpoint(text).map(|address| MetricsAddress(Some(address)))
 }
 
-#[derive(Args)]
-pub struct Output {
-    /// Print JSON (schema in the README) instead of a table.
-    #[arg(long)]
-    pub json: bool,
+fn parse_interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.1..=60.0).contains(&seconds) => Ok(seconds),
+        _ => Err(format!("'{text}' is not a number of seconds from 0.1 to 60")),
+    }
 }

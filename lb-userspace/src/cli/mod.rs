@@ -5,38 +5,40 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
-use crate::api::{self, Reply, Request};
+use crate::api::{self, Body, Reply, Request};
 use crate::daemon::{self, RunOptions};
-use crate::model::{Vip, parse_address, parse_endpoint};
+use crate::model::{Vip, parse_address, parse_endpoint, parse_vip};
 
 pub mod args;
+mod failure;
 mod output;
+mod top;
 
 use args::{BackendCommand, CheckCommand, Cli, Command, ConfigCommand, ProtocolArg, VipCommand};
+pub use failure::Failure;
 
-fn vip_arg(text: &str, protocol: &ProtocolArg) -> anyhow::Result<Vip> {
-    let endpoint = parse_endpoint(text).map_err(|message| anyhow::anyhow!("VIP: {message}"))?;
-    Ok(Vip::new(endpoint, protocol.protocol))
+fn vip_arg(text: &str, protocol: &ProtocolArg) -> Result<Vip, Failure> {
+    parse_vip(text, protocol.protocol).map_err(|message| Failure::Usage(format!("VIP: {message}")))
 }
 
-fn backend_arg(text: &str) -> anyhow::Result<IpAddr> {
-    parse_address(text).map_err(|message| anyhow::anyhow!("backend: {message}"))
+fn backend_arg(text: &str) -> Result<IpAddr, Failure> {
+    parse_address(text).map_err(|message| Failure::Usage(format!("backend: {message}")))
+}
+
+/// Sends one request; a refusal or an unknown name becomes the matching
+/// [`Failure`].
+pub fn ask(socket: &Path, request: &Request) -> Result<Body, Failure> {
+    match api::call(socket, request)? {
+        Reply::Ok(body) => Ok(body),
+        Reply::Error(message) => Err(Failure::Refused(message)),
+        Reply::NotFound(message) => Err(Failure::NotFound(message)),
+    }
 }
 
 /// `lb config check`: reads the file as `lb run --config` would and says
-/// whether it would be accepted (an error, so exit status 1, if not).
-fn check_config(file: &Path, json: bool) -> anyhow::Result<()> {
-    let config = match crate::config::load(file) {
-        Ok(config) => config,
-        Err(error) => {
-            if json {
-                let report =
-                    serde_json::json!({ "file": file, "valid": false, "error": error.to_string() });
-                println!("{report}");
-            }
-            return Err(error.into());
-        }
-    };
+/// whether it would be accepted (a refusal, so exit status 1, if not).
+fn check_config(file: &Path, json: bool) -> Result<(), Failure> {
+    let config = crate::config::load(file)?;
     let vips = &config.desired.vips;
     let backends: usize = vips.values().map(|vip| vip.backends.len()).sum();
     if json {
@@ -48,9 +50,20 @@ fn check_config(file: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A configuration file's text for `lb config diff/apply`, checked here
+/// first so that a mistake is named without a daemon; the daemon reads the
+/// same text (never the path, which it may see differently).
+fn config_file(file: &Path) -> Result<(std::path::PathBuf, String), Failure> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|error| Failure::Refused(format!("{}: {error}", file.display())))?;
+    crate::config::parse(&text, file)?;
+    Ok((std::path::absolute(file).unwrap_or_else(|_| file.to_owned()), text))
+}
+
 /// Runs one `lb` command to completion.
-pub fn execute(cli: Cli) -> anyhow::Result<()> {
-    let (request, json) = match cli.command {
+pub fn execute(cli: Cli) -> Result<(), Failure> {
+    let json = cli.json;
+    let request = match cli.command {
         Command::Run {
             iface,
             config,
@@ -78,107 +91,126 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 announce_table: fleet.announce_table,
                 hash_seed: fleet.hash_seed,
             };
-            let runtime = tokio::runtime::Runtime::new()?;
-            return runtime.block_on(daemon::run(options));
+            let runtime = tokio::runtime::Runtime::new().map_err(anyhow::Error::from)?;
+            return Ok(runtime.block_on(daemon::run(options))?);
         }
-        Command::Unload { iface, pin_dir } => {
-            let dir = crate::datapath::pin_dir_for(&pin_dir, &iface);
-            if !dir.exists() {
-                anyhow::bail!("nothing is pinned in {} (see --pin-dir)", dir.display());
-            }
-            let _lock = crate::datapath::lock_interface(&dir).map_err(|error| match error {
-                crate::datapath::DatapathError::Locked { .. } => anyhow::anyhow!(
-                    "lb run is serving {iface} (it holds {}): stop it first (with --detach-on-exit to detach at once)",
-                    dir.display()
-                ),
-                other => other.into(),
-            })?;
-            crate::datapath::remove_pins(&dir)?;
-            let ifindex = crate::neighbour::interface_index(&iface).ok();
-            if let Some(ifindex) = ifindex {
-                let runtime = tokio::runtime::Runtime::new()?;
-                let withdrawn = runtime.block_on(crate::announce::withdraw_all(ifindex))?;
-                if withdrawn > 0 {
-                    println!("withdrew {withdrawn} VIP route(s) published for {iface}");
-                }
-            }
-            println!(
-                "removed the pins in {}: the program detaches from {iface} as nothing holds it now",
-                dir.display()
-            );
+        Command::Unload { iface, pin_dir } => return unload(&iface, &pin_dir, json),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "lb", &mut std::io::stdout());
             return Ok(());
         }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command)
+                .render(&mut std::io::stdout())
+                .map_err(anyhow::Error::from)?;
+            return Ok(());
+        }
+        Command::Top { interval } => return top::run(&cli.socket, interval),
         Command::Vip(VipCommand::Add { vip, protocol, affinity, scheduler, check }) => {
-            (Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check, affinity, scheduler }, false)
+            Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check, affinity, scheduler }
         }
         Command::Vip(VipCommand::Set { vip, protocol, affinity, scheduler }) => {
-            (Request::VipSet { vip: vip_arg(&vip, &protocol)?, affinity, scheduler }, false)
+            Request::VipSet { vip: vip_arg(&vip, &protocol)?, affinity, scheduler }
         }
-        Command::Backend(BackendCommand::Drain { vip, backend, protocol }) => (
+        Command::Backend(BackendCommand::Drain { vip, backend, protocol }) => {
             Request::BackendDrain {
                 vip: vip_arg(&vip, &protocol)?,
                 address: backend_arg(&backend)?,
                 draining: true,
-            },
-            false,
-        ),
-        Command::Backend(BackendCommand::Undrain { vip, backend, protocol }) => (
+            }
+        }
+        Command::Backend(BackendCommand::Undrain { vip, backend, protocol }) => {
             Request::BackendDrain {
                 vip: vip_arg(&vip, &protocol)?,
                 address: backend_arg(&backend)?,
                 draining: false,
-            },
-            false,
-        ),
-        Command::Backend(BackendCommand::Set { vip, backend, weight, protocol }) => (
+            }
+        }
+        Command::Backend(BackendCommand::Set { vip, backend, weight, protocol }) => {
             Request::BackendSet {
                 vip: vip_arg(&vip, &protocol)?,
                 address: backend_arg(&backend)?,
                 weight,
-            },
-            false,
-        ),
+            }
+        }
         Command::Check(CheckCommand::Set { vip, protocol, check }) => {
-            (Request::CheckSet { vip: vip_arg(&vip, &protocol)?, check }, false)
+            Request::CheckSet { vip: vip_arg(&vip, &protocol)?, check }
         }
         Command::Vip(VipCommand::Remove { vip, protocol }) => {
-            (Request::VipRemove { vip: vip_arg(&vip, &protocol)? }, false)
+            Request::VipRemove { vip: vip_arg(&vip, &protocol)? }
         }
-        Command::Vip(VipCommand::List(output)) => (Request::VipList, output.json),
-        Command::Backend(BackendCommand::Add { vip, backend, weight, protocol }) => (
+        Command::Vip(VipCommand::List) => Request::VipList,
+        Command::Backend(BackendCommand::Add { vip, backend, weight, protocol }) => {
             Request::BackendAdd {
                 vip: vip_arg(&vip, &protocol)?,
                 address: backend_arg(&backend)?,
                 weight,
-            },
-            false,
-        ),
-        Command::Backend(BackendCommand::Remove { vip, backend, protocol }) => (
+            }
+        }
+        Command::Backend(BackendCommand::Remove { vip, backend, protocol }) => {
             Request::BackendRemove {
                 vip: vip_arg(&vip, &protocol)?,
                 address: backend_arg(&backend)?,
-            },
-            false,
-        ),
-        Command::Backend(BackendCommand::List { vip, protocol, output }) => {
+            }
+        }
+        Command::Backend(BackendCommand::List { vip, protocol }) => {
             let vip = vip.map(|vip| vip_arg(&vip, &protocol)).transpose()?;
-            (Request::BackendList { vip }, output.json)
+            Request::BackendList { vip }
         }
-        Command::Stats(output) => (Request::Stats, output.json),
-        Command::Config(ConfigCommand::Check { file, output }) => {
-            return check_config(&file, output.json);
+        Command::Stats => Request::Stats,
+        Command::Flows { vip, protocol, limit } => {
+            Request::Flows { vip: vip_arg(&vip, &protocol)?, limit }
         }
-        Command::Lookup { vip, client, protocol, output } => {
-            let client: SocketAddr =
-                parse_endpoint(&client).map_err(|message| anyhow::anyhow!("client: {message}"))?;
-            (Request::Lookup { vip: vip_arg(&vip, &protocol)?, client }, output.json)
+        Command::Config(ConfigCommand::Check { file }) => return check_config(&file, json),
+        Command::Config(ConfigCommand::Show) => Request::ConfigShow,
+        Command::Config(ConfigCommand::Diff { file }) => {
+            let (file, text) = config_file(&file)?;
+            Request::ConfigDiff { file, text }
+        }
+        Command::Config(ConfigCommand::Apply { file }) => {
+            let (file, text) = config_file(&file)?;
+            Request::ConfigApply { file, text }
+        }
+        Command::Lookup { vip, client, protocol } => {
+            let client: SocketAddr = parse_endpoint(&client)
+                .map_err(|message| Failure::Usage(format!("client: {message}")))?;
+            Request::Lookup { vip: vip_arg(&vip, &protocol)?, client }
         }
     };
-    match api::call(&cli.socket, &request)? {
-        Reply::Error(message) => anyhow::bail!("{message}"),
-        Reply::Ok(body) => {
-            output::print_body(&body, json)?;
-            Ok(())
-        }
+    let body = ask(&cli.socket, &request)?;
+    output::print_body(&body, json)?;
+    Ok(())
+}
+
+/// `lb unload`: removes the pins of a datapath no daemon serves.
+fn unload(iface: &str, pin_dir: &Path, json: bool) -> Result<(), Failure> {
+    let dir = crate::datapath::pin_dir_for(pin_dir, iface);
+    if !dir.exists() {
+        return Err(Failure::NotFound(format!(
+            "nothing is pinned in {} (see --pin-dir)",
+            dir.display()
+        )));
     }
+    let _lock = crate::datapath::lock_interface(&dir).map_err(|error| match error {
+        crate::datapath::DatapathError::Locked { .. } => Failure::Refused(format!(
+            "lb run is serving {iface} (it holds {}): stop it first (with --detach-on-exit to detach at once)",
+            dir.display()
+        )),
+        other => Failure::Other(other.into()),
+    })?;
+    crate::datapath::remove_pins(&dir).map_err(anyhow::Error::from)?;
+    let mut withdrawn = 0;
+    if let Ok(ifindex) = crate::neighbour::interface_index(iface) {
+        let runtime = tokio::runtime::Runtime::new().map_err(anyhow::Error::from)?;
+        withdrawn = runtime.block_on(crate::announce::withdraw_all(ifindex))?;
+    }
+    let message = format!(
+        "removed the pins in {}: the program detaches from {iface} as nothing holds it now{}",
+        dir.display(),
+        if withdrawn > 0 { format!("; withdrew {withdrawn} VIP route(s)") } else { String::new() }
+    );
+    output::print_body(&Body::Done { message, changed: true }, json)?;
+    Ok(())
 }

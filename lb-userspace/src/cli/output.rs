@@ -5,17 +5,40 @@ use crate::api::{self, Body};
 pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
     if json {
         let value = match body {
-            Body::Done { message } => serde_json::json!({ "message": message }),
+            Body::Done { message, changed } => {
+                serde_json::json!({ "message": message, "changed": changed })
+            }
             Body::Vips { vips } => serde_json::to_value(vips)?,
             Body::Backends { backends } => serde_json::to_value(backends)?,
             Body::Stats(stats) => serde_json::to_value(stats)?,
             Body::Lookup(lookup) => serde_json::to_value(lookup)?,
+            Body::Flows(flows) => serde_json::to_value(flows)?,
+            Body::Config { toml } => serde_json::json!({ "toml": toml }),
+            Body::ConfigChanges { file, changes, applied } => {
+                serde_json::json!({ "file": file, "changes": changes, "applied": applied })
+            }
         };
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     match body {
-        Body::Done { message } => println!("{message}"),
+        Body::Done { message, .. } => println!("{message}"),
+        Body::Flows(flows) => print_flows(flows),
+        Body::Config { toml } => print!("{toml}"),
+        Body::ConfigChanges { file, changes, applied } => {
+            for change in changes {
+                println!("{change}");
+            }
+            let file = file.display();
+            match (changes.len(), applied) {
+                (0, false) => println!("{file}: no differences from the running configuration"),
+                (0, true) => println!("{file}: applied; nothing differed"),
+                (count, false) => println!(
+                    "{file}: {count} difference(s) from the running configuration (`lb config apply` applies them)"
+                ),
+                (count, true) => println!("{file}: applied {count} change(s)"),
+            }
+        }
         Body::Vips { vips } => {
             println!(
                 "{:<32} {:>8} {:>7} {:>8} {:<6} {:<17} {:>12} {:>14} {:>10}",
@@ -104,6 +127,23 @@ pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_flows(flows: &api::FlowsView) {
+    println!("{:<48} {:<40} {:<8} {:>8}", "CLIENT", "BACKEND", "STATE", "IDLE");
+    for flow in &flows.flows {
+        let backend = flow.backend.map_or("(removed)".to_owned(), |backend| backend.to_string());
+        println!(
+            "{:<48} {:<40} {:<8} {:>7.0}s",
+            flow.client.to_string(),
+            backend,
+            flow.state,
+            flow.idle_seconds
+        );
+    }
+    let more =
+        if flows.truncated { " (limit reached: there may be more; see --limit)" } else { "" };
+    println!("{} flow(s) of {}{more}", flows.flows.len(), flows.vip);
 }
 
 fn print_backends(backends: &[api::BackendView]) {

@@ -146,7 +146,7 @@ mod tests {
         tokio::spawn(serve(listener, calls_tx));
         tokio::spawn(async move {
             while let Some((_, reply)) = calls_rx.recv().await {
-                let _ = reply.send(Reply::Ok(Body::Done { message: "done".into() }));
+                let _ = reply.send(Reply::Ok(Body::Done { message: "done".into(), changed: true }));
             }
         });
         (dir, path)

@@ -6,20 +6,36 @@ use crate::api::{Body, LookupView, Reply, Request};
 use crate::model::{BackendSpec, ChangeError, CheckSpec};
 
 impl Daemon {
-    /// The reply to one request; errors become `Reply::Error` with their chain.
+    /// The reply to one request; errors become `Reply::Error` with their
+    /// chain, or `Reply::NotFound` when they name what does not exist.
     pub(super) fn handle(&mut self, request: Request) -> Reply {
         match self.answer(request) {
             Ok(body) => Reply::Ok(body),
-            Err(error) => Reply::Error(format!("{error:#}")),
+            Err(error) => match error.downcast_ref::<ChangeError>() {
+                Some(ChangeError::UnknownVip(_) | ChangeError::UnknownBackend { .. }) => {
+                    Reply::NotFound(format!("{error:#}"))
+                }
+                _ => Reply::Error(format!("{error:#}")),
+            },
         }
     }
 
     fn answer(&mut self, request: Request) -> anyhow::Result<Body> {
         let limits = self.config.limits();
-        let done = |message: String| Ok(Body::Done { message });
+        let done = |message: String| Ok(Body::Done { message, changed: true });
+        let unchanged = |message: String| Ok(Body::Done { message, changed: false });
         match request {
             Request::VipAdd { vip, check, affinity, scheduler } => {
                 let check = check.applied_to(&CheckSpec::default());
+                if let Some(spec) = self.config.desired.vips.get(&vip) {
+                    if (&spec.check, spec.affinity, spec.scheduler) == (&check, affinity, scheduler)
+                    {
+                        return unchanged(format!("VIP {vip} already exists with these settings"));
+                    }
+                    anyhow::bail!(
+                        "VIP {vip} already exists with other settings: change them with `lb vip set` or `lb check set`"
+                    );
+                }
                 self.change(|state| {
                     state.add_vip(vip, check, affinity, limits)?;
                     state.set_scheduling(&vip, None, Some(scheduler))
@@ -47,6 +63,19 @@ impl Daemon {
                 done(format!("VIP {vip} removed"))
             }
             Request::BackendAdd { vip, address, weight } => {
+                let existing =
+                    self.config.desired.vips.get(&vip).and_then(|spec| spec.backends.get(&address));
+                if let Some(backend) = existing {
+                    if backend.weight == weight {
+                        return unchanged(format!(
+                            "backend {address} already serves VIP {vip} with weight {weight}"
+                        ));
+                    }
+                    anyhow::bail!(
+                        "backend {address} already serves VIP {vip} with weight {}: change it with `lb backend set`",
+                        backend.weight
+                    );
+                }
                 self.change(|state| {
                     state.add_backend(&vip, BackendSpec::new(address, weight), limits)
                 })?;
@@ -82,6 +111,22 @@ impl Daemon {
                 Ok(Body::Backends { backends: self.backend_views(vip.as_ref())? })
             }
             Request::Stats => Ok(Body::Stats(self.stats_view()?)),
+            Request::ConfigShow => {
+                let shown = crate::config::Config { source: None, ..self.config.clone() };
+                Ok(Body::Config { toml: crate::config::render(&shown) })
+            }
+            Request::ConfigDiff { file, text } => {
+                let next = self.file_to_apply(&file, &text)?;
+                let changes = crate::model::diff::diff(&self.config.desired, &next.desired);
+                Ok(Body::ConfigChanges { file, changes, applied: false })
+            }
+            Request::ConfigApply { file, text } => {
+                let changes = self.apply_file(&file, &text)?;
+                Ok(Body::ConfigChanges { file, changes, applied: true })
+            }
+            Request::Flows { .. } => {
+                anyhow::bail!("flows are listed off the daemon's loop (see daemon::flows)")
+            }
             Request::Lookup { vip, client } => {
                 let result =
                     self.reconciler.lookup(&vip, client).ok_or(ChangeError::UnknownVip(vip))?;

@@ -25,6 +25,7 @@ use crate::sync::{self, SyncOptions, SyncStatus};
 mod active_flows;
 mod control;
 mod dispatch;
+mod flows;
 mod rates;
 mod supervise;
 mod views;
@@ -82,14 +83,12 @@ fn sync_config(options: &RunOptions, config: &Config) -> anyhow::Result<Option<S
     }
 }
 
-/// Where the configuration comes from: `--config` when given (it replaces the
-/// persisted state), else the state file when it exists, else empty defaults;
+/// Where the configuration comes from: `--config` when given (see
+/// [`from_file`]), else the state file when it exists, else empty defaults;
 /// then the hash seed (see [`hash_seed`]).
 fn initial_config(options: &RunOptions) -> anyhow::Result<Config> {
     let mut config = if let Some(path) = &options.config {
-        let config = config::load(path)?;
-        tracing::info!(config = %path.display(), vips = config.desired.vips.len(), "configuration loaded");
-        config
+        from_file(path, &options.state)?
     } else if options.state.exists() {
         let config = config::load(&options.state)?;
         tracing::info!(state = %options.state.display(), vips = config.desired.vips.len(), "state restored");
@@ -100,6 +99,43 @@ fn initial_config(options: &RunOptions) -> anyhow::Result<Config> {
     };
     config.datapath.hash_seed = hash_seed(options, &config)?;
     Ok(config)
+}
+
+/// `--config FILE` at start. The state wins while it holds FILE as last
+/// applied (same digest): it is FILE plus the changes made with `lb` since,
+/// which a restart must not undo. A FILE that changed since is applied, and
+/// the state it replaces is copied to `STATE.replaced` first, so that
+/// nothing made with `lb` is lost without a trace.
+fn from_file(path: &std::path::Path, state_path: &std::path::Path) -> anyhow::Result<Config> {
+    let file = config::load_source(path)?;
+    let digest = file.source.as_ref().map(|source| source.digest.clone());
+    if state_path.exists() {
+        let state = config::load(state_path)?;
+        if state.source.as_ref().map(|source| &source.digest) == digest.as_ref() {
+            let changes = crate::model::diff::diff(&file.desired, &state.desired);
+            tracing::info!(
+                config = %path.display(), state = %state_path.display(), changes_since = changes.len(),
+                "the configuration file is unchanged since it was applied: restoring the state, with the changes made with lb since"
+            );
+            return Ok(state);
+        }
+        let changes = crate::model::diff::diff(&state.desired, &file.desired);
+        if !changes.is_empty() {
+            let mut kept = state_path.as_os_str().to_owned();
+            kept.push(".replaced");
+            std::fs::copy(state_path, &kept)
+                .with_context(|| format!("keeping the state as {}", kept.display()))?;
+            tracing::warn!(
+                config = %path.display(), replaced_state = %std::path::Path::new(&kept).display(), changes = changes.len(),
+                "the configuration file changed since it was last applied: applying it; the state it replaces is kept"
+            );
+            for change in &changes {
+                tracing::info!(%change, "configuration file applied at start");
+            }
+        }
+    }
+    tracing::info!(config = %path.display(), vips = file.desired.vips.len(), "configuration loaded");
+    Ok(file)
 }
 
 /// The flow-hash seed: `--hash-seed`, else the configuration's, else the
@@ -186,6 +222,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             neighbour::run(ifindex, wanted_rx.clone(), neighbours_tx.clone())
         });
     let flow_counter = Arc::new(datapath.flow_counter()?);
+    let flow_walker = Arc::clone(&flow_counter);
     let (active_flows_tx, active_flows) = watch::channel(Arc::clone(&first_count));
     let mut counted = active_flows.clone();
     let mut counting_task =
@@ -222,6 +259,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         announce_table,
         active_flows,
         last_confirmed: None,
+        flow_walker,
+        attach_mode: mode,
     };
     daemon.checks.sync(&daemon.config.desired, if adopted { Start::Adopted } else { Start::Fresh });
     daemon.reconciler.apply(&daemon.config.desired, &daemon.checks.health_map())?;
@@ -254,18 +293,30 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         })
     });
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tracing::info!(socket = %options.socket.display(), "serving the control socket");
     loop {
         tokio::select! {
             Some((request, reply)) = calls_rx.recv() => {
+                if let crate::api::Request::Flows { vip, limit } = request {
+                    daemon.list_flows(vip, limit, reply);
+                    continue;
+                }
                 let answer = daemon.handle(request);
-                // Only a request can add or remove backends, and so change
-                // which MACs are wanted and which slots stand for which backend.
+                // Only a request or a reload can add or remove backends, and
+                // so change which MACs are wanted and which slots stand for
+                // which backend.
                 publish::if_changed(&wanted_tx, &daemon.reconciler.wanted_neighbours());
                 publish::if_changed(&directory_tx, &Arc::new(daemon.reconciler.directory()));
                 let _ = reply.send(answer);
+            }
+            _ = hangup.recv() => {
+                daemon.reload(options.config.as_deref());
+                publish::if_changed(&wanted_tx, &daemon.reconciler.wanted_neighbours());
+                publish::if_changed(&directory_tx, &Arc::new(daemon.reconciler.directory()));
             }
             Some(found) = neighbours_rx.recv() => daemon.neighbours_changed(found),
             Some(report) = reports_rx.recv() => daemon.health_report(report),
@@ -331,6 +382,11 @@ struct Daemon {
     active_flows: watch::Receiver<active_flows::ActiveFlows>,
     /// The datapath's `confirmed` flow count at the last count of active flows.
     last_confirmed: Option<u64>,
+    /// The active-flow counter's handles on the flow table, for `lb flows`
+    /// and the occupancy it last counted.
+    flow_walker: Arc<datapath::FlowCounter>,
+    /// How the program is attached: `native` or `skb` (generic).
+    attach_mode: &'static str,
 }
 
 impl Daemon {
@@ -344,14 +400,22 @@ impl Daemon {
         self.reconciler.serving_addresses()
     }
 
-    /// Applies one change: validated on a copy, persisted, then installed. A
-    /// refused or failed change leaves the running and saved state as before.
+    /// Applies one change of the desired state; see [`Self::change_config`].
     fn change(
         &mut self,
         edit: impl FnOnce(&mut DesiredState) -> Result<(), ChangeError>,
     ) -> anyhow::Result<()> {
+        self.change_config(|config| edit(&mut config.desired))
+    }
+
+    /// Applies one change: validated on a copy, persisted, then installed. A
+    /// refused or failed change leaves the running and saved state as before.
+    fn change_config(
+        &mut self,
+        edit: impl FnOnce(&mut Config) -> Result<(), ChangeError>,
+    ) -> anyhow::Result<()> {
         let mut next = self.config.clone();
-        edit(&mut next.desired)?;
+        edit(&mut next)?;
         config::save(&next, &self.state_path)?;
         let previous = std::mem::replace(&mut self.config, next);
         self.checks.sync(&self.config.desired, Start::Running);
@@ -365,6 +429,80 @@ impl Daemon {
         }
         tracing::info!(state = %self.state_path.display(), "configuration changed and saved");
         Ok(())
+    }
+
+    /// A configuration file's text, read as `lb run --config` reads it, that
+    /// can replace the running configuration: refused when it changes a
+    /// setting fixed at load.
+    fn file_to_apply(&self, file: &std::path::Path, text: &str) -> anyhow::Result<Config> {
+        let next = config::parse_source(text, file)?;
+        let differ = config::restart_settings(&self.config, &next);
+        if !differ.is_empty() {
+            anyhow::bail!(
+                "{} changes settings fixed when lb run started ({}): nothing applied; restart lb run to change them (sizes and timeouts also need `lb unload` first)",
+                file.display(),
+                differ.join(", ")
+            );
+        }
+        Ok(next)
+    }
+
+    /// Makes a configuration file's VIPs and backends the running ones, in
+    /// one change: the reconcile step touches only what differs, so flows
+    /// to the backends kept stay where they are.
+    fn apply_file(
+        &mut self,
+        file: &std::path::Path,
+        text: &str,
+    ) -> anyhow::Result<Vec<crate::model::diff::Change>> {
+        let next = self.file_to_apply(file, text)?;
+        let changes = crate::model::diff::diff(&self.config.desired, &next.desired);
+        self.change_config(|config| {
+            config.desired = next.desired;
+            config.source = next.source;
+            Ok(())
+        })?;
+        for change in &changes {
+            tracing::info!(config = %file.display(), %change, "configuration applied");
+        }
+        Ok(changes)
+    }
+
+    /// SIGHUP: re-reads `--config` and applies it; a file with a mistake
+    /// changes nothing and says why.
+    fn reload(&mut self, path: Option<&std::path::Path>) {
+        let Some(path) = path else {
+            tracing::warn!("SIGHUP: lb run has no --config to re-read; nothing changed");
+            return;
+        };
+        let applied = std::fs::read_to_string(path)
+            .map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))
+            .and_then(|text| self.apply_file(path, &text));
+        match applied {
+            Ok(changes) => tracing::info!(
+                config = %path.display(), changes = changes.len(),
+                "SIGHUP: configuration re-read and applied"
+            ),
+            Err(error) => tracing::error!(
+                config = %path.display(), error = format!("{error:#}"),
+                "SIGHUP: configuration not applied; the running one is unchanged"
+            ),
+        }
+    }
+
+    /// `lb flows`: answered on `reply` by a walk off the loop.
+    fn list_flows(
+        &self,
+        vip: crate::model::Vip,
+        limit: u32,
+        reply: tokio::sync::oneshot::Sender<crate::api::Reply>,
+    ) {
+        let Some(owners) = self.reconciler.flow_owners(&vip) else {
+            let _ =
+                reply.send(crate::api::Reply::NotFound(ChangeError::UnknownVip(vip).to_string()));
+            return;
+        };
+        flows::list(Arc::clone(&self.flow_walker), vip, owners, limit, reply);
     }
 
     fn health_report(&mut self, report: HealthReport) {

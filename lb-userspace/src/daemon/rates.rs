@@ -13,11 +13,12 @@ pub enum Counted {
     Backend(u32),
 }
 
-/// Packets and bytes per second.
+/// Packets, bytes and drops per second.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Rate {
     pub packets: f64,
     pub bytes: f64,
+    pub dropped: f64,
 }
 
 #[derive(Default)]
@@ -38,6 +39,7 @@ impl Rates {
             let rate = Rate {
                 packets: counters.packets.saturating_sub(before.packets) as f64 / seconds,
                 bytes: counters.bytes.saturating_sub(before.bytes) as f64 / seconds,
+                dropped: counters.dropped.saturating_sub(before.dropped) as f64 / seconds,
             };
             self.current.insert(what, rate);
         }
@@ -60,14 +62,17 @@ mod tests {
     fn rates_are_per_second_and_kept_apart_for_vips_and_backends() {
         let mut rates = Rates::default();
         let start = Instant::now();
-        let counters = |packets, bytes| TrafficCounters { packets, bytes, icmp_errors: 0 };
+        let counters = |packets, bytes| TrafficCounters { packets, bytes, ..Default::default() };
         rates.sample_at(Counted::Vip(0), counters(100, 1000), start);
         rates.sample_at(Counted::Backend(0), counters(5, 50), start);
         assert_eq!(rates.get(Counted::Vip(0)), Rate::default(), "one sample is no rate");
         let later = start + Duration::from_millis(500);
         rates.sample_at(Counted::Vip(0), counters(150, 1600), later);
         rates.sample_at(Counted::Backend(0), counters(5, 50), later);
-        assert_eq!(rates.get(Counted::Vip(0)), Rate { packets: 100.0, bytes: 1200.0 });
+        assert_eq!(
+            rates.get(Counted::Vip(0)),
+            Rate { packets: 100.0, bytes: 1200.0, dropped: 0.0 }
+        );
         assert_eq!(rates.get(Counted::Backend(0)), Rate::default());
         // Counters of a reused slot start again from zero: no negative rate.
         rates.sample_at(Counted::Vip(0), counters(0, 0), later + Duration::from_secs(1));

@@ -33,6 +33,10 @@ impl Daemon {
                 .map(|(event, count)| (event.name().to_owned(), count))
                 .collect(),
             flow_table_size: self.config.datapath.flow_table_size,
+            flow_table_entries: self.flow_walker.entries(),
+            max_vips: self.config.datapath.max_vips,
+            max_backends: self.config.datapath.max_backends,
+            attach_mode: self.attach_mode.to_owned(),
             flow_table_memory_bytes: self.reconciler.datapath().flow_table_memory(),
             announce_table: self.announce_table,
             announced: match self.announce_table {
@@ -64,8 +68,10 @@ impl Daemon {
                 packets: counters.packets,
                 bytes: counters.bytes,
                 icmp_errors: counters.icmp_errors,
+                dropped: counters.dropped,
                 packets_per_second: rate.packets,
                 bytes_per_second: rate.bytes,
+                dropped_per_second: rate.dropped,
             });
         }
         Ok(views)
@@ -103,6 +109,10 @@ impl Daemon {
                             .as_secs_f64()
                     }),
                     last_error: health.and_then(|h| h.last_error.clone()),
+                    last_check_seconds: self
+                        .checks
+                        .last_check(vip, installed.address)
+                        .map(|took| took.as_secs_f64()),
                     mac: installed.mac.map(format_mac),
                     table_entries: installed.table_entries,
                     new_flow_share: f64::from(installed.table_entries) / table_size,

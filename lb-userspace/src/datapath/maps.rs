@@ -173,7 +173,7 @@ impl Datapath {
     /// seconds per million flows, two syscalls per entry): never on the
     /// daemon's loop.
     pub fn active_flows(&self) -> std::collections::HashMap<u32, u64> {
-        count_active_flows(&self.flows, &self.backend_entries(), &self.config)
+        count_active_flows(&self.flows, &self.backend_entries(), &self.config).0
     }
 
     /// Memory the kernel charges for the flow table (its `memlock`), if known.
@@ -197,6 +197,7 @@ impl Datapath {
             flows: flows.map_err(map_error(lb_common::MAP_FLOWS))?,
             backends: backends.map_err(map_error(MAP_BACKENDS))?,
             config: self.config,
+            entries: Default::default(),
         })
     }
 
@@ -212,13 +213,44 @@ pub struct FlowCounter {
     flows: aya::maps::HashMap<MapData, FlowKey, FlowEntry>,
     backends: aya::maps::Array<MapData, Backend>,
     config: DatapathConfig,
+    /// Entries of the flow table at the last count (occupancy, for /metrics).
+    entries: std::sync::atomic::AtomicU64,
 }
 
 impl FlowCounter {
-    /// Active flows per backend slot, as [`Datapath::active_flows`] counts them.
+    /// Active flows per backend slot, as [`Datapath::active_flows`] counts
+    /// them; the walk also records the table's occupancy ([`Self::entries`]).
     pub fn count(&self) -> std::collections::HashMap<u32, u64> {
         let backends = used_backends(&self.backends, self.config.max_backends);
-        count_active_flows(&self.flows, &backends, &self.config)
+        let (counts, entries) = count_active_flows(&self.flows, &backends, &self.config);
+        self.entries.store(entries, std::sync::atomic::Ordering::Relaxed);
+        counts
+    }
+
+    /// Entries of the flow table (any state) at the last [`Self::count`].
+    pub fn entries(&self) -> u64 {
+        self.entries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Up to `limit` flows of the VIP with index `vip_index`, and whether
+    /// the walk stopped at the limit (the VIP may have more).
+    pub fn flows_of(&self, vip_index: u32, limit: usize) -> (Vec<(FlowKey, FlowEntry)>, bool) {
+        let mut found = Vec::new();
+        for (key, entry) in self.flows.iter().filter_map(Result::ok) {
+            if entry.vip_index != vip_index {
+                continue;
+            }
+            if found.len() == limit {
+                return (found, true);
+            }
+            found.push((key, entry));
+        }
+        (found, false)
+    }
+
+    /// The datapath settings the walks read timeouts from.
+    pub fn config(&self) -> &DatapathConfig {
+        &self.config
     }
 }
 
@@ -243,12 +275,13 @@ pub(super) fn owned_fd(
 }
 
 /// The walk behind [`Datapath::active_flows`], on any handle of the flow
-/// table, given the backend slots in use.
+/// table, given the backend slots in use: active flows per slot, and the
+/// entries walked.
 pub fn count_active_flows<T: std::borrow::Borrow<MapData>>(
     flows: &aya::maps::HashMap<T, FlowKey, FlowEntry>,
     backends: &[(u32, Backend)],
     config: &DatapathConfig,
-) -> std::collections::HashMap<u32, u64> {
+) -> (std::collections::HashMap<u32, u64>, u64) {
     let now = monotonic_ns();
     let tcp_idle = config.tcp_idle_timeout_ms.saturating_mul(1_000_000);
     let udp_idle = config.udp_idle_timeout_ms.saturating_mul(1_000_000);
@@ -257,7 +290,9 @@ pub fn count_active_flows<T: std::borrow::Borrow<MapData>>(
         .map(|(slot, backend)| (*slot, (backend.vip_index, backend.generation)))
         .collect();
     let mut counts = std::collections::HashMap::new();
+    let mut entries = 0;
     for (key, entry) in flows.iter().filter_map(Result::ok) {
+        entries += 1;
         let idle = if key.protocol == u32::from(PROTO_TCP) { tcp_idle } else { udp_idle };
         if entry.flags & FLOW_FLAG_CLOSING == 0
             && now.saturating_sub(entry.last_seen_ns) <= idle
@@ -266,7 +301,7 @@ pub fn count_active_flows<T: std::borrow::Borrow<MapData>>(
             *counts.entry(entry.backend_slot).or_default() += 1;
         }
     }
-    counts
+    (counts, entries)
 }
 
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
@@ -306,6 +341,7 @@ fn sum_traffic(
         packets: total.packets + cpu.packets,
         bytes: total.bytes + cpu.bytes,
         icmp_errors: total.icmp_errors + cpu.icmp_errors,
+        dropped: total.dropped + cpu.dropped,
     }))
 }
 

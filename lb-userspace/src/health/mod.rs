@@ -27,6 +27,8 @@ pub struct HealthReport {
     /// The task's generation: reports of a task replaced since are ignored.
     pub generation: u64,
     pub outcome: Result<(), String>,
+    /// How long the probe took.
+    pub duration: std::time::Duration,
 }
 
 /// When check tasks are created, which decides a new backend's first health.
@@ -50,6 +52,8 @@ struct Checker {
     /// None for check kind `none`: nothing to probe.
     task: Option<JoinHandle<()>>,
     state: HealthState,
+    /// How long the last probe took.
+    last_check: Option<std::time::Duration>,
 }
 
 impl Drop for Checker {
@@ -111,7 +115,7 @@ impl Checks {
             let generation = self.next_generation;
             let task = (spec.kind != CheckKind::None)
                 .then(|| start_check(key, &spec, generation, &self.reports));
-            self.checkers.insert(key, Checker { spec, generation, task, state });
+            self.checkers.insert(key, Checker { spec, generation, task, state, last_check: None });
         }
     }
 
@@ -138,6 +142,7 @@ impl Checks {
             return None;
         }
         let (rise, fall) = (checker.spec.rise, checker.spec.fall);
+        checker.last_check = Some(report.duration);
         checker.state.observe(report.outcome, rise, fall, SystemTime::now())
     }
 
@@ -150,6 +155,11 @@ impl Checks {
                 (*key, BackendHealth { up, ever_up: checker.state.ever_up })
             })
             .collect()
+    }
+
+    /// How long the backend's last probe took, if one ran.
+    pub fn last_check(&self, vip: &Vip, backend: IpAddr) -> Option<std::time::Duration> {
+        self.checkers.get(&(*vip, backend)).and_then(|checker| checker.last_check)
     }
 
     pub fn state(&self, vip: &Vip, backend: IpAddr) -> Option<&HealthState> {

@@ -39,8 +39,11 @@ pub async fn check_loop(
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
+        let started = tokio::time::Instant::now();
         let outcome = check_once(&spec, backend, vip.port).await;
-        if reports.send(HealthReport { vip, backend, generation, outcome }).await.is_err() {
+        let duration = started.elapsed();
+        let report = HealthReport { vip, backend, generation, outcome, duration };
+        if reports.send(report).await.is_err() {
             return;
         }
     }

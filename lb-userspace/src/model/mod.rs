@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 mod check;
 mod datapath_config;
 mod desired;
+pub mod diff;
 
 pub use check::{CheckKind, CheckOptions, CheckSpec, StatusRange};
 pub use datapath_config::DatapathConfig;
@@ -119,6 +120,24 @@ pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
     })
 }
 
+/// Parses a VIP as `lb` prints it, `ADDR:PORT/PROTO`, or as `ADDR:PORT`
+/// with the protocol from `--proto` (TCP when neither says). Both may be
+/// given only when they agree.
+pub fn parse_vip(text: &str, protocol: Option<Protocol>) -> Result<Vip, String> {
+    let (endpoint, suffix) = match text.rsplit_once('/') {
+        Some((endpoint, suffix)) => (endpoint, Some(suffix.parse::<Protocol>()?)),
+        None => (text, None),
+    };
+    let protocol = match (suffix, protocol) {
+        (Some(written), Some(option)) if written != option => {
+            return Err(format!("'{text}' says {written} but --proto says {option}"));
+        }
+        (Some(protocol), _) | (None, Some(protocol)) => protocol,
+        (None, None) => Protocol::Tcp,
+    };
+    Ok(Vip::new(parse_endpoint(endpoint)?, protocol))
+}
+
 /// Parses a backend address: a bare IP address, without a port.
 pub fn parse_address(text: &str) -> Result<IpAddr, String> {
     let trimmed = text.trim_start_matches('[').trim_end_matches(']');
@@ -143,3 +162,33 @@ pub struct BackendHealth {
 
 /// Health per (VIP, backend address). A backend without an entry counts as up.
 pub type HealthMap = std::collections::BTreeMap<(Vip, IpAddr), BackendHealth>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `lb` prints for a VIP can be pasted back, alone or with a
+    /// `--proto` that agrees; a disagreement is named, not guessed.
+    #[test]
+    fn a_printed_vip_parses_back() {
+        for vip in [
+            Vip::new("198.18.0.10:80".parse().unwrap(), Protocol::Tcp),
+            Vip::new("[fd00:198:18::10]:53".parse().unwrap(), Protocol::Udp),
+        ] {
+            assert_eq!(parse_vip(&vip.to_string(), None), Ok(vip));
+            assert_eq!(parse_vip(&vip.to_string(), Some(vip.protocol)), Ok(vip));
+        }
+        let udp = parse_vip("198.18.0.10:53", Some(Protocol::Udp)).unwrap();
+        assert_eq!((udp.port, udp.protocol), (53, Protocol::Udp));
+        assert_eq!(parse_vip("198.18.0.10:80", None).unwrap().protocol, Protocol::Tcp);
+        assert_eq!(
+            parse_vip("198.18.0.10:53/udp", Some(Protocol::Tcp)),
+            Err("'198.18.0.10:53/udp' says udp but --proto says tcp".to_owned())
+        );
+        assert_eq!(
+            parse_vip("198.18.0.10:80/sctp", None),
+            Err("unknown protocol 'sctp': expected tcp or udp".to_owned())
+        );
+        assert!(parse_vip("198.18.0.10/tcp", None).unwrap_err().contains("is not ADDRESS:PORT"));
+    }
+}

@@ -25,7 +25,7 @@ mod read;
 #[cfg(test)]
 mod tests;
 
-pub use read::{InstalledBackend, InstalledVipStatus, LookupResult};
+pub use read::{FlowOwners, InstalledBackend, InstalledVipStatus, LookupResult};
 
 /// A table slot that stopped being read is not rewritten before this long:
 /// far beyond the microseconds a packet that read the old slot index needs.

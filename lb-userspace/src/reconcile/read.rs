@@ -32,6 +32,13 @@ pub struct InstalledBackend {
     pub table_entries: u32,
 }
 
+/// Who a VIP's flows belong to, as installed.
+pub struct FlowOwners {
+    pub vip_index: u32,
+    /// (backend slot, generation) -> the configured backend's address.
+    pub backends: HashMap<(u32, u32), IpAddr>,
+}
+
 /// A VIP as installed.
 #[derive(Clone, Copy, Debug)]
 pub struct InstalledVipStatus {
@@ -67,6 +74,17 @@ impl<M: Maps> Reconciler<M> {
             .filter(|(_, installed)| !installed.fail_open && !installed.members.is_empty())
             .map(|(vip, _)| vip.address)
             .collect()
+    }
+
+    /// The VIP's index and who its flows belong to, for `lb flows`.
+    pub fn flow_owners(&self, vip: &Vip) -> Option<FlowOwners> {
+        let installed = self.installed.get(vip)?;
+        let backends = installed
+            .slots
+            .iter()
+            .map(|(address, slot)| ((*slot, self.generation(*slot)), *address))
+            .collect();
+        Some(FlowOwners { vip_index: installed.vip_index, backends })
     }
 
     pub fn vip_index(&self, vip: &Vip) -> Option<u32> {
