@@ -39,6 +39,12 @@ enum Task {
         /// Only one section: costs, throughput, connections or control.
         section: Option<String>,
     },
+    /// An installable tarball in target/dist: the release binary (with the
+    /// eBPF object inside), the systemd unit, the example configuration,
+    /// shell completions, the man page, the backend sysctl file, the alert
+    /// rules and the Grafana dashboard, laid out from / (see
+    /// docs/operations.md).
+    Dist,
     /// A long hostile-input fuzz run of the datapath (as root).
     Fuzz {
         /// Packets to generate.
@@ -74,6 +80,10 @@ fn main() -> anyhow::Result<()> {
                 bail!("the bench failed");
             }
             Ok(())
+        }
+        Task::Dist => {
+            cargo(&["build", "--release", "-p", "lb-userspace"])?;
+            dist(&root)
         }
         Task::Fuzz { packets, seed } => {
             setup()?;
@@ -133,6 +143,62 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Stages the installation under target/dist/stage (paths as on the
+/// target machine) and packs it. Completions and the man page come from the
+/// built `lb` itself, so they always match its arguments.
+fn dist(root: &Path) -> anyhow::Result<()> {
+    let out = root.join("target/dist");
+    let stage = out.join("stage");
+    let _ = std::fs::remove_dir_all(&stage);
+    let lb = root.join("target/release/lb");
+    let place = |from: &Path, to: &str| -> anyhow::Result<()> {
+        let target = stage.join(to);
+        std::fs::create_dir_all(target.parent().context("a file path")?)?;
+        std::fs::copy(from, &target).with_context(|| format!("copying {}", from.display()))?;
+        Ok(())
+    };
+    let generated = |args: &[&str], to: &str| -> anyhow::Result<()> {
+        let output = Command::new(&lb).args(args).output()?;
+        if !output.status.success() {
+            bail!("lb {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+        }
+        let target = stage.join(to);
+        std::fs::create_dir_all(target.parent().context("a file path")?)?;
+        std::fs::write(target, output.stdout)?;
+        Ok(())
+    };
+    let dist = root.join("dist");
+    place(&lb, "usr/local/bin/lb")?;
+    place(&dist.join("lb.service"), "etc/systemd/system/lb.service")?;
+    place(&dist.join("lb.toml"), "etc/lb/lb.toml.example")?;
+    place(&dist.join("90-lb-backend.conf"), "usr/local/share/lb/backend/90-lb-backend.conf")?;
+    place(&dist.join("prometheus/lb-alerts.yml"), "usr/local/share/lb/prometheus/lb-alerts.yml")?;
+    place(&dist.join("grafana/lb-dashboard.json"), "usr/local/share/lb/grafana/lb-dashboard.json")?;
+    generated(&["man"], "usr/local/share/man/man1/lb.1")?;
+    generated(&["completions", "bash"], "usr/local/share/bash-completion/completions/lb")?;
+    generated(&["completions", "zsh"], "usr/local/share/zsh/site-functions/_lb")?;
+    generated(&["completions", "fish"], "usr/local/share/fish/vendor_completions.d/lb.fish")?;
+    let version = String::from_utf8(Command::new(&lb).arg("--version").output()?.stdout)?;
+    let version = version.split_whitespace().nth(1).context("lb --version")?.to_owned();
+    let tarball = out.join(format!("lb-{version}-{}-linux.tar.gz", std::env::consts::ARCH));
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&stage)
+        .args(["--owner=0", "--group=0", "-czf"])
+        .arg(&tarball)
+        .arg(".")
+        .status()?;
+    if !status.success() {
+        bail!("tar failed");
+    }
+    println!("{}", tarball.display());
+    println!(
+        "install: tar -C / --no-overwrite-dir -xzf {} (see docs/operations.md)",
+        tarball.display()
+    );
+    Ok(())
 }
 
 /// Sums cargo's `test result: ok. N passed; N failed; N ignored; ...` lines.
