@@ -312,11 +312,12 @@ fn reloads_change_only_what_differs_and_websockets_survive() {
     assert!(replaced.contains("weight = 7"), "{replaced}");
 }
 
-/// Every command prints one JSON document with --json, changes included.
+/// Every command prints one JSON document with --json, changes included;
+/// the daemon's log is JSON lines with --log-format json.
 fn every_command_speaks_json() {
     let testbed = Testbed::up("lbe-js-", 1).expect("testbed");
     let _servers = tests::harness::start_servers(&testbed, 80).expect("servers");
-    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    let daemon = Daemon::start(&testbed, &["--log-format", "json"]).expect("lb run");
     let vip = "198.18.0.10:80/tcp";
     let b1 = netns::backend4(1);
     let scratch = tempfile::tempdir().unwrap();
@@ -349,6 +350,21 @@ fn every_command_speaks_json() {
     }
     let changed = daemon.json(&["vip", "add", vip]).unwrap();
     assert_eq!((changed["changed"].as_bool(), changed["message"].is_string()), (Some(true), true));
+
+    // --log-format json: every log line is one JSON object with a level
+    // and a message, for log shippers.
+    let log = daemon.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    assert!(lines.iter().all(|line| line["level"].is_string() && line["message"].is_string()));
+    assert!(
+        lines
+            .iter()
+            .any(|line| line["message"] == "XDP program attached" && line["mode"] == "native"),
+        "{log}"
+    );
 }
 
 /// `lb top` in a real terminal (tmux): the VIP's and backends' rows with

@@ -106,6 +106,7 @@ pub enum Command {
         /// The interface lb run was attached to.
         #[arg(long)]
         iface: String,
+        /// The bpffs directory lb run pinned in (its --pin-dir).
         #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
