@@ -4,11 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use lb_common::{FLOW_FLAG_CLOSING, PROTO_TCP};
 use tokio::sync::oneshot;
 
 use crate::api::{Body, FlowView, FlowsView, Reply};
-use crate::datapath::{FlowCounter, monotonic_ns};
+use crate::datapath::{FlowCounter, FlowState, monotonic_ns};
 use crate::model::{Vip, address_from_bytes};
 use crate::reconcile::FlowOwners as Owners;
 
@@ -48,22 +47,10 @@ fn view(
         .filter_map(|(key, entry)| {
             let client = address_from_bytes(key.client_address, family)?;
             let idle_ns = now.saturating_sub(entry.last_seen_ns);
-            let timeout_ms = if key.protocol == u32::from(PROTO_TCP) {
-                config.tcp_idle_timeout_ms
-            } else {
-                config.udp_idle_timeout_ms
-            };
-            let state = if entry.flags & FLOW_FLAG_CLOSING != 0 {
-                "closing"
-            } else if idle_ns > timeout_ms.saturating_mul(1_000_000) {
-                "idle"
-            } else {
-                "active"
-            };
             Some(FlowView {
                 client: SocketAddr::new(client, u16::from_be_bytes(key.client_port)),
                 backend: owners.backends.get(&(entry.backend_slot, entry.generation)).copied(),
-                state: state.to_owned(),
+                state: FlowState::of(key, entry, now, config).name().to_owned(),
                 idle_seconds: idle_ns as f64 / 1e9,
             })
         })

@@ -274,6 +274,43 @@ pub(super) fn owned_fd(
         .map_err(|error| DatapathError::Map { name, error: aya::maps::MapError::IoError(error) })
 }
 
+/// What a flow-table entry is at `now`: one rule for the active-flow
+/// counts and for `lb flows`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowState {
+    /// Neither closing nor past its protocol's idle timeout.
+    Active,
+    /// A FIN or RST was seen.
+    Closing,
+    /// No packet for longer than its protocol's idle timeout.
+    Idle,
+}
+
+impl FlowState {
+    pub fn of(key: &FlowKey, entry: &FlowEntry, now: u64, config: &DatapathConfig) -> Self {
+        let idle_ms = if key.protocol == u32::from(PROTO_TCP) {
+            config.tcp_idle_timeout_ms
+        } else {
+            config.udp_idle_timeout_ms
+        };
+        if entry.flags & FLOW_FLAG_CLOSING != 0 {
+            FlowState::Closing
+        } else if now.saturating_sub(entry.last_seen_ns) > idle_ms.saturating_mul(1_000_000) {
+            FlowState::Idle
+        } else {
+            FlowState::Active
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowState::Active => "active",
+            FlowState::Closing => "closing",
+            FlowState::Idle => "idle",
+        }
+    }
+}
+
 /// The walk behind [`Datapath::active_flows`], on any handle of the flow
 /// table, given the backend slots in use: active flows per slot, and the
 /// entries walked.
@@ -283,8 +320,6 @@ pub fn count_active_flows<T: std::borrow::Borrow<MapData>>(
     config: &DatapathConfig,
 ) -> (std::collections::HashMap<u32, u64>, u64) {
     let now = monotonic_ns();
-    let tcp_idle = config.tcp_idle_timeout_ms.saturating_mul(1_000_000);
-    let udp_idle = config.udp_idle_timeout_ms.saturating_mul(1_000_000);
     let occupants: std::collections::HashMap<u32, (u32, u32)> = backends
         .iter()
         .map(|(slot, backend)| (*slot, (backend.vip_index, backend.generation)))
@@ -293,9 +328,7 @@ pub fn count_active_flows<T: std::borrow::Borrow<MapData>>(
     let mut entries = 0;
     for (key, entry) in flows.iter().filter_map(Result::ok) {
         entries += 1;
-        let idle = if key.protocol == u32::from(PROTO_TCP) { tcp_idle } else { udp_idle };
-        if entry.flags & FLOW_FLAG_CLOSING == 0
-            && now.saturating_sub(entry.last_seen_ns) <= idle
+        if FlowState::of(&key, &entry, now, config) == FlowState::Active
             && occupants.get(&entry.backend_slot) == Some(&(entry.vip_index, entry.generation))
         {
             *counts.entry(entry.backend_slot).or_default() += 1;

@@ -23,7 +23,7 @@ use crate::model::DatapathConfig;
 mod maps;
 mod pins;
 
-pub use maps::{FlowCounter, Maps, monotonic_ns, total_of};
+pub use maps::{FlowCounter, FlowState, Maps, monotonic_ns, total_of};
 pub use pins::{InterfaceLock, ensure_bpffs, is_bpffs, lock_interface, pin_dir_for, remove_pins};
 
 /// The compiled XDP object, built by build.rs.
