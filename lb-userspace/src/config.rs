@@ -211,17 +211,19 @@ struct VipOut {
 /// Reads and validates a config or state file. Nothing is applied here: a
 /// file with any error is refused as a whole.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
-    parse(&text, path)
+    parse(&read(path)?, path)
+}
+
+/// A config or state file's text; an error names the file.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|error| ConfigError::Read { path: path.to_owned(), error })
 }
 
 /// Reads a configuration file to apply as a whole: [`load`], with
 /// `source` naming the file and its digest.
 pub fn load_source(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
-    parse_source(&text, path)
+    parse_source(&read(path)?, path)
 }
 
 /// [`parse`], with `source` naming the file and its digest.

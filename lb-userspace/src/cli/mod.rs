@@ -54,8 +54,7 @@ fn check_config(file: &Path, json: bool) -> Result<(), Failure> {
 /// first so that a mistake is named without a daemon; the daemon reads the
 /// same text (never the path, which it may see differently).
 fn config_file(file: &Path) -> Result<(std::path::PathBuf, String), Failure> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|error| Failure::Refused(format!("{}: {error}", file.display())))?;
+    let text = crate::config::read(file)?;
     crate::config::parse(&text, file)?;
     Ok((std::path::absolute(file).unwrap_or_else(|_| file.to_owned()), text))
 }

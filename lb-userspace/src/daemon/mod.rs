@@ -475,8 +475,8 @@ impl Daemon {
             tracing::warn!("SIGHUP: lb run has no --config to re-read; nothing changed");
             return;
         };
-        let applied = std::fs::read_to_string(path)
-            .map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))
+        let applied = config::read(path)
+            .map_err(anyhow::Error::from)
             .and_then(|text| self.apply_file(path, &text));
         match applied {
             Ok(changes) => tracing::info!(
