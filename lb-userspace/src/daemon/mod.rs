@@ -108,10 +108,10 @@ fn initial_config(options: &RunOptions) -> anyhow::Result<Config> {
 /// nothing made with `lb` is lost without a trace.
 fn from_file(path: &std::path::Path, state_path: &std::path::Path) -> anyhow::Result<Config> {
     let file = config::load_source(path)?;
-    let digest = file.source.as_ref().map(|source| source.digest.clone());
     if state_path.exists() {
         let state = config::load(state_path)?;
-        if state.source.as_ref().map(|source| &source.digest) == digest.as_ref() {
+        let digest = |config: &Config| config.source.as_ref().map(|source| source.digest.clone());
+        if digest(&state) == digest(&file) {
             let changes = crate::model::diff::diff(&file.desired, &state.desired);
             tracing::info!(
                 config = %path.display(), state = %state_path.display(), changes_since = changes.len(),
@@ -222,12 +222,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             neighbour::run(ifindex, wanted_rx.clone(), neighbours_tx.clone())
         });
     let flow_counter = Arc::new(datapath.flow_counter()?);
-    let flow_walker = Arc::clone(&flow_counter);
+    let counting = Arc::clone(&flow_counter);
     let (active_flows_tx, active_flows) = watch::channel(Arc::clone(&first_count));
     let mut counted = active_flows.clone();
     let mut counting_task =
         Supervised::start("active-flows", "active-flow counts are not updated", move || {
-            active_flows::run(Arc::clone(&flow_counter), active_flows_tx.clone())
+            active_flows::run(Arc::clone(&counting), active_flows_tx.clone())
         });
     let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(64);
     let metrics_task = metrics_listener.map(|(listener, address)| {
@@ -259,7 +259,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         announce_table,
         active_flows,
         last_confirmed: None,
-        flow_walker,
+        flow_counter,
         attach_mode: mode,
     };
     daemon.checks.sync(&daemon.config.desired, if adopted { Start::Adopted } else { Start::Fresh });
@@ -306,17 +306,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                     continue;
                 }
                 let answer = daemon.handle(request);
-                // Only a request or a reload can add or remove backends, and
-                // so change which MACs are wanted and which slots stand for
-                // which backend.
-                publish::if_changed(&wanted_tx, &daemon.reconciler.wanted_neighbours());
-                publish::if_changed(&directory_tx, &Arc::new(daemon.reconciler.directory()));
+                daemon.publish_backends(&wanted_tx, &directory_tx);
                 let _ = reply.send(answer);
             }
             _ = hangup.recv() => {
                 daemon.reload(options.config.as_deref());
-                publish::if_changed(&wanted_tx, &daemon.reconciler.wanted_neighbours());
-                publish::if_changed(&directory_tx, &Arc::new(daemon.reconciler.directory()));
+                daemon.publish_backends(&wanted_tx, &directory_tx);
             }
             Some(found) = neighbours_rx.recv() => daemon.neighbours_changed(found),
             Some(report) = reports_rx.recv() => daemon.health_report(report),
@@ -382,9 +377,9 @@ struct Daemon {
     active_flows: watch::Receiver<active_flows::ActiveFlows>,
     /// The datapath's `confirmed` flow count at the last count of active flows.
     last_confirmed: Option<u64>,
-    /// The active-flow counter's handles on the flow table, for `lb flows`
-    /// and the occupancy it last counted.
-    flow_walker: Arc<datapath::FlowCounter>,
+    /// The active-flow counter (shared with its task): its handles on the
+    /// flow table serve `lb flows`, and it keeps the occupancy it last counted.
+    flow_counter: Arc<datapath::FlowCounter>,
     /// How the program is attached: `native` or `skb` (generic).
     attach_mode: &'static str,
 }
@@ -398,6 +393,18 @@ impl Daemon {
             return Default::default();
         }
         self.reconciler.serving_addresses()
+    }
+
+    /// Publishes which MACs are wanted and which slots stand for which
+    /// backend. Only a request or a reload can add or remove backends, so
+    /// only they call this.
+    fn publish_backends(
+        &self,
+        wanted: &watch::Sender<Vec<std::net::IpAddr>>,
+        directory: &watch::Sender<Arc<crate::sync::Directory>>,
+    ) {
+        publish::if_changed(wanted, &self.reconciler.wanted_neighbours());
+        publish::if_changed(directory, &Arc::new(self.reconciler.directory()));
     }
 
     /// Applies one change of the desired state; see [`Self::change_config`].
@@ -502,7 +509,7 @@ impl Daemon {
                 reply.send(crate::api::Reply::NotFound(ChangeError::UnknownVip(vip).to_string()));
             return;
         };
-        flows::list(Arc::clone(&self.flow_walker), vip, owners, limit, reply);
+        flows::list(Arc::clone(&self.flow_counter), vip, owners, limit, reply);
     }
 
     fn health_report(&mut self, report: HealthReport) {

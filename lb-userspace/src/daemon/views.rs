@@ -33,7 +33,7 @@ impl Daemon {
                 .map(|(event, count)| (event.name().to_owned(), count))
                 .collect(),
             flow_table_size: self.config.datapath.flow_table_size,
-            flow_table_entries: self.flow_walker.entries(),
+            flow_table_entries: self.flow_counter.entries(),
             max_vips: self.config.datapath.max_vips,
             max_backends: self.config.datapath.max_backends,
             attach_mode: self.attach_mode.to_owned(),
