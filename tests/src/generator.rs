@@ -10,19 +10,28 @@ use aya::programs::Xdp;
 use aya::{Ebpf, EbpfLoader};
 use lb_userspace::datapath::BENCH_OBJECT;
 
-/// The bench programs with `bench_generator` loaded: `flows` source ports
-/// and `addresses` client addresses (IPv4) cycled through, each tuple sent
-/// `repeat` times in a row.
-pub fn load(flows: u32, addresses: u32, repeat: u32) -> anyhow::Result<Ebpf> {
+/// The bench programs with `bench_generator` loaded for `template` (the
+/// frame later sent): `flows` source ports and `addresses` client addresses
+/// cycled through, each tuple sent `repeat` times in a row.
+pub fn load(template: &[u8], flows: u32, addresses: u32, repeat: u32) -> anyhow::Result<Ebpf> {
+    let client_base = client_last_byte(template).context("template frame too short")?;
     let mut ebpf = EbpfLoader::new()
         .override_global("BENCH_FLOWS", &flows, true)
         .override_global("BENCH_ADDRESSES", &addresses, true)
         .override_global("BENCH_REPEAT", &repeat, true)
+        .override_global("BENCH_CLIENT_BASE", &client_base, true)
         .load(BENCH_OBJECT)?;
     let program: &mut Xdp =
         ebpf.program_mut("bench_generator").context("bench_generator")?.try_into()?;
     program.load()?;
     Ok(ebpf)
+}
+
+/// The last byte of an untagged frame's source address: the byte the
+/// generator varies per CPU and per address.
+fn client_last_byte(frame: &[u8]) -> Option<u8> {
+    let ipv6 = frame.get(12..14)? == [0x86, 0xdd];
+    frame.get(if ipv6 { 14 + 8 + 15 } else { 14 + 12 + 3 }).copied()
 }
 
 /// What [`send`] did.

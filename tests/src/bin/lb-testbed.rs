@@ -314,7 +314,7 @@ fn generate(
     frame[6..12].copy_from_slice(&source_mac);
     netns::enter(&client)?;
     let ifindex = lb_userspace::neighbour::interface_index(netns::LB_IFACE)?;
-    let ebpf = tests::generator::load(shape.flows, shape.addresses, shape.repeat)?;
+    let ebpf = tests::generator::load(&frame, shape.flows, shape.addresses, shape.repeat)?;
     let sent = tests::generator::send(&ebpf, &frame, ifindex, count, seconds, rate)?;
     println!("{}", serde_json::to_string(&sent)?);
     Ok(())

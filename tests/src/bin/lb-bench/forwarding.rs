@@ -60,13 +60,18 @@ impl Topology {
         let topology = Topology;
         run("ip", &["netns", "add", GEN_NS])?;
         run("ip", &["netns", "add", LB_NS])?;
-        run(
-            "ip",
-            &[
-                "link", "add", GEN_IFACE, "netns", GEN_NS, "type", "veth", "peer", "name",
-                LB_IFACE, "netns", LB_NS,
-            ],
-        )?;
+        // One queue pair per CPU. veth queues a frame on the receive queue of
+        // the sending CPU's number, and each queue has its own NAPI instance
+        // on the CPU that fills it. With a single queue, both generators'
+        // frames went to one ring served by one NAPI at a time: the second
+        // core added nothing, to the reflector as to lb.
+        let queues = available_cpus().to_string();
+        let queues = ["numtxqueues", &queues, "numrxqueues", &queues];
+        let mut args = vec!["link", "add", GEN_IFACE, "netns", GEN_NS];
+        args.extend(queues);
+        args.extend(["type", "veth", "peer", "name", LB_IFACE, "netns", LB_NS]);
+        args.extend(queues);
+        run("ip", &args)?;
         for (ns, iface, address) in
             [(GEN_NS, GEN_IFACE, "198.18.0.1/24"), (LB_NS, LB_IFACE, "198.18.0.2/24")]
         {
@@ -97,12 +102,10 @@ pub struct Generator {
 }
 
 impl Generator {
-    fn load(flows: u32) -> anyhow::Result<Self> {
+    fn load(template: &[u8], flows: u32) -> anyhow::Result<Self> {
+        let template = template.to_vec();
         in_netns(GEN_NS, move || {
-            let mut ebpf = EbpfLoader::new()
-                .override_global("BENCH_FLOWS", &flows, true)
-                .load(BENCH_OBJECT)?;
-            xdp(&mut ebpf, "bench_generator")?.load()?;
+            let mut ebpf = tests::generator::load(&template, flows, 1, 1)?;
             let sink = xdp(&mut ebpf, "bench_sink")?;
             sink.load()?;
             sink.attach(GEN_IFACE, XdpMode::Driver)?;
@@ -205,7 +208,7 @@ pub fn throughput() -> anyhow::Result<Vec<ThroughputRow>> {
                 } else {
                     cores
                 };
-                let generator = Generator::load(flows)?;
+                let generator = Generator::load(&frame_bytes, flows)?;
                 // Warm up (records the flows), then measure.
                 generator.blast(&frame_bytes, generators)?;
                 let before = generator.arrivals()?;

@@ -138,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         targets,
         notes: vec![
             "New-flow rows go through bench_new_flow, which writes a fresh source port and tail-calls the balancer; its own cost (measured by tail-calling XDP_DROP) is subtracted.".into(),
-            "Throughput: the generator and the system under test share the machine's cores, so absolute figures are lower than on dedicated hardware; compare ratios. On a 2-CPU machine the 2-core rows measure contention with the generator rather than scaling.".into(),
+            "Throughput: the generator and the system under test share the machine's cores, so absolute figures are lower than on dedicated hardware; compare ratios. The veth pair has one queue per CPU, and each CPU's generator sends its own flows, so each core runs its own generator and its own balancer.".into(),
             "nftables DNAT runs on its own core (RPS to CPU 1) while lb and the reflector share the generator's core: the comparison is tilted against lb.".into(),
             "Connections: HAProxy cannot hold 100k concurrent connections here: a proxy needs two descriptors per connection and this machine caps a process at 20,000.".into(),
         ],
