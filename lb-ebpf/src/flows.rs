@@ -143,18 +143,41 @@ fn is_idle_since(last_seen_ns: u64, segment: &Segment, now: u64, settings: &Sett
     now.saturating_sub(last_seen_ns) > idle_ns
 }
 
+/// For a SYN, most likely a new flow: its flow hash, after starting to load
+/// the LB_NEW_FLOWS bucket that will pin it. Called before the flow-table
+/// lookup, so that the bucket's cache and TLB misses overlap that lookup's
+/// instead of following them. None for any other packet.
+#[inline(always)]
+pub fn warm_pin(flow: &FlowKey, segment: &Segment, settings: &Settings) -> Option<u32> {
+    if !segment.syn {
+        return None;
+    }
+    let hash = lb_common::flow_hash(flow, settings.hash_seed);
+    let bucket = lb_common::pending_bucket(hash, settings.new_flow_slots);
+    for way in 0..PENDING_WAYS {
+        if let Some(entry) = LB_NEW_FLOWS.get_ptr(bucket + way) {
+            // SAFETY: the pointer from a map lookup is valid for this run;
+            // the value is discarded, the load is what counts.
+            unsafe { core::ptr::read_volatile(&raw const (*entry).created_ns) };
+        }
+    }
+    Some(hash)
+}
+
 /// The backend slot for a packet of `vip` that [`confirmed`] did not
 /// forward (its flow's `stale` entry, if any), and the backend itself.
+/// `hash` is the flow hash when [`warm_pin`] computed it.
 #[inline(always)]
 pub fn choose(
     flow: &FlowKey,
+    hash: Option<u32>,
     stale: Option<*mut FlowEntry>,
     vip: &VipInfo,
     segment: &Segment,
     now: u64,
     settings: &Settings,
 ) -> Result<(u32, &'static Backend), Reason> {
-    let hash = lb_common::flow_hash(flow, settings.hash_seed);
+    let hash = hash.unwrap_or_else(|| lb_common::flow_hash(flow, settings.hash_seed));
     if let Some(entry) = stale {
         // SAFETY: as in `confirmed`, copied out and checked as a whole.
         let current = unsafe { *entry };

@@ -126,6 +126,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
     );
     let segment = Segment::of(l3.protocol, ports.tcp_flags);
     let now = clock::now();
+    let hash = flows::warm_pin(&flow, &segment, &settings);
     let stale = match flows::confirmed(&flow, &segment, now, &settings) {
         Confirmed::Follow(hit) => return forward(ctx, hit),
         Confirmed::Stale(entry) => Some(entry),
@@ -134,7 +135,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
     // SAFETY: the value is copied out at once; the daemon replaces entries
     // whole, so the copy is one consistent version.
     let vip = *unsafe { LB_VIPS.get(vip_key) }.ok_or(Reason::PassNotVip)?;
-    let chosen = flows::choose(&flow, stale, &vip, &segment, now, &settings);
+    let chosen = flows::choose(&flow, hash, stale, &vip, &segment, now, &settings);
     let (slot, backend) = chosen.inspect_err(|reason| {
         if reason.is_drop() {
             stats::count_vip_drop(vip.vip_index);
