@@ -62,22 +62,49 @@ pub fn targets(
             met: worst <= most,
         });
     }
-    let share = |cores| mpps("lb", cores, 64_000) / mpps("XDP_TX reflector", cores, 64_000);
+    // A live row counts only if nearly every frame followed a confirmed
+    // entry: a harness that sent new flows instead would measure another path.
+    let established = |cores: usize| {
+        throughput.iter().any(|row| {
+            row.system == "lb"
+                && row.cores == cores
+                && row.flows == 64_000
+                && row.flow_hit_share.is_some_and(|share| share >= 0.99)
+        })
+    };
+    let share = |cores| {
+        let share = mpps("lb", cores, 64_000) / mpps("XDP_TX reflector", cores, 64_000);
+        if established(cores) { share } else { f64::NAN }
+    };
     let (one, two) = (share(1), share(2));
+    let unproven = |cores| {
+        if established(cores) { "" } else { " NOT PROVEN: under 99% flow-table hits" }
+    };
     targets.push(Target {
         target: "forwarded pps with 64k flows on 1 core at least 70% of the reflector".into(),
         measured: format!(
-            "{:.0}% ({:.2} vs {:.2} Mpps)",
+            "{:.0}% ({:.2} vs {:.2} Mpps){}",
             one * 100.0,
             mpps("lb", 1, 64_000),
-            mpps("XDP_TX reflector", 1, 64_000)
+            mpps("XDP_TX reflector", 1, 64_000),
+            unproven(1)
         ),
         met: one >= 0.7,
     });
+    // The two shares are measured seconds apart, and each moves by up to 5%
+    // between runs of this bench (docs/performance): a second core that
+    // scales lb as it scales the reflector gives 0.95-1.05 here.
     targets.push(Target {
-        target: "with 2 cores, lb's share of the reflector at least its share with 1".into(),
-        measured: format!("{:.0}% on 2 cores vs {:.0}% on 1", two * 100.0, one * 100.0),
-        met: two >= one,
+        target: "with 2 cores, lb's share of the reflector at least its share with 1 (5% spread)"
+            .into(),
+        measured: format!(
+            "{:.0}% on 2 cores vs {:.0}% on 1 ({:.2}x){}",
+            two * 100.0,
+            one * 100.0,
+            two / one,
+            unproven(2)
+        ),
+        met: two >= 0.95 * one,
     });
     let (lb, nft) = (mpps("lb", 1, 64_000), mpps("nftables DNAT", 1, 64_000));
     targets.push(Target {
