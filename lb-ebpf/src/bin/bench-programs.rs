@@ -131,8 +131,8 @@ pub fn bench_new_flow(ctx: XdpContext) -> u32 {
 
 /// The generator's flows differ per CPU (the CPU number is added to the
 /// template's last client address byte, `BENCH_CLIENT_BASE`; CPU 0 keeps
-/// it), as RSS would keep a flow on
-/// one CPU: generators on two CPUs must not share flows.
+/// it), as RSS would keep a flow on one CPU: generators on two CPUs must not
+/// share flows.
 #[xdp]
 pub fn bench_generator(ctx: XdpContext) -> u32 {
     let Some(sequence) = vary_source_port(&ctx) else {

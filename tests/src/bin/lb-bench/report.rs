@@ -72,14 +72,10 @@ pub fn targets(
                 && row.flow_hit_share.is_some_and(|share| share >= 0.99)
         })
     };
-    let share = |cores| {
-        let share = mpps("lb", cores, 64_000) / mpps("XDP_TX reflector", cores, 64_000);
-        if established(cores) { share } else { f64::NAN }
-    };
+    let share = |cores| mpps("lb", cores, 64_000) / mpps("XDP_TX reflector", cores, 64_000);
     let (one, two) = (share(1), share(2));
-    let unproven = |cores| {
-        if established(cores) { "" } else { " NOT PROVEN: under 99% flow-table hits" }
-    };
+    let (proven_one, proven_two) = (established(1), established(2));
+    let unproven = |proven| if proven { "" } else { " NOT PROVEN: under 99% flow-table hits" };
     targets.push(Target {
         target: "forwarded pps with 64k flows on 1 core at least 70% of the reflector".into(),
         measured: format!(
@@ -87,24 +83,24 @@ pub fn targets(
             one * 100.0,
             mpps("lb", 1, 64_000),
             mpps("XDP_TX reflector", 1, 64_000),
-            unproven(1)
+            unproven(proven_one)
         ),
-        met: one >= 0.7,
+        met: proven_one && one >= 0.7,
     });
-    // The two shares are measured seconds apart, and each moves by up to 5%
-    // between runs of this bench (docs/performance): a second core that
-    // scales lb as it scales the reflector gives 0.95-1.05 here.
+    // The two shares are measured seconds apart, and each moves by itself:
+    // over eight runs their ratio ranged from 0.87 to 1.15 around 1.01
+    // (docs/performance). The target allows 5% of that noise.
     targets.push(Target {
-        target: "with 2 cores, lb's share of the reflector at least its share with 1 (5% spread)"
+        target: "with 2 cores, lb's share of the reflector at least its share with 1 (allowing 5%)"
             .into(),
         measured: format!(
             "{:.0}% on 2 cores vs {:.0}% on 1 ({:.2}x){}",
             two * 100.0,
             one * 100.0,
             two / one,
-            unproven(2)
+            unproven(proven_two)
         ),
-        met: two >= 0.95 * one,
+        met: proven_one && proven_two && two >= 0.95 * one,
     });
     let (lb, nft) = (mpps("lb", 1, 64_000), mpps("nftables DNAT", 1, 64_000));
     targets.push(Target {
