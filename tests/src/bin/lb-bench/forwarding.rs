@@ -196,6 +196,27 @@ impl Blast {
             hit_share: hits.map(|hits| hits as f64 / sent as f64),
         })
     }
+
+    /// A system's row: the median of its blasts by forwarded rate, and the
+    /// lowest flow-hit share of any.
+    fn row(system: &str, cores: usize, flows: u32, mut blasts: Vec<Blast>) -> ThroughputRow {
+        let lowest_hits = blasts
+            .iter()
+            .map(|blast| blast.hit_share)
+            .reduce(|a, b| a.zip(b).map(|(a, b)| a.min(b)))
+            .flatten();
+        blasts.sort_by(|a, b| a.forwarded_mpps.total_cmp(&b.forwarded_mpps));
+        let median = blasts.swap_remove(blasts.len() / 2);
+        ThroughputRow {
+            system: system.into(),
+            cores,
+            flows,
+            offered_mpps: median.offered_mpps,
+            forwarded_mpps: median.forwarded_mpps,
+            arrivals: median.arrivals,
+            flow_hit_share: lowest_hits,
+        }
+    }
 }
 
 /// CPUs online (not this thread's affinity, which pinning narrows).
@@ -215,11 +236,78 @@ pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
         .with_context(|| format!("pinning to CPU {cpu}"))
 }
 
+/// The systems measured alternately, a blast each per round, for each count
+/// of flows and cores: the machine's drift then moves both rates of a row
+/// pair alike, and their ratio (lb's share of the reflector) is what the
+/// targets compare.
+const ALTERNATED: [&str; 2] = ["lb", "XDP_TX reflector"];
+
+/// The order rows are printed and stored in.
+const SYSTEMS: [&str; 3] = ["lb", "XDP_TX reflector", "nftables DNAT"];
+
 pub fn throughput() -> anyhow::Result<Vec<ThroughputRow>> {
     let _topology = Topology::up()?;
+    let frame_bytes = established_frame()?;
+    let mut rows = Vec::new();
+    for flows in [1u32, 64_000] {
+        for cores in [1usize, 2] {
+            // XDP runs on the CPU that transmits into the veth, so `cores`
+            // generator threads give lb and the reflector `cores` cores. The
+            // flow table holds `flows` in every row: each CPU's generator
+            // sends its share (its own flows, as RSS would give it), so a
+            // second core adds a core, not a second working set.
+            let generator = Generator::load(&frame_bytes, (flows / cores as u32).max(1))?;
+            let mut blasts: [Vec<Blast>; 2] = Default::default();
+            for _ in 0..MEASURED_BLASTS {
+                for (system, blasts) in ALTERNATED.iter().zip(&mut blasts) {
+                    let installed = install(system)?;
+                    warm_up(&generator, &installed, &frame_bytes, cores)?;
+                    blasts.push(Blast::measure(&generator, &installed, &frame_bytes, cores)?);
+                }
+            }
+            for (system, blasts) in ALTERNATED.iter().zip(blasts) {
+                rows.push(Blast::row(system, cores, flows, blasts));
+            }
+        }
+    }
+    // The kernel's softirq work cannot share a core with a generator (it
+    // starves), so one generator runs on CPU 0 and RPS hands the stack CPU 1.
+    // A second core for it would be the generator's own: not measured on a
+    // 2-CPU machine.
+    if available_cpus() >= 2 {
+        let installed = install("nftables DNAT")?;
+        let path = format!("/sys/class/net/{LB_IFACE}/queues/rx-0/rps_cpus");
+        run("ip", &["netns", "exec", LB_NS, "sh", "-c", &format!("echo 2 > {path}")])?;
+        for flows in [1u32, 64_000] {
+            let generator = Generator::load(&frame_bytes, flows)?;
+            warm_up(&generator, &installed, &frame_bytes, 1)?;
+            let blasts = (0..MEASURED_BLASTS)
+                .map(|_| Blast::measure(&generator, &installed, &frame_bytes, 1))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            rows.push(Blast::row("nftables DNAT", 1, flows, blasts));
+        }
+        if std::env::var_os("LB_BENCH_DEBUG").is_some() {
+            let stats = run("ip", &["netns", "exec", LB_NS, "nstat", "-az"])?;
+            for line in String::from_utf8_lossy(&stats.stdout).lines() {
+                if line.split_whitespace().nth(1).is_some_and(|v| v != "0") {
+                    println!("  {line}");
+                }
+            }
+            let ruleset = run("ip", &["netns", "exec", LB_NS, "nft", "list", "ruleset"])?;
+            println!("{}", String::from_utf8_lossy(&ruleset.stdout));
+        }
+    }
+    rows.sort_by_key(|row| {
+        (SYSTEMS.iter().position(|system| *system == row.system), row.flows, row.cores)
+    });
+    Ok(rows)
+}
+
+/// An established-flow frame from the generator to the VIP, addressed from
+/// the generator's MAC to the balancer's.
+fn established_frame() -> anyhow::Result<Vec<u8>> {
     let lb_mac = tests::netns::mac(LB_NS, LB_IFACE)?;
     let gen_mac = tests::netns::mac(GEN_NS, GEN_IFACE)?;
-    // An established-flow frame from the generator to the VIP.
     let flow = Flow {
         client: ip("198.18.0.1"),
         client_port: 1024,
@@ -231,74 +319,25 @@ pub fn throughput() -> anyhow::Result<Vec<ThroughputRow>> {
         frame(flow, Shape { segment: Segment::Ack, ..Shape::default() }, &[0u8; 10]);
     frame_bytes[0..6].copy_from_slice(&lb_mac);
     frame_bytes[6..12].copy_from_slice(&gen_mac);
+    Ok(frame_bytes)
+}
 
-    let mut rows = Vec::new();
-    for system in ["lb", "XDP_TX reflector", "nftables DNAT"] {
-        let guard = install(system)?;
-        for flows in [1u32, 64_000] {
-            for cores in [1usize, 2] {
-                // XDP runs on the CPU that transmits into the veth, so for lb and
-                // the reflector `cores` generator threads give `cores` cores. The
-                // kernel's softirq work cannot share a core with a generator (it
-                // starves), so for nftables one generator runs on CPU 0 and RPS
-                // hands the stack CPU 1. A second core for it would be the
-                // generator's own: not measured on a 2-CPU machine.
-                let generators = if system == "nftables DNAT" {
-                    if cores > 1 || available_cpus() < 2 {
-                        continue;
-                    }
-                    let path = format!("/sys/class/net/{LB_IFACE}/queues/rx-0/rps_cpus");
-                    run("ip", &["netns", "exec", LB_NS, "sh", "-c", &format!("echo 2 > {path}")])?;
-                    1
-                } else {
-                    cores
-                };
-                // The flow table holds `flows` in every row: each CPU's generator
-                // sends its share (its own flows, as RSS would give it), so a
-                // second core adds a core, not a second working set.
-                let per_generator = (flows / generators as u32).max(1);
-                let generator = Generator::load(&frame_bytes, per_generator)?;
-                // Warm up twice, FLOW_CONFIRM_NS apart: the frames are bare ACKs,
-                // and lb confirms such a flow on a packet a second after its
-                // first. Then measure established flows.
-                generator.blast(&frame_bytes, generators)?;
-                std::thread::sleep(Duration::from_nanos(lb_common::FLOW_CONFIRM_NS * 11 / 10));
-                generator.blast(&frame_bytes, generators)?;
-                // The median of MEASURED_BLASTS by forwarded rate, and the
-                // lowest flow-hit share of any.
-                let mut blasts = (0..MEASURED_BLASTS)
-                    .map(|_| Blast::measure(&generator, &guard, &frame_bytes, generators))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let lowest_hits = blasts
-                    .iter()
-                    .map(|blast| blast.hit_share)
-                    .reduce(|a, b| a.zip(b).map(|(a, b)| a.min(b)));
-                blasts.sort_by(|a, b| a.forwarded_mpps.total_cmp(&b.forwarded_mpps));
-                let median = blasts.swap_remove(MEASURED_BLASTS / 2);
-                rows.push(ThroughputRow {
-                    system: system.into(),
-                    cores,
-                    flows,
-                    offered_mpps: median.offered_mpps,
-                    forwarded_mpps: median.forwarded_mpps,
-                    arrivals: median.arrivals,
-                    flow_hit_share: lowest_hits.flatten(),
-                });
-            }
-        }
-        if std::env::var_os("LB_BENCH_DEBUG").is_some() && system == "nftables DNAT" {
-            let stats = run("ip", &["netns", "exec", LB_NS, "nstat", "-az"])?;
-            for line in String::from_utf8_lossy(&stats.stdout).lines() {
-                if line.split_whitespace().nth(1).is_some_and(|v| v != "0") {
-                    println!("  {line}");
-                }
-            }
-            let ruleset = run("ip", &["netns", "exec", LB_NS, "nft", "list", "ruleset"])?;
-            println!("{}", String::from_utf8_lossy(&ruleset.stdout));
-        }
-        drop(guard);
+/// Unmeasured blasts before a system's measured one. The frames are bare
+/// ACKs, and lb confirms such a flow on a packet a second after its first,
+/// so lb gets a second blast FLOW_CONFIRM_NS after the first: then it
+/// forwards established flows.
+fn warm_up(
+    generator: &Generator,
+    installed: &Installed,
+    frame: &[u8],
+    generators: usize,
+) -> anyhow::Result<()> {
+    generator.blast(frame, generators)?;
+    if let Installed::Balancer(_) = installed {
+        std::thread::sleep(Duration::from_nanos(lb_common::FLOW_CONFIRM_NS * 11 / 10));
+        generator.blast(frame, generators)?;
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// What runs on the balancer's interface while a system is measured.
