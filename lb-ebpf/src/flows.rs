@@ -64,7 +64,7 @@ pub fn keys(
 pub struct Segment {
     is_tcp: bool,
     /// A SYN without ACK: a client opening a connection.
-    syn: bool,
+    pub syn: bool,
     rst: bool,
     fin: bool,
 }
@@ -143,15 +143,14 @@ fn is_idle_since(last_seen_ns: u64, segment: &Segment, now: u64, settings: &Sett
     now.saturating_sub(last_seen_ns) > idle_ns
 }
 
-/// For a SYN, most likely a new flow: its flow hash, after starting to load
-/// the LB_NEW_FLOWS bucket that will pin it. Called before the flow-table
-/// lookup, so that the bucket's cache and TLB misses overlap that lookup's
-/// instead of following them. None for any other packet.
+/// The flow hash, after starting to load the LB_NEW_FLOWS bucket that pins
+/// (or will pin) the flow, so that the bucket's cache and TLB misses overlap
+/// the lookup that follows instead of coming after it. For a SYN, most
+/// likely a new flow, before the flow-table lookup; for any other packet
+/// only once that lookup missed, before the VIP lookup: most packets hit
+/// the flow table and never pay for it.
 #[inline(always)]
-pub fn warm_pin(flow: &FlowKey, segment: &Segment, settings: &Settings) -> Option<u32> {
-    if !segment.syn {
-        return None;
-    }
+pub fn warm_pin(flow: &FlowKey, settings: &Settings) -> u32 {
     let hash = lb_common::flow_hash(flow, settings.hash_seed);
     let bucket = lb_common::pending_bucket(hash, settings.new_flow_slots);
     for way in 0..PENDING_WAYS {
@@ -161,7 +160,7 @@ pub fn warm_pin(flow: &FlowKey, segment: &Segment, settings: &Settings) -> Optio
             unsafe { core::ptr::read_volatile(&raw const (*entry).created_ns) };
         }
     }
-    Some(hash)
+    hash
 }
 
 /// The backend slot for a packet of `vip` that [`confirmed`] did not

@@ -126,11 +126,13 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
     );
     let segment = Segment::of(l3.protocol, ports.tcp_flags);
     let now = clock::now();
-    let hash = flows::warm_pin(&flow, &segment, &settings);
-    let stale = match flows::confirmed(&flow, &segment, now, &settings) {
+    let hash = segment.syn.then(|| flows::warm_pin(&flow, &settings));
+    let (stale, hash) = match flows::confirmed(&flow, &segment, now, &settings) {
         Confirmed::Follow(hit) => return forward(ctx, hit),
-        Confirmed::Stale(entry) => Some(entry),
-        Confirmed::Missing => None,
+        Confirmed::Stale(entry) => (Some(entry), hash),
+        Confirmed::Missing => {
+            (None, Some(hash.unwrap_or_else(|| flows::warm_pin(&flow, &settings))))
+        }
     };
     // SAFETY: the value is copied out at once; the daemon replaces entries
     // whole, so the copy is one consistent version.
