@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{FlowEvent, FlowKey, FlowSyncKind, Reason};
-use lb_userspace::datapath::{Datapath, Maps as _};
+use lb_userspace::datapath::{AttachMode, Datapath, Maps as _};
 use lb_userspace::model::{
     Affinity, BackendHealth, BackendSpec, CheckSpec, DatapathConfig, DesiredState, HealthMap,
     Limits, Protocol, Vip,
@@ -499,6 +499,44 @@ fn established_flows_keep_their_backend_when_the_table_changes() {
 /// `count` TCP flows (client 198.18.0.1, ports from `first_port`) whose
 /// unconfirmed pins share one LB_NEW_FLOWS bucket under `CONFIG`, starting
 /// with one the fourth backend moves (a scratch balancer tells which).
+/// Whether `iface` in namespace `ns` runs an XDP program.
+fn runs_xdp(ns: &str, iface: &str) -> bool {
+    let output = tests::netns::ip(ns, &["-j", "link", "show", iface]).unwrap();
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    !links[0]["xdp"].is_null()
+}
+
+/// `detach` takes the program off its interface and keeps its maps:
+/// attached again, an established flow still follows its entry. (The bench
+/// swaps lb and its reflector on one interface this way.)
+fn a_detached_datapath_keeps_its_flows_and_attaches_again() {
+    const NS: &str = "lbt-detach";
+    tests::netns::down(NS);
+    tests::netns::add(NS).unwrap();
+    tests::netns::ip(NS, &["link", "add", "d0", "type", "veth", "peer", "name", "d1"]).unwrap();
+    let fixture = Fixture::new();
+    let flow = tcp_flows(41_000, 1)[0];
+    let backend = establish(&fixture, &[flow])[0];
+    let fixture = std::thread::spawn(move || {
+        let mut fixture = fixture;
+        tests::netns::enter(NS).unwrap();
+        let datapath = fixture.reconciler.datapath_mut();
+        datapath.attach("d0", AttachMode::Native).unwrap();
+        assert!(runs_xdp(NS, "d0"), "not attached");
+        datapath.detach().unwrap();
+        assert!(!runs_xdp(NS, "d0"), "still attached after detach");
+        datapath.attach("d0", AttachMode::Native).unwrap();
+        assert!(runs_xdp(NS, "d0"), "not attached again");
+        fixture
+    })
+    .join()
+    .unwrap();
+    let hits = event(&fixture.flow_events(), FlowEvent::Hit);
+    assert_eq!(fixture.send(flow, Segment::Ack), backend);
+    assert_eq!(event(&fixture.flow_events(), FlowEvent::Hit) - hits, 1, "not a flow-table hit");
+    tests::netns::down(NS);
+}
+
 fn flows_of_one_bucket(first_port: u16, count: usize) -> Vec<Flow> {
     let slots = lb_common::new_flow_table_size(CONFIG.flow_table_size);
     let bucket_of = |flow: Flow| {
@@ -1148,4 +1186,5 @@ tests::root_tests!(
     a_forged_rst_does_not_unpin_a_flow,
     a_reused_backend_slot_does_not_inherit_the_old_backends_flows,
     spoofed_floods_never_evict_confirmed_flows,
+    a_detached_datapath_keeps_its_flows_and_attaches_again,
 );

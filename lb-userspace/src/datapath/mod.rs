@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::PinnedLink;
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
@@ -116,6 +117,9 @@ pub struct Datapath {
     pin_dir: Option<PathBuf>,
     /// Maps found pinned (a restart) rather than created.
     adopted: bool,
+    /// The link [`Self::attach`] made without a pin directory, which
+    /// [`Self::detach`] drops.
+    link: Option<XdpLinkId>,
     /// The link kept attached across restarts, when pinned by us.
     pinned_link: Option<PinnedLink>,
 }
@@ -221,6 +225,7 @@ impl Datapath {
             attached: None,
             pin_dir: pin_dir.map(Path::to_owned),
             adopted,
+            link: None,
             pinned_link: None,
         })
     }

@@ -104,24 +104,38 @@ impl Datapath {
             },
         };
         self.attached = Some((iface.to_owned(), used));
-        if let Some(dir) = &self.pin_dir {
-            // Pin the link so the program stays attached when lb run stops.
-            let dir = dir.clone();
-            let link = self.program_mut().take_link(link_id).map_err(DatapathError::Program)?;
-            let path = dir.join(LINK_PIN);
-            let pinned = FdLink::try_from(link)
-                .map_err(|error| DatapathError::PinnedLink {
-                    path: path.clone(),
-                    error: error.to_string(),
-                })?
-                .pin(&path)
-                .map_err(|error| DatapathError::PinnedLink {
-                    path: path.clone(),
-                    error: error.to_string(),
-                })?;
-            self.pinned_link = Some(pinned);
-        }
+        let Some(dir) = &self.pin_dir else {
+            self.link = Some(link_id);
+            return Ok(used);
+        };
+        // Pin the link so the program stays attached when lb run stops.
+        let dir = dir.clone();
+        let link = self.program_mut().take_link(link_id).map_err(DatapathError::Program)?;
+        let path = dir.join(LINK_PIN);
+        let pinned = FdLink::try_from(link)
+            .map_err(|error| DatapathError::PinnedLink {
+                path: path.clone(),
+                error: error.to_string(),
+            })?
+            .pin(&path)
+            .map_err(|error| DatapathError::PinnedLink {
+                path: path.clone(),
+                error: error.to_string(),
+            })?;
+        self.pinned_link = Some(pinned);
         Ok(used)
+    }
+
+    /// Detaches the program that [`Self::attach`] attached without a pin
+    /// directory. The maps, and the flows in them, stay: `attach` puts the
+    /// program back where they left off. A pinned link is left alone; `lb
+    /// unload` removes it.
+    pub fn detach(&mut self) -> Result<(), DatapathError> {
+        if let Some(link) = self.link.take() {
+            self.program_mut().detach(link).map_err(DatapathError::Program)?;
+            self.attached = None;
+        }
+        Ok(())
     }
 
     /// Removes every pin, so the program detaches and the maps go once this
