@@ -36,6 +36,13 @@ pub fn enter(ns: &str) -> anyhow::Result<()> {
         .with_context(|| format!("entering namespace {ns}"))
 }
 
+/// Whether an interface in a namespace runs an XDP program (any mode).
+pub fn runs_xdp(ns: &str, iface: &str) -> anyhow::Result<bool> {
+    let output = run("ip", &["-n", ns, "-j", "link", "show", iface])?;
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    Ok(!links[0]["xdp"].is_null())
+}
+
 /// A MAC address of an interface in a namespace.
 pub fn mac(ns: &str, iface: &str) -> anyhow::Result<[u8; 6]> {
     let output = run("ip", &["-n", ns, "-j", "link", "show", iface])?;

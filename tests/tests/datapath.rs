@@ -496,16 +496,6 @@ fn established_flows_keep_their_backend_when_the_table_changes() {
     );
 }
 
-/// `count` TCP flows (client 198.18.0.1, ports from `first_port`) whose
-/// unconfirmed pins share one LB_NEW_FLOWS bucket under `CONFIG`, starting
-/// with one the fourth backend moves (a scratch balancer tells which).
-/// Whether `iface` in namespace `ns` runs an XDP program.
-fn runs_xdp(ns: &str, iface: &str) -> bool {
-    let output = tests::netns::ip(ns, &["-j", "link", "show", iface]).unwrap();
-    let links: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    !links[0]["xdp"].is_null()
-}
-
 /// `detach` takes the program off its interface and keeps its maps:
 /// attached again, an established flow still follows its entry. (The bench
 /// swaps lb and its reflector on one interface this way.)
@@ -522,11 +512,11 @@ fn a_detached_datapath_keeps_its_flows_and_attaches_again() {
         tests::netns::enter(NS).unwrap();
         let datapath = fixture.reconciler.datapath_mut();
         datapath.attach("d0", AttachMode::Native).unwrap();
-        assert!(runs_xdp(NS, "d0"), "not attached");
+        assert!(tests::netns::runs_xdp(NS, "d0").unwrap(), "not attached");
         datapath.detach().unwrap();
-        assert!(!runs_xdp(NS, "d0"), "still attached after detach");
+        assert!(!tests::netns::runs_xdp(NS, "d0").unwrap(), "still attached after detach");
         datapath.attach("d0", AttachMode::Native).unwrap();
-        assert!(runs_xdp(NS, "d0"), "not attached again");
+        assert!(tests::netns::runs_xdp(NS, "d0").unwrap(), "not attached again");
         fixture
     })
     .join()
@@ -537,6 +527,9 @@ fn a_detached_datapath_keeps_its_flows_and_attaches_again() {
     tests::netns::down(NS);
 }
 
+/// `count` TCP flows (client 198.18.0.1, ports from `first_port`) whose
+/// unconfirmed pins share one LB_NEW_FLOWS bucket under `CONFIG`, starting
+/// with one the fourth backend moves (a scratch balancer tells which).
 fn flows_of_one_bucket(first_port: u16, count: usize) -> Vec<Flow> {
     let slots = lb_common::new_flow_table_size(CONFIG.flow_table_size);
     let bucket_of = |flow: Flow| {

@@ -11,8 +11,7 @@ use tests::netns::{self, CLIENT4, LB_IFACE, Testbed};
 const VIP: &str = "198.18.0.10:80";
 
 fn xdp_attached(testbed: &Testbed) -> bool {
-    let link = netns::run("ip", &["-n", &testbed.balancer(), "link", "show", LB_IFACE]).unwrap();
-    String::from_utf8_lossy(&link.stdout).contains("prog/xdp")
+    netns::runs_xdp(&testbed.balancer(), LB_IFACE).unwrap()
 }
 
 fn sigkill_restart_and_a_backend_change_break_no_connection() {
