@@ -11,6 +11,10 @@
 //!   BPF_F_TEST_XDP_LIVE_FRAMES it transmits many flows out of an interface.
 //! - `bench_sink`: counts arriving frames by the last byte of their
 //!   destination MAC (the backend), then drops them.
+//! - `bench_memory_floor`: reads one random cache line of each of two large
+//!   arrays, both loads in flight at once, then swaps MACs and returns
+//!   XDP_TX: the least a new flow can cost when its flow-table bucket and
+//!   its pin are random lines of tables that size.
 // Built for the BPF target by lb-userspace's build.rs; on the host (cargo
 // build/clippy --workspace) it compiles to an empty program.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
@@ -19,7 +23,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_get_smp_processor_id,
     macros::{map, xdp},
-    maps::{PerCpuArray, ProgramArray},
+    maps::{Array, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
 
@@ -47,6 +51,24 @@ static BENCH_CLIENT_BASE: u8 = 1;
 #[unsafe(no_mangle)]
 static BENCH_REPEAT: u32 = 1;
 
+/// Lines (elements) of BENCH_LINES_A and BENCH_LINES_B, each a power of
+/// two, set at load with the maps' sizes.
+#[unsafe(no_mangle)]
+static BENCH_LINES_A_COUNT: u32 = 1;
+#[unsafe(no_mangle)]
+static BENCH_LINES_B_COUNT: u32 = 1;
+
+/// The two arrays `bench_memory_floor` reads, one 64-byte line an element;
+/// sized at load.
+#[map]
+static BENCH_LINES_A: Array<[u64; 8]> = Array::with_max_entries(1, 0);
+#[map]
+static BENCH_LINES_B: Array<[u64; 8]> = Array::with_max_entries(1, 0);
+
+/// Per-CPU count of `bench_memory_floor` runs, from which it picks its lines.
+#[map]
+static BENCH_PROBES: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Index 0: the balancer, for `bench_new_flow` to tail-call.
 #[map]
 static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
@@ -66,6 +88,50 @@ pub fn bench_drop(_ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn bench_mac_swap(ctx: XdpContext) -> u32 {
+    swap_macs(&ctx)
+}
+
+#[xdp]
+pub fn bench_memory_floor(ctx: XdpContext) -> u32 {
+    let Some(probes) = BENCH_PROBES.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: a per-CPU value owned by this CPU; read_volatile keeps the
+    // load-time counts from being folded.
+    let (probe, a_lines, b_lines) = unsafe {
+        (
+            (*probes).wrapping_add(1),
+            core::ptr::read_volatile(&BENCH_LINES_A_COUNT),
+            core::ptr::read_volatile(&BENCH_LINES_B_COUNT),
+        )
+    };
+    // Fibonacci hashing: the high bits of the product spread consecutive
+    // probes over the whole array, with no stride a prefetcher could follow.
+    let spread = probe.wrapping_mul(0x9e37_79b9);
+    let top_bits =
+        |hash: u32, lines: u32| ((u64::from(hash) << lines.trailing_zeros().min(32)) >> 32) as u32;
+    let a = top_bits(spread, a_lines);
+    let b = top_bits(spread.rotate_left(16), b_lines);
+    let (Some(a), Some(b)) = (BENCH_LINES_A.get_ptr(a), BENCH_LINES_B.get_ptr(b)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: pointers from map lookups, valid for this run, and a per-CPU
+    // value owned by this CPU. Both loads are issued before either is used.
+    // The next probe depends on both values (always zero, which the CPU
+    // cannot know), so the next run cannot start its reads before these
+    // end: each run pays the full latency, as a balancer run, too long for
+    // the CPU to reach the next packet's reads early, does.
+    unsafe {
+        let (a, b) = (core::ptr::read_volatile(&(*a)[0]), core::ptr::read_volatile(&(*b)[0]));
+        *probes = probe.wrapping_add((a | b) as u32);
+    }
+    swap_macs(&ctx)
+}
+
+/// Swaps the frame's MAC addresses and returns XDP_TX (XDP_ABORTED for a
+/// frame too short to hold them).
+#[inline(always)]
+fn swap_macs(ctx: &XdpContext) -> u32 {
     let start = ctx.data();
     if start + 12 > ctx.data_end() {
         return xdp_action::XDP_ABORTED;

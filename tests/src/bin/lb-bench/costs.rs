@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues, ProgramArray};
 use aya::programs::{ProgramFd, TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
-use lb_common::{FLOW_CONFIRM_NS, Reason};
+use lb_common::{FLOW_CONFIRM_NS, PendingFlow, Reason, new_flow_table_size};
 use lb_userspace::datapath::BENCH_OBJECT;
 use lb_userspace::model::{DatapathConfig, Protocol};
 use lb_userspace::reconcile::Reconciler;
@@ -31,6 +31,10 @@ pub const REPEAT: u32 = 1_000_000;
 /// wrapper cycles through, so no repeat meets an earlier flow of its row.
 pub const NEW_FLOW_REPEAT: u32 = 12_000;
 pub const RUNS: usize = 5;
+/// The row that reads what a fresh tuple's SYN must: a random line of an
+/// array the size of the flow table's buckets and one the size of its
+/// unconfirmed table (both loads in flight at once), then XDP_TX.
+pub const MEMORY_FLOOR: &str = "floor: memory of a new flow";
 
 #[derive(Serialize)]
 pub struct CostRow {
@@ -202,12 +206,33 @@ pub struct Harness {
     pub floor: f64,
 }
 
+/// Bytes of the kernel's bucket array for a flow table (an LRU hash) of
+/// `flow_table_size`: a power of two of 16-byte buckets (a list head and a
+/// lock), as `/proc/vmallocinfo` shows it.
+fn flow_bucket_bytes(flow_table_size: u32) -> u32 {
+    flow_table_size.next_power_of_two() * 16
+}
+
+/// Bytes of the unconfirmed table for a flow table of `flow_table_size`.
+fn pin_table_bytes(flow_table_size: u32) -> u32 {
+    new_flow_table_size(flow_table_size) * size_of::<PendingFlow>() as u32
+}
+
 impl Harness {
-    pub fn load(sample: &[u8]) -> anyhow::Result<Self> {
+    /// The bench programs, with `bench_memory_floor`'s arrays the size of a
+    /// `flow_table_size` flow table's buckets and of its unconfirmed table.
+    pub fn load(sample: &[u8], flow_table_size: u32) -> anyhow::Result<Self> {
+        let lines = |bytes: u32| bytes / 64;
+        let (a, b) =
+            (lines(flow_bucket_bytes(flow_table_size)), lines(pin_table_bytes(flow_table_size)));
         let mut bench = EbpfLoader::new()
             .override_global("BENCH_FLOWS", &64_000u32, true)
+            .override_global("BENCH_LINES_A_COUNT", &a, true)
+            .override_global("BENCH_LINES_B_COUNT", &b, true)
+            .map_max_entries("BENCH_LINES_A", a)
+            .map_max_entries("BENCH_LINES_B", b)
             .load(BENCH_OBJECT)?;
-        for name in ["bench_drop", "bench_mac_swap", "bench_new_flow"] {
+        for name in ["bench_drop", "bench_mac_swap", "bench_new_flow", "bench_memory_floor"] {
             xdp(&mut bench, name)?.load()?;
         }
         let mut target =
@@ -234,6 +259,12 @@ impl Harness {
     pub fn wrapper_for(&mut self, balancer: &Xdp) -> anyhow::Result<(ProgramFd, f64)> {
         self.target.set(0, balancer.fd()?, 0)?;
         Ok((xdp(&mut self.bench, "bench_new_flow")?.fd()?.try_clone()?, self.wrapper))
+    }
+
+    /// ns per packet of `bench_memory_floor`: a random line of each array
+    /// read, both at once, then the floor's MAC swap.
+    pub fn memory_floor(&mut self, sample: &[u8]) -> anyhow::Result<f64> {
+        cost(xdp(&mut self.bench, "bench_memory_floor")?, sample, REPEAT, XDP_TX)
     }
 
     /// Where the wrapper's port sequence stands, to replay it with [`Self::rewind`].
@@ -288,11 +319,15 @@ pub fn established(flow: Flow) -> Vec<u8> {
 pub fn per_packet_costs() -> anyhow::Result<Vec<CostRow>> {
     // One CPU: the wrapper's port sequence is per CPU, and must not restart.
     pin_to_cpu(0)?;
-    let reconciler = balancer(config(None, false))?;
+    let config = config(None, false);
+    let flow_table_size = config.flow_table_size;
+    let reconciler = balancer(config)?;
     let lb = reconciler.datapath().program();
     let [(_, tcp4), ..] = kinds(1);
-    let mut harness = Harness::load(&packet(tcp4, Segment::Syn))?;
+    let syn = packet(tcp4, Segment::Syn);
+    let mut harness = Harness::load(&syn, flow_table_size)?;
     let floor = harness.floor;
+    let memory_floor = harness.memory_floor(&syn)?;
     let repeats = u64::from(REPEAT) * RUNS as u64;
     let fresh = u64::from(NEW_FLOW_REPEAT) * RUNS as u64;
 
@@ -311,8 +346,18 @@ pub fn per_packet_costs() -> anyhow::Result<Vec<CostRow>> {
             proof: "-".into(),
             proven: true,
         },
+        CostRow {
+            path: format!(
+                "{MEMORY_FLOOR}: a random line of {} MiB and of {} MiB, then XDP_TX",
+                flow_bucket_bytes(flow_table_size) >> 20,
+                pin_table_bytes(flow_table_size) >> 20
+            ),
+            ns_per_packet: memory_floor,
+            vs_xdp_tx_floor: memory_floor / floor,
+            proof: "-".into(),
+            proven: true,
+        },
     ];
-    let syn = packet(tcp4, Segment::Syn);
     rows.push(row(
         &reconciler,
         "TCP SYN, IPv4 (one tuple): Maglev choice, unconfirmed entry",

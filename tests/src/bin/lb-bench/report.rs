@@ -6,8 +6,11 @@ use serde::Serialize;
 
 use crate::connections::ConnectionRow;
 use crate::control::ControlRow;
-use crate::costs::CostRow;
+use crate::costs::{CostRow, MEMORY_FLOOR};
 use crate::forwarding::ThroughputRow;
+
+const NEW_FLOW_TARGET: &str =
+    "first packet of a new TCP connection (fresh tuples) at most 6x the floor";
 
 #[derive(Serialize)]
 pub struct Target {
@@ -47,11 +50,7 @@ pub fn targets(
             ],
             3.0,
         ),
-        (
-            "first packet of a new TCP connection (fresh tuples) at most 6x the floor",
-            &["new flow, TCP IPv4 (fresh", "new flow, TCP IPv6 (fresh"],
-            6.0,
-        ),
+        (NEW_FLOW_TARGET, &["new flow, TCP IPv4 (fresh", "new flow, TCP IPv6 (fresh"], 6.0),
         ("a packet that is not for a VIP at most 1.3x the floor", &["not a VIP"], 1.3),
     ];
     for (target, prefixes, most) in floors {
@@ -61,6 +60,13 @@ pub fn targets(
             measured: format!("{worst:.2}x (the worst row)"),
             met: worst <= most,
         });
+    }
+    // What a fresh tuple's two random reads cost alone, next to the target
+    // they bound (docs/performance: "Why 6x is still out of reach").
+    if let Some(new_flow) = targets.iter_mut().find(|target| target.target == NEW_FLOW_TARGET) {
+        let memory = ratio(MEMORY_FLOOR);
+        new_flow.measured =
+            format!("{}; its two memory reads alone {memory:.2}x", new_flow.measured);
     }
     // A live row counts only if nearly every frame followed a confirmed
     // entry: a harness that sent new flows instead would measure another path.
