@@ -132,7 +132,6 @@ fn draw(frame: &mut Frame, screen: &Screen) {
         header,
     );
 
-    let bold = Style::new().add_modifier(Modifier::BOLD);
     let vip_rows = stats.vips.iter().map(|vip| {
         let active: u64 =
             stats.backends.iter().filter(|b| b.vip == vip.vip).map(|b| b.active_flows).sum();
@@ -151,24 +150,16 @@ fn draw(frame: &mut Frame, screen: &Screen) {
             Cell::from(vip.scheduler.to_string()),
         ])
     });
-    let vip_table = Table::new(
-        vip_rows,
-        [
-            Constraint::Min(28),
-            Constraint::Length(10),
-            Constraint::Length(9),
-            Constraint::Length(9),
-            Constraint::Length(12),
-            Constraint::Length(8),
-            Constraint::Length(17),
-        ],
-    )
-    .header(
-        Row::new(["VIP", "HEALTH", "PKT/S", "BYTES/S", "ACTIVE FLOWS", "DROP/S", "SCHEDULER"])
-            .style(bold),
-    )
-    .block(Block::bordered().title("VIPs"));
-    frame.render_widget(vip_table, vips);
+    let vip_columns = [
+        ("VIP", Constraint::Min(28)),
+        ("HEALTH", Constraint::Length(10)),
+        ("PKT/S", Constraint::Length(9)),
+        ("BYTES/S", Constraint::Length(9)),
+        ("ACTIVE FLOWS", Constraint::Length(12)),
+        ("DROP/S", Constraint::Length(8)),
+        ("SCHEDULER", Constraint::Length(17)),
+    ];
+    frame.render_widget(table("VIPs", &vip_columns, vip_rows), vips);
 
     let backend_rows = stats.backends.iter().map(|backend| {
         let colour = match backend.state.as_str() {
@@ -187,40 +178,36 @@ fn draw(frame: &mut Frame, screen: &Screen) {
             Cell::from(format!("{:.1}%", backend.new_flow_share * 100.0)),
         ])
     });
-    let backend_table = Table::new(
-        backend_rows,
-        [
-            Constraint::Min(28),
-            Constraint::Min(16),
-            Constraint::Length(9),
-            Constraint::Length(6),
-            Constraint::Length(9),
-            Constraint::Length(9),
-            Constraint::Length(12),
-            Constraint::Length(9),
-        ],
-    )
-    .header(
-        Row::new([
-            "VIP",
-            "BACKEND",
-            "STATE",
-            "WEIGHT",
-            "PKT/S",
-            "BYTES/S",
-            "ACTIVE FLOWS",
-            "NEW SHARE",
-        ])
-        .style(bold),
-    )
-    .block(Block::bordered().title("Backends"));
-    frame.render_widget(backend_table, backends);
+    let backend_columns = [
+        ("VIP", Constraint::Min(28)),
+        ("BACKEND", Constraint::Min(16)),
+        ("STATE", Constraint::Length(9)),
+        ("WEIGHT", Constraint::Length(6)),
+        ("PKT/S", Constraint::Length(9)),
+        ("BYTES/S", Constraint::Length(9)),
+        ("ACTIVE FLOWS", Constraint::Length(12)),
+        ("NEW SHARE", Constraint::Length(9)),
+    ];
+    frame.render_widget(table("Backends", &backend_columns, backend_rows), backends);
 
     let occupancy = format!(
         "flow table: {} flows capacity; Maglev tables installed since start: {}",
         stats.flow_table_size, stats.tables_built
     );
     frame.render_widget(Line::from(occupancy), footer);
+}
+
+/// A bordered table titled `title`, each column given as its header and
+/// its width, so that the two cannot drift apart.
+fn table<'a>(
+    title: &'a str,
+    columns: &[(&'a str, Constraint)],
+    rows: impl IntoIterator<Item = Row<'a>>,
+) -> Table<'a> {
+    let (headers, widths): (Vec<&str>, Vec<Constraint>) = columns.iter().copied().unzip();
+    Table::new(rows, widths)
+        .header(Row::new(headers).style(Style::new().add_modifier(Modifier::BOLD)))
+        .block(Block::bordered().title(title))
 }
 
 #[cfg(test)]
