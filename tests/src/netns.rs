@@ -36,18 +36,22 @@ pub fn enter(ns: &str) -> anyhow::Result<()> {
         .with_context(|| format!("entering namespace {ns}"))
 }
 
+/// An interface in a namespace, as `ip -j link show` describes it.
+fn link(ns: &str, iface: &str) -> anyhow::Result<serde_json::Value> {
+    let output = run("ip", &["-n", ns, "-j", "link", "show", iface])?;
+    let mut links: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    Ok(links[0].take())
+}
+
 /// Whether an interface in a namespace runs an XDP program (any mode).
 pub fn runs_xdp(ns: &str, iface: &str) -> anyhow::Result<bool> {
-    let output = run("ip", &["-n", ns, "-j", "link", "show", iface])?;
-    let links: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    Ok(!links[0]["xdp"].is_null())
+    Ok(!link(ns, iface)?["xdp"].is_null())
 }
 
 /// A MAC address of an interface in a namespace.
 pub fn mac(ns: &str, iface: &str) -> anyhow::Result<[u8; 6]> {
-    let output = run("ip", &["-n", ns, "-j", "link", "show", iface])?;
-    let links: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    let text = links[0]["address"].as_str().context("no MAC")?;
+    let link = link(ns, iface)?;
+    let text = link["address"].as_str().context("no MAC")?;
     let bytes: Vec<u8> =
         text.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
     bytes.try_into().map_err(|_| anyhow::anyhow!("odd MAC {text}"))

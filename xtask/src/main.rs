@@ -153,10 +153,14 @@ fn dist(root: &Path) -> anyhow::Result<()> {
     let stage = out.join("stage");
     let _ = std::fs::remove_dir_all(&stage);
     let lb = root.join("target/release/lb");
-    let place = |from: &Path, to: &str| -> anyhow::Result<()> {
+    // Where `to` goes in the stage, its directory made.
+    let staged = |to: &str| -> anyhow::Result<PathBuf> {
         let target = stage.join(to);
         std::fs::create_dir_all(target.parent().context("a file path")?)?;
-        std::fs::copy(from, &target).with_context(|| format!("copying {}", from.display()))?;
+        Ok(target)
+    };
+    let place = |from: &Path, to: &str| -> anyhow::Result<()> {
+        std::fs::copy(from, staged(to)?).with_context(|| format!("copying {}", from.display()))?;
         Ok(())
     };
     let generated = |args: &[&str], to: &str| -> anyhow::Result<()> {
@@ -164,9 +168,7 @@ fn dist(root: &Path) -> anyhow::Result<()> {
         if !output.status.success() {
             bail!("lb {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
         }
-        let target = stage.join(to);
-        std::fs::create_dir_all(target.parent().context("a file path")?)?;
-        std::fs::write(target, output.stdout)?;
+        std::fs::write(staged(to)?, output.stdout)?;
         Ok(())
     };
     let dist = root.join("dist");

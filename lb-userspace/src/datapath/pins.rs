@@ -112,16 +112,11 @@ impl Datapath {
         let dir = dir.clone();
         let link = self.program_mut().take_link(link_id).map_err(DatapathError::Program)?;
         let path = dir.join(LINK_PIN);
+        let failed = |error: String| DatapathError::PinnedLink { path: path.clone(), error };
         let pinned = FdLink::try_from(link)
-            .map_err(|error| DatapathError::PinnedLink {
-                path: path.clone(),
-                error: error.to_string(),
-            })?
+            .map_err(|error| failed(error.to_string()))?
             .pin(&path)
-            .map_err(|error| DatapathError::PinnedLink {
-                path: path.clone(),
-                error: error.to_string(),
-            })?;
+            .map_err(|error| failed(error.to_string()))?;
         self.pinned_link = Some(pinned);
         Ok(used)
     }
