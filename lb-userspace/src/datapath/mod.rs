@@ -3,7 +3,7 @@
 //! readers and writers in `maps`. Only the daemon's reconcile step (and
 //! tests standing in for it) write the maps.
 
-use std::os::fd::AsFd as _;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
@@ -42,6 +42,24 @@ pub static PEER_PASS_OBJECT: &[u8] =
 /// attached by `lb run`.
 pub static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-programs"));
+
+/// What flow sync (the `sync` task) is given of the datapath: handles it reopens on each
+/// start, so a task started again resumes reading the ring where the last
+/// one stopped (the read position lives in the ring's shared memory).
+pub struct SyncDatapath {
+    /// The flow-change ring buffer.
+    pub ring: OwnedFd,
+    /// The flow table, reopened for each writer and dump.
+    pub flow_table: OwnedFd,
+}
+
+impl SyncDatapath {
+    /// A reader of the flow-change ring, from where the last reader stopped.
+    pub fn open_ring(&self) -> std::io::Result<RingBuf<MapData>> {
+        let map = MapData::from_fd(self.ring.try_clone()?).map_err(std::io::Error::other)?;
+        RingBuf::try_from(aya::maps::Map::RingBuf(map)).map_err(std::io::Error::other)
+    }
+}
 
 /// How to attach: `Auto` tries native (driver) mode and falls back to generic
 /// (skb) mode with a warning.
@@ -232,11 +250,11 @@ impl Datapath {
 
     /// What flow sync needs: the flow-change ring buffer (once; None after)
     /// and its own handle on the flow table.
-    pub fn take_sync(&mut self) -> Result<Option<crate::sync::SyncDatapath>, DatapathError> {
+    pub fn take_sync(&mut self) -> Result<Option<SyncDatapath>, DatapathError> {
         let Some(ring) = self.flow_sync.take() else { return Ok(None) };
         let ring = maps::owned_fd(ring.as_fd(), MAP_FLOW_SYNC)?;
         let flow_table = maps::owned_fd(self.flows_fd(), MAP_FLOWS)?;
-        Ok(Some(crate::sync::SyncDatapath { ring, flow_table }))
+        Ok(Some(SyncDatapath { ring, flow_table }))
     }
 
     /// The loaded XDP program (for test runs and for tail calls into it).

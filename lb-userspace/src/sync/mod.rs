@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::MapData;
 use lb_common::FlowSyncEvent;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
@@ -32,6 +32,8 @@ pub use flows::Directory;
 pub use key::load as load_key;
 pub use peers::{PeerState, PeerStatus, Settings};
 pub use wire::SyncKey;
+
+use crate::datapath::SyncDatapath;
 
 use flows::{Applied, FlowTable};
 use peers::{Peer, Rejected};
@@ -77,24 +79,6 @@ pub struct SyncStatus {
     pub dropped_malformed: u64,
     pub dropped_unknown_sender: u64,
     pub dropped_settings_differ: u64,
-}
-
-/// What the sync task is given of the datapath: handles it reopens on each
-/// start, so a task started again resumes reading the ring where the last
-/// one stopped (the read position lives in the ring's shared memory).
-pub struct SyncDatapath {
-    /// The flow-change ring buffer.
-    pub ring: OwnedFd,
-    /// The flow table, reopened for each writer and dump.
-    pub flow_table: OwnedFd,
-}
-
-impl SyncDatapath {
-    /// A reader of the flow-change ring, from where the last reader stopped.
-    pub fn open_ring(&self) -> std::io::Result<RingBuf<MapData>> {
-        let map = MapData::from_fd(self.ring.try_clone()?).map_err(std::io::Error::other)?;
-        RingBuf::try_from(aya::maps::Map::RingBuf(map)).map_err(std::io::Error::other)
-    }
 }
 
 /// Everything the sync task runs on. The daemon keeps it, to start the task

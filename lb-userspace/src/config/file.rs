@@ -1,0 +1,251 @@
+//! The file's TOML schema, shared by configuration files and the state
+//! file: what is read ([`parse`], which validates every value and names the
+//! line of a mistake) and what is written ([`render`]).
+
+use std::ops::Range;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use super::{Config, ConfigError, ConfigSource, SyncConfig, check_announce_table};
+use crate::maglev::is_valid_table_size;
+use crate::model::{
+    Affinity, BackendSpec, CheckOptions, CheckSpec, DEFAULT_WEIGHT, DatapathConfig, DesiredState,
+    Protocol, Scheduler, Vip, parse_address, parse_endpoint,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileIn {
+    hash_seed: Option<u32>,
+    table_size: Option<Spanned<u32>>,
+    max_vips: Option<Spanned<u32>>,
+    max_backends: Option<Spanned<u32>>,
+    flow_table_size: Option<Spanned<u32>>,
+    udp_idle_timeout_ms: Option<Spanned<u64>>,
+    tcp_idle_timeout_ms: Option<Spanned<u64>>,
+    announce_table: Option<Spanned<u32>>,
+    sync: Option<Spanned<SyncConfig>>,
+    source: Option<ConfigSource>,
+    #[serde(default)]
+    vip: Vec<VipIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VipIn {
+    address: Spanned<String>,
+    protocol: Option<Spanned<String>>,
+    affinity: Option<Affinity>,
+    scheduler: Option<Scheduler>,
+    check: Option<Spanned<CheckOptions>>,
+    #[serde(default)]
+    backend: Vec<BackendIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendIn {
+    address: Spanned<String>,
+    weight: Option<Spanned<u32>>,
+    #[serde(default)]
+    draining: bool,
+}
+
+#[derive(Serialize)]
+struct FileOut {
+    hash_seed: u32,
+    table_size: u32,
+    max_vips: u32,
+    max_backends: u32,
+    flow_table_size: u32,
+    udp_idle_timeout_ms: u64,
+    tcp_idle_timeout_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    announce_table: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sync: Option<SyncConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<ConfigSource>,
+    vip: Vec<VipOut>,
+}
+
+#[derive(Serialize)]
+struct VipOut {
+    address: String,
+    protocol: Protocol,
+    affinity: Affinity,
+    scheduler: Scheduler,
+    check: CheckSpec,
+    backend: Vec<BackendSpec>,
+}
+
+/// Parses config text; `path` only names the file in errors.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let file: FileIn = toml::from_str(text).map_err(|error| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: error.to_string().trim_end().replace('\n', "\n  "),
+    })?;
+    let invalid = |span: Range<usize>, field: &str, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        line: text[..span.start.min(text.len())].matches('\n').count() + 1,
+        field: field.to_owned(),
+        message,
+    };
+
+    let defaults = DatapathConfig::default();
+    let mut datapath =
+        DatapathConfig { hash_seed: file.hash_seed.unwrap_or(defaults.hash_seed), ..defaults };
+    if let Some(size) = &file.table_size {
+        if !is_valid_table_size(*size.get_ref()) {
+            return Err(invalid(
+                size.span(),
+                "table_size",
+                format!(
+                    "{} is not a prime of at least 3 (the default is {})",
+                    size.get_ref(),
+                    defaults.table_size
+                ),
+            ));
+        }
+        datapath.table_size = *size.get_ref();
+    }
+    for (value, field, target) in [
+        (&file.max_vips, "max_vips", &mut datapath.max_vips),
+        (&file.max_backends, "max_backends", &mut datapath.max_backends),
+        (&file.flow_table_size, "flow_table_size", &mut datapath.flow_table_size),
+    ] {
+        if let Some(value) = value {
+            if *value.get_ref() == 0 {
+                return Err(invalid(value.span(), field, "must be at least 1".to_owned()));
+            }
+            *target = *value.get_ref();
+        }
+    }
+    for (value, field, target) in [
+        (&file.udp_idle_timeout_ms, "udp_idle_timeout_ms", &mut datapath.udp_idle_timeout_ms),
+        (&file.tcp_idle_timeout_ms, "tcp_idle_timeout_ms", &mut datapath.tcp_idle_timeout_ms),
+    ] {
+        if let Some(value) = value {
+            if !(1_000..=86_400_000).contains(value.get_ref()) {
+                let message =
+                    format!("{} ms is out of range: expected 1000 to 86400000", value.get_ref());
+                return Err(invalid(value.span(), field, message));
+            }
+            *target = *value.get_ref();
+        }
+    }
+    if datapath.maglev_entries().is_none_or(|entries| entries.checked_mul(4).is_none()) {
+        return Err(invalid(
+            0..0,
+            "max_vips",
+            format!(
+                "max_vips x 2 x table_size ({} x 2 x {}) is too large for one BPF array",
+                datapath.max_vips, datapath.table_size
+            ),
+        ));
+    }
+
+    let announce_table = match &file.announce_table {
+        None => None,
+        Some(table) => Some(
+            check_announce_table(*table.get_ref())
+                .map_err(|message| invalid(table.span(), "announce_table", message))?,
+        ),
+    };
+    let sync = match file.sync {
+        None => None,
+        Some(sync) => {
+            if sync.get_ref().peers.is_empty() {
+                return Err(invalid(
+                    sync.span(),
+                    "sync.peers",
+                    "list at least one peer".to_owned(),
+                ));
+            }
+            Some(sync.into_inner())
+        }
+    };
+    let mut config = Config {
+        datapath,
+        desired: DesiredState::default(),
+        sync,
+        announce_table,
+        hash_seed_set: file.hash_seed.is_some(),
+        source: file.source,
+    };
+    let limits = config.limits();
+    for vip_in in &file.vip {
+        let endpoint = parse_endpoint(vip_in.address.get_ref())
+            .map_err(|message| invalid(vip_in.address.span(), "vip.address", message))?;
+        let protocol = match &vip_in.protocol {
+            None => Protocol::Tcp,
+            Some(text) => text
+                .get_ref()
+                .parse()
+                .map_err(|message| invalid(text.span(), "vip.protocol", message))?,
+        };
+        let vip = Vip::new(endpoint, protocol);
+        let check = vip_in.check.as_ref().map_or_else(CheckSpec::default, |check| {
+            check.get_ref().applied_to(&CheckSpec::default())
+        });
+        if let (Err(message), Some(check_in)) = (check.validate(), &vip_in.check) {
+            return Err(invalid(check_in.span(), "vip.check", message));
+        }
+        let affinity = vip_in.affinity.unwrap_or_default();
+        config
+            .desired
+            .add_vip(vip, check, affinity, limits)
+            .and_then(|()| config.desired.set_scheduling(&vip, None, vip_in.scheduler))
+            .map_err(|error| invalid(vip_in.address.span(), "vip.address", error.to_string()))?;
+        for backend_in in &vip_in.backend {
+            let address = parse_address(backend_in.address.get_ref()).map_err(|message| {
+                invalid(backend_in.address.span(), "vip.backend.address", message)
+            })?;
+            let weight = backend_in.weight.as_ref().map_or(DEFAULT_WEIGHT, |w| *w.get_ref());
+            let backend = BackendSpec { address, weight, draining: backend_in.draining };
+            config.desired.add_backend(&vip, backend, limits).map_err(|error| {
+                let (span, field) = match &backend_in.weight {
+                    Some(w) if matches!(error, crate::model::ChangeError::WeightOutOfRange(_)) => {
+                        (w.span(), "vip.backend.weight")
+                    }
+                    _ => (backend_in.address.span(), "vip.backend.address"),
+                };
+                invalid(span, field, error.to_string())
+            })?;
+        }
+    }
+    Ok(config)
+}
+
+/// The config as TOML, in the schema [`parse`] reads.
+pub fn render(config: &Config) -> String {
+    let file = FileOut {
+        hash_seed: config.datapath.hash_seed,
+        table_size: config.datapath.table_size,
+        max_vips: config.datapath.max_vips,
+        max_backends: config.datapath.max_backends,
+        flow_table_size: config.datapath.flow_table_size,
+        udp_idle_timeout_ms: config.datapath.udp_idle_timeout_ms,
+        tcp_idle_timeout_ms: config.datapath.tcp_idle_timeout_ms,
+        announce_table: config.announce_table,
+        sync: config.sync.clone(),
+        source: config.source.clone(),
+        vip: config
+            .desired
+            .vips
+            .iter()
+            .map(|(vip, spec)| VipOut {
+                address: vip.endpoint().to_string(),
+                protocol: vip.protocol,
+                affinity: spec.affinity,
+                scheduler: spec.scheduler,
+                check: spec.check.clone(),
+                backend: spec.backends.values().cloned().collect(),
+            })
+            .collect(),
+    };
+    let body = toml::to_string_pretty(&file).expect("the state always serializes");
+    format!("# Written by `lb run`: the balancer's configuration as last changed.\n{body}")
+}

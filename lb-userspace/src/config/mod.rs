@@ -1,0 +1,218 @@
+//! The configuration file (TOML) and the persisted state, which share one
+//! schema: datapath settings plus `[[vip]]` tables with `[[vip.backend]]`s.
+//!
+//! ```toml
+//! hash_seed = 7          # same on every balancer that shares the VIPs; default: random, kept in the state
+//! table_size = 65537     # a prime
+//! max_vips = 64
+//! max_backends = 4096
+//! flow_table_size = 1048576
+//! udp_idle_timeout_ms = 30000
+//! tcp_idle_timeout_ms = 3600000
+//! announce_table = 100   # publish VIP routes here for BIRD/FRR; default off
+//!
+//! [sync]                 # optional: share flows with peer balancers
+//! listen = "198.18.2.1:9470"
+//! peers = ["198.18.2.2", "198.18.2.3:9470"]
+//! key_file = "/etc/lb/sync.key"
+//!
+//! [[vip]]
+//! address = "198.18.0.10:80"
+//! protocol = "tcp"       # default tcp
+//! affinity = "flow"      # or "client-ip"
+//! scheduler = "maglev"   # or "least-connections": new flows to the least loaded
+//!
+//! [vip.check]            # optional; default: a tcp connect to the VIP port
+//! type = "http"          # tcp, http, ws or none
+//! path = "/health"
+//! status = "200-399"
+//! interval_ms = 300
+//! timeout_ms = 250
+//! rise = 2
+//! fall = 3
+//!
+//! [[vip.backend]]
+//! address = "198.18.1.1"
+//! weight = 1             # 1 to 256, default 1
+//! draining = false       # true: no new flows, established ones continue
+//! ```
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{DatapathConfig, DesiredState, Limits};
+
+mod file;
+#[cfg(test)]
+mod tests;
+
+pub use file::{parse, render};
+
+/// Everything `lb run` needs besides its command line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub datapath: DatapathConfig,
+    pub desired: DesiredState,
+    /// Flow sync with peer balancers, when configured.
+    pub sync: Option<SyncConfig>,
+    /// Kernel routing table where serving VIPs are published, when set.
+    pub announce_table: Option<u32>,
+    /// Whether the file set `hash_seed` (a state file always does). When it
+    /// did not, `lb run` keeps the seed of its state or picks a random one.
+    pub hash_seed_set: bool,
+    /// In the state file only: the configuration file last applied as a
+    /// whole (at start, by `lb config apply` or SIGHUP). `lb run --config`
+    /// restores the state instead of the file while the file is unchanged.
+    pub source: Option<ConfigSource>,
+}
+
+/// A configuration file as it was when applied: its path and a digest of
+/// its text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// xxh3-64 of the file's bytes, in hex.
+    pub digest: String,
+}
+
+impl ConfigSource {
+    pub fn of(path: &Path, text: &str) -> Self {
+        let digest = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()));
+        Self { path: path.to_owned(), digest }
+    }
+}
+
+/// The `[sync]` table (or `--sync-*`): where to listen, which peers, and
+/// the file holding the fleet's shared key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    pub listen: SocketAddr,
+    #[serde(serialize_with = "peers_out", deserialize_with = "peers_in")]
+    pub peers: Vec<SocketAddr>,
+    pub key_file: PathBuf,
+}
+
+fn peers_out<S: serde::Serializer>(peers: &[SocketAddr], out: S) -> Result<S::Ok, S::Error> {
+    out.collect_seq(peers.iter().map(ToString::to_string))
+}
+
+fn peers_in<'de, D: serde::Deserializer<'de>>(input: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let texts = Vec::<String>::deserialize(input)?;
+    texts
+        .iter()
+        .map(|text| crate::sync::parse_peer(text).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// The kernel's own routing tables, which announcing must not use.
+const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+
+/// Why an announce table is refused, if it is.
+pub fn check_announce_table(table: u32) -> Result<u32, String> {
+    if RESERVED_TABLES.contains(&table) {
+        return Err(format!(
+            "table {table} is one of the kernel's own (unspec, default, main, local): choose another, e.g. 100"
+        ));
+    }
+    Ok(table)
+}
+
+impl Config {
+    pub fn limits(&self) -> Limits {
+        self.datapath.limits()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}:{line}: {field}: {message}")]
+    Invalid { path: PathBuf, line: usize, field: String, message: String },
+    #[error("{path}: writing the state failed: {error}")]
+    Write { path: PathBuf, error: std::io::Error },
+}
+
+/// Reads and validates a config or state file. Nothing is applied here: a
+/// file with any error is refused as a whole.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    parse(&read(path)?, path)
+}
+
+/// A config or state file's text; an error names the file.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|error| ConfigError::Read { path: path.to_owned(), error })
+}
+
+/// Reads a configuration file to apply as a whole: [`load`], with
+/// `source` naming the file and its digest.
+pub fn load_source(path: &Path) -> Result<Config, ConfigError> {
+    parse_source(&read(path)?, path)
+}
+
+/// [`parse`], with `source` naming the file and its digest.
+pub fn parse_source(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let mut config = parse(text, path)?;
+    config.source = Some(ConfigSource::of(path, text));
+    Ok(config)
+}
+
+/// The settings fixed when the datapath is loaded (or the fleet joined)
+/// that differ between the running configuration and a file's, as
+/// `name running -> file`: a file that changes any cannot be applied
+/// without a restart. A seed the file does not set is not a difference.
+pub fn restart_settings(running: &Config, file: &Config) -> Vec<String> {
+    let (now, next) = (&running.datapath, &file.datapath);
+    let mut differ = Vec::new();
+    let mut compare = |name: &str, now: String, next: String| {
+        if now != next {
+            differ.push(format!("{name} {now} -> {next}"));
+        }
+    };
+    if file.hash_seed_set {
+        compare("hash_seed", now.hash_seed.to_string(), next.hash_seed.to_string());
+    }
+    compare("table_size", now.table_size.to_string(), next.table_size.to_string());
+    compare("max_vips", now.max_vips.to_string(), next.max_vips.to_string());
+    compare("max_backends", now.max_backends.to_string(), next.max_backends.to_string());
+    compare("flow_table_size", now.flow_table_size.to_string(), next.flow_table_size.to_string());
+    compare(
+        "udp_idle_timeout_ms",
+        now.udp_idle_timeout_ms.to_string(),
+        next.udp_idle_timeout_ms.to_string(),
+    );
+    compare(
+        "tcp_idle_timeout_ms",
+        now.tcp_idle_timeout_ms.to_string(),
+        next.tcp_idle_timeout_ms.to_string(),
+    );
+    compare(
+        "announce_table",
+        format!("{:?}", running.announce_table),
+        format!("{:?}", file.announce_table),
+    );
+    compare("[sync]", format!("{:?}", running.sync), format!("{:?}", file.sync));
+    differ
+}
+
+/// Writes the state atomically: a crash leaves either the old or the new
+/// file, never a partial one.
+pub fn save(config: &Config, path: &Path) -> Result<(), ConfigError> {
+    let write_error = |error| ConfigError::Write { path: path.to_owned(), error };
+    let directory = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(directory).map_err(write_error)?;
+    let mut temporary = tempfile::NamedTempFile::new_in(directory).map_err(write_error)?;
+    temporary.write_all(render(config).as_bytes()).map_err(write_error)?;
+    temporary.as_file().sync_all().map_err(write_error)?;
+    temporary.persist(path).map_err(|error| write_error(error.error))?;
+    std::fs::File::open(directory).and_then(|dir| dir.sync_all()).map_err(write_error)?;
+    Ok(())
+}

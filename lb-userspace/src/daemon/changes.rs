@@ -1,0 +1,99 @@
+//! The one path of a change of the running configuration: validated on a
+//! copy, persisted, then installed by the reconcile step; and the two ways
+//! a whole file becomes the configuration (`lb config apply`, SIGHUP).
+
+use std::path::Path;
+
+use super::Daemon;
+use crate::config::{self, Config};
+use crate::health::Start;
+use crate::model::diff::Change;
+use crate::model::{ChangeError, DesiredState};
+
+impl Daemon {
+    /// Applies one change of the desired state; see [`Self::change_config`].
+    pub(super) fn change(
+        &mut self,
+        edit: impl FnOnce(&mut DesiredState) -> Result<(), ChangeError>,
+    ) -> anyhow::Result<()> {
+        self.change_config(|config| edit(&mut config.desired))
+    }
+
+    /// Applies one change: validated on a copy, persisted, then installed. A
+    /// refused or failed change leaves the running and saved state as before.
+    pub(super) fn change_config(
+        &mut self,
+        edit: impl FnOnce(&mut Config) -> Result<(), ChangeError>,
+    ) -> anyhow::Result<()> {
+        let mut next = self.config.clone();
+        edit(&mut next)?;
+        config::save(&next, &self.state_path)?;
+        let previous = std::mem::replace(&mut self.config, next);
+        self.checks.sync(&self.config.desired, Start::Running);
+        if let Err(error) = self.reconciler.apply(&self.config.desired, &self.checks.health_map()) {
+            // Put back what was running and what was saved.
+            self.config = previous;
+            self.checks.sync(&self.config.desired, Start::Running);
+            let _ = self.reconciler.apply(&self.config.desired, &self.checks.health_map());
+            let _ = config::save(&self.config, &self.state_path);
+            return Err(error.into());
+        }
+        tracing::info!(state = %self.state_path.display(), "configuration changed and saved");
+        Ok(())
+    }
+
+    /// A configuration file's text, read as `lb run --config` reads it, that
+    /// can replace the running configuration: refused when it changes a
+    /// setting fixed at load.
+    pub(super) fn file_to_apply(&self, file: &Path, text: &str) -> anyhow::Result<Config> {
+        let next = config::parse_source(text, file)?;
+        let differ = config::restart_settings(&self.config, &next);
+        if !differ.is_empty() {
+            anyhow::bail!(
+                "{} changes settings fixed when lb run started ({}): nothing applied; restart lb run to change them (sizes and timeouts also need `lb unload` first)",
+                file.display(),
+                differ.join(", ")
+            );
+        }
+        Ok(next)
+    }
+
+    /// Makes a configuration file's VIPs and backends the running ones, in
+    /// one change: the reconcile step touches only what differs, so flows
+    /// to the backends kept stay where they are.
+    pub(super) fn apply_file(&mut self, file: &Path, text: &str) -> anyhow::Result<Vec<Change>> {
+        let next = self.file_to_apply(file, text)?;
+        let changes = crate::model::diff::diff(&self.config.desired, &next.desired);
+        self.change_config(|config| {
+            config.desired = next.desired;
+            config.source = next.source;
+            Ok(())
+        })?;
+        for change in &changes {
+            tracing::info!(config = %file.display(), %change, "configuration applied");
+        }
+        Ok(changes)
+    }
+
+    /// SIGHUP: re-reads `--config` and applies it; a file with a mistake
+    /// changes nothing and says why.
+    pub(super) fn reload(&mut self, path: Option<&Path>) {
+        let Some(path) = path else {
+            tracing::warn!("SIGHUP: lb run has no --config to re-read; nothing changed");
+            return;
+        };
+        let applied = config::read(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|text| self.apply_file(path, &text));
+        match applied {
+            Ok(changes) => tracing::info!(
+                config = %path.display(), changes = changes.len(),
+                "SIGHUP: configuration re-read and applied"
+            ),
+            Err(error) => tracing::error!(
+                config = %path.display(), error = format!("{error:#}"),
+                "SIGHUP: configuration not applied; the running one is unchanged"
+            ),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! What `lb run` starts from, settled before anything is attached: the
+//! configuration (the file, the state or defaults), the flow-hash seed, and
+//! the fleet settings (flow sync's socket, the announce table).
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use tokio::net::UdpSocket;
+
+use super::RunOptions;
+use crate::config::{self, Config, SyncConfig};
+use crate::sync::{self, SyncOptions};
+
+/// Where the configuration comes from: `--config` when given (see
+/// [`from_file`]), else the state file when it exists, else empty defaults;
+/// then the hash seed (see [`hash_seed`]).
+pub(super) fn initial_config(options: &RunOptions) -> anyhow::Result<Config> {
+    let mut config = if let Some(path) = &options.config {
+        from_file(path, &options.state)?
+    } else if options.state.exists() {
+        let config = config::load(&options.state)?;
+        tracing::info!(state = %options.state.display(), vips = config.desired.vips.len(), "state restored");
+        config
+    } else {
+        tracing::info!(state = %options.state.display(), "no state yet: starting empty");
+        Config::default()
+    };
+    config.datapath.hash_seed = hash_seed(options, &config)?;
+    Ok(config)
+}
+
+/// `--config FILE` at start. The state wins while it holds FILE as last
+/// applied (same digest): it is FILE plus the changes made with `lb` since,
+/// which a restart must not undo. A FILE that changed since is applied, and
+/// the state it replaces is copied to `STATE.replaced` first, so that
+/// nothing made with `lb` is lost without a trace.
+fn from_file(path: &Path, state_path: &Path) -> anyhow::Result<Config> {
+    let file = config::load_source(path)?;
+    if state_path.exists() {
+        let state = config::load(state_path)?;
+        let digest = |config: &Config| config.source.as_ref().map(|source| source.digest.clone());
+        if digest(&state) == digest(&file) {
+            let changes = crate::model::diff::diff(&file.desired, &state.desired);
+            tracing::info!(
+                config = %path.display(), state = %state_path.display(), changes_since = changes.len(),
+                "the configuration file is unchanged since it was applied: restoring the state, with the changes made with lb since"
+            );
+            return Ok(state);
+        }
+        let changes = crate::model::diff::diff(&state.desired, &file.desired);
+        if !changes.is_empty() {
+            let mut kept = state_path.as_os_str().to_owned();
+            kept.push(".replaced");
+            std::fs::copy(state_path, &kept)
+                .with_context(|| format!("keeping the state as {}", Path::new(&kept).display()))?;
+            tracing::warn!(
+                config = %path.display(), replaced_state = %Path::new(&kept).display(), changes = changes.len(),
+                "the configuration file changed since it was last applied: applying it; the state it replaces is kept"
+            );
+            for change in &changes {
+                tracing::info!(%change, "configuration file applied at start");
+            }
+        }
+    }
+    tracing::info!(config = %path.display(), vips = file.desired.vips.len(), "configuration loaded");
+    Ok(file)
+}
+
+/// The flow-hash seed: `--hash-seed`, else the configuration's, else the
+/// state's, else a random one (saved in the state at start). A predictable
+/// seed would let anyone choose source ports that all land on one backend.
+fn hash_seed(options: &RunOptions, config: &Config) -> anyhow::Result<u32> {
+    if let Some(seed) = options.hash_seed {
+        return Ok(seed);
+    }
+    if config.hash_seed_set {
+        return Ok(config.datapath.hash_seed);
+    }
+    if options.config.is_some() && options.state.exists() {
+        return Ok(config::load(&options.state)?.datapath.hash_seed);
+    }
+    let mut bytes = [0u8; 4];
+    getrandom::fill(&mut bytes).map_err(|error| anyhow::anyhow!("no random hash seed: {error}"))?;
+    let seed = u32::from_ne_bytes(bytes);
+    tracing::info!(
+        hash_seed = seed,
+        state = %options.state.display(),
+        "no hash_seed configured: picked a random one, kept in the state (balancers sharing VIPs must share it: set hash_seed or --hash-seed on all)"
+    );
+    Ok(seed)
+}
+
+/// Sync as the command line and the config file set it together, if on.
+fn sync_config(options: &RunOptions, config: &Config) -> anyhow::Result<Option<SyncConfig>> {
+    let file = config.sync.as_ref();
+    let peers = if options.sync_peers.is_empty() {
+        file.map(|sync| sync.peers.clone()).unwrap_or_default()
+    } else {
+        options.sync_peers.clone()
+    };
+    let listen = options.sync_listen.or(file.map(|sync| sync.listen));
+    let key_file = options.sync_key_file.clone().or(file.map(|sync| sync.key_file.clone()));
+    match (peers.is_empty(), listen, key_file) {
+        (true, None, None) => Ok(None),
+        (false, Some(listen), Some(key_file)) => Ok(Some(SyncConfig { listen, peers, key_file })),
+        (true, _, _) => {
+            anyhow::bail!("flow sync needs at least one --sync-peer (or peers in [sync])")
+        }
+        (false, _, _) => anyhow::bail!(
+            "flow sync needs both --sync-listen ADDR:PORT and --sync-key-file PATH (or listen and key_file in [sync])"
+        ),
+    }
+}
+
+/// How this balancer takes part in a fleet, settled before anything is
+/// attached so that a bad key or a taken port is refused first.
+pub(super) struct FleetStart {
+    /// Flow sync's bound socket and options, when sync is on.
+    pub sync: Option<(UdpSocket, SyncOptions)>,
+    /// `--announce-table` (or the config's), when announcing.
+    pub announce_table: Option<u32>,
+}
+
+pub(super) async fn join_fleet(
+    options: &RunOptions,
+    config: &Config,
+) -> anyhow::Result<FleetStart> {
+    let sync = match sync_config(options, config)? {
+        Some(sync) => {
+            let key = sync::load_key(&sync.key_file)?;
+            let socket = sync::bind(sync.listen).await?;
+            Some((socket, SyncOptions { listen: sync.listen, peers: sync.peers, key }))
+        }
+        None => None,
+    };
+    Ok(FleetStart { sync, announce_table: options.announce_table.or(config.announce_table) })
+}

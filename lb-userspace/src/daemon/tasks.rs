@@ -1,0 +1,137 @@
+//! The daemon's background tasks, each supervised (started again when it
+//! dies): neighbour resolution, active-flow counting, and, when configured,
+//! flow sync and VIP announcements. They report to the loop through the
+//! channels in [`Inbox`] and read what the loop publishes; none writes the
+//! desired state.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use super::active_flows::{self, ActiveFlows};
+use super::supervise::Supervised;
+use crate::datapath::FlowCounter;
+use crate::neighbour::{self, Neighbours};
+use crate::sync::{self, Directory, SyncStatus};
+
+/// What the tasks read of the daemon's state: the loop publishes on these.
+pub(super) struct Published {
+    /// Backend addresses whose MACs are wanted.
+    pub wanted: watch::Sender<Vec<IpAddr>>,
+    /// Which slot stands for which backend (for flow sync).
+    pub directory: watch::Sender<Arc<Directory>>,
+    /// VIP addresses to announce.
+    pub announce: watch::Sender<BTreeSet<IpAddr>>,
+}
+
+/// What the tasks report to the loop.
+pub(super) struct Inbox {
+    pub neighbours: mpsc::Receiver<Neighbours>,
+    pub counted: watch::Receiver<ActiveFlows>,
+    /// The sync task's status: only the end of the initial sync is waited for.
+    pub initial_sync: watch::Receiver<SyncStatus>,
+}
+
+/// The running tasks; dropping it aborts them.
+pub(super) struct Tasks {
+    neighbours: Supervised,
+    counting: Supervised,
+    sync: Option<Supervised>,
+    announce: Option<Supervised>,
+}
+
+/// Everything the tasks are started with.
+pub(super) struct Start {
+    pub ifindex: u32,
+    pub flow_counter: Arc<FlowCounter>,
+    pub first_count: ActiveFlows,
+    /// Flow sync's inputs but the directory and status channels, when on.
+    pub sync: Option<SyncStart>,
+    pub announce_table: Option<u32>,
+    /// What the published channels hold first.
+    pub wanted: Vec<IpAddr>,
+    pub directory: Arc<Directory>,
+    pub announced: BTreeSet<IpAddr>,
+}
+
+pub(super) struct SyncStart {
+    pub socket: Arc<tokio::net::UdpSocket>,
+    pub options: sync::SyncOptions,
+    pub settings: sync::Settings,
+    pub datapath: Arc<crate::datapath::SyncDatapath>,
+    pub status: watch::Sender<SyncStatus>,
+}
+
+impl Tasks {
+    pub fn start(start: Start) -> (Self, Published, Inbox) {
+        let (wanted_tx, wanted_rx) = watch::channel(start.wanted);
+        let (neighbours_tx, neighbours_rx) = mpsc::channel(4);
+        let ifindex = start.ifindex;
+        let neighbours =
+            Supervised::start("neighbours", "backend MACs are not followed", move || {
+                neighbour::run(ifindex, wanted_rx.clone(), neighbours_tx.clone())
+            });
+        let (counted_tx, counted_rx) = watch::channel(start.first_count);
+        let counter = start.flow_counter;
+        let counting =
+            Supervised::start("active-flows", "active-flow counts are not updated", move || {
+                active_flows::run(Arc::clone(&counter), counted_tx.clone())
+            });
+        let (directory_tx, directory_rx) = watch::channel(start.directory);
+        let (initial_sync, sync) = match start.sync {
+            Some(parts) => {
+                let initial_sync = parts.status.subscribe();
+                let inputs = sync::Inputs {
+                    socket: parts.socket,
+                    options: parts.options,
+                    settings: parts.settings,
+                    datapath: parts.datapath,
+                    directory: directory_rx,
+                    status: parts.status,
+                };
+                let task =
+                    Supervised::start("flow-sync", "peers do not learn our flows", move || {
+                        sync::run(inputs.clone())
+                    });
+                (initial_sync, Some(task))
+            }
+            None => (watch::channel(SyncStatus::default()).1, None),
+        };
+        let (announce_tx, announce_rx) = watch::channel(start.announced);
+        let announce = start.announce_table.map(|table| {
+            tracing::info!(table, "announcing serving VIPs as routes in kernel table {table}");
+            Supervised::start("announce", "VIP routes are not updated", move || {
+                crate::announce::run(table, ifindex, announce_rx.clone())
+            })
+        });
+        let tasks = Self { neighbours, counting, sync, announce };
+        let published =
+            Published { wanted: wanted_tx, directory: directory_tx, announce: announce_tx };
+        let inbox = Inbox { neighbours: neighbours_rx, counted: counted_rx, initial_sync };
+        (tasks, published, inbox)
+    }
+
+    pub fn syncing(&self) -> bool {
+        self.sync.is_some()
+    }
+
+    /// Waits until one of the tasks ends, logs why and starts it again.
+    /// Cancel-safe, as [`Supervised::restart_when_ended`] is.
+    pub async fn restart_ended(&mut self) {
+        tokio::select! {
+            () = self.neighbours.restart_when_ended() => {}
+            () = self.counting.restart_when_ended() => {}
+            () = restart_optional(&mut self.sync) => {}
+            () = restart_optional(&mut self.announce) => {}
+        }
+    }
+}
+
+async fn restart_optional(task: &mut Option<Supervised>) {
+    match task {
+        Some(task) => task.restart_when_ended().await,
+        None => std::future::pending().await,
+    }
+}
