@@ -25,8 +25,10 @@ llvm_major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 
 # prometheus (and promtool) scrape our /metrics and check our alert rules in
 # the tests; systemd-analyze verifies the unit; tmux runs `lb top`; bird2
-# announces VIPs over BGP in the multi-balancer testbed.
-packages=(iproute2 nftables ethtool haproxy util-linux prometheus bird2 systemd man-db tmux curl "llvm-${llvm_major}-dev" libpolly-"${llvm_major}"-dev libzstd-dev zlib1g-dev)
+# announces VIPs over BGP in the multi-balancer testbed; etcd (server and
+# etcdctl) is the fleet store the tests run in namespaces; protoc builds the
+# etcd client's gRPC code (libprotobuf-dev has the well-known .proto files).
+packages=(iproute2 nftables ethtool haproxy util-linux prometheus bird2 systemd man-db tmux curl etcd-server etcd-client protobuf-compiler libprotobuf-dev "llvm-${llvm_major}-dev" libpolly-"${llvm_major}"-dev libzstd-dev zlib1g-dev)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
@@ -36,6 +38,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Debian's etcd-server enables a host-wide etcd on 127.0.0.1:2379; the
+    # tests start their own clusters in namespaces, so one installed here
+    # for them must not run on the host.
+    if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now etcd.service >/dev/null 2>&1 || true
+    fi
 fi
 
 # A stamp beside the binary records which LLVM it was built with, so a nightly

@@ -18,4 +18,5 @@ pub mod neighbour;
 pub mod publish;
 pub mod reconcile;
 pub mod scheduler;
+pub mod store;
 pub mod sync;

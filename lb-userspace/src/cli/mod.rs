@@ -14,7 +14,10 @@ mod failure;
 mod output;
 mod top;
 
-use args::{BackendCommand, CheckCommand, Cli, Command, ConfigCommand, ProtocolArg, VipCommand};
+use args::{
+    BackendCommand, CheckCommand, Cli, Command, ConfigCommand, ProtocolArg, StoreCommand,
+    VipCommand,
+};
 pub use failure::Failure;
 
 fn vip_arg(text: &str, protocol: &ProtocolArg) -> Result<Vip, Failure> {
@@ -63,17 +66,19 @@ fn config_file(file: &Path) -> Result<(std::path::PathBuf, String), Failure> {
 pub fn execute(cli: Cli) -> Result<(), Failure> {
     let json = cli.json;
     let request = match cli.command {
-        Command::Run {
-            iface,
-            config,
-            state,
-            xdp_mode,
-            pin_dir,
-            detach_on_exit,
-            metrics,
-            socket_group,
-            fleet,
-        } => {
+        Command::Run(run) => {
+            let args::RunArgs {
+                iface,
+                config,
+                state,
+                xdp_mode,
+                pin_dir,
+                detach_on_exit,
+                metrics,
+                socket_group,
+                fleet,
+                store,
+            } = *run;
             let options = RunOptions {
                 iface,
                 config,
@@ -89,6 +94,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 sync_key_file: fleet.sync_key_file,
                 announce_table: fleet.announce_table,
                 hash_seed: fleet.hash_seed,
+                store: store.options(),
             };
             let runtime = tokio::runtime::Runtime::new().map_err(anyhow::Error::from)?;
             return Ok(runtime.block_on(daemon::run(options))?);
@@ -164,6 +170,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
         }
         Command::Config(ConfigCommand::Check { file }) => return check_config(&file, json),
         Command::Config(ConfigCommand::Show) => Request::ConfigShow,
+        Command::Store(StoreCommand::Status) => Request::StoreStatus,
         Command::Config(ConfigCommand::Diff { file }) => {
             let (file, text) = config_file(&file)?;
             Request::ConfigDiff { file, text }

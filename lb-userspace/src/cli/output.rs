@@ -17,12 +17,14 @@ pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
             Body::ConfigChanges { file, changes, applied } => {
                 serde_json::json!({ "file": file, "changes": changes, "applied": applied })
             }
+            Body::Store(store) => serde_json::to_value(store)?,
         };
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     match body {
         Body::Done { message, .. } => println!("{message}"),
+        Body::Store(store) => print_store(store),
         Body::Flows(flows) => print_flows(flows),
         Body::Config { toml } => print!("{toml}"),
         Body::ConfigChanges { file, changes, applied } => {
@@ -109,6 +111,10 @@ pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
             if let Some(sync) = &stats.sync {
                 print_sync(sync);
             }
+            if let Some(store) = &stats.store {
+                println!();
+                print_store(store);
+            }
         }
         Body::Lookup(lookup) => {
             match lookup.backend {
@@ -148,11 +154,12 @@ fn print_flows(flows: &api::FlowsView) {
 
 fn print_backends(backends: &[api::BackendView]) {
     println!(
-        "{:<32} {:<24} {:>6} {:<9} {:>10} {:>12} {:>9} {:<17} {:>12} {:>10}  LAST ERROR",
+        "{:<32} {:<24} {:>6} {:<9} {:<22} {:>10} {:>12} {:>9} {:<17} {:>12} {:>10}  LAST ERROR",
         "VIP",
         "BACKEND",
         "WEIGHT",
         "STATE",
+        "ORIGIN",
         "SINCE",
         "ACTIVE FLOWS",
         "NEW SHARE",
@@ -166,11 +173,15 @@ fn print_backends(backends: &[api::BackendView]) {
         .as_secs_f64();
     for backend in backends {
         println!(
-            "{:<32} {:<24} {:>6} {:<9} {:>10} {:>12} {:>8.1}% {:<17} {:>12} {:>10.0}  {}",
+            "{:<32} {:<24} {:>6} {:<9} {:<22} {:>10} {:>12} {:>8.1}% {:<17} {:>12} {:>10.0}  {}",
             backend.vip,
             backend.address.to_string(),
             backend.weight,
             backend.state,
+            match &backend.lease {
+                Some(lease) => format!("agent/{lease}"),
+                None => backend.origin.clone(),
+            },
             format_age(now - backend.since),
             backend.active_flows,
             backend.new_flow_share * 100.0,
@@ -224,4 +235,37 @@ fn print_sync(sync: &crate::sync::SyncStatus) {
         sync.dropped_unknown_sender,
         sync.dropped_settings_differ
     );
+}
+
+fn print_store(store: &api::StoreView) {
+    let contact = store
+        .seconds_since_contact
+        .map_or("never".to_owned(), |seconds| format!("{seconds:.1}s ago"));
+    println!(
+        "Store {}: {}, revision {} applied (store at {}), last contact {contact}",
+        store.url,
+        serde_json::to_value(store.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        store.applied_revision,
+        store.store_revision
+    );
+    if let Some(revision) = store.restored_from_local {
+        println!(
+            "  running on the local copy of revision {revision}: the store has not answered since the start"
+        );
+    }
+    if let Some(error) = &store.last_error {
+        println!("  last error: {error}");
+    }
+    if let Some(error) = &store.apply_error {
+        println!("  not installed: {error}");
+    }
+    if store.pending_writes > 0 {
+        println!("  changes waiting for the store: {}", store.pending_writes);
+    }
+    for refused in &store.refused {
+        println!("  refused key {}: {}", refused.key, refused.reason);
+    }
 }

@@ -8,12 +8,15 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::{Config, ConfigError, ConfigSource, SyncConfig, check_announce_table};
+use super::{
+    Config, ConfigError, ConfigSource, Explicit, StoreCopy, SyncConfig, check_announce_table,
+};
 use crate::maglev::is_valid_table_size;
 use crate::model::{
     Affinity, BackendSpec, CheckOptions, CheckSpec, DEFAULT_WEIGHT, DatapathConfig, DesiredState,
     Protocol, Scheduler, Vip, parse_address, parse_endpoint,
 };
+use crate::store::StoreConfig;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,7 +30,9 @@ struct FileIn {
     tcp_idle_timeout_ms: Option<Spanned<u64>>,
     announce_table: Option<Spanned<u32>>,
     sync: Option<Spanned<SyncConfig>>,
+    store: Option<Spanned<StoreConfig>>,
     source: Option<ConfigSource>,
+    store_copy: Option<StoreCopy>,
     #[serde(default)]
     vip: Vec<VipIn>,
 }
@@ -67,7 +72,11 @@ struct FileOut {
     #[serde(skip_serializing_if = "Option::is_none")]
     sync: Option<SyncConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    store: Option<StoreConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<ConfigSource>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store_copy: Option<StoreCopy>,
     vip: Vec<VipOut>,
 }
 
@@ -167,13 +176,30 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             Some(sync.into_inner())
         }
     };
+    let store = match file.store {
+        None => None,
+        Some(store) => {
+            store
+                .get_ref()
+                .validate()
+                .map_err(|message| invalid(store.span(), "store", message))?;
+            Some(store.into_inner())
+        }
+    };
     let mut config = Config {
         datapath,
         desired: DesiredState::default(),
         sync,
         announce_table,
-        hash_seed_set: file.hash_seed.is_some(),
+        explicit: Explicit {
+            hash_seed: file.hash_seed.is_some(),
+            table_size: file.table_size.is_some(),
+            max_vips: file.max_vips.is_some(),
+            max_backends: file.max_backends.is_some(),
+        },
         source: file.source,
+        store,
+        store_copy: file.store_copy,
     };
     let limits = config.limits();
     for vip_in in &file.vip {
@@ -231,7 +257,9 @@ pub fn render(config: &Config) -> String {
         tcp_idle_timeout_ms: config.datapath.tcp_idle_timeout_ms,
         announce_table: config.announce_table,
         sync: config.sync.clone(),
+        store: config.store.clone(),
         source: config.source.clone(),
+        store_copy: config.store_copy.clone(),
         vip: config
             .desired
             .vips

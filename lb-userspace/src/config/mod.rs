@@ -37,13 +37,15 @@
 //! draining = false       # true: no new flows, established ones continue
 //! ```
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{DatapathConfig, DesiredState, Limits};
+use crate::model::{DatapathConfig, DesiredState, Limits, Vip};
+use crate::store::StoreConfig;
 
 mod file;
 #[cfg(test)]
@@ -60,13 +62,84 @@ pub struct Config {
     pub sync: Option<SyncConfig>,
     /// Kernel routing table where serving VIPs are published, when set.
     pub announce_table: Option<u32>,
-    /// Whether the file set `hash_seed` (a state file always does). When it
-    /// did not, `lb run` keeps the seed of its state or picks a random one.
-    pub hash_seed_set: bool,
+    /// Which fleet-wide settings the file set (a state file sets them all).
+    /// A seed left out keeps the state's or is picked; with a store, a
+    /// setting left out is the store's, and one set must match it.
+    pub explicit: Explicit,
     /// In the state file only: the configuration file last applied as a
     /// whole (at start, by `lb config apply` or SIGHUP). `lb run --config`
     /// restores the state instead of the file while the file is unchanged.
     pub source: Option<ConfigSource>,
+    /// `[store]`: the fleet store the desired state lives in, when set.
+    pub store: Option<StoreConfig>,
+    /// In the state file only, with a store: the store revision the desired
+    /// state is a copy of, so a restart while the store is unreachable
+    /// starts from it.
+    pub store_copy: Option<StoreCopy>,
+}
+
+/// The fleet-wide settings a file set rather than left to their defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Explicit {
+    pub hash_seed: bool,
+    pub table_size: bool,
+    pub max_vips: bool,
+    pub max_backends: bool,
+}
+
+/// Where the state file's desired state came from, with a store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreCopy {
+    /// The store's prefix: a copy of another prefix is not used.
+    pub prefix: String,
+    /// The etcd cluster's id, in hex.
+    pub cluster_id: String,
+    pub revision: i64,
+    /// Backends registered by `lb agent`, with their leases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<AgentLease>,
+}
+
+impl StoreCopy {
+    pub fn new(
+        prefix: &str,
+        cluster_id: u64,
+        revision: i64,
+        leases: &BTreeMap<(Vip, IpAddr), i64>,
+    ) -> Self {
+        let agents = leases
+            .iter()
+            .map(|((vip, backend), lease)| AgentLease {
+                vip: vip.to_string(),
+                backend: *backend,
+                lease: format!("{lease:x}"),
+            })
+            .collect();
+        Self { prefix: prefix.to_owned(), cluster_id: format!("{cluster_id:x}"), revision, agents }
+    }
+
+    /// The agents' leases, by VIP and backend (entries that do not parse are left out).
+    pub fn leases(&self) -> BTreeMap<(Vip, IpAddr), i64> {
+        self.agents
+            .iter()
+            .filter_map(|agent| {
+                let vip = crate::model::parse_vip(&agent.vip, None).ok()?;
+                let lease = i64::from_str_radix(&agent.lease, 16).ok()?;
+                Some(((vip, agent.backend), lease))
+            })
+            .collect()
+    }
+}
+
+/// A backend that `lb agent` registered under a lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentLease {
+    pub vip: String,
+    pub backend: IpAddr,
+    /// The lease, in hex as etcdctl prints it.
+    pub lease: String,
 }
 
 /// A configuration file as it was when applied: its path and a digest of
@@ -168,7 +241,8 @@ pub fn parse_source(text: &str, path: &Path) -> Result<Config, ConfigError> {
 /// The settings fixed when the datapath is loaded (or the fleet joined)
 /// that differ between the running configuration and a file's, as
 /// `name running -> file`: a file that changes any cannot be applied
-/// without a restart. A seed the file does not set is not a difference.
+/// without a restart. A seed the file does not set is not a difference,
+/// nor, with a store, any fleet setting it does not set.
 pub fn restart_settings(running: &Config, file: &Config) -> Vec<String> {
     let (now, next) = (&running.datapath, &file.datapath);
     let mut differ = Vec::new();
@@ -177,12 +251,19 @@ pub fn restart_settings(running: &Config, file: &Config) -> Vec<String> {
             differ.push(format!("{name} {now} -> {next}"));
         }
     };
-    if file.hash_seed_set {
-        compare("hash_seed", now.hash_seed.to_string(), next.hash_seed.to_string());
+    // With a store, a fleet setting the file leaves out is the store's.
+    let store = running.store.is_some();
+    let set = file.explicit;
+    for (name, given, now, next) in [
+        ("hash_seed", set.hash_seed, now.hash_seed, next.hash_seed),
+        ("table_size", set.table_size || !store, now.table_size, next.table_size),
+        ("max_vips", set.max_vips || !store, now.max_vips, next.max_vips),
+        ("max_backends", set.max_backends || !store, now.max_backends, next.max_backends),
+    ] {
+        if given {
+            compare(name, now.to_string(), next.to_string());
+        }
     }
-    compare("table_size", now.table_size.to_string(), next.table_size.to_string());
-    compare("max_vips", now.max_vips.to_string(), next.max_vips.to_string());
-    compare("max_backends", now.max_backends.to_string(), next.max_backends.to_string());
     compare("flow_table_size", now.flow_table_size.to_string(), next.flow_table_size.to_string());
     compare(
         "udp_idle_timeout_ms",
@@ -200,6 +281,11 @@ pub fn restart_settings(running: &Config, file: &Config) -> Vec<String> {
         format!("{:?}", file.announce_table),
     );
     compare("[sync]", format!("{:?}", running.sync), format!("{:?}", file.sync));
+    // A file of VIPs to load into the store needs no [store] of its own.
+    if let Some(store) = &file.store {
+        let running = running.store.as_ref().map_or("none".to_owned(), StoreConfig::url);
+        compare("[store]", running, store.url());
+    }
     differ
 }
 

@@ -17,6 +17,11 @@ listen = "198.18.2.1:9470"
 peers = ["198.18.2.2", "[fd00:198:18::2]:7"]
 key_file = "/etc/lb/sync.key"
 
+[store]
+endpoints = ["198.18.0.201:2379", "[fd00:198:18::201]:2379"]
+prefix = "/lb/prod"
+ca_file = "/etc/lb/etcd-ca.pem"
+
 [[vip]]
 address = "198.18.0.10:80"
 
@@ -58,8 +63,27 @@ status = "101"
         (checks[1].kind, checks[1].port, checks[1].path.as_str(), checks[1].rise),
         (CheckKind::Ws, Some(9000), "/socket", 1)
     );
-    let reparsed = parse(&render(&config), Path::new("state.toml")).unwrap();
-    assert_eq!(reparsed, config);
+    let store = config.store.as_ref().unwrap();
+    assert_eq!(store.url(), "etcd://198.18.0.201:2379,[fd00:198:18::201]:2379/lb/prod");
+    assert_eq!(store.ca_file.as_deref(), Some(Path::new("/etc/lb/etcd-ca.pem")));
+    let set = config.explicit;
+    assert_eq!(
+        (set.hash_seed, set.table_size, set.max_vips, set.max_backends),
+        (true, true, false, false)
+    );
+
+    // The state file also holds which store revision it copies, and the
+    // agents' leases; it sets every fleet setting.
+    let mut state = config.clone();
+    let web = crate::model::parse_vip("198.18.0.10:80/tcp", None).unwrap();
+    let leases = BTreeMap::from([((web, "198.18.1.2".parse().unwrap()), 0x694d_8b2f_i64)]);
+    state.store_copy = Some(StoreCopy::new("/lb/prod", 0xdead_beef, 42, &leases));
+    let reparsed = parse(&render(&state), Path::new("state.toml")).unwrap();
+    let all = Explicit { hash_seed: true, table_size: true, max_vips: true, max_backends: true };
+    assert_eq!(reparsed, Config { explicit: all, ..state });
+    let copy = reparsed.store_copy.unwrap();
+    assert_eq!((copy.cluster_id.as_str(), copy.revision), ("deadbeef", 42));
+    assert_eq!(copy.leases(), leases);
 }
 
 #[test]
@@ -114,6 +138,14 @@ fn every_kind_of_mistake_names_file_line_and_field() {
             && unknown.contains("line 1")
             && unknown.contains("tabel_size"),
         "{unknown}"
+    );
+    assert_eq!(
+        error_of("[store]\nendpoints = []\nprefix = \"/lb\"\n"),
+        "lb.toml:1: store: list at least one etcd endpoint"
+    );
+    assert_eq!(
+        error_of("[store]\nendpoints = [\"e:2379\"]\nprefix = \"lb\"\n"),
+        "lb.toml:1: store: prefix 'lb' must be /NAME[/NAME...] of letters, digits, '.', '_' and '-' (e.g. /lb)"
     );
     assert_eq!(
         error_of("announce_table = 254\n"),

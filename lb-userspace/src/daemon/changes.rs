@@ -7,18 +7,10 @@ use std::path::Path;
 use super::Daemon;
 use crate::config::{self, Config};
 use crate::health::Start;
+use crate::model::ChangeError;
 use crate::model::diff::Change;
-use crate::model::{ChangeError, DesiredState};
 
 impl Daemon {
-    /// Applies one change of the desired state; see [`Self::change_config`].
-    pub(super) fn change(
-        &mut self,
-        edit: impl FnOnce(&mut DesiredState) -> Result<(), ChangeError>,
-    ) -> anyhow::Result<()> {
-        self.change_config(|config| edit(&mut config.desired))
-    }
-
     /// Applies one change: validated on a copy, persisted, then installed. A
     /// refused or failed change leaves the running and saved state as before.
     pub(super) fn change_config(
@@ -82,6 +74,13 @@ impl Daemon {
             tracing::warn!("SIGHUP: lb run has no --config to re-read; nothing changed");
             return;
         };
+        if let Some(link) = &self.store {
+            tracing::warn!(
+                config = %path.display(), store = %link.config.url(),
+                "SIGHUP: the VIPs come from the store, and settings fixed at start need a restart: nothing re-read (change the VIPs with lb or lb config apply)"
+            );
+            return;
+        }
         let applied = config::read(path)
             .map_err(anyhow::Error::from)
             .and_then(|text| self.apply_file(path, &text));

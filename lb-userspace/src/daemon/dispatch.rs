@@ -1,128 +1,235 @@
-//! Answering control requests: each [`Request`] becomes a change of the
-//! desired state (through [`Daemon::change`]) or a view, and a [`Reply`].
+//! Answering control requests: each [`Request`] becomes a reply at once (a
+//! view, a refusal, or nothing to change) or a change of the configuration
+//! with the reply it gets once made. Without a store a change is installed
+//! here at once, through [`Daemon::change_config`]; with one it is written to
+//! the store and installed when its revision comes back (`store`).
+
+use tokio::sync::oneshot;
 
 use super::Daemon;
 use crate::api::{Body, LookupView, Reply, Request};
-use crate::model::{BackendSpec, ChangeError, CheckSpec};
+use crate::config::Config;
+use crate::model::{BackendSpec, ChangeError, CheckSpec, DesiredState};
+
+/// What a request asks of the daemon.
+pub(super) enum Outcome {
+    /// Answered at once.
+    Reply(Reply),
+    /// A change: the configuration it makes, and the reply once it is made.
+    Change { next: Box<Config>, done: Body },
+}
+
+/// An error as the reply says it: not found when it names what does not
+/// exist, refused otherwise, with its chain.
+fn refusal(error: &anyhow::Error) -> Reply {
+    match error.downcast_ref::<ChangeError>() {
+        Some(ChangeError::UnknownVip(_) | ChangeError::UnknownBackend { .. }) => {
+            Reply::NotFound(format!("{error:#}"))
+        }
+        _ => Reply::Error(format!("{error:#}")),
+    }
+}
+
+fn done(message: String) -> Body {
+    Body::Done { message, changed: true }
+}
 
 impl Daemon {
-    /// The reply to one request; errors become `Reply::Error` with their
-    /// chain, or `Reply::NotFound` when they name what does not exist.
-    pub(super) fn handle(&mut self, request: Request) -> Reply {
-        match self.answer(request) {
-            Ok(body) => Reply::Ok(body),
-            Err(error) => match error.downcast_ref::<ChangeError>() {
-                Some(ChangeError::UnknownVip(_) | ChangeError::UnknownBackend { .. }) => {
-                    Reply::NotFound(format!("{error:#}"))
-                }
-                _ => Reply::Error(format!("{error:#}")),
-            },
+    /// Answers `request` on `reply`, now or once its change is made.
+    pub(super) fn handle(&mut self, request: Request, reply: oneshot::Sender<Reply>) {
+        match self.outcome(&request) {
+            Outcome::Reply(answer) => {
+                let _ = reply.send(answer);
+            }
+            Outcome::Change { next, done } if self.store.is_some() => {
+                self.submit(request, reply, *next, done, 1);
+            }
+            Outcome::Change { next, done } => {
+                let answer = match self.change_config(|config| {
+                    *config = *next;
+                    Ok(())
+                }) {
+                    Ok(()) => {
+                        if let Body::ConfigChanges { file, changes, .. } = &done {
+                            for change in changes {
+                                tracing::info!(config = %file.display(), %change, "configuration applied");
+                            }
+                        }
+                        Reply::Ok(done)
+                    }
+                    Err(error) => refusal(&error),
+                };
+                let _ = reply.send(answer);
+            }
         }
     }
 
-    fn answer(&mut self, request: Request) -> anyhow::Result<Body> {
+    /// What `request` asks, validated against the running configuration.
+    pub(super) fn outcome(&self, request: &Request) -> Outcome {
+        self.answer(request).unwrap_or_else(|error| Outcome::Reply(refusal(&error)))
+    }
+
+    /// Whether `next` changes nothing that would be written: with a store,
+    /// only the desired state is.
+    fn same(&self, next: &Config) -> bool {
+        match self.store {
+            Some(_) => next.desired == self.config.desired,
+            None => *next == self.config,
+        }
+    }
+
+    /// `edit` made on a copy of the desired state: a change answered `message`
+    /// once made, or, when it changes nothing, `unchanged` at once.
+    fn changed(
+        &self,
+        edit: impl FnOnce(&mut DesiredState) -> Result<(), ChangeError>,
+        message: String,
+        unchanged: String,
+    ) -> anyhow::Result<Outcome> {
+        let mut next = self.config.clone();
+        edit(&mut next.desired)?;
+        if self.same(&next) {
+            let message = format!("{unchanged}: nothing changed");
+            return Ok(Outcome::Reply(Reply::Ok(Body::Done { message, changed: false })));
+        }
+        Ok(Outcome::Change { next: Box::new(next), done: done(message) })
+    }
+
+    fn answer(&self, request: &Request) -> anyhow::Result<Outcome> {
         let limits = self.config.limits();
-        let done = |message: String| Ok(Body::Done { message, changed: true });
-        let unchanged = |message: String| Ok(Body::Done { message, changed: false });
-        match request {
+        let view = |body| Ok(Outcome::Reply(Reply::Ok(body)));
+        let desired = &self.config.desired;
+        match request.clone() {
             Request::VipAdd { vip, check, affinity, scheduler } => {
                 let check = check.applied_to(&CheckSpec::default());
-                if let Some(spec) = self.config.desired.vips.get(&vip) {
+                if let Some(spec) = desired.vips.get(&vip) {
                     if (&spec.check, spec.affinity, spec.scheduler) == (&check, affinity, scheduler)
                     {
-                        return unchanged(format!("VIP {vip} already exists with these settings"));
+                        return view(Body::Done {
+                            message: format!("VIP {vip} already exists with these settings"),
+                            changed: false,
+                        });
                     }
                     anyhow::bail!(
                         "VIP {vip} already exists with other settings: change them with `lb vip set` or `lb check set`"
                     );
                 }
-                self.change(|state| {
-                    state.add_vip(vip, check, affinity, limits)?;
-                    state.set_scheduling(&vip, None, Some(scheduler))
-                })?;
-                done(format!("VIP {vip} added ({scheduler} scheduler)"))
+                self.changed(
+                    |state| {
+                        state.add_vip(vip, check, affinity, limits)?;
+                        state.set_scheduling(&vip, None, Some(scheduler))
+                    },
+                    format!("VIP {vip} added ({scheduler} scheduler)"),
+                    String::new(),
+                )
             }
             Request::VipSet { vip, affinity, scheduler } => {
-                self.change(|state| state.set_scheduling(&vip, affinity, scheduler))?;
-                let spec = &self.config.desired.vips[&vip];
-                done(format!(
-                    "VIP {vip} now picks backends for new flows by {} with {} affinity; established flows stay where they are",
-                    spec.scheduler, spec.affinity
-                ))
+                let spec = desired.vips.get(&vip).ok_or(ChangeError::UnknownVip(vip))?;
+                let (affinity, scheduler) =
+                    (affinity.unwrap_or(spec.affinity), scheduler.unwrap_or(spec.scheduler));
+                self.changed(
+                    |state| state.set_scheduling(&vip, Some(affinity), Some(scheduler)),
+                    format!(
+                        "VIP {vip} now picks backends for new flows by {scheduler} with {affinity} affinity; established flows stay where they are"
+                    ),
+                    format!("VIP {vip} already picks backends by {scheduler} with {affinity} affinity"),
+                )
             }
             Request::CheckSet { vip, check } => {
-                let current =
-                    self.config.desired.vips.get(&vip).ok_or(ChangeError::UnknownVip(vip))?;
+                let current = desired.vips.get(&vip).ok_or(ChangeError::UnknownVip(vip))?;
                 let check = check.applied_to(&current.check);
                 let summary = serde_json::to_string(&check)?;
-                self.change(|state| state.set_check(&vip, check))?;
-                done(format!("VIP {vip} check set to {summary}"))
+                self.changed(
+                    |state| state.set_check(&vip, check),
+                    format!("VIP {vip} check set to {summary}"),
+                    format!("VIP {vip} already has the check {summary}"),
+                )
             }
-            Request::VipRemove { vip } => {
-                self.change(|state| state.remove_vip(&vip))?;
-                done(format!("VIP {vip} removed"))
-            }
+            Request::VipRemove { vip } => self.changed(
+                |state| state.remove_vip(&vip),
+                format!("VIP {vip} removed"),
+                String::new(),
+            ),
             Request::BackendAdd { vip, address, weight } => {
-                let existing =
-                    self.config.desired.vips.get(&vip).and_then(|spec| spec.backends.get(&address));
+                let existing = desired.vips.get(&vip).and_then(|spec| spec.backends.get(&address));
                 if let Some(backend) = existing {
                     if backend.weight == weight {
-                        return unchanged(format!(
-                            "backend {address} already serves VIP {vip} with weight {weight}"
-                        ));
+                        return view(Body::Done {
+                            message: format!(
+                                "backend {address} already serves VIP {vip} with weight {weight}"
+                            ),
+                            changed: false,
+                        });
                     }
                     anyhow::bail!(
                         "backend {address} already serves VIP {vip} with weight {}: change it with `lb backend set`",
                         backend.weight
                     );
                 }
-                self.change(|state| {
-                    state.add_backend(&vip, BackendSpec::new(address, weight), limits)
-                })?;
-                done(format!("backend {address} (weight {weight}) added to VIP {vip}"))
+                self.changed(
+                    |state| state.add_backend(&vip, BackendSpec::new(address, weight), limits),
+                    format!("backend {address} (weight {weight}) added to VIP {vip}"),
+                    String::new(),
+                )
             }
-            Request::BackendDrain { vip, address, draining } => {
-                self.change(|state| state.set_draining(&vip, address, draining))?;
-                if draining {
-                    done(format!(
-                        "backend {address} of VIP {vip} is draining: no new flows, established ones continue (watch ACTIVE FLOWS in `lb backend list`)"
-                    ))
-                } else {
-                    done(format!("backend {address} of VIP {vip} takes new flows again"))
-                }
-            }
-            Request::BackendSet { vip, address, weight } => {
-                self.change(|state| state.set_weight(&vip, address, weight))?;
-                done(format!(
+            Request::BackendDrain { vip, address, draining: true } => self.changed(
+                |state| state.set_draining(&vip, address, true),
+                format!(
+                    "backend {address} of VIP {vip} is draining: no new flows, established ones continue (watch ACTIVE FLOWS in `lb backend list`)"
+                ),
+                format!("backend {address} of VIP {vip} is already draining"),
+            ),
+            Request::BackendDrain { vip, address, draining: false } => self.changed(
+                |state| state.set_draining(&vip, address, false),
+                format!("backend {address} of VIP {vip} takes new flows again"),
+                format!("backend {address} of VIP {vip} already takes new flows"),
+            ),
+            Request::BackendSet { vip, address, weight } => self.changed(
+                |state| state.set_weight(&vip, address, weight),
+                format!(
                     "backend {address} of VIP {vip} now has weight {weight}; established flows stay where they are"
-                ))
-            }
-            Request::BackendRemove { vip, address } => {
-                self.change(|state| state.remove_backend(&vip, address))?;
-                done(format!("backend {address} removed from VIP {vip}"))
-            }
-            Request::VipList => Ok(Body::Vips { vips: self.vip_views()? }),
+                ),
+                format!("backend {address} of VIP {vip} already has weight {weight}"),
+            ),
+            Request::BackendRemove { vip, address } => self.changed(
+                |state| state.remove_backend(&vip, address),
+                format!("backend {address} removed from VIP {vip}"),
+                String::new(),
+            ),
+            Request::VipList => view(Body::Vips { vips: self.vip_views()? }),
             Request::BackendList { vip } => {
                 if let Some(vip) = vip
-                    && !self.config.desired.vips.contains_key(&vip)
+                    && !desired.vips.contains_key(&vip)
                 {
                     anyhow::bail!(ChangeError::UnknownVip(vip));
                 }
-                Ok(Body::Backends { backends: self.backend_views(vip.as_ref())? })
+                view(Body::Backends { backends: self.backend_views(vip.as_ref())? })
             }
-            Request::Stats => Ok(Body::Stats(self.stats_view()?)),
+            Request::Stats => view(Body::Stats(self.stats_view()?)),
+            Request::StoreStatus => match &self.store {
+                Some(link) => view(Body::Store(link.view())),
+                None => anyhow::bail!(
+                    "this lb run follows no store (start it with --store etcd://HOST:PORT/PREFIX)"
+                ),
+            },
             Request::ConfigShow => {
-                let shown = crate::config::Config { source: None, ..self.config.clone() };
-                Ok(Body::Config { toml: crate::config::render(&shown) })
+                let shown = Config { source: None, store_copy: None, ..self.config.clone() };
+                view(Body::Config { toml: crate::config::render(&shown) })
             }
             Request::ConfigDiff { file, text } => {
                 let next = self.file_to_apply(&file, &text)?;
-                let changes = crate::model::diff::diff(&self.config.desired, &next.desired);
-                Ok(Body::ConfigChanges { file, changes, applied: false })
+                let changes = crate::model::diff::diff(desired, &next.desired);
+                view(Body::ConfigChanges { file, changes, applied: false })
             }
             Request::ConfigApply { file, text } => {
-                let changes = self.apply_file(&file, &text)?;
-                Ok(Body::ConfigChanges { file, changes, applied: true })
+                let mut next = self.file_to_apply(&file, &text)?;
+                let changes = crate::model::diff::diff(desired, &next.desired);
+                next = Config { desired: next.desired, source: next.source, ..self.config.clone() };
+                let body = Body::ConfigChanges { file, changes, applied: true };
+                if self.same(&next) {
+                    return view(body);
+                }
+                Ok(Outcome::Change { next: Box::new(next), done: body })
             }
             Request::Flows { .. } => {
                 anyhow::bail!("flows are listed off the daemon's loop (see daemon::flows)")
@@ -130,7 +237,7 @@ impl Daemon {
             Request::Lookup { vip, client } => {
                 let result =
                     self.reconciler.lookup(&vip, client).ok_or(ChangeError::UnknownVip(vip))?;
-                Ok(Body::Lookup(LookupView {
+                view(Body::Lookup(LookupView {
                     vip: vip.to_string(),
                     client,
                     backend: result.backend,

@@ -34,6 +34,7 @@ mod events;
 mod flows;
 mod rates;
 mod start;
+mod store;
 mod supervise;
 mod tasks;
 mod views;
@@ -67,12 +68,14 @@ pub struct RunOptions {
     pub announce_table: Option<u32>,
     /// `--hash-seed`: replaces the config's `hash_seed`.
     pub hash_seed: Option<u32>,
+    /// `--store` and `--store-*`: replace the config's `[store]`.
+    pub store: crate::store::StoreOptions,
 }
 
 /// Loads (or adopts) and attaches the datapath, then serves until SIGINT or
 /// SIGTERM.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
-    let mut config = start::initial_config(&options)?;
+    let (mut config, store) = start::configuration(&options).await?;
     let ifindex = neighbour::interface_index(&options.iface)
         .with_context(|| format!("interface '{}' not found (see `ip link`)", options.iface))?;
     datapath::ensure_bpffs(&options.pin_dir)?;
@@ -98,10 +101,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     });
     let accept_task = tokio::spawn(control::serve(listener, calls_tx));
 
-    let (mut daemon, tasks, inbox, reports) =
-        Daemon::start(config, loaded, fleet, ifindex, &options)?;
+    let (mut daemon, tasks, inbox) =
+        Daemon::start(config, loaded, fleet, store, ifindex, &options)?;
     tracing::info!(socket = %options.socket.display(), "serving the control socket");
-    daemon.serve(calls, reports, inbox, tasks, options.config.as_deref()).await?;
+    daemon.serve(calls, inbox, tasks, options.config.as_deref()).await?;
 
     accept_task.abort();
     if let Some(task) = metrics_task {
@@ -173,6 +176,8 @@ struct Daemon {
     attach_mode: &'static str,
     /// What the tasks read of our state.
     published: Published,
+    /// The fleet store, when the desired state lives there.
+    store: Option<store::StoreLink>,
 }
 
 impl Daemon {
@@ -183,9 +188,10 @@ impl Daemon {
         config: Config,
         loaded: Loaded,
         fleet: start::FleetStart,
+        store_start: Option<start::StoreStart>,
         ifindex: u32,
         options: &RunOptions,
-    ) -> anyhow::Result<(Self, Tasks, Inbox, mpsc::Receiver<HealthReport>)> {
+    ) -> anyhow::Result<(Self, Tasks, Inbox)> {
         let Loaded { mut datapath, first_count, attach_mode } = loaded;
         let adopted = datapath.adopted();
         let flow_counter = Arc::new(datapath.flow_counter()?);
@@ -213,6 +219,13 @@ impl Daemon {
         reconciler.apply(&config.desired, &checks.health_map())?;
         config::save(&config, &options.state)?;
         let sync_on = sync.is_some();
+        let (store, follow) = match store_start {
+            Some(start) => {
+                let (link, follow) = store::link(start);
+                (Some(link), Some(follow))
+            }
+            None => (None, None),
+        };
         let (tasks, published, inbox) = Tasks::start(tasks::Start {
             ifindex,
             flow_counter: Arc::clone(&flow_counter),
@@ -223,6 +236,8 @@ impl Daemon {
             directory: Arc::new(reconciler.directory()),
             // Nothing is announced before the first flow sync is done.
             announced: if sync_on { BTreeSet::new() } else { reconciler.serving_addresses() },
+            reports,
+            follow,
         });
         let daemon = Self {
             config,
@@ -238,8 +253,9 @@ impl Daemon {
             flow_counter,
             attach_mode,
             published,
+            store,
         };
-        Ok((daemon, tasks, inbox, reports))
+        Ok((daemon, tasks, inbox))
     }
 
     /// The loop: every request, report and signal is handled here, one at a
@@ -247,7 +263,6 @@ impl Daemon {
     async fn serve(
         &mut self,
         mut calls: mpsc::Receiver<Call>,
-        mut reports: mpsc::Receiver<HealthReport>,
         mut inbox: Inbox,
         mut tasks: Tasks,
         config_file: Option<&std::path::Path>,
@@ -264,20 +279,22 @@ impl Daemon {
                         self.list_flows(vip, limit, reply);
                         continue;
                     }
-                    let answer = self.handle(request);
+                    self.handle(request, reply);
                     self.publish_backends();
-                    let _ = reply.send(answer);
                 }
+                Some(followed) = tasks::next(&mut inbox.followed) => self.followed(followed),
+                Some(committed) = tasks::next(&mut inbox.committed) => self.committed(committed),
                 _ = hangup.recv() => {
                     self.reload(config_file);
                     self.publish_backends();
                 }
                 Some(found) = inbox.neighbours.recv() => self.neighbours_changed(found),
-                Some(report) = reports.recv() => self.health_report(report),
+                Some(report) = inbox.reports.recv() => self.health_report(report),
                 Ok(()) = inbox.counted.changed() => self.flows_counted(),
                 _ = tick.tick() => {
                     self.sample_rates();
                     self.checks.restart_dead();
+                    self.settle_writes();
                 }
                 // The status changes with every datagram; only the end of the
                 // initial sync matters here (it lets the VIPs be announced).

@@ -1,6 +1,6 @@
 //! The daemon's background tasks, each supervised (started again when it
 //! dies): neighbour resolution, active-flow counting, and, when configured,
-//! flow sync and VIP announcements. They report to the loop through the
+//! flow sync, VIP announcements and following the store. They report to the loop through the
 //! channels in [`Inbox`] and read what the loop publishes; none writes the
 //! desired state.
 
@@ -11,9 +11,12 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use super::active_flows::{self, ActiveFlows};
+use super::store::{Committed, FollowStart};
 use super::supervise::Supervised;
 use crate::datapath::FlowCounter;
+use crate::health::HealthReport;
 use crate::neighbour::{self, Neighbours};
+use crate::store::{self, Followed};
 use crate::sync::{self, Directory, SyncStatus};
 
 /// What the tasks read of the daemon's state: the loop publishes on these.
@@ -32,6 +35,19 @@ pub(super) struct Inbox {
     pub counted: watch::Receiver<ActiveFlows>,
     /// The sync task's status: only the end of the initial sync is waited for.
     pub initial_sync: watch::Receiver<SyncStatus>,
+    /// Health checks' outcomes.
+    pub reports: mpsc::Receiver<HealthReport>,
+    /// With a store: its revisions, and the outcomes of our writes.
+    pub followed: Option<mpsc::Receiver<Followed>>,
+    pub committed: Option<mpsc::Receiver<Committed>>,
+}
+
+/// The next message of an optional channel; never, without one.
+pub(super) async fn next<T>(channel: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match channel {
+        Some(channel) => channel.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The running tasks; dropping it aborts them.
@@ -40,6 +56,7 @@ pub(super) struct Tasks {
     counting: Supervised,
     sync: Option<Supervised>,
     announce: Option<Supervised>,
+    follow: Option<Supervised>,
 }
 
 /// Everything the tasks are started with.
@@ -54,6 +71,10 @@ pub(super) struct Start {
     pub wanted: Vec<IpAddr>,
     pub directory: Arc<Directory>,
     pub announced: BTreeSet<IpAddr>,
+    /// Where health checks report (their tasks belong to `Checks`).
+    pub reports: mpsc::Receiver<HealthReport>,
+    /// The store's follower, with a store.
+    pub follow: Option<FollowStart>,
 }
 
 pub(super) struct SyncStart {
@@ -106,10 +127,27 @@ impl Tasks {
                 crate::announce::run(table, ifindex, announce_rx.clone())
             })
         });
-        let tasks = Self { neighbours, counting, sync, announce };
+        let (follow, followed, committed) = match start.follow {
+            Some(FollowStart { follow, followed, committed }) => {
+                let task =
+                    Supervised::start("store", "store revisions are not applied", move || {
+                        store::follow(follow.clone())
+                    });
+                (Some(task), Some(followed), Some(committed))
+            }
+            None => (None, None, None),
+        };
+        let tasks = Self { neighbours, counting, sync, announce, follow };
         let published =
             Published { wanted: wanted_tx, directory: directory_tx, announce: announce_tx };
-        let inbox = Inbox { neighbours: neighbours_rx, counted: counted_rx, initial_sync };
+        let inbox = Inbox {
+            neighbours: neighbours_rx,
+            counted: counted_rx,
+            initial_sync,
+            reports: start.reports,
+            followed,
+            committed,
+        };
         (tasks, published, inbox)
     }
 
@@ -125,6 +163,7 @@ impl Tasks {
             () = self.counting.restart_when_ended() => {}
             () = restart_optional(&mut self.sync) => {}
             () = restart_optional(&mut self.announce) => {}
+            () = restart_optional(&mut self.follow) => {}
         }
     }
 }

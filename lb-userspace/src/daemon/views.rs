@@ -44,6 +44,7 @@ impl Daemon {
                 None => Vec::new(),
             },
             sync: self.sync_on.then(|| Box::new(self.sync_status.borrow().clone())),
+            store: self.store.as_ref().map(|link| Box::new(link.view())),
         })
     }
 
@@ -90,6 +91,10 @@ impl Daemon {
                 let rate = self.rates.get(Counted::Backend(installed.slot));
                 let health = self.checks.state(vip, installed.address);
                 let draining = spec.backends.get(&installed.address).is_some_and(|b| b.draining);
+                let lease = self
+                    .store
+                    .as_ref()
+                    .and_then(|link| link.leases.get(&(*vip, installed.address)).copied());
                 let state = match (installed.mac, health.map(|h| h.health)) {
                     (None, _) => "resolving",
                     (Some(_), Some(Health::Down)) => "down",
@@ -121,6 +126,8 @@ impl Daemon {
                     icmp_errors: counters.icmp_errors,
                     packets_per_second: rate.packets,
                     bytes_per_second: rate.bytes,
+                    origin: if lease.is_some() { "agent" } else { "operator" }.to_owned(),
+                    lease: lease.map(|lease| format!("{lease:x}")),
                 });
             }
         }

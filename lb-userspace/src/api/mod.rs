@@ -4,7 +4,6 @@
 //! client's call and the server's read. The reply bodies are also what
 //! `--json` prints, so their field names are a stable interface.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::net::UnixStream;
@@ -15,7 +14,11 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _};
 use tokio::sync::oneshot;
 
 use crate::model::diff::Change;
-use crate::model::{Affinity, CheckOptions, CheckSpec, Protocol, Scheduler, Vip};
+use crate::model::{Affinity, CheckOptions, Scheduler, Vip};
+
+mod views;
+
+pub use views::{BackendView, FlowView, FlowsView, LookupView, StatsView, StoreView, VipView};
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 
@@ -99,6 +102,8 @@ pub enum Request {
         file: PathBuf,
         text: String,
     },
+    /// The fleet store, as this balancer follows it.
+    StoreStatus,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -140,158 +145,12 @@ pub enum Body {
         changes: Vec<Change>,
         applied: bool,
     },
+    /// `lb store status`.
+    Store(StoreView),
 }
 
 fn changed_by_default() -> bool {
     true
-}
-
-/// `lb flows VIP`: flows of the VIP found in the flow table.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FlowsView {
-    pub vip: String,
-    pub flows: Vec<FlowView>,
-    /// The walk stopped at the limit: the VIP may have more flows.
-    pub truncated: bool,
-}
-
-/// One flow of the flow table.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FlowView {
-    pub client: SocketAddr,
-    /// The backend it is pinned to; None when its backend was removed
-    /// since (its next packet takes the Maglev choice).
-    pub backend: Option<IpAddr>,
-    /// `active`, `closing` (FIN or RST seen) or `idle` (past the idle timeout).
-    pub state: String,
-    /// Seconds since its last packet, to within the datapath's refresh
-    /// interval.
-    pub idle_seconds: f64,
-}
-
-/// A VIP as `lb vip list --json` and `lb stats --json` show it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VipView {
-    /// `ADDRESS:PORT/PROTOCOL`, IPv6 in brackets.
-    pub vip: String,
-    pub address: IpAddr,
-    pub port: u16,
-    pub protocol: Protocol,
-    /// Configured backends.
-    pub backends: usize,
-    /// Backends in the installed Maglev table (MAC resolved).
-    pub active_backends: usize,
-    /// Backends receiving new flows: the healthy ones.
-    pub serving_backends: usize,
-    /// No backend passes its checks, so the ones that did earlier keep
-    /// receiving traffic rather than the VIP black-holing it.
-    pub all_down: bool,
-    pub affinity: Affinity,
-    #[serde(default)]
-    pub scheduler: Scheduler,
-    pub check: CheckSpec,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Of `packets`, ICMP errors about its flows (path MTU, unreachable,
-    /// time exceeded) forwarded to the flow's backend.
-    #[serde(default)]
-    pub icmp_errors: u64,
-    /// Packets of the VIP dropped after its lookup (no backend, backend MAC
-    /// unresolved, internal); not in `packets`.
-    #[serde(default)]
-    pub dropped: u64,
-    /// Over the last second.
-    pub packets_per_second: f64,
-    pub bytes_per_second: f64,
-    #[serde(default)]
-    pub dropped_per_second: f64,
-}
-
-/// A backend of one VIP, as `lb backend list --json` and `lb stats --json` show it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BackendView {
-    pub vip: String,
-    pub address: IpAddr,
-    pub weight: u32,
-    /// `up` (passing checks, receiving new flows), `draining` (passing
-    /// checks, no new flows), `down` (failing checks), or `resolving`
-    /// (waiting for its MAC).
-    pub state: String,
-    /// Flows in the flow table that are neither closing nor idle: when a
-    /// draining backend reaches 0, it can be removed without breaking any.
-    pub active_flows: u64,
-    /// Unix time (seconds) of the last up/down transition.
-    pub since: f64,
-    /// The last failed check's error, until a check passes.
-    pub last_error: Option<String>,
-    /// How long the last health check took; None before the first (or
-    /// for check type none).
-    #[serde(default)]
-    pub last_check_seconds: Option<f64>,
-    pub mac: Option<String>,
-    /// Entries of the VIP's Maglev table that point at it.
-    pub table_entries: u32,
-    /// The part of new flows it gets now (`table_entries` over the table
-    /// size): the weights' part under maglev, or what least-connections
-    /// gives it to even out the active flows.
-    #[serde(default)]
-    pub new_flow_share: f64,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Of `packets`, ICMP errors about its flows (path MTU, unreachable,
-    /// time exceeded) forwarded to the flow's backend.
-    #[serde(default)]
-    pub icmp_errors: u64,
-    pub packets_per_second: f64,
-    pub bytes_per_second: f64,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StatsView {
-    pub vips: Vec<VipView>,
-    pub backends: Vec<BackendView>,
-    /// Packets per datapath reason (`forwarded`, `pass_not_vip`, `drop_fragment`, ...).
-    pub reasons: BTreeMap<String, u64>,
-    /// Maglev tables built and installed since `lb run` started.
-    pub tables_built: u64,
-    /// Time spent building and installing them.
-    pub table_rebuild_seconds: f64,
-    /// Packets per flow-table path (`created`, `hit`, `miss_fallback`, `rescued`, `expired`).
-    pub flow_events: BTreeMap<String, u64>,
-    pub flow_table_size: u32,
-    /// Entries in the flow table at the last count (about every second).
-    #[serde(default)]
-    pub flow_table_entries: u64,
-    /// Most VIPs and backends the maps hold (`max_vips`, `max_backends`).
-    #[serde(default)]
-    pub max_vips: u32,
-    #[serde(default)]
-    pub max_backends: u32,
-    /// How the program is attached: `native` (driver) or `skb` (generic,
-    /// much slower).
-    #[serde(default)]
-    pub attach_mode: String,
-    /// Memory the kernel charges for the flow table, when it says.
-    pub flow_table_memory_bytes: Option<u64>,
-    /// Kernel routing table VIP routes are published in (`--announce-table`).
-    pub announce_table: Option<u32>,
-    /// VIP addresses published there now (empty when announcing is off).
-    pub announced: Vec<IpAddr>,
-    /// Flow sync with peer balancers, when configured.
-    pub sync: Option<Box<crate::sync::SyncStatus>>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LookupView {
-    pub vip: String,
-    pub client: SocketAddr,
-    /// Where a new connection of this flow goes; None when the VIP has no
-    /// backend in its table.
-    pub backend: Option<IpAddr>,
-    /// Where the flow's established connection goes, if the flow table has it.
-    pub established_backend: Option<IpAddr>,
-    pub hash: u32,
-    pub table_entry: u32,
 }
 
 #[derive(Debug, thiserror::Error)]

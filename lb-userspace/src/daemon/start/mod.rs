@@ -1,6 +1,8 @@
 //! What `lb run` starts from, settled before anything is attached: the
 //! configuration (the file, the state or defaults), the flow-hash seed, and
-//! the fleet settings (flow sync's socket, the announce table).
+//! the fleet settings (flow sync's socket, the announce table). With a
+//! store, the desired state and the fleet-wide settings come from it
+//! (`store_start`).
 
 use std::path::Path;
 
@@ -9,13 +11,58 @@ use tokio::net::UdpSocket;
 
 use super::RunOptions;
 use crate::config::{self, Config, SyncConfig};
+use crate::store::StoreConfig;
 use crate::sync::{self, SyncOptions};
 
-/// Where the configuration comes from: `--config` when given (see
-/// [`from_file`]), else the state file when it exists, else empty defaults;
-/// then the hash seed (see [`hash_seed`]).
-pub(super) fn initial_config(options: &RunOptions) -> anyhow::Result<Config> {
-    let mut config = if let Some(path) = &options.config {
+mod store_start;
+
+pub(super) use store_start::StoreStart;
+
+/// The configuration to start with, and the store when there is one (see
+/// [`store_start`]); without one, [`local_config`] and [`hash_seed`].
+pub(super) async fn configuration(
+    options: &RunOptions,
+) -> anyhow::Result<(Config, Option<StoreStart>)> {
+    match store_config(options)? {
+        Some(store) => {
+            let (config, start) = store_start::join(options, store).await?;
+            Ok((config, Some(start)))
+        }
+        None => {
+            let mut config = local_config(options)?;
+            config.datapath.hash_seed = hash_seed(options, &config)?;
+            Ok((config, None))
+        }
+    }
+}
+
+/// The store `--store` and the `--store-*` options name, else the
+/// configuration file's `[store]`, else (without `--config`) the state's;
+/// the options replace the file's settings of the same name.
+fn store_config(options: &RunOptions) -> anyhow::Result<Option<StoreConfig>> {
+    let from_file = match (&options.config, &options.store.url) {
+        (_, Some(_)) => None,
+        (Some(path), None) => config::load(path)?.store,
+        (None, None) if options.state.exists() => config::load(&options.state)?.store,
+        (None, None) => None,
+    };
+    let Some(mut store) = options.store.url.clone().or(from_file) else {
+        if options.store.any_set() {
+            anyhow::bail!(
+                "the --store-* options need a store: give --store etcd://HOST:PORT/PREFIX (or [store] in --config)"
+            );
+        }
+        return Ok(None);
+    };
+    options.store.apply_to(&mut store);
+    store.validate().map_err(|message| anyhow::anyhow!("store {}: {message}", store.url()))?;
+    Ok(Some(store))
+}
+
+/// Without a store: `--config` when given (see [`from_file`]), else the
+/// state file when it exists, else empty defaults.
+fn local_config(options: &RunOptions) -> anyhow::Result<Config> {
+    let config = if let Some(path) = &options.config {
         from_file(path, &options.state)?
     } else if options.state.exists() {
         let config = config::load(&options.state)?;
@@ -25,7 +72,6 @@ pub(super) fn initial_config(options: &RunOptions) -> anyhow::Result<Config> {
         tracing::info!(state = %options.state.display(), "no state yet: starting empty");
         Config::default()
     };
-    config.datapath.hash_seed = hash_seed(options, &config)?;
     Ok(config)
 }
 
@@ -73,21 +119,26 @@ fn hash_seed(options: &RunOptions, config: &Config) -> anyhow::Result<u32> {
     if let Some(seed) = options.hash_seed {
         return Ok(seed);
     }
-    if config.hash_seed_set {
+    if config.explicit.hash_seed {
         return Ok(config.datapath.hash_seed);
     }
     if options.config.is_some() && options.state.exists() {
         return Ok(config::load(&options.state)?.datapath.hash_seed);
     }
-    let mut bytes = [0u8; 4];
-    getrandom::fill(&mut bytes).map_err(|error| anyhow::anyhow!("no random hash seed: {error}"))?;
-    let seed = u32::from_ne_bytes(bytes);
+    let seed = random_seed()?;
     tracing::info!(
         hash_seed = seed,
         state = %options.state.display(),
         "no hash_seed configured: picked a random one, kept in the state (balancers sharing VIPs must share it: set hash_seed or --hash-seed on all)"
     );
     Ok(seed)
+}
+
+/// A seed nobody can predict.
+fn random_seed() -> anyhow::Result<u32> {
+    let mut bytes = [0u8; 4];
+    getrandom::fill(&mut bytes).map_err(|error| anyhow::anyhow!("no random hash seed: {error}"))?;
+    Ok(u32::from_ne_bytes(bytes))
 }
 
 /// Sync as the command line and the config file set it together, if on.

@@ -21,6 +21,8 @@ use prometheus_client::registry::Registry;
 
 use crate::api::{BackendView, Body, Call, Reply, Request, StatsView};
 
+mod fleet;
+
 /// Serves `/metrics` on `listener` until the task is aborted.
 pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) {
     loop {
@@ -243,7 +245,10 @@ impl Collector for Snapshot {
             gauge(stats.announced.len() as f64),
         )?;
         if let Some(sync) = &stats.sync {
-            encode_sync(sync, e)?;
+            fleet::encode_sync(sync, e)?;
+        }
+        if let Some(store) = &stats.store {
+            fleet::encode_store(store, e)?;
         }
         Ok(())
     }
@@ -370,74 +375,6 @@ impl Snapshot {
             per_backend_gauge(|b| b.since),
         )
     }
-}
-
-/// Flow sync's figures: per peer, and datagrams dropped by reason.
-fn encode_sync(sync: &crate::sync::SyncStatus, e: &mut DescriptorEncoder) -> std::fmt::Result {
-    let labels = |peer: &crate::sync::PeerStatus| vec![("peer", peer.address.to_string())];
-    let per_peer = |value: fn(&crate::sync::PeerStatus) -> u64| {
-        sync.peers.iter().map(move |peer| (labels(peer), counter(value(peer))))
-    };
-    one(
-        e,
-        "lb_sync_initial_done",
-        "1 once the first full resync from every reachable peer is complete.",
-        flag(sync.initial_sync_done),
-    )?;
-    family(
-        e,
-        "lb_sync_peer_in_sync",
-        "1 when the peer is heard and its flows are all known here.",
-        sync.peers
-            .iter()
-            .map(|peer| (labels(peer), flag(peer.state == crate::sync::PeerState::InSync))),
-    )?;
-    family(
-        e,
-        "lb_sync_peer_refused",
-        "1 when the peer's hash seed or table size differs from ours.",
-        sync.peers
-            .iter()
-            .map(|peer| (labels(peer), flag(peer.state == crate::sync::PeerState::Refused))),
-    )?;
-    family(
-        e,
-        "lb_sync_flows_sent",
-        "Flow records sent to the peer.",
-        per_peer(|peer| peer.flows_sent),
-    )?;
-    family(
-        e,
-        "lb_sync_flows_received",
-        "Flow records received from the peer and applied.",
-        per_peer(|peer| peer.flows_received),
-    )?;
-    family(
-        e,
-        "lb_sync_flows_refused",
-        "Flow records from the peer naming a VIP or backend not configured here.",
-        per_peer(|peer| peer.flows_refused),
-    )?;
-    family(
-        e,
-        "lb_sync_peer_lag_seconds",
-        "Age of the peer's last datagram on arrival.",
-        sync.peers.iter().filter_map(|peer| Some((labels(peer), gauge(peer.lag_ms? as f64 / 1e3)))),
-    )?;
-    family(
-        e,
-        "lb_sync_datagrams_dropped",
-        "Sync datagrams dropped before use, by reason.",
-        [
-            ("unauthenticated", sync.dropped_unauthenticated),
-            ("stale", sync.dropped_stale),
-            ("malformed", sync.dropped_malformed),
-            ("unknown_sender", sync.dropped_unknown_sender),
-            ("settings_differ", sync.dropped_settings_differ),
-        ]
-        .into_iter()
-        .map(|(reason, n)| (vec![("reason", reason.to_owned())], counter(n))),
-    )
 }
 
 #[cfg(test)]

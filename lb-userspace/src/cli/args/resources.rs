@@ -1,0 +1,192 @@
+//! The subcommands that read and change the configuration: VIPs, backends,
+//! checks, configuration files and the store.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use crate::model::{Affinity, CheckOptions, DEFAULT_WEIGHT, Protocol, Scheduler};
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Validate FILE as `lb run --config FILE` would read it, without a
+    /// daemon or root. Exit status 0: it would be accepted; 1: it would be
+    /// refused, with the file, line and field of the mistake.
+    /// Example: lb config check /etc/lb/lb.toml
+    Check {
+        /// The TOML configuration to check.
+        file: PathBuf,
+    },
+    /// Print the running configuration as TOML, ready to be saved and
+    /// given back to `lb config apply` or `lb run --config`.
+    /// Example: lb config show > /etc/lb/lb.toml
+    Show,
+    /// What `lb config apply FILE` would change in the running
+    /// configuration, one line per VIP or backend (+ added, - removed,
+    /// ~ changed). Exit status 0 either way.
+    /// Example: lb config diff /etc/lb/lb.toml
+    Diff {
+        /// The TOML configuration to compare with the running one.
+        file: PathBuf,
+    },
+    /// Make the running configuration FILE's, in one step: only what
+    /// differs changes, established flows of kept backends are untouched,
+    /// and a file with any mistake changes nothing. Settings fixed at load
+    /// (sizes, seed, timeouts, sync, announce table) must match the
+    /// running ones. SIGHUP to lb run does the same with its --config.
+    /// Example: lb config apply /etc/lb/lb.toml
+    Apply {
+        /// The TOML configuration to apply.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VipCommand {
+    /// Declare a VIP (it drops traffic until it has a backend). Its backends
+    /// are checked with a TCP connect to the VIP port unless --check says
+    /// otherwise. Adding a VIP that exists with the same settings is done.
+    /// Example: lb vip add 198.18.0.10:80/tcp --scheduler least-connections
+    Add {
+        /// ADDRESS:PORT/PROTO ([ADDRESS]:PORT/PROTO for IPv6).
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        /// What picks a new flow's backend: the whole flow, or the client
+        /// address only (all of a client's connections on one backend).
+        #[arg(long, value_enum, default_value = "flow")]
+        affinity: Affinity,
+        /// How new flows are shared: by weight through the Maglev table, or
+        /// toward the backends with the fewest active flows for their weight
+        /// (open connections even out after a restart or a scale-up).
+        #[arg(long, value_enum, default_value = "maglev")]
+        scheduler: Scheduler,
+        #[command(flatten)]
+        check: CheckOptions,
+    },
+    /// Change how a VIP picks backends for new flows; established flows stay
+    /// where they are. Example: lb vip set 198.18.0.10:80 --scheduler least-connections
+    #[command(group = clap::ArgGroup::new("setting").required(true).multiple(true))]
+    Set {
+        /// The VIP, as ADDRESS:PORT/PROTO.
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        /// The whole flow, or the client address only.
+        #[arg(long, value_enum, group = "setting")]
+        affinity: Option<Affinity>,
+        /// maglev (by weight) or least-connections.
+        #[arg(long, value_enum, group = "setting")]
+        scheduler: Option<Scheduler>,
+    },
+    /// Remove a VIP and its backends.
+    Remove {
+        /// The VIP, as ADDRESS:PORT/PROTO.
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// List VIPs.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum BackendCommand {
+    /// Add a backend to a VIP. Its MAC is resolved automatically; it takes new
+    /// flows once resolved and past `rise` passing health checks. Adding a
+    /// backend that serves the VIP with the same weight is done.
+    /// Example: lb backend add 198.18.0.10:80/tcp 198.18.1.1 --weight 2
+    Add {
+        /// The VIP, as ADDRESS:PORT/PROTO.
+        vip: String,
+        /// The backend's address (no port: backends serve the VIP's port).
+        backend: String,
+        /// Relative share of new flows, 1 to 256.
+        #[arg(long, default_value_t = DEFAULT_WEIGHT)]
+        weight: u32,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Stop new flows to a backend; its established flows continue. Remove it
+    /// once `lb backend list` shows 0 active flows.
+    Drain {
+        /// The VIP, as ADDRESS:PORT/PROTO.
+        vip: String,
+        /// The backend's address.
+        backend: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Let a drained backend take new flows again.
+    Undrain {
+        /// The VIP, as ADDRESS:PORT/PROTO.
+        vip: String,
+        /// The backend's address.
+        backend: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Change a backend's weight; established flows stay where they are.
+    Set {
+        /// The VIP, as ADDRESS:PORT/PROTO.
+        vip: String,
+        /// The backend's address.
+        backend: String,
+        /// Relative share of new flows, 1 to 256.
+        #[arg(long)]
+        weight: u32,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// Remove a backend from a VIP.
+    Remove {
+        /// The VIP, as ADDRESS:PORT/PROTO.
+        vip: String,
+        /// The backend's address.
+        backend: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+    /// List backends, of one VIP or of all.
+    List {
+        /// Only this VIP's backends, as ADDRESS:PORT/PROTO.
+        vip: Option<String>,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CheckCommand {
+    /// Change a VIP's check; options not given keep their current value.
+    /// Example: lb check set 198.18.0.10:80 --check ws --check-path /socket --fall 2
+    Set {
+        /// The VIP, as ADDRESS:PORT/PROTO.
+        vip: String,
+        #[command(flatten)]
+        protocol: ProtocolArg,
+        #[command(flatten)]
+        check: CheckOptions,
+    },
+}
+
+#[derive(Args)]
+pub struct ProtocolArg {
+    /// The VIP's protocol, tcp or udp, when the VIP is not written with
+    /// /PROTO (default tcp).
+    #[arg(long = "proto", value_parser = parse_protocol)]
+    pub protocol: Option<Protocol>,
+}
+
+fn parse_protocol(text: &str) -> Result<Protocol, String> {
+    text.parse()
+}
+
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// The fleet store as this balancer follows it: connected or not, the
+    /// revision installed here and the store's, the last contact, changes
+    /// waiting for the store, and every refused key with its reason.
+    /// Example: lb store status --json
+    Status,
+}

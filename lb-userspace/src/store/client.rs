@@ -1,0 +1,164 @@
+//! Connecting to etcd: TLS with the configured CA (and client certificate),
+//! etcd's user authentication, keep-alives that notice a dead member, a
+//! deadline on every unary call, and errors that name the store and the
+//! cause in words an operator can act on.
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+
+use super::{Keys, StoreConfig, StoreError};
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one request (a read, a transaction, a lease call) may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 pings on idle connections, so a watch on a dead member ends.
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// The largest answer read at once: a full read of a large fleet.
+const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// A connection to the store's members, with what names it in messages.
+#[derive(Clone)]
+pub struct Client {
+    pub(super) etcd: etcd_client::Client,
+    pub(super) url: String,
+    pub(super) keys: Keys,
+}
+
+/// Connects to the store's members. Without authentication this only sets
+/// up the channel (members are reached on the first request); with it, the
+/// member must answer, to give a token.
+pub async fn connect(config: &StoreConfig) -> Result<Client, StoreError> {
+    let url = config.url();
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_keep_alive(KEEP_ALIVE, KEEP_ALIVE * 2)
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the others' quorum answers with an error
+        // rather than stale data.
+        .with_require_leader(true)
+        .with_auto_token_refresh(true);
+    if let Some(ca_file) = &config.ca_file {
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca_file)?));
+        if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(tls);
+    }
+    if let (Some(user), Some(password_file)) = (&config.user, &config.password_file) {
+        let password = String::from_utf8_lossy(&read(password_file)?).trim_end().to_owned();
+        options = options.with_user(user, password);
+    }
+    let connecting = etcd_client::Client::connect(&config.endpoints, Some(options));
+    let etcd = tokio::time::timeout(CONNECT_TIMEOUT * 2, connecting)
+        .await
+        .map_err(|_| StoreError::Unreachable {
+            url: url.clone(),
+            cause: format!("no member answered within {:?}", CONNECT_TIMEOUT * 2),
+        })?
+        .map_err(|error| describe(&url, &error))?;
+    Ok(Client { etcd, url, keys: config.keys() })
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, StoreError> {
+    std::fs::read(path).map_err(|error| StoreError::File { path: path.to_owned(), error })
+}
+
+impl Client {
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub(super) fn kv(&self) -> etcd_client::KvClient {
+        self.etcd.kv_client().max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Runs one request with [`REQUEST_TIMEOUT`]; errors name the store.
+    pub(super) async fn call<T>(
+        &self,
+        request: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+            Ok(result) => result.map_err(|error| describe(&self.url, &error)),
+            Err(_) => Err(StoreError::Unreachable {
+                url: self.url.clone(),
+                cause: format!("no answer within {REQUEST_TIMEOUT:?}"),
+            }),
+        }
+    }
+}
+
+/// An etcd error as an operator reads it: unreachable (retrying may help)
+/// or refused (the store said no), with the cause chain.
+pub(super) fn describe(url: &str, error: &etcd_client::Error) -> StoreError {
+    use tonic::Code;
+    let cause = chain(error);
+    let unreachable = match error {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::Unknown
+                | Code::Aborted
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    };
+    let url = url.to_owned();
+    if unreachable {
+        StoreError::Unreachable { url, cause }
+    } else {
+        StoreError::Refused { url, cause }
+    }
+}
+
+/// The error and its sources, without repeats, joined by ": ".
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(error) = next {
+        let (text, source) = match error.downcast_ref::<etcd_client::Error>() {
+            // Its own words ("grpc request error: status: ...") say less
+            // than the status's message and sources.
+            Some(etcd_client::Error::GRpcStatus(status)) => {
+                (status.message().to_owned(), std::error::Error::source(status))
+            }
+            Some(etcd_client::Error::TransportError(transport)) => {
+                (transport.to_string(), std::error::Error::source(transport))
+            }
+            _ => (error.to_string(), error.source()),
+        };
+        if !text.is_empty() && !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+        next = source;
+    }
+    let mut cause = parts.join(": ");
+    for (found, hint) in HINTS {
+        if cause.contains(found) {
+            cause.push_str(hint);
+        }
+    }
+    cause
+}
+
+/// What etcd's terse answers mean for the operator.
+const HINTS: [(&str, &str); 4] = [
+    (
+        "too many operations in txn request",
+        " (etcd's --max-txn-ops, default 128, limits one change's keys: raise it on every member)",
+    ),
+    (
+        "request is too large",
+        " (etcd's --max-request-bytes, default 1.5 MiB, limits one change: raise it on every member)",
+    ),
+    ("certificate", " (check --store-ca, --store-cert and --store-key against the members' TLS)"),
+    ("authentication failed", " (check --store-user and --store-password-file)"),
+];
