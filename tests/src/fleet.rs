@@ -227,15 +227,22 @@ impl Fleet {
             self.hash_seed.to_string(),
         ];
         if sync {
-            args.extend([
-                "--sync-listen".to_owned(),
-                format!("{}:9470", balancer_address(index)),
-                "--sync-key-file".to_owned(),
-                self.key_file.display().to_string(),
-            ]);
-            for peer in (1..=self.balancers).filter(|peer| *peer != index) {
-                args.extend(["--sync-peer".to_owned(), balancer_address(peer)]);
-            }
+            args.extend(self.sync_args(index));
+        }
+        args
+    }
+
+    /// Flow sync of balancer `index` with every other balancer, as
+    /// docs/scale-out.md shows it.
+    pub fn sync_args(&self, index: usize) -> Vec<String> {
+        let mut args = vec![
+            "--sync-listen".to_owned(),
+            format!("{}:9470", balancer_address(index)),
+            "--sync-key-file".to_owned(),
+            self.key_file.display().to_string(),
+        ];
+        for peer in (1..=self.balancers).filter(|peer| *peer != index) {
+            args.extend(["--sync-peer".to_owned(), balancer_address(peer)]);
         }
         args
     }

@@ -265,7 +265,63 @@ fn forged_sync_datagrams_change_nothing_and_are_counted() {
     assert_eq!(established(5003), Value::Null, "from a peer with another hash seed");
 }
 
+/// The hash seed `lb config show` gives.
+fn hash_seed(daemon: &Daemon) -> u32 {
+    let shown = daemon.lb(&["config", "show"]).unwrap();
+    let line = shown.lines().find_map(|line| line.strip_prefix("hash_seed = ")).expect("a seed");
+    line.parse().unwrap()
+}
+
+/// Waits until balancer `daemon`'s one peer is in `state`.
+fn wait_peer(daemon: &Daemon, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let sync = stats(daemon)["sync"].clone();
+        if sync["peers"][0]["state"] == state || Instant::now() > deadline {
+            return sync;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Two balancers started fresh as docs/scale-out.md shows, but without a
+/// seed, derive theirs from the sync key: the same one, so they accept each
+/// other's flows. Given two different seeds (what two random picks were
+/// before), they refuse each other: the trap the derived seed removes.
+fn balancers_started_without_a_seed_agree_through_the_sync_key() {
+    let fleet = Fleet::up("lbf-seed-", 2, 1).expect("fleet testbed");
+    let start = |index: usize, extra: &[&str]| {
+        let mut args = fleet.sync_args(index);
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_named(&fleet.balancer(index), &fleet.files, &args).expect("lb run")
+    };
+    let first = start(1, &[]);
+    let mut second = Some(start(2, &[]));
+    let seeds = [hash_seed(&first), hash_seed(second.as_ref().unwrap())];
+    println!("FIGURE seeds picked without --hash-seed: {seeds:?}");
+    assert_eq!(seeds[0], seeds[1], "{}", first.log_text());
+    assert!(first.log_text().contains("derived one from the sync key"), "{}", first.log_text());
+    for daemon in [&first, second.as_ref().unwrap()] {
+        let sync = wait_peer(daemon, "in-sync");
+        assert_eq!(sync["peers"][0]["state"], "in-sync", "{sync}");
+    }
+
+    // Without the derived seed: balancer 2 with a seed of its own (its
+    // pins and state gone, as on a fresh machine).
+    let state = second.as_ref().unwrap().state.clone();
+    drop(second.take());
+    std::fs::remove_file(&state).unwrap();
+    let other = seeds[0].wrapping_add(1).to_string();
+    second = Some(start(2, &["--hash-seed", &other]));
+    let sync = wait_peer(&first, "refused");
+    println!("FIGURE balancer 1's peer once balancer 2 has another seed: {}", sync["peers"][0]);
+    assert_eq!(sync["peers"][0]["state"], "refused", "{sync}");
+    drop(second);
+}
+
 tests::root_tests!(
+    balancers_started_without_a_seed_agree_through_the_sync_key,
     a_balancers_death_breaks_no_connection_with_sync,
     without_sync_the_same_death_breaks_the_moved_connections,
     an_ipv6_vips_connections_survive_a_balancers_death,

@@ -34,6 +34,25 @@ pub fn load(path: &Path) -> Result<SyncKey, KeyError> {
     parse(&text).map_err(|found| KeyError::Format { path: path.to_owned(), found })
 }
 
+/// The flow-hash seed of balancers that share `key` and set no seed: every
+/// balancer started fresh with the fleet's key picks the same one, so they
+/// agree on new flows and accept each other's flow sync. It is as secret as
+/// the key (a keyed hash of a domain string), so nobody outside the fleet
+/// can predict which source ports land on one backend.
+pub fn fleet_seed(key: &SyncKey) -> u32 {
+    let digest = xxhash_rust::xxh3::xxh3_64_with_secret(b"lb flow-hash seed v1", &secret(key));
+    (digest >> 32) as u32 ^ digest as u32
+}
+
+/// xxh3 needs a secret of at least 136 bytes: the key, repeated.
+fn secret(key: &SyncKey) -> [u8; 192] {
+    let mut secret = [0u8; 192];
+    for (index, byte) in secret.iter_mut().enumerate() {
+        *byte = key.0[index % 32] ^ (index / 32) as u8;
+    }
+    secret
+}
+
 /// The key in `text`, or what was found instead.
 fn parse(text: &str) -> Result<SyncKey, String> {
     let hex_text = text.strip_suffix('\n').unwrap_or(text);
@@ -66,5 +85,16 @@ mod tests {
         std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
         let refused = load(file.path()).unwrap_err().to_string();
         assert!(refused.contains("readable by others (mode 644)"), "{refused}");
+    }
+
+    /// Two balancers with one key derive one seed; another key, another seed.
+    #[test]
+    fn balancers_sharing_a_key_derive_the_same_seed() {
+        let key = SyncKey([7; 32]);
+        assert_eq!(fleet_seed(&key), fleet_seed(&key.clone()));
+        let mut other = key.clone();
+        other.0[31] ^= 1;
+        assert_ne!(fleet_seed(&key), fleet_seed(&other));
+        assert_ne!(fleet_seed(&key), 0);
     }
 }

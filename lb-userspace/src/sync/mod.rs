@@ -29,7 +29,7 @@ mod peers;
 pub mod wire;
 
 pub use flows::Directory;
-pub use key::load as load_key;
+pub use key::{fleet_seed, load as load_key};
 pub use peers::{PeerState, PeerStatus, Settings};
 pub use wire::SyncKey;
 

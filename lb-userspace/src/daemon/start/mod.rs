@@ -113,25 +113,51 @@ fn from_file(path: &Path, state_path: &Path) -> anyhow::Result<Config> {
 }
 
 /// The flow-hash seed: `--hash-seed`, else the configuration's, else the
-/// state's, else a random one (saved in the state at start). A predictable
-/// seed would let anyone choose source ports that all land on one backend.
+/// state's, else, with flow sync, the one derived from the fleet's sync key
+/// (so balancers started fresh with one key agree), else a random one
+/// (saved in the state at start). A predictable seed would let anyone choose
+/// source ports that all land on one backend.
 fn hash_seed(options: &RunOptions, config: &Config) -> anyhow::Result<u32> {
-    if let Some(seed) = options.hash_seed {
-        return Ok(seed);
+    let derived = match sync_config(options, config)? {
+        Some(sync) => Some(sync::fleet_seed(&sync::load_key(&sync.key_file)?)),
+        None => None,
+    };
+    let kept = if let Some(seed) = options.hash_seed {
+        Some(seed)
+    } else if config.explicit.hash_seed {
+        Some(config.datapath.hash_seed)
+    } else if options.config.is_some() && options.state.exists() {
+        Some(config::load(&options.state)?.datapath.hash_seed)
+    } else {
+        None
+    };
+    match (kept, derived) {
+        (Some(seed), Some(derived)) if seed != derived && options.hash_seed.is_none() => {
+            tracing::warn!(
+                hash_seed = seed,
+                derived_from_sync_key = derived,
+                "this balancer's hash seed comes from its configuration or state, not from the sync key: every balancer of the fleet must use the same (set hash_seed = {seed} on all, or remove it everywhere and `lb unload` to take the key's)"
+            );
+            Ok(seed)
+        }
+        (Some(seed), _) => Ok(seed),
+        (None, Some(derived)) => {
+            tracing::info!(
+                hash_seed = derived,
+                "no hash_seed configured: derived one from the sync key, as every balancer sharing that key does"
+            );
+            Ok(derived)
+        }
+        (None, None) => {
+            let seed = random_seed()?;
+            tracing::info!(
+                hash_seed = seed,
+                state = %options.state.display(),
+                "no hash_seed configured: picked a random one, kept in the state (balancers sharing VIPs must share it: set hash_seed or --hash-seed on all, or give them flow sync's key)"
+            );
+            Ok(seed)
+        }
     }
-    if config.explicit.hash_seed {
-        return Ok(config.datapath.hash_seed);
-    }
-    if options.config.is_some() && options.state.exists() {
-        return Ok(config::load(&options.state)?.datapath.hash_seed);
-    }
-    let seed = random_seed()?;
-    tracing::info!(
-        hash_seed = seed,
-        state = %options.state.display(),
-        "no hash_seed configured: picked a random one, kept in the state (balancers sharing VIPs must share it: set hash_seed or --hash-seed on all)"
-    );
-    Ok(seed)
 }
 
 /// A seed nobody can predict.
