@@ -101,8 +101,20 @@ pub fn client_requests(
     first_port: u16,
     count: u16,
 ) -> anyhow::Result<Vec<(u16, String)>> {
+    client_requests_in(&testbed.client(), protocol, vip, source, first_port, count)
+}
+
+/// [`client_requests`] from namespace `client` (the fleet's client).
+pub fn client_requests_in(
+    client: &str,
+    protocol: &str,
+    vip: &str,
+    source: &str,
+    first_port: u16,
+    count: u16,
+) -> anyhow::Result<Vec<(u16, String)>> {
     let output = Command::new("ip")
-        .args(["netns", "exec", &testbed.client()])
+        .args(["netns", "exec", client])
         .arg(testbed_binary())
         .args(["client", protocol, vip, source, &first_port.to_string(), &count.to_string()])
         .output()?;

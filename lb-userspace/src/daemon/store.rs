@@ -331,6 +331,11 @@ impl Daemon {
             )));
             return;
         }
+        tracing::info!(
+            attempt = pending.attempts + 1,
+            applied = self.store.as_ref().map_or(0, |link| link.applied),
+            "a change lost a race with another write to the store: validating it again against the revision that won"
+        );
         match self.outcome(&pending.request) {
             Outcome::Reply(answer) => {
                 let _ = pending.reply.send(answer);
