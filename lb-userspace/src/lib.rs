@@ -4,6 +4,7 @@
 //! `datapath`, with `model`, `maglev`, `scheduler` and lb-common at the bottom. `daemon`
 //! owns the desired state and is the only writer of the maps, through
 //! `reconcile`; `health` and `neighbour` only report; `maglev` and `scheduler` are pure.
+pub mod agent;
 pub mod announce;
 pub mod api;
 pub mod cli;

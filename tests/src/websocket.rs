@@ -125,6 +125,8 @@ fn tally<'a>(backends: impl Iterator<Item = &'a String>) -> BTreeMap<String, usi
 /// - `stream MS SECONDS`: for SECONDS, every connection exchanges a message
 ///   every MS milliseconds, all at once; counts breaks and moves, and the
 ///   longest time any connection went without an answer.
+/// - `close BACKEND`: closes every open connection to BACKEND cleanly (as
+///   clients leaving on their own) and stops counting them.
 /// - `quit`.
 pub async fn clients(vip: SocketAddr, count: usize) -> anyhow::Result<()> {
     let url = format!("ws://{vip}/");
@@ -217,6 +219,19 @@ pub async fn clients(vip: SocketAddr, count: usize) -> anyhow::Result<()> {
                         "longest_gap_ms": longest_gap.as_millis() as u64,
                         "interval_ms": interval.as_millis() as u64,
                         "broken_by_backend": broken_by_backend })
+            }
+            ["close", backend] => {
+                // As clients that leave on their own: a clean close, and
+                // the connection is no longer counted.
+                let mut closed = 0;
+                for connection in connections.iter_mut().filter(|c| c.backend == *backend) {
+                    if let Some(mut socket) = connection.socket.take() {
+                        let _ = socket.close(None).await;
+                        closed += 1;
+                    }
+                }
+                connections.retain(|c| c.backend != *backend || c.broken);
+                json!({ "command": "close", "backend": backend, "closed": closed })
             }
             ["quit"] => return Ok(()),
             _ => json!({ "command": line, "error": "unknown command" }),

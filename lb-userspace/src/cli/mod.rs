@@ -62,6 +62,34 @@ fn config_file(file: &Path) -> Result<(std::path::PathBuf, String), Failure> {
     Ok((std::path::absolute(file).unwrap_or_else(|_| file.to_owned()), text))
 }
 
+/// `lb agent`: its options checked here, so a mistake is a usage error.
+fn run_agent(agent: args::AgentArgs) -> Result<(), Failure> {
+    let store = agent.store.options();
+    let Some(mut config) = store.url.clone() else {
+        return Err(Failure::Usage("lb agent needs --store etcd://HOST:PORT/PREFIX".to_owned()));
+    };
+    store.apply_to(&mut config);
+    let vips = agent
+        .vips
+        .iter()
+        .map(|text| {
+            parse_vip(text, None).map_err(|message| Failure::Usage(format!("--vip: {message}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let options = crate::agent::AgentOptions {
+        store: config,
+        vips,
+        address: agent.address,
+        weight: agent.weight,
+        check: crate::agent::local_check(agent.check, agent.check_port, agent.check_path),
+        ttl_seconds: agent.ttl,
+        drain_timeout: std::time::Duration::from_secs(agent.drain_timeout),
+        configure_vip: agent.configure_vip,
+    };
+    let runtime = tokio::runtime::Runtime::new().map_err(anyhow::Error::from)?;
+    Ok(runtime.block_on(crate::agent::run(options))?)
+}
+
 /// Runs one `lb` command to completion.
 pub fn execute(cli: Cli) -> Result<(), Failure> {
     let json = cli.json;
@@ -99,6 +127,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             let runtime = tokio::runtime::Runtime::new().map_err(anyhow::Error::from)?;
             return Ok(runtime.block_on(daemon::run(options))?);
         }
+        Command::Agent(agent) => return run_agent(*agent),
         Command::Unload { iface, pin_dir } => return unload(&iface, &pin_dir, json),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

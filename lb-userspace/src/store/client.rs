@@ -25,6 +25,9 @@ pub struct Client {
     pub(super) etcd: etcd_client::Client,
     pub(super) url: String,
     pub(super) keys: Keys,
+    /// A client certificate is presented: a connection closed at once is
+    /// most likely the member refusing it.
+    pub(super) client_certificate: bool,
 }
 
 /// Connects to the store's members. Without authentication this only sets
@@ -59,7 +62,7 @@ pub async fn connect(config: &StoreConfig) -> Result<Client, StoreError> {
             cause: format!("no member answered within {:?}", CONNECT_TIMEOUT * 2),
         })?
         .map_err(|error| describe(&url, &error))?;
-    Ok(Client { etcd, url, keys: config.keys() })
+    Ok(Client { etcd, url, keys: config.keys(), client_certificate: config.cert_file.is_some() })
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, StoreError> {
@@ -85,7 +88,16 @@ impl Client {
         request: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
-            Ok(result) => result.map_err(|error| describe(&self.url, &error)),
+            Ok(result) => result.map_err(|error| {
+                let mut error = describe(&self.url, &error);
+                if let StoreError::Unreachable { cause, .. } = &mut error
+                    && self.client_certificate
+                    && cause.contains("connection closed")
+                {
+                    cause.push_str(CLOSED_WITH_CERTIFICATE);
+                }
+                error
+            }),
             Err(_) => Err(StoreError::Unreachable {
                 url: self.url.clone(),
                 cause: format!("no answer within {REQUEST_TIMEOUT:?}"),
@@ -148,6 +160,10 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     }
     cause
 }
+
+/// A TLS member that refuses a client certificate just closes the
+/// connection; the client sees nothing more.
+const CLOSED_WITH_CERTIFICATE: &str = " (a member that closes a TLS connection at once has usually refused the client certificate: check that --store-cert and --store-key were signed by the CA the members trust, their --trusted-ca-file)";
 
 /// What etcd's terse answers mean for the operator.
 const HINTS: [(&str, &str); 4] = [

@@ -17,13 +17,14 @@ mod client;
 mod follow;
 pub mod keys;
 mod open;
-
+mod registration;
 mod write;
 
 pub use client::{Client, connect};
 pub use follow::{Cache, Follow, Followed, Revision, follow};
 pub use keys::{FleetSettings, Keys, Refused, WritePlan};
 pub use open::{FleetWanted, Opened, open};
+pub use registration::{Registration, RegistrationError};
 pub use write::{WriteError, Writer};
 
 /// The port etcd serves clients on when an endpoint gives none.

@@ -10,6 +10,10 @@ use tokio::sync::watch;
 
 use super::{Client, StoreError, StoreStatus, WritePlan};
 
+/// How long a write is tried again while no member answers.
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(4);
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Why a write did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -34,6 +38,10 @@ pub struct Writer {
 
 impl Writer {
     /// Carries out `plan` as one transaction; returns the revision it made.
+    /// A member that does not answer (it died, or its cluster is electing a
+    /// leader) is tried again for [`RETRY_FOR`]: the transaction is
+    /// conditioned on its base revision, so a first attempt that did commit
+    /// makes the next one a conflict, never a second change.
     pub async fn commit(&self, plan: WritePlan) -> Result<i64, WriteError> {
         let client = self.connection.borrow().clone();
         let Some(client) = client else {
@@ -42,7 +50,17 @@ impl Writer {
             });
             return Err(WriteError::Unavailable(why));
         };
-        commit(&client, &plan).await
+        let start = tokio::time::Instant::now();
+        loop {
+            match commit(&client, &plan).await {
+                Err(WriteError::Store(StoreError::Unreachable { .. }))
+                    if start.elapsed() < RETRY_FOR =>
+                {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                outcome => return outcome,
+            }
+        }
     }
 }
 

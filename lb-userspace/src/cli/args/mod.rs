@@ -10,9 +10,11 @@ use crate::daemon;
 use crate::datapath::AttachMode;
 use crate::model::parse_endpoint;
 
+mod agent;
 mod fleet;
 mod resources;
 
+pub use agent::AgentArgs;
 pub use fleet::{FleetArgs, StoreArgs};
 pub use resources::{
     BackendCommand, CheckCommand, ConfigCommand, ProtocolArg, StoreCommand, VipCommand,
@@ -163,6 +165,14 @@ pub enum Command {
     /// Check, show, compare and apply configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run on a backend: register it in the fleet store under a lease once
+    /// its service answers a local check, keep it registered while it
+    /// runs, and on SIGTERM drain it, wait for its connections on the VIPs
+    /// to end (or --drain-timeout), deregister and exit 0 (docs/fleet.md).
+    /// If the backend dies, the lease expires and every balancer removes it.
+    ///
+    /// Example: lb agent --store etcd://10.0.0.5:2379/lb --vip 198.18.0.10:80/tcp --configure-vip
+    Agent(Box<AgentArgs>),
     /// The fleet store this balancer follows (lb run --store).
     #[command(subcommand)]
     Store(StoreCommand),
