@@ -91,6 +91,15 @@ fn backend_joins_drains_and_leaves_by_itself() {
     println!("FIGURE lb2's backend list:\n{listed}");
     assert!(listed.contains("agent"), "{listed}");
     clients.round_without_breaks("b4 joined through lb agent");
+    // A file of the operator's backends leaves the agent's alone.
+    let file = fleet.files.join("operator.toml");
+    let backends: String = (1..=3)
+        .map(|index| format!("[[vip.backend]]\naddress = \"{}\"\n", fleet::backend_address(index)))
+        .collect();
+    let text = format!("[[vip]]\naddress = \"{VIP}\"\n[vip.check]\ntype = \"ws\"\n{backends}");
+    std::fs::write(&file, text).unwrap();
+    let diff = daemons[1].json(&["config", "diff", file.to_str().unwrap()]).unwrap();
+    assert_eq!(diff["changes"], serde_json::json!([]), "{diff}");
     let fresh = clients.command("open 400");
     println!("FIGURE 400 new connections after b4 joined: {fresh}");
     let on_b4 = fresh["backends"]["b4"].as_u64().unwrap_or(0);

@@ -101,8 +101,8 @@ fn the_systemd_unit_verifies() {
     std::fs::write(man1.join("lb.1"), &page.stdout).unwrap();
     let unit = std::fs::read_to_string(dist("lb.service")).unwrap();
     let unit = unit.replace("/usr/local/bin/lb", lb_binary().to_str().unwrap());
-    let verify = |text: &str| {
-        let path = scratch.path().join("lb.service");
+    let verify_named = |name: &str, text: &str| {
+        let path = scratch.path().join(name);
         std::fs::write(&path, text).unwrap();
         Command::new("systemd-analyze")
             .args(["verify", "--man=yes"])
@@ -111,6 +111,19 @@ fn the_systemd_unit_verifies() {
             .output()
             .expect("systemd-analyze (Debian package systemd)")
     };
+    let verify = |text: &str| verify_named("lb.service", text);
+    let agent = std::fs::read_to_string(dist("lb-agent.service")).unwrap();
+    let agent = agent.replace("/usr/local/bin/lb", lb_binary().to_str().unwrap());
+    std::fs::write(scratch.path().join("lb-agent"), "LB_STORE=etcd://198.18.0.201:2379/lb\n")
+        .unwrap();
+    let agent =
+        agent.replace("/etc/default/lb-agent", scratch.path().join("lb-agent").to_str().unwrap());
+    let checked = verify_named("lb-agent.service", &agent);
+    assert!(
+        checked.status.success() && checked.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
     let good = verify(&unit);
     assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
     assert!(good.stderr.is_empty(), "{}", String::from_utf8_lossy(&good.stderr));

@@ -294,7 +294,10 @@ fn store_outages_and_bad_keys_lose_nothing() {
     wait_until("lb2 sees the store unreachable", 15, || {
         store_status(&daemons[1])["state"] == "unreachable"
     });
+    // Two changes, then a compaction of everything before the second: lb2
+    // resumes from the first, which is gone.
     daemons[0].lb(&["backend", "set", VIP, &fleet::backend_address(2), "--weight", "3"]).unwrap();
+    daemons[0].lb(&["backend", "set", VIP, &fleet::backend_address(1), "--weight", "1"]).unwrap();
     let latest = etcd.revision().unwrap();
     etcd.etcdctl(&["compact", &latest.to_string()]).unwrap();
     tests::netns::run("ip", &["netns", "exec", &ns, "nft", "delete table inet cut"]).unwrap();

@@ -174,6 +174,7 @@ fn dist(root: &Path) -> anyhow::Result<()> {
     let dist = root.join("dist");
     place(&lb, "usr/local/bin/lb")?;
     place(&dist.join("lb.service"), "etc/systemd/system/lb.service")?;
+    place(&dist.join("lb-agent.service"), "etc/systemd/system/lb-agent.service")?;
     place(&dist.join("lb.toml"), "etc/lb/lb.toml.example")?;
     place(&dist.join("90-lb-backend.conf"), "usr/local/share/lb/backend/90-lb-backend.conf")?;
     place(&dist.join("prometheus/lb-alerts.yml"), "usr/local/share/lb/prometheus/lb-alerts.yml")?;

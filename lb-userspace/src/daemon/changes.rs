@@ -38,7 +38,18 @@ impl Daemon {
     /// can replace the running configuration: refused when it changes a
     /// setting fixed at load.
     pub(super) fn file_to_apply(&self, file: &Path, text: &str) -> anyhow::Result<Config> {
-        let next = config::parse_source(text, file)?;
+        let mut next = config::parse_source(text, file)?;
+        // Backends `lb agent` registered are theirs, not the file's: a file
+        // without them keeps them (unless it removes their VIP).
+        if let Some(link) = &self.store {
+            for (vip, address) in link.leases.keys() {
+                let registered =
+                    self.config.desired.vips.get(vip).and_then(|spec| spec.backends.get(address));
+                if let (Some(spec), Some(backend)) = (next.desired.vips.get_mut(vip), registered) {
+                    spec.backends.entry(*address).or_insert_with(|| backend.clone());
+                }
+            }
+        }
         let differ = config::restart_settings(&self.config, &next);
         if !differ.is_empty() {
             anyhow::bail!(
