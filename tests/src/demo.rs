@@ -1,14 +1,15 @@
 //! The scale-out demo behind `cargo xtask run --balancers N`: the fleet
-//! testbed (tests/src/fleet.rs) with real `lb run` and BIRD, WebSockets
-//! spread over the balancers by the router's ECMP, a backend added, then
-//! balancer 1 killed while every connection keeps talking.
+//! testbed (tests/src/fleet.rs) with real `lb run` and BIRD, every balancer
+//! following one 3-member etcd (the VIP typed once), WebSockets spread over
+//! the balancers by the router's ECMP, a fourth backend joining through
+//! `lb agent`, then balancer 1 killed while every connection keeps talking.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 
 use crate::fleet::{self, Fleet};
-use crate::harness::{Daemon, WsClients};
+use crate::harness::{Daemon, WsClients, lb_binary, spawn_in};
 use crate::netns::{VIP4, ip};
 
 const PREFIX: &str = "lbdemo-";
@@ -25,26 +26,41 @@ pub fn fleet(balancers: usize) -> anyhow::Result<()> {
          {PREFIX}lb1..lb{balancers} (lb run and BIRD each), {PREFIX}b1..b{BACKENDS}"
     );
     let mut fleet = Fleet::up(PREFIX, balancers, BACKENDS)?;
-    println!("   its files (sync key, logs, BIRD configurations): {}", fleet.files.display());
+    println!("   its files (sync key, logs, BIRD configurations, etcd): {}", fleet.files.display());
     let _servers = fleet.ws_servers(8080, 600)?;
+    let etcd = fleet.etcd(3, false)?;
+    println!(
+        "\n== The fleet store: etcd with 3 members, {PREFIX}etcd1..3 at {} (docs/fleet.md)",
+        etcd.endpoints()
+    );
 
     let mut daemons = Vec::new();
     for index in 1..=balancers {
-        let args = fleet.lb_args(index, true);
+        let args = fleet.store_lb_args(index, &etcd, &[]);
         println!("\n== {}: lb run --iface eth0 {}", fleet.balancer(index), args.join(" "));
-        let daemon = fleet.start_lb(index, true)?;
-        for args in [
-            vec!["vip", "add", VIP, "--check", "ws"],
-            vec!["backend", "add", VIP, &fleet::backend_address(1)],
-            vec!["backend", "add", VIP, &fleet::backend_address(2)],
-            vec!["backend", "add", VIP, &fleet::backend_address(3)],
-        ] {
-            operator(&daemon, &args)?;
-        }
-        daemon.wait_backends_active()?;
-        fleet.start_bird(&fleet.balancer(index))?;
-        daemons.push(Some(daemon));
+        daemons.push(Some(fleet.start_lb_with_store(index, &etcd, &[])?));
     }
+    let first = daemons[0].as_ref().context("balancer 1")?;
+    println!("\n== The VIP and three backends, typed once on {}", fleet.balancer(1));
+    for args in [
+        vec!["vip", "add", VIP, "--check", "ws"],
+        vec!["backend", "add", VIP, &fleet::backend_address(1)],
+        vec!["backend", "add", VIP, &fleet::backend_address(2)],
+        vec!["backend", "add", VIP, &fleet::backend_address(3)],
+    ] {
+        operator(first, &args)?;
+    }
+    for (index, daemon) in daemons.iter().flatten().enumerate() {
+        wait_backends(daemon, 3)?;
+        daemon.wait_backends_active()?;
+        fleet.start_bird(&fleet.balancer(index + 1))?;
+    }
+    let last = daemons.iter().flatten().last().context("a balancer")?;
+    println!(
+        "$ lb store status   (on {})\n{}",
+        fleet.balancer(balancers),
+        last.lb(&["store", "status"])?.trim_end()
+    );
     let all: Vec<usize> = (1..=balancers).collect();
     let learned = fleet.wait_next_hops(VIP4, &all)?;
     println!("\n== The router learned the VIP from every balancer over BGP ({learned:.1?})");
@@ -67,10 +83,28 @@ pub fn fleet(balancers: usize) -> anyhow::Result<()> {
     println!("ECMP spread them over the balancers: {}", split.join(", "));
     println!("and Maglev over the backends: {}", started["backends"]);
 
-    println!("\n== A fourth backend joins on every balancer (the Maglev tables change)");
+    println!(
+        "\n== A fourth backend joins by itself: lb agent on {} while the connections are open",
+        fleet.backend(4)
+    );
+    let agent_args = [
+        vec!["agent".to_owned()],
+        etcd.store_args("lb"),
+        ["--vip", VIP, "--ttl", "3"].map(str::to_owned).to_vec(),
+    ]
+    .concat();
+    println!("$ lb {}", agent_args.join(" "));
+    let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+    let agent_log = fleet.files.join("agent-b4.log");
+    let _agent = spawn_in(&fleet.backend(4), &lb_binary(), &agent_args, Some(&agent_log))?;
     for daemon in daemons.iter().flatten() {
-        daemon.lb(&["backend", "add", VIP, &fleet::backend_address(4)])?;
+        wait_backends(daemon, 4)?;
         daemon.wait_backends_active()?;
+    }
+    let listed = daemons[0].as_ref().context("balancer 1")?.lb(&["backend", "list"])?;
+    println!("$ lb backend list   (on {}; ORIGIN says who declared each)", fleet.balancer(1));
+    for line in listed.lines() {
+        println!("{}", line.split_whitespace().take(5).collect::<Vec<_>>().join("  "));
     }
     let round = clients.command("round");
     println!(
@@ -107,6 +141,19 @@ pub fn fleet(balancers: usize) -> anyhow::Result<()> {
         "\n== Demo done; removing the namespaces. `scripts/testbed.sh up --balancers N` keeps a fleet up to explore."
     );
     Ok(())
+}
+
+/// Waits until `daemon` lists `count` backends (the store's revision arrived).
+fn wait_backends(daemon: &Daemon, count: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let listed = daemon.json(&["backend", "list"])?;
+        if listed.as_array().map(Vec::len) == Some(count) {
+            return Ok(());
+        }
+        ensure!(start.elapsed() < Duration::from_secs(15), "{count} backends not listed: {listed}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Runs an `lb` command as an operator types it, printing both.

@@ -155,6 +155,13 @@ impl Etcd {
         self.wait_healthy()
     }
 
+    /// Leaves the members running (`lb-testbed down` kills them with the namespaces).
+    pub fn detach(mut self) {
+        for member in self.members.drain(..).flatten() {
+            std::mem::forget(member);
+        }
+    }
+
     /// `HOST:PORT,...` of every member.
     pub fn endpoints(&self) -> String {
         (1..=self.members.len())

@@ -226,27 +226,30 @@ fn main() -> anyhow::Result<()> {
 /// balancer. Prints where everything is.
 fn fleet_up(prefix: &str, balancers: usize, backends: usize) -> anyhow::Result<()> {
     let mut fleet = tests::fleet::Fleet::up(prefix, balancers, backends)?;
+    let etcd = fleet.etcd(3, false)?;
     let mut daemons = Vec::new();
     for index in 1..=balancers {
-        daemons.push(fleet.start_lb(index, true)?);
+        daemons.push(fleet.start_lb_with_store(index, &etcd, &[])?);
         fleet.start_bird(&fleet.balancer(index))?;
     }
     println!("fleet {prefix}: namespaces {}", netns::list(prefix).join(" "));
-    println!("files (sync key, BIRD configurations and logs): {}", fleet.files.display());
+    println!("files (sync key, BIRD configurations and logs, etcd): {}", fleet.files.display());
+    println!("store: etcd {} (3 members), prefix /lb", etcd.endpoints());
     for (index, daemon) in daemons.iter().enumerate() {
         println!(
             "{}: lb run --iface eth0 {}
   lb --socket {} ...   (log: {})",
             fleet.balancer(index + 1),
-            fleet.lb_args(index + 1, true).join(" "),
+            fleet.store_lb_args(index + 1, &etcd, &[]).join(" "),
             daemon.socket.display(),
             daemon.log.display()
         );
     }
     println!(
-        "Start servers on the backends (lb-testbed serve) and add the same VIP and backends on \
-         every balancer (backends are {}..{}); the router then spreads the VIP over the \
-         balancers: ip -n {} route show {}   (docs/scale-out.md, \"Trying it\")",
+        "Start servers on the backends (lb-testbed serve) and add the VIP and backends on any \
+         balancer: the store gives them to all (backends are {}..{}, or run lb agent on one); \
+         the router then spreads the VIP over the balancers: ip -n {} route show {}   \
+         (docs/scale-out.md, \"Trying it\")",
         tests::fleet::backend_address(1),
         tests::fleet::backend_address(backends),
         fleet.router(),
@@ -255,6 +258,7 @@ fn fleet_up(prefix: &str, balancers: usize, backends: usize) -> anyhow::Result<(
     for daemon in daemons {
         daemon.detach();
     }
+    etcd.detach();
     fleet.detach(); // stays up until `down`
     Ok(())
 }
