@@ -36,7 +36,7 @@ enum Task {
     /// floor and nftables, connections against HAProxy, control-plane rebuild
     /// times. Writes target/bench/.
     Bench {
-        /// Only one section: costs, throughput, connections or control.
+        /// Only one section: costs, throughput, connections, control or fleet.
         section: Option<String>,
     },
     /// An installable tarball in target/dist: the release binary (with the

@@ -22,8 +22,10 @@ pub use views::{BackendView, FlowView, FlowsView, LookupView, StatsView, StoreVi
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 
-/// The longest request line the daemon accepts.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// The longest request line the daemon accepts: room for `lb config apply`
+/// of a whole fleet (10,000 backends are about 0.5 MiB), while one client
+/// cannot make the daemon hold much memory.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
 /// A request on its way to the daemon's loop, with where its reply goes.
 /// The control socket and the metrics endpoint both send these.
@@ -165,6 +167,10 @@ pub enum ClientError {
         "the daemon at {path} is not answering (no reply in {waited:?}): it may be stuck or overloaded; see its log"
     )]
     NoReply { path: String, waited: std::time::Duration },
+    #[error(
+        "the request is {bytes} bytes; the control socket takes at most {MAX_REQUEST_BYTES} (split the file, or apply it in parts)"
+    )]
+    TooLarge { bytes: usize },
     #[error("the daemon's reply was not understood")]
     Decode(#[from] serde_json::Error),
 }
@@ -198,11 +204,15 @@ fn call_within(
         }
         _ => ClientError::Io { path: path.clone(), error },
     };
+    let line = encode_line(request);
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(ClientError::TooLarge { bytes: line.len() });
+    }
     let mut stream = UnixStream::connect(socket)
         .map_err(|error| ClientError::Connect { path: path.clone(), error })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    stream.write_all(encode_line(request).as_bytes()).map_err(io)?;
+    stream.write_all(line.as_bytes()).map_err(io)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(io)?;
     Ok(serde_json::from_str(&reply)?)

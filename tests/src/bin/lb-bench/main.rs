@@ -6,6 +6,7 @@
 //!    nftables DNAT.
 //! 3. `control`: rebuilding and installing Maglev tables.
 //! 4. `connections`: connection rate and memory against HAProxy.
+//! 5. `fleet`: three balancers on one etcd store, 100 VIPs x 100 backends.
 //!
 //! `report` holds the targets and the chart. Writes a table to the terminal,
 //! target/bench/results.json and target/bench/throughput.svg.
@@ -13,6 +14,7 @@
 mod connections;
 mod control;
 mod costs;
+mod fleet;
 mod forwarding;
 mod hostile_costs;
 mod program_size;
@@ -47,6 +49,7 @@ struct Results {
     /// The running daemon's cost under each scheduler (section 4's setup).
     schedulers: Vec<control::SchedulerRow>,
     control_plane: Vec<ControlRow>,
+    fleet: Option<fleet::FleetRow>,
     targets: Vec<Target>,
     notes: Vec<String>,
 }
@@ -60,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out_dir)?;
 
-    // `lb-bench [costs|throughput|connections|control]` runs one section (for quick looks);
+    // `lb-bench [costs|throughput|connections|control|fleet]` runs one section (for quick looks);
     // with no argument, everything.
     let only = std::env::args().nth(1);
     let wanted = |section: &str| only.as_deref().is_none_or(|only| only == section);
@@ -118,7 +121,16 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
-    let targets = targets(&per_packet, &throughput, &connections, &control_plane);
+    let mut fleet_row = None;
+    if wanted("fleet") {
+        println!("\n== 5. Fleet store: 3 balancers, one 3-member etcd, 100 VIPs x 100 backends");
+        let row = fleet::fleet()?;
+        fleet::print_fleet(&row);
+        fleet_row = Some(row);
+    }
+
+    let mut targets = targets(&per_packet, &throughput, &connections, &control_plane);
+    targets.extend(fleet_row.iter().flat_map(fleet::targets));
     println!("\n== Targets");
     for target in &targets {
         println!(
@@ -135,6 +147,7 @@ fn main() -> anyhow::Result<()> {
         connections,
         schedulers,
         control_plane,
+        fleet: fleet_row,
         targets,
         notes: vec![
             "New-flow rows go through bench_new_flow, which writes a fresh source port and tail-calls the balancer; its own cost (measured by tail-calling XDP_DROP) is subtracted.".into(),
