@@ -31,12 +31,13 @@ fn backend4(daemon: &Daemon) -> Option<Value> {
     list.as_array()?.iter().find(|b| b["address"] == fleet::backend_address(4)).cloned()
 }
 
-/// `lb agent` on backend 4, its address found by itself.
-fn agent(fleet: &Fleet, etcd: &Etcd, name: &str) -> Process {
+/// `lb agent` on backend 4, its address found by itself, with `extra`.
+fn agent(fleet: &Fleet, etcd: &Etcd, name: &str, extra: &[&str]) -> Process {
     let mut args = vec!["agent".to_owned()];
     args.extend(etcd.store_args("lb"));
     let ttl = TTL.to_string();
     args.extend(["--vip", VIP, "--ttl", &ttl, "--drain-timeout", "60"].map(str::to_owned));
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let log = fleet.files.join(format!("{name}.log"));
     spawn_in(&fleet.backend(4), &lb_binary(), &args, Some(&log)).expect("lb agent")
@@ -73,12 +74,25 @@ fn backend_joins_drains_and_leaves_by_itself() {
     let (mut clients, started) = WsClients::start(&fleet.client(), VIP, CONNECTIONS);
     assert_eq!(started["opened"].as_u64(), Some(CONNECTIONS as u64), "{started}");
 
-    // The agent starts before its service listens: it waits.
-    let mut first = agent(&fleet, &etcd, "agent1");
+    // The agent starts before its service listens: it waits. It puts the
+    // VIP on lo itself (--configure-vip), and takes it away when it leaves.
+    let b4_lo = || {
+        let shown =
+            tests::netns::ip(&fleet.backend(4), &["-br", "addr", "show", "dev", "lo"]).unwrap();
+        String::from_utf8_lossy(&shown.stdout).contains(&format!("{}/32", tests::netns::VIP4))
+    };
+    tests::netns::ip(
+        &fleet.backend(4),
+        &["addr", "del", &format!("{}/32", tests::netns::VIP4), "dev", "lo"],
+    )
+    .unwrap();
+    assert!(!b4_lo());
+    let mut first = agent(&fleet, &etcd, "agent1", &["--configure-vip"]);
     std::thread::sleep(Duration::from_secs(2));
     assert!(backend4(&daemons[0]).is_none(), "registered before its service listened");
     let said = agent_log(&fleet, "agent1");
     assert!(said.contains("waiting for the service"), "{said}");
+    assert!(b4_lo(), "--configure-vip did not put the VIP on lo");
     let mut b4 = Some(server(&fleet, 4));
     let joined = Instant::now();
     for daemon in &daemons {
@@ -135,13 +149,19 @@ fn backend_joins_drains_and_leaves_by_itself() {
     };
     println!("FIGURE the agent exited {status} {:?} after b4's last clients left", left.elapsed());
     assert!(status.success(), "{}", agent_log(&fleet, "agent1"));
+    assert!(!b4_lo(), "the VIP the agent added stayed on lo");
+    tests::netns::ip(
+        &fleet.backend(4),
+        &["addr", "add", &format!("{}/32", tests::netns::VIP4), "dev", "lo"],
+    )
+    .unwrap();
     for daemon in &daemons {
         wait_until("b4 removed", 5, || backend4(daemon).is_none());
     }
     clients.round_without_breaks("b4 deregistered");
 
     // b4's host dies: agent and server SIGKILLed at once.
-    let mut second = agent(&fleet, &etcd, "agent2");
+    let mut second = agent(&fleet, &etcd, "agent2", &[]);
     for daemon in &daemons {
         wait_until("b4 back", 10, || backend4(daemon).is_some_and(|b| b["state"] == "up"));
     }

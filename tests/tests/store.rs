@@ -97,6 +97,15 @@ fn two_balancers_with_one_store_agree() {
     assert!(refused.contains(&format!("hash_seed {seed} in the store, {other} here")), "{refused}");
 }
 
+/// The `lb_store_*` lines of balancer `index`'s /metrics, as a scrape reads them.
+fn store_metrics(fleet: &Fleet, index: usize) -> String {
+    let ns = fleet.balancer(index);
+    let url = "http://127.0.0.1:9464/metrics";
+    let output = tests::netns::run("ip", &["netns", "exec", &ns, "curl", "-sf", url]).unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.lines().filter(|line| line.starts_with("lb_store_")).collect::<Vec<_>>().join("\n")
+}
+
 /// Waits up to `seconds` until `done()`; panics naming `what` otherwise.
 fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -210,6 +219,11 @@ fn store_outages_and_bad_keys_lose_nothing() {
         assert_eq!(backends(daemon).len(), 3);
         assert_eq!(daemon.json(&["vip", "list"]).unwrap().as_array().unwrap().len(), 1);
     }
+    let metrics = store_metrics(&fleet, 2);
+    assert!(
+        metrics.lines().any(|l| l.starts_with("lb_store_refused_keys{") && l.ends_with(" 3")),
+        "{metrics}"
+    );
     let shown = daemons[0].lb(&["store", "status"]).unwrap();
     assert!(shown.contains("not-an-address"), "{shown}");
     clients.round_without_breaks("bad keys written by hand");
@@ -225,6 +239,11 @@ fn store_outages_and_bad_keys_lose_nothing() {
     for daemon in &daemons {
         wait_until("the store unreachable", 15, || store_status(daemon)["state"] == "unreachable");
     }
+    let metrics = store_metrics(&fleet, 2);
+    assert!(
+        metrics.lines().any(|l| l.starts_with("lb_store_up{") && l.ends_with(" 0")),
+        "{metrics}"
+    );
     let refused =
         daemons[1].command(&["backend", "set", VIP, &fleet::backend_address(1), "--weight", "3"]);
     let said = String::from_utf8_lossy(&refused.stderr);
