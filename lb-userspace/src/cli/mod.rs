@@ -58,7 +58,15 @@ fn check_config(file: &Path, json: bool) -> Result<(), Failure> {
 /// same text (never the path, which it may see differently).
 fn config_file(file: &Path) -> Result<(std::path::PathBuf, String), Failure> {
     let text = crate::config::read(file)?;
-    crate::config::parse(&text, file)?;
+    // How many VIPs and backends fit is the daemon's to say: a fleet's
+    // limits are in its store, not in the file.
+    let unlimited = crate::model::Limits { max_vips: u32::MAX, max_backends: u32::MAX };
+    crate::config::parse_with(
+        &text,
+        file,
+        crate::model::DatapathConfig::default(),
+        Some(unlimited),
+    )?;
     Ok((std::path::absolute(file).unwrap_or_else(|_| file.to_owned()), text))
 }
 

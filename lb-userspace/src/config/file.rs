@@ -14,7 +14,7 @@ use super::{
 use crate::maglev::is_valid_table_size;
 use crate::model::{
     Affinity, BackendSpec, CheckOptions, CheckSpec, DEFAULT_WEIGHT, DatapathConfig, DesiredState,
-    Protocol, Scheduler, Vip, parse_address, parse_endpoint,
+    Limits, Protocol, Scheduler, Vip, parse_address, parse_endpoint,
 };
 use crate::store::StoreConfig;
 
@@ -92,6 +92,19 @@ struct VipOut {
 
 /// Parses config text; `path` only names the file in errors.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    parse_with(text, path, DatapathConfig::default(), None)
+}
+
+/// [`parse`], with `defaults` for what the file leaves out (a fleet's
+/// settings, which the store holds, for a file applied to it), and VIPs
+/// and backends counted against `limits` instead of the file's own when
+/// given (the CLI's early check, which leaves the limits to the daemon).
+pub fn parse_with(
+    text: &str,
+    path: &Path,
+    defaults: DatapathConfig,
+    limits: Option<Limits>,
+) -> Result<Config, ConfigError> {
     let file: FileIn = toml::from_str(text).map_err(|error| ConfigError::Syntax {
         path: path.to_owned(),
         message: error.to_string().trim_end().replace('\n', "\n  "),
@@ -103,7 +116,6 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         message,
     };
 
-    let defaults = DatapathConfig::default();
     let mut datapath =
         DatapathConfig { hash_seed: file.hash_seed.unwrap_or(defaults.hash_seed), ..defaults };
     if let Some(size) = &file.table_size {
@@ -201,7 +213,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         store,
         store_copy: file.store_copy,
     };
-    let limits = config.limits();
+    let limits = limits.unwrap_or_else(|| config.limits());
     for vip_in in &file.vip {
         let endpoint = parse_endpoint(vip_in.address.get_ref())
             .map_err(|message| invalid(vip_in.address.span(), "vip.address", message))?;

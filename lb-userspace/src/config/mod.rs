@@ -51,7 +51,7 @@ mod file;
 #[cfg(test)]
 mod tests;
 
-pub use file::{parse, render};
+pub use file::{parse, parse_with, render};
 
 /// Everything `lb run` needs besides its command line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -234,6 +234,20 @@ pub fn load_source(path: &Path) -> Result<Config, ConfigError> {
 /// [`parse`], with `source` naming the file and its digest.
 pub fn parse_source(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let mut config = parse(text, path)?;
+    config.source = Some(ConfigSource::of(path, text));
+    Ok(config)
+}
+
+/// [`parse_source`] of a file applied to a fleet whose store holds its
+/// VIPs: what the file leaves out is the running balancer's (`running`),
+/// so its VIPs are counted against the fleet's limits and only a setting
+/// the file gives otherwise is a difference.
+pub fn parse_source_for_fleet(
+    text: &str,
+    path: &Path,
+    running: &DatapathConfig,
+) -> Result<Config, ConfigError> {
+    let mut config = file::parse_with(text, path, running.clone(), None)?;
     config.source = Some(ConfigSource::of(path, text));
     Ok(config)
 }

@@ -164,3 +164,25 @@ fn every_kind_of_mistake_names_file_line_and_field() {
     let syntax = error_of("[[vip]\n");
     assert!(syntax.contains("line 1"), "{syntax}");
 }
+
+#[test]
+fn a_file_applied_to_a_fleet_is_counted_against_the_fleets_limits() {
+    // Five backends: over a limit of 4, under the fleet's 8.
+    let backends: String =
+        (1..=5).map(|i| format!("[[vip.backend]]\naddress = \"198.18.1.{i}\"\n")).collect();
+    let text = format!("[[vip]]\naddress = \"198.18.0.10:80\"\n{backends}");
+    let path = Path::new("fleet.toml");
+    let small = crate::model::DatapathConfig { max_backends: 4, ..Default::default() };
+    let refused = parse_source_for_fleet(&text, path, &small).unwrap_err().to_string();
+    assert!(refused.contains("above the limit of 4"), "{refused}");
+    let fleet = crate::model::DatapathConfig { max_backends: 8, flow_table_size: 4096, ..small };
+    let parsed = parse_source_for_fleet(&text, path, &fleet).unwrap();
+    assert_eq!(parsed.desired.vips.values().next().unwrap().backends.len(), 5);
+    // What the file leaves out is the running balancer's: no difference.
+    let running = Config { datapath: fleet, ..parsed.clone() };
+    assert_eq!(restart_settings(&running, &parsed), Vec::<String>::new());
+    // The CLI's early check leaves the limits to the daemon.
+    let limits = crate::model::Limits { max_vips: u32::MAX, max_backends: u32::MAX };
+    parse_with(&text, path, small, Some(limits)).unwrap();
+    assert!(parse(&text.replace("198.18.0.10:80", "nonsense"), path).is_err());
+}

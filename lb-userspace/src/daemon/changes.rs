@@ -38,7 +38,11 @@ impl Daemon {
     /// can replace the running configuration: refused when it changes a
     /// setting fixed at load.
     pub(super) fn file_to_apply(&self, file: &Path, text: &str) -> anyhow::Result<Config> {
-        let mut next = config::parse_source(text, file)?;
+        let mut next = if self.store.is_some() {
+            config::parse_source_for_fleet(text, file, &self.config.datapath)?
+        } else {
+            config::parse_source(text, file)?
+        };
         // Backends `lb agent` registered are theirs, not the file's: a file
         // without them keeps them (unless it removes their VIP).
         if let Some(link) = &self.store {

@@ -89,7 +89,8 @@ pub fn fleet() -> anyhow::Result<FleetRow> {
     let first = fleet.start_lb_with_store(1, &etcd, &config)?;
 
     // 100 VIPs x 100 backends in one `lb config apply` (one transaction).
-    let mut text = SETTINGS.to_owned();
+    // No settings in it: the fleet's (the store's) are used.
+    let mut text = String::new();
     for v in 0..VIPS {
         let vip = vip(v);
         text.push_str(&format!(
