@@ -247,7 +247,7 @@ pub fn parse_source_for_fleet(
     path: &Path,
     running: &DatapathConfig,
 ) -> Result<Config, ConfigError> {
-    let mut config = file::parse_with(text, path, running.clone(), None)?;
+    let mut config = file::parse_with(text, path, *running, None)?;
     config.source = Some(ConfigSource::of(path, text));
     Ok(config)
 }
