@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::harness::{Process, spawn_in};
+use crate::fleet::{ANNOUNCE_TABLE, Fleet};
+use crate::harness::{Daemon, Process, spawn_in};
 use crate::netns::{self, join_switch};
 
 /// Where etcd serves clients.
@@ -284,5 +285,36 @@ impl Tls {
             stranger_cert: write("stranger.pem", stranger_cert)?,
             stranger_key: write("stranger.key", stranger_key)?,
         })
+    }
+}
+
+/// The fleet testbed with a store: its cluster, and balancers that follow it.
+impl Fleet {
+    /// An etcd cluster of `members` on the fleet's switch (see [`Etcd`]).
+    pub fn etcd(&self, members: usize, tls: bool) -> anyhow::Result<Etcd> {
+        Etcd::up(&self.prefix, &self.switch(), &self.files, members, tls)
+    }
+
+    /// The `lb run` arguments of balancer `index` in a fleet kept in the
+    /// store `/lb` of `etcd`: no hash seed (the store's), sync with every
+    /// other balancer, announce, then `extra`.
+    pub fn store_lb_args(&self, index: usize, etcd: &Etcd, extra: &[&str]) -> Vec<String> {
+        let mut args = vec!["--announce-table".to_owned(), ANNOUNCE_TABLE.to_owned()];
+        args.extend(self.sync_args(index));
+        args.extend(etcd.store_args("lb"));
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        args
+    }
+
+    /// Starts `lb run` on balancer `index` with [`Fleet::store_lb_args`].
+    pub fn start_lb_with_store(
+        &self,
+        index: usize,
+        etcd: &Etcd,
+        extra: &[&str],
+    ) -> anyhow::Result<Daemon> {
+        let args = self.store_lb_args(index, etcd, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_named(&self.balancer(index), &self.files, &args)
     }
 }

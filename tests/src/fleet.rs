@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::etcd::Etcd;
 use crate::harness::{Daemon, Process, spawn_in};
 use crate::netns::{LB_IFACE, add_bridge, ip, join_switch, own_vips, pass_xdp, run, sysctl};
 
@@ -94,13 +93,8 @@ impl Fleet {
     pub fn backend(&self, index: usize) -> String {
         format!("{}b{index}", self.prefix)
     }
-    fn switch(&self) -> String {
+    pub(crate) fn switch(&self) -> String {
         format!("{}sw", self.prefix)
-    }
-
-    /// An etcd cluster of `members` on the fleet's switch (see [`Etcd`]).
-    pub fn etcd(&self, members: usize, tls: bool) -> anyhow::Result<Etcd> {
-        Etcd::up(&self.prefix, &self.switch(), &self.files, members, tls)
     }
 
     /// Builds the topology and starts BIRD on the router (balancers' BIRD
@@ -264,29 +258,6 @@ impl Fleet {
                 spawn_in(&self.backend(index), &crate::harness::testbed_binary(), &args, None)
             })
             .collect()
-    }
-
-    /// The `lb run` arguments of balancer `index` in a fleet kept in the
-    /// store `/lb` of `etcd`: no hash seed (the store's), sync with every
-    /// other balancer, announce, then `extra`.
-    pub fn store_lb_args(&self, index: usize, etcd: &Etcd, extra: &[&str]) -> Vec<String> {
-        let mut args = vec!["--announce-table".to_owned(), ANNOUNCE_TABLE.to_owned()];
-        args.extend(self.sync_args(index));
-        args.extend(etcd.store_args("lb"));
-        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
-        args
-    }
-
-    /// Starts `lb run` on balancer `index` with [`Fleet::store_lb_args`].
-    pub fn start_lb_with_store(
-        &self,
-        index: usize,
-        etcd: &Etcd,
-        extra: &[&str],
-    ) -> anyhow::Result<Daemon> {
-        let args = self.store_lb_args(index, etcd, extra);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Daemon::start_named(&self.balancer(index), &self.files, &args)
     }
 
     /// Starts `lb run` on balancer `index` with [`Fleet::lb_args`], its

@@ -424,3 +424,14 @@ impl WsClients {
         round
     }
 }
+
+/// Waits up to `seconds` until `done()`; how long that took. Panics naming
+/// `what` otherwise.
+pub fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(seconds), "{what}: not within {seconds} s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}

@@ -11,20 +11,13 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use tests::etcd::Etcd;
 use tests::fleet::{self, Fleet};
-use tests::harness::{Daemon, Process, WsClients, lb_binary, signal, spawn_in, testbed_binary};
+use tests::harness::{
+    Daemon, Process, WsClients, lb_binary, signal, spawn_in, testbed_binary, wait_until,
+};
 
 const VIP: &str = "198.18.0.10:8080";
 const CONNECTIONS: usize = 3_000;
 const TTL: u64 = 3;
-
-fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < Duration::from_secs(seconds), "{what}: not within {seconds} s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
 
 fn backend4(daemon: &Daemon) -> Option<Value> {
     let list = daemon.json(&["backend", "list"]).unwrap();

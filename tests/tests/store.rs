@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use lb_userspace::api::{self, Body, Reply, Request};
 use serde_json::Value;
 use tests::fleet::{self, Fleet};
-use tests::harness::{Daemon, WsClients};
+use tests::harness::{Daemon, WsClients, wait_until};
 
 const VIP: &str = "198.18.0.10:8080";
 
@@ -104,16 +104,6 @@ fn store_metrics(fleet: &Fleet, index: usize) -> String {
     let output = tests::netns::run("ip", &["netns", "exec", &ns, "curl", "-sf", url]).unwrap();
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.lines().filter(|line| line.starts_with("lb_store_")).collect::<Vec<_>>().join("\n")
-}
-
-/// Waits up to `seconds` until `done()`; panics naming `what` otherwise.
-fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < Duration::from_secs(seconds), "{what}: not within {seconds} s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
 }
 
 const VIP6: &str = "[fd00:198:18::10]:8080";
@@ -221,7 +211,7 @@ fn store_outages_and_bad_keys_lose_nothing() {
     }
     let metrics = store_metrics(&fleet, 2);
     assert!(
-        metrics.lines().any(|l| l.starts_with("lb_store_refused_keys{") && l.ends_with(" 3")),
+        metrics.lines().any(|l| l.starts_with("lb_store_refused_keys{") && l.ends_with(" 3.0")),
         "{metrics}"
     );
     let shown = daemons[0].lb(&["store", "status"]).unwrap();
