@@ -58,7 +58,7 @@ fn the_control_socket_refuses_other_users_and_survives_garbage() {
         let reply = reply_to(&mut stream, garbage);
         assert!(reply.starts_with("{\"error\":\"malformed request"), "{garbage:?} -> {reply}");
     }
-    let mut huge = vec![b'x'; 70 * 1024];
+    let mut huge = vec![b'x'; lb_userspace::api::MAX_REQUEST_BYTES + 1024];
     huge.push(b'\n');
     let reply = reply_to(&mut stream, &huge);
     assert!(reply.contains("request longer than"), "{reply}");

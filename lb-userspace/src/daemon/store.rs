@@ -130,7 +130,12 @@ pub(super) fn link(start: StoreStart) -> (StoreLink, FollowStart) {
         None => (None, store::Cache::default()),
     };
     let (connection_tx, connection) = watch::channel(client.clone());
-    let writer = Writer { url: start.config.url(), connection, status: status.clone() };
+    let writer = Writer {
+        url: start.config.url(),
+        config: start.config.clone(),
+        connection,
+        status: status.clone(),
+    };
     let mut link = StoreLink::new(start.config.clone(), writer, status, committed_tx);
     link.applied = start.restored.unwrap_or(cache.revision);
     link.seen = link.applied.max(cache.revision);

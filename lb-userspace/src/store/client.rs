@@ -92,7 +92,7 @@ impl Client {
                 let mut error = describe(&self.url, &error);
                 if let StoreError::Unreachable { cause, .. } = &mut error
                     && self.client_certificate
-                    && cause.contains("connection closed")
+                    && CLOSED.iter().any(|closed| cause.contains(closed))
                 {
                     cause.push_str(CLOSED_WITH_CERTIFICATE);
                 }
@@ -161,6 +161,10 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     cause
 }
 
+/// How a refused client certificate shows: the member closes the
+/// connection, and the client sees one of these, depending on timing.
+const CLOSED: [&str; 5] =
+    ["connection closed", "broken pipe", "connection reset", "fatal alert", "BadCertificate"];
 /// A TLS member that refuses a client certificate just closes the
 /// connection; the client sees nothing more.
 const CLOSED_WITH_CERTIFICATE: &str = " (a member that closes a TLS connection at once has usually refused the client certificate: check that --store-cert and --store-key were signed by the CA the members trust, their --trusted-ca-file)";

@@ -78,7 +78,12 @@ pub async fn follow(inputs: Follow) -> anyhow::Result<()> {
         let ended = match connected {
             Ok(connected) => {
                 let session = session(&inputs, &connected).await;
-                client = Some(connected);
+                // A session the store ended keeps its channel; one lost to
+                // an error starts the next on a fresh one, so no member's
+                // broken connection outlives it.
+                if session.is_ok() {
+                    client = Some(connected);
+                }
                 session
             }
             Err(error) => Err(Lost::Store(error)),

@@ -32,6 +32,8 @@ pub enum WriteError {
 #[derive(Clone)]
 pub struct Writer {
     pub url: String,
+    /// To connect afresh when the follower's channel does not answer.
+    pub config: super::StoreConfig,
     pub connection: watch::Receiver<Option<Client>>,
     pub status: watch::Receiver<StoreStatus>,
 }
@@ -51,12 +53,18 @@ impl Writer {
             return Err(WriteError::Unavailable(why));
         };
         let start = tokio::time::Instant::now();
+        let mut client = client;
         loop {
             match commit(&client, &plan).await {
                 Err(WriteError::Store(StoreError::Unreachable { .. }))
                     if start.elapsed() < RETRY_FOR =>
                 {
                     tokio::time::sleep(RETRY_PAUSE).await;
+                    // The next attempt on a fresh channel, to whichever
+                    // member answers now.
+                    if let Ok(fresh) = super::connect(&self.config).await {
+                        client = fresh;
+                    }
                 }
                 outcome => return outcome,
             }
