@@ -170,6 +170,11 @@ fn bad_input_changes_nothing_and_state_survives_a_restart() {
         (vec!["backend", "remove", vip, "198.18.0.105"], "does not serve VIP", 3),
         (vec!["vip", "remove", "198.18.0.10:81"], "does not exist", 3),
         (vec!["lookup", vip, "198.18.0.1"], "client: '198.18.0.1' is not ADDRESS:PORT", 2),
+        (vec!["lookup", vip, "[fd00:198:18::1]:40000"], "is IPv6 but VIP", 1),
+        (vec!["vip", "add", "127.0.0.1:2222"], "a loopback address never leaves its host", 1),
+        (vec!["vip", "add", "[::ffff:198.18.0.12]:80"], "write the IPv4 address itself", 1),
+        (vec!["backend", "add", vip, "127.0.0.1"], "backend address 127.0.0.1 is not usable", 1),
+        (vec!["backend", "add", vip, "198.18.0.10"], "own address", 1),
     ] {
         let output = daemon.command(&args);
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -235,6 +235,14 @@ impl Daemon {
                 anyhow::bail!("flows are listed off the daemon's loop (see daemon::flows)")
             }
             Request::Lookup { vip, client } => {
+                if client.is_ipv4() != vip.address.is_ipv4() {
+                    let family = |ipv4: bool| if ipv4 { "IPv4" } else { "IPv6" };
+                    anyhow::bail!(
+                        "client {client} is {} but VIP {vip} is {}: no packet of that flow can reach the VIP",
+                        family(client.is_ipv4()),
+                        family(vip.address.is_ipv4())
+                    );
+                }
                 let result =
                     self.reconciler.lookup(&vip, client).ok_or(ChangeError::UnknownVip(vip))?;
                 view(Body::Lookup(LookupView {

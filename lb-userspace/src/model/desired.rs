@@ -119,10 +119,14 @@ pub enum ChangeError {
         vip_family: &'static str,
         backend_family: &'static str,
     },
-    #[error("VIP address {0} is not usable: use a unicast address")]
-    BadVipAddress(IpAddr),
-    #[error("backend address {0} is not usable: use a unicast address")]
-    BadBackendAddress(IpAddr),
+    #[error("VIP address {0} is not usable: {1}")]
+    BadVipAddress(IpAddr, &'static str),
+    #[error("backend address {0} is not usable: {1}")]
+    BadBackendAddress(IpAddr, &'static str),
+    #[error(
+        "backend {vip_address} is VIP {vip}'s own address: the balancer would send the VIP's packets back to itself; give the backend's own address"
+    )]
+    BackendIsVip { vip: Vip, vip_address: IpAddr },
     #[error("VIP port 0 is not usable")]
     PortZero,
     #[error("VIP {vip} would be the {count}th VIP, above the limit of {limit} (max_vips)")]
@@ -139,10 +143,20 @@ fn family_name(address: IpAddr) -> &'static str {
     if address.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
-fn is_unusable(address: IpAddr) -> bool {
-    address.is_unspecified()
+/// Why `address` can be neither a VIP nor a backend, if it cannot.
+fn unusable(address: IpAddr) -> Option<&'static str> {
+    if address.is_loopback() {
+        return Some("a loopback address never leaves its host: use an address on the network");
+    }
+    if let IpAddr::V6(v6) = address
+        && v6.to_ipv4_mapped().is_some()
+    {
+        return Some("an IPv4-mapped IPv6 address: write the IPv4 address itself");
+    }
+    (address.is_unspecified()
         || address.is_multicast()
-        || address == IpAddr::from([255, 255, 255, 255])
+        || address == IpAddr::from([255, 255, 255, 255]))
+    .then_some("use a unicast address")
 }
 
 /// Limits that come from map sizes, checked before any change is accepted.
@@ -161,8 +175,8 @@ impl DesiredState {
         limits: Limits,
     ) -> Result<(), ChangeError> {
         check.validate().map_err(ChangeError::BadCheck)?;
-        if is_unusable(vip.address) {
-            return Err(ChangeError::BadVipAddress(vip.address));
+        if let Some(why) = unusable(vip.address) {
+            return Err(ChangeError::BadVipAddress(vip.address, why));
         }
         if vip.port == 0 {
             return Err(ChangeError::PortZero);
@@ -210,8 +224,11 @@ impl DesiredState {
         if !WEIGHT_RANGE.contains(&backend.weight) {
             return Err(ChangeError::WeightOutOfRange(backend.weight));
         }
-        if is_unusable(backend.address) {
-            return Err(ChangeError::BadBackendAddress(backend.address));
+        if let Some(why) = unusable(backend.address) {
+            return Err(ChangeError::BadBackendAddress(backend.address, why));
+        }
+        if backend.address == vip.address {
+            return Err(ChangeError::BackendIsVip { vip: *vip, vip_address: vip.address });
         }
         if backend.address.is_ipv4() != vip.address.is_ipv4() {
             return Err(ChangeError::FamilyMismatch {
@@ -323,6 +340,19 @@ mod tests {
             state
                 .add_vip(vip("198.18.0.10:0"), CheckSpec::default(), Affinity::Flow, LIMITS)
                 .unwrap_err(),
+            state
+                .add_vip(vip("127.0.0.1:80"), CheckSpec::default(), Affinity::Flow, LIMITS)
+                .unwrap_err(),
+            state
+                .add_vip(
+                    vip("[::ffff:198.18.0.12]:80"),
+                    CheckSpec::default(),
+                    Affinity::Flow,
+                    LIMITS,
+                )
+                .unwrap_err(),
+            state.add_backend(&web, backend("127.0.0.1", 1), LIMITS).unwrap_err(),
+            state.add_backend(&web, backend("198.18.0.10", 1), LIMITS).unwrap_err(),
         ];
         assert_eq!(state, before);
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -333,6 +363,14 @@ mod tests {
         assert!(messages[4].contains("needs the same family"), "{}", messages[4]);
         assert!(messages[5].contains("does not exist"), "{}", messages[5]);
         assert!(messages[6].contains("does not serve"), "{}", messages[6]);
+        assert!(messages[9].contains("loopback"), "{}", messages[9]);
+        assert!(messages[10].contains("write the IPv4 address itself"), "{}", messages[10]);
+        assert!(
+            messages[11].contains("backend address 127.0.0.1 is not usable"),
+            "{}",
+            messages[11]
+        );
+        assert!(messages[12].contains("VIP 198.18.0.10:80/tcp's own address"), "{}", messages[12]);
     }
 
     #[test]
