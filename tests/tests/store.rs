@@ -33,7 +33,13 @@ fn lookups(daemon: &Daemon, vip: &str, count: u16) -> Vec<String> {
     let vip = lb_userspace::model::parse_vip(vip, None).unwrap();
     (0..count)
         .map(|port| {
-            let client = format!("{}:{}", fleet::CLIENT, 20_000 + port).parse().unwrap();
+            let client: std::net::SocketAddr = if vip.address.is_ipv4() {
+                format!("{}:{}", fleet::CLIENT, 20_000 + port)
+            } else {
+                format!("[{}]:{}", fleet::CLIENT6, 20_000 + port)
+            }
+            .parse()
+            .unwrap();
             match api::call(&daemon.socket, &Request::Lookup { vip, client }).unwrap() {
                 Reply::Ok(Body::Lookup(lookup)) => format!("{:?}", lookup.backend),
                 other => panic!("lookup: {other:?}"),
@@ -156,7 +162,11 @@ fn racing_writers_lose_nothing() {
         list
     };
     assert_eq!(entries(&daemons[0]), entries(&daemons[1]));
-    assert_eq!(lookups(&daemons[0], VIP6, 1_000), lookups(&daemons[1], VIP6, 1_000));
+    let (on_first, on_second) =
+        (lookups(&daemons[0], VIP6, 1_000), lookups(&daemons[1], VIP6, 1_000));
+    assert_eq!(on_first, on_second);
+    let distinct: std::collections::BTreeSet<&String> = on_first.iter().collect();
+    assert!(distinct.len() > 100, "1,000 flows reached only {} backends", distinct.len());
     let races: usize = daemons.iter().map(|d| d.log_text().matches("lost a race").count()).sum();
     println!("FIGURE writes that lost a race and were retried: {races} of 200");
     assert!(races > 0, "the writers never raced, so this run showed nothing");
