@@ -230,6 +230,9 @@ fn store_outages_and_bad_keys_lose_nothing() {
 
     // One member of three dies: writes go on.
     etcd.kill(1);
+    // If it led the cluster, the other two elect a leader first (etcd's
+    // election timeout): a write meanwhile may time out, and changes nothing.
+    etcd.wait_healthy().unwrap();
     daemons[0].lb(&["backend", "set", VIP, &fleet::backend_address(1), "--weight", "2"]).unwrap();
     wait_until("the weight on lb2", 10, || backends(&daemons[1]).iter().any(|b| b["weight"] == 2));
     clients.round_without_breaks("one etcd member killed");
