@@ -235,7 +235,11 @@ fn reloads_change_only_what_differs_and_websockets_survive() {
     let next = files.path().join("next.toml");
     std::fs::write(&next, config(&[(1, 1, false), (2, 2, false), (4, 1, false)])).unwrap();
     let next_arg = next.to_str().unwrap();
-    let diff = daemon.lb(&["config", "diff", next_arg]).unwrap();
+    // Differences make the exit status 1, as for diff(1), so CI sees drift.
+    let diff = daemon.command(&["config", "diff", next_arg]);
+    assert_eq!(diff.status.code(), Some(1), "{diff:?}");
+    assert!(diff.stderr.is_empty(), "differences are no error: {diff:?}");
+    let diff = String::from_utf8(diff.stdout).unwrap();
     let b = netns::backend4;
     for line in [
         format!("- backend {} of {VIP}", b(3)),
@@ -352,7 +356,6 @@ fn every_command_speaks_json() {
         vec!["lookup", vip, "198.18.0.1:40000"],
         vec!["flows", vip],
         vec!["config", "show"],
-        vec!["config", "diff", file],
         vec!["config", "check", file],
         vec!["backend", "remove", vip, &b1],
         vec!["vip", "remove", vip],
@@ -363,6 +366,39 @@ fn every_command_speaks_json() {
     }
     let changed = daemon.json(&["vip", "add", vip]).unwrap();
     assert_eq!((changed["changed"].as_bool(), changed["message"].is_string()), (Some(true), true));
+    // A diff with differences is still one JSON document, with exit 1.
+    daemon.lb(&["backend", "add", vip, &b1]).unwrap();
+    let diff = daemon.command(&["config", "diff", file, "--json"]);
+    assert_eq!(diff.status.code(), Some(1), "{diff:?}");
+    let diff: Value = serde_json::from_slice(&diff.stdout).unwrap();
+    assert_eq!(diff["changes"].as_array().map(Vec::len), Some(1), "{diff}");
+
+    // Without a terminal, `lb top` prints one snapshot (JSON with --json)
+    // instead of panicking.
+    let top = daemon.command(&["top"]);
+    assert!(top.status.success(), "{top:?}");
+    assert!(String::from_utf8_lossy(&top.stdout).contains(vip), "{top:?}");
+    assert!(String::from_utf8_lossy(&top.stderr).contains("not a terminal"), "{top:?}");
+    let top = daemon.json(&["top"]).unwrap();
+    assert!(top["vips"].is_array(), "{top}");
+
+    // A reader that goes away ends the command by SIGPIPE, as for any Unix
+    // tool, never with a panic (exit 101).
+    // (The writer starts after the reader has gone, so the pipe is closed
+    // when it writes.)
+    let lb_command = format!("{} --socket {}", lb_binary().display(), daemon.socket.display());
+    for command in [
+        format!("{{ sleep 0.3; {lb_command} completions bash; }} | true"),
+        format!("{{ sleep 0.3; {lb_command} flows {vip}; }} | true"),
+    ] {
+        let output = Command::new("bash")
+            .args(["-c", &format!("set -o pipefail; {command}; echo $?")])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked"), "{command}: {stderr}");
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "141", "{command}: {stderr}");
+    }
 
     // --log-format json: every log line is one JSON object with a level
     // and a message, for log shippers.

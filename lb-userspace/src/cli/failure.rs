@@ -18,6 +18,10 @@ pub enum Failure {
     /// Nothing answers on the control socket. Exit 4.
     #[error(transparent)]
     DaemonNotRunning(ClientError),
+    /// `lb config diff` found differences, and printed them. Exit 1, as for
+    /// diff(1), so that a CI job can detect drift.
+    #[error("{0} difference(s) from the running configuration")]
+    Differences(usize),
     /// Anything else that went wrong here (I/O, a daemon that stopped
     /// answering). Exit 1.
     #[error(transparent)]
@@ -27,7 +31,7 @@ pub enum Failure {
 impl Failure {
     pub fn exit_status(&self) -> u8 {
         match self {
-            Failure::Refused(_) | Failure::Other(_) => 1,
+            Failure::Refused(_) | Failure::Differences(_) | Failure::Other(_) => 1,
             Failure::Usage(_) => 2,
             Failure::NotFound(_) => 3,
             Failure::DaemonNotRunning(_) => 4,
@@ -41,8 +45,14 @@ impl Failure {
             Failure::Usage(_) => "usage",
             Failure::NotFound(_) => "not_found",
             Failure::DaemonNotRunning(_) => "daemon_not_running",
+            Failure::Differences(_) => "differences",
             Failure::Other(_) => "failed",
         }
+    }
+
+    /// Whether the output already said everything (no error to print).
+    pub fn is_said(&self) -> bool {
+        matches!(self, Failure::Differences(_))
     }
 
     /// The failure as `--json` prints it on stdout.

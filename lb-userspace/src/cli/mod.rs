@@ -7,7 +7,9 @@ use std::path::Path;
 
 use crate::api::{self, Body, Reply, Request};
 use crate::daemon::{self, RunOptions};
-use crate::model::{Vip, parse_address, parse_endpoint, parse_vip};
+use crate::model::{
+    Vip, parse_address, parse_endpoint, parse_vip, refuse_backend_address, refuse_vip,
+};
 
 pub mod args;
 mod failure;
@@ -20,12 +22,20 @@ use args::{
 };
 pub use failure::Failure;
 
+/// A VIP as typed; one that can never work is a usage error here, before
+/// any daemon is asked.
 fn vip_arg(text: &str, protocol: &ProtocolArg) -> Result<Vip, Failure> {
-    parse_vip(text, protocol.protocol).map_err(|message| Failure::Usage(format!("VIP: {message}")))
+    let vip = parse_vip(text, protocol.protocol)
+        .map_err(|message| Failure::Usage(format!("VIP: {message}")))?;
+    refuse_vip(&vip).map_err(|error| Failure::Usage(error.to_string()))?;
+    Ok(vip)
 }
 
 fn backend_arg(text: &str) -> Result<IpAddr, Failure> {
-    parse_address(text).map_err(|message| Failure::Usage(format!("backend: {message}")))
+    let address =
+        parse_address(text).map_err(|message| Failure::Usage(format!("backend: {message}")))?;
+    refuse_backend_address(address).map_err(|error| Failure::Usage(error.to_string()))?;
+    Ok(address)
 }
 
 /// Sends one request; a refusal or an unknown name becomes the matching
@@ -149,7 +159,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 .map_err(anyhow::Error::from)?;
             return Ok(());
         }
-        Command::Top { interval } => return top::run(&cli.socket, interval),
+        Command::Top { interval } => return top::run(&cli.socket, interval, json),
         Command::Vip(VipCommand::Add { vip, protocol, affinity, scheduler, check }) => {
             Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check, affinity, scheduler }
         }
@@ -224,7 +234,12 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
     };
     let body = ask(&cli.socket, &request)?;
     output::print_body(&body, json)?;
-    Ok(())
+    match body {
+        Body::ConfigChanges { changes, applied: false, .. } if !changes.is_empty() => {
+            Err(Failure::Differences(changes.len()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `lb unload`: removes the pins of a datapath no daemon serves.

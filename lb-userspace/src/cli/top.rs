@@ -25,10 +25,18 @@ struct Screen {
     socket: String,
 }
 
-pub fn run(socket: &Path, interval: f64) -> Result<(), Failure> {
+pub fn run(socket: &Path, interval: f64, json: bool) -> Result<(), Failure> {
     // The first read happens before the screen is taken, so that a daemon
     // that is not running is reported (and exits) as for any command.
     let stats = fetch(socket)?;
+    // Without a terminal to draw on (a pipe, a script, cron), or with
+    // --json, one snapshot: what `lb stats` prints.
+    if json || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        if !json {
+            eprintln!("lb top: standard output is not a terminal: one snapshot, as `lb stats`");
+        }
+        return Ok(super::output::print_body(&Body::Stats(stats), json)?);
+    }
     let mut screen = Screen {
         last_drops: (Instant::now(), total_drops(&stats)),
         stats,

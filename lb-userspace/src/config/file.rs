@@ -116,11 +116,13 @@ pub fn parse_with(
         message,
     };
 
+    // Every mistake is collected, so that one check names them all.
+    let mut mistakes = Vec::new();
     let mut datapath =
         DatapathConfig { hash_seed: file.hash_seed.unwrap_or(defaults.hash_seed), ..defaults };
     if let Some(size) = &file.table_size {
         if !is_valid_table_size(*size.get_ref()) {
-            return Err(invalid(
+            mistakes.push(invalid(
                 size.span(),
                 "table_size",
                 format!(
@@ -129,8 +131,9 @@ pub fn parse_with(
                     defaults.table_size
                 ),
             ));
+        } else {
+            datapath.table_size = *size.get_ref();
         }
-        datapath.table_size = *size.get_ref();
     }
     for (value, field, target) in [
         (&file.max_vips, "max_vips", &mut datapath.max_vips),
@@ -139,7 +142,8 @@ pub fn parse_with(
     ] {
         if let Some(value) = value {
             if *value.get_ref() == 0 {
-                return Err(invalid(value.span(), field, "must be at least 1".to_owned()));
+                mistakes.push(invalid(value.span(), field, "must be at least 1".to_owned()));
+                continue;
             }
             *target = *value.get_ref();
         }
@@ -152,13 +156,14 @@ pub fn parse_with(
             if !(1_000..=86_400_000).contains(value.get_ref()) {
                 let message =
                     format!("{} ms is out of range: expected 1000 to 86400000", value.get_ref());
-                return Err(invalid(value.span(), field, message));
+                mistakes.push(invalid(value.span(), field, message));
+                continue;
             }
             *target = *value.get_ref();
         }
     }
     if datapath.maglev_entries().is_none_or(|entries| entries.checked_mul(4).is_none()) {
-        return Err(invalid(
+        mistakes.push(invalid(
             0..0,
             "max_vips",
             format!(
@@ -168,18 +173,16 @@ pub fn parse_with(
         ));
     }
 
-    let announce_table = match &file.announce_table {
-        None => None,
-        Some(table) => Some(
-            check_announce_table(*table.get_ref())
-                .map_err(|message| invalid(table.span(), "announce_table", message))?,
-        ),
-    };
+    let announce_table = file.announce_table.as_ref().and_then(|table| {
+        check_announce_table(*table.get_ref())
+            .map_err(|message| mistakes.push(invalid(table.span(), "announce_table", message)))
+            .ok()
+    });
     let sync = match file.sync {
         None => None,
         Some(sync) => {
             if sync.get_ref().peers.is_empty() {
-                return Err(invalid(
+                mistakes.push(invalid(
                     sync.span(),
                     "sync.peers",
                     "list at least one peer".to_owned(),
@@ -191,10 +194,9 @@ pub fn parse_with(
     let store = match file.store {
         None => None,
         Some(store) => {
-            store
-                .get_ref()
-                .validate()
-                .map_err(|message| invalid(store.span(), "store", message))?;
+            if let Err(message) = store.get_ref().validate() {
+                mistakes.push(invalid(store.span(), "store", message));
+            }
             Some(store.into_inner())
         }
     };
@@ -215,46 +217,65 @@ pub fn parse_with(
     };
     let limits = limits.unwrap_or_else(|| config.limits());
     for vip_in in &file.vip {
-        let endpoint = parse_endpoint(vip_in.address.get_ref())
-            .map_err(|message| invalid(vip_in.address.span(), "vip.address", message))?;
-        let protocol = match &vip_in.protocol {
+        let endpoint = match parse_endpoint(vip_in.address.get_ref()) {
+            Ok(endpoint) => endpoint,
+            Err(message) => {
+                mistakes.push(invalid(vip_in.address.span(), "vip.address", message));
+                continue;
+            }
+        };
+        let protocol = match vip_in.protocol.as_ref().map(|text| (text, text.get_ref().parse())) {
             None => Protocol::Tcp,
-            Some(text) => text
-                .get_ref()
-                .parse()
-                .map_err(|message| invalid(text.span(), "vip.protocol", message))?,
+            Some((_, Ok(protocol))) => protocol,
+            Some((text, Err(message))) => {
+                mistakes.push(invalid(text.span(), "vip.protocol", message));
+                continue;
+            }
         };
         let vip = Vip::new(endpoint, protocol);
         let check = vip_in.check.as_ref().map_or_else(CheckSpec::default, |check| {
             check.get_ref().applied_to(&CheckSpec::default())
         });
         if let (Err(message), Some(check_in)) = (check.validate(), &vip_in.check) {
-            return Err(invalid(check_in.span(), "vip.check", message));
+            mistakes.push(invalid(check_in.span(), "vip.check", message));
+            continue;
         }
         let affinity = vip_in.affinity.unwrap_or_default();
-        config
+        let added = config
             .desired
             .add_vip(vip, check, affinity, limits)
-            .and_then(|()| config.desired.set_scheduling(&vip, None, vip_in.scheduler))
-            .map_err(|error| invalid(vip_in.address.span(), "vip.address", error.to_string()))?;
+            .and_then(|()| config.desired.set_scheduling(&vip, None, vip_in.scheduler));
+        if let Err(error) = added {
+            mistakes.push(invalid(vip_in.address.span(), "vip.address", error.to_string()));
+            continue;
+        }
         for backend_in in &vip_in.backend {
-            let address = parse_address(backend_in.address.get_ref()).map_err(|message| {
-                invalid(backend_in.address.span(), "vip.backend.address", message)
-            })?;
+            let address = match parse_address(backend_in.address.get_ref()) {
+                Ok(address) => address,
+                Err(message) => {
+                    let span = backend_in.address.span();
+                    mistakes.push(invalid(span, "vip.backend.address", message));
+                    continue;
+                }
+            };
             let weight = backend_in.weight.as_ref().map_or(DEFAULT_WEIGHT, |w| *w.get_ref());
             let backend = BackendSpec { address, weight, draining: backend_in.draining };
-            config.desired.add_backend(&vip, backend, limits).map_err(|error| {
+            if let Err(error) = config.desired.add_backend(&vip, backend, limits) {
                 let (span, field) = match &backend_in.weight {
                     Some(w) if matches!(error, crate::model::ChangeError::WeightOutOfRange(_)) => {
                         (w.span(), "vip.backend.weight")
                     }
                     _ => (backend_in.address.span(), "vip.backend.address"),
                 };
-                invalid(span, field, error.to_string())
-            })?;
+                mistakes.push(invalid(span, field, error.to_string()));
+            }
         }
     }
-    Ok(config)
+    match mistakes.len() {
+        0 => Ok(config),
+        1 => Err(mistakes.remove(0)),
+        _ => Err(ConfigError::Mistakes { path: path.to_owned(), mistakes }),
+    }
 }
 
 /// The config as TOML, in the schema [`parse`] reads.

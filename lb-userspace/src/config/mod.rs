@@ -209,6 +209,9 @@ pub enum ConfigError {
     Syntax { path: PathBuf, message: String },
     #[error("{path}:{line}: {field}: {message}")]
     Invalid { path: PathBuf, line: usize, field: String, message: String },
+    /// Several mistakes in one file, each an `Invalid`, one per line.
+    #[error("{}: {} mistakes:\n{}", path.display(), mistakes.len(), mistakes.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Mistakes { path: PathBuf, mistakes: Vec<ConfigError> },
     #[error("{path}: writing the state failed: {error}")]
     Write { path: PathBuf, error: std::io::Error },
 }

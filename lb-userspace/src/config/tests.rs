@@ -107,7 +107,7 @@ fn every_kind_of_mistake_names_file_line_and_field() {
     );
     assert_eq!(
         error_of(&format!("{vip}[[vip.backend]]\naddress = \"198.18.1.1\"\nweight = 0\n")),
-        "lb.toml:5: vip.backend.weight: weight 0 is out of range: expected 1 to 256"
+        "lb.toml:5: vip.backend.weight: weight 0 is out of range: expected 1 to 256 (to stop new flows to a backend, drain it: `lb backend drain`, or draining = true in a file)"
     );
     assert_eq!(
         error_of(&format!(
@@ -185,4 +185,38 @@ fn a_file_applied_to_a_fleet_is_counted_against_the_fleets_limits() {
     let limits = crate::model::Limits { max_vips: u32::MAX, max_backends: u32::MAX };
     parse_with(&text, path, small, Some(limits)).unwrap();
     assert!(parse(&text.replace("198.18.0.10:80", "nonsense"), path).is_err());
+}
+
+#[test]
+fn every_mistake_of_a_file_is_named_at_once() {
+    let text = r#"
+table_size = 4
+[[vip]]
+address = "198.18.0.10:80"
+[[vip.backend]]
+address = "198.18.1.1"
+weight = 0
+[[vip.backend]]
+address = "fd00::1"
+[[vip]]
+address = "198.18.0.11:80"
+protocol = "sctp"
+[[vip]]
+address = "198.18.0.12:80"
+[[vip.backend]]
+address = "198.18.1.2"
+"#;
+    let error = error_of(text);
+    let lines: Vec<&str> = error.lines().collect();
+    assert_eq!(lines[0], "lb.toml: 4 mistakes:", "{error}");
+    for (line, expected) in [
+        (1, "lb.toml:2: table_size: 4 is not a prime"),
+        (2, "lb.toml:7: vip.backend.weight: weight 0 is out of range"),
+        (3, "lb.toml:9: vip.backend.address: backend fd00::1 is IPv6"),
+        (4, "lb.toml:12: vip.protocol: "),
+    ] {
+        assert!(lines[line].starts_with(expected), "line {line}: {error}");
+    }
+    // One mistake reads as before: no count.
+    assert!(error_of("table_size = 4\n").starts_with("lb.toml:1: table_size:"));
 }

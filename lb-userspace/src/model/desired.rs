@@ -108,7 +108,7 @@ pub enum ChangeError {
     BackendExists { vip: Vip, backend: IpAddr },
     #[error("backend {backend} does not serve VIP {vip} (see `lb backend list`)")]
     UnknownBackend { vip: Vip, backend: IpAddr },
-    #[error("weight {0} is out of range: expected {min} to {max}", min = WEIGHT_RANGE.start(), max = WEIGHT_RANGE.end())]
+    #[error("weight {0} is out of range: expected {min} to {max}{hint}", min = WEIGHT_RANGE.start(), max = WEIGHT_RANGE.end(), hint = if *.0 == 0 { " (to stop new flows to a backend, drain it: `lb backend drain`, or draining = true in a file)" } else { "" })]
     WeightOutOfRange(u32),
     #[error(
         "backend {backend} is {backend_family} but VIP {vip} is {vip_family}: direct server return needs the same family"
@@ -159,6 +159,28 @@ fn unusable(address: IpAddr) -> Option<&'static str> {
     .then_some("use a unicast address")
 }
 
+/// Why `vip` can never be a VIP, whatever else is configured: the checks a
+/// command line makes before asking the daemon.
+pub fn refuse_vip(vip: &Vip) -> Result<(), ChangeError> {
+    if let Some(why) = unusable(vip.address) {
+        return Err(ChangeError::BadVipAddress(vip.address, why));
+    }
+    if vip.port == 0 {
+        return Err(ChangeError::PortZero);
+    }
+    Ok(())
+}
+
+/// Why `address` can never be a backend.
+pub fn refuse_backend_address(address: IpAddr) -> Result<(), ChangeError> {
+    unusable(address).map_or(Ok(()), |why| Err(ChangeError::BadBackendAddress(address, why)))
+}
+
+/// Why `weight` can never be a backend's weight.
+pub fn refuse_weight(weight: u32) -> Result<(), ChangeError> {
+    if WEIGHT_RANGE.contains(&weight) { Ok(()) } else { Err(ChangeError::WeightOutOfRange(weight)) }
+}
+
 /// Limits that come from map sizes, checked before any change is accepted.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -175,12 +197,7 @@ impl DesiredState {
         limits: Limits,
     ) -> Result<(), ChangeError> {
         check.validate().map_err(ChangeError::BadCheck)?;
-        if let Some(why) = unusable(vip.address) {
-            return Err(ChangeError::BadVipAddress(vip.address, why));
-        }
-        if vip.port == 0 {
-            return Err(ChangeError::PortZero);
-        }
+        refuse_vip(&vip)?;
         if self.vips.contains_key(&vip) {
             return Err(ChangeError::VipExists(vip));
         }
@@ -221,12 +238,8 @@ impl DesiredState {
         backend: BackendSpec,
         limits: Limits,
     ) -> Result<(), ChangeError> {
-        if !WEIGHT_RANGE.contains(&backend.weight) {
-            return Err(ChangeError::WeightOutOfRange(backend.weight));
-        }
-        if let Some(why) = unusable(backend.address) {
-            return Err(ChangeError::BadBackendAddress(backend.address, why));
-        }
+        refuse_weight(backend.weight)?;
+        refuse_backend_address(backend.address)?;
         if backend.address == vip.address {
             return Err(ChangeError::BackendIsVip { vip: *vip, vip_address: vip.address });
         }
@@ -276,9 +289,7 @@ impl DesiredState {
         backend: IpAddr,
         weight: u32,
     ) -> Result<(), ChangeError> {
-        if !WEIGHT_RANGE.contains(&weight) {
-            return Err(ChangeError::WeightOutOfRange(weight));
-        }
+        refuse_weight(weight)?;
         self.backend_mut(vip, backend)?.weight = weight;
         Ok(())
     }
@@ -358,7 +369,7 @@ mod tests {
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(messages[0], "VIP 198.18.0.10:80/tcp already exists");
         assert_eq!(messages[1], "backend 198.18.1.1 already serves VIP 198.18.0.10:80/tcp");
-        assert_eq!(messages[2], "weight 0 is out of range: expected 1 to 256");
+        assert!(messages[2].starts_with("weight 0 is out of range: expected 1 to 256 (to stop"));
         assert_eq!(messages[3], "weight 257 is out of range: expected 1 to 256");
         assert!(messages[4].contains("needs the same family"), "{}", messages[4]);
         assert!(messages[5].contains("does not exist"), "{}", messages[5]);

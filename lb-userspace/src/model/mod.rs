@@ -17,7 +17,7 @@ pub use check::{CheckKind, CheckOptions, CheckSpec, StatusRange};
 pub use datapath_config::DatapathConfig;
 pub use desired::{
     Affinity, BackendSpec, ChangeError, DEFAULT_WEIGHT, DesiredState, Limits, Scheduler, VipSpec,
-    WEIGHT_RANGE,
+    WEIGHT_RANGE, refuse_backend_address, refuse_vip, refuse_weight,
 };
 
 /// An Ethernet address, as the datapath writes it into frames.

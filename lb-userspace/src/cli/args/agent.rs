@@ -21,7 +21,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ADDR", value_parser = parse_address)]
     pub address: Option<IpAddr>,
     /// Relative share of new flows, 1 to 256.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, default_value_t = 1, value_parser = super::resources::parse_weight)]
     pub weight: u32,
     /// Register only once this local check of the service passes: a TCP
     /// connect, or an HTTP GET of --check-path answering 2xx (none: at once).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use crate::model::{Affinity, CheckOptions, DEFAULT_WEIGHT, Protocol, Scheduler};
+use crate::model::{Affinity, CheckOptions, DEFAULT_WEIGHT, Protocol, Scheduler, WEIGHT_RANGE};
 
 #[derive(Subcommand)]
 pub enum ConfigCommand {
@@ -102,7 +102,7 @@ pub enum BackendCommand {
         /// The backend's address (no port: backends serve the VIP's port).
         backend: String,
         /// Relative share of new flows, 1 to 256.
-        #[arg(long, default_value_t = DEFAULT_WEIGHT)]
+        #[arg(long, default_value_t = DEFAULT_WEIGHT, value_parser = parse_weight)]
         weight: u32,
         #[command(flatten)]
         protocol: ProtocolArg,
@@ -133,7 +133,7 @@ pub enum BackendCommand {
         /// The backend's address.
         backend: String,
         /// Relative share of new flows, 1 to 256.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_weight)]
         weight: u32,
         #[command(flatten)]
         protocol: ProtocolArg,
@@ -180,6 +180,17 @@ pub struct ProtocolArg {
 
 fn parse_protocol(text: &str) -> Result<Protocol, String> {
     text.parse()
+}
+
+/// A weight, refused with the range (and `lb backend drain` for 0); also
+/// for `lb agent --weight`.
+pub fn parse_weight(text: &str) -> Result<u32, String> {
+    let weight: u32 = text.parse().map_err(|_| {
+        let (min, max) = (WEIGHT_RANGE.start(), WEIGHT_RANGE.end());
+        format!("'{text}' is not a weight: expected a whole number from {min} to {max}")
+    })?;
+    crate::model::refuse_weight(weight).map_err(|error| error.to_string())?;
+    Ok(weight)
 }
 
 #[derive(Subcommand)]
