@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod health;
+pub mod interface;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

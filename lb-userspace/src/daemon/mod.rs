@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::{Call, Reply, Request};
 use crate::config::{self, Config};
-use crate::datapath::{self, AttachMode, Datapath, Maps as _};
+use crate::datapath::{self, AttachMode, Maps as _};
 use crate::health::{Checks, HealthReport, Start};
 use crate::model::{ChangeError, Vip};
 use crate::neighbour;
@@ -27,6 +27,7 @@ use crate::reconcile::{FlowCounts, Reconciler};
 use crate::sync::SyncStatus;
 
 mod active_flows;
+mod attach;
 mod changes;
 mod control;
 mod dispatch;
@@ -88,12 +89,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let fleet = start::join_fleet(&options, &config).await?;
     config.datapath.sync_flows = fleet.sync.is_some();
     config.datapath.own_mac = neighbour::interface_mac(&options.iface)?;
-    let loaded = load_datapath(config.datapath, &pins, &options)?;
+    // The sockets before the datapath: a port in use is refused before
+    // anything is attached or pinned.
     let listener = control::bind_socket(&options.socket, options.socket_group.as_deref())?;
+    let mut rollback = attach::Rollback::new(&pins, &options.socket);
     let metrics_listener = match options.metrics {
         Some(address) => Some((crate::metrics::bind(address).await?, address)),
         None => None,
     };
+    let loaded = attach::load_datapath(config.datapath, &pins, ifindex, &options).await?;
     let (calls_tx, calls) = mpsc::channel::<Call>(64);
     let metrics_task = metrics_listener.map(|(listener, address)| {
         tracing::info!(%address, "serving Prometheus metrics on /metrics");
@@ -103,6 +107,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
     let (mut daemon, tasks, inbox) =
         Daemon::start(config, loaded, fleet, store, ifindex, &options)?;
+    // Started: from here on the datapath forwards, and an error must not
+    // take it away.
+    rollback.disarm();
     tracing::info!(socket = %options.socket.display(), "serving the control socket");
     daemon.serve(calls, inbox, tasks, options.config.as_deref()).await?;
 
@@ -112,44 +119,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&options.socket);
     daemon.stop(&options, ifindex, &pins).await
-}
-
-/// Loads the datapath, adopting what an earlier `lb run` pinned in `pins`,
-/// and attaches it, with the active flows of an adopted flow table, counted by a walk of the whole table (about two seconds per
-/// million flows): that delays start-up, never the loop, while the pinned
-/// program keeps forwarding.
-fn load_datapath(
-    config: crate::model::DatapathConfig,
-    pins: &std::path::Path,
-    options: &RunOptions,
-) -> anyhow::Result<Loaded> {
-    let mut datapath = Datapath::load_pinned(config, pins)?;
-    let mut first_count = active_flows::ActiveFlows::default();
-    if datapath.adopted() {
-        let forwarded =
-            datapath::total_of(&datapath.reason_counters()?, lb_common::Reason::Forwarded);
-        first_count = Arc::new(datapath.active_flows());
-        tracing::info!(
-            pins = %pins.display(), active_flows = first_count.values().sum::<u64>(), forwarded_packets = forwarded,
-            "found a pinned datapath still forwarding: adopting its maps, flows and counters"
-        );
-    }
-    let mode = datapath.attach(&options.iface, options.xdp_mode)?;
-    tracing::info!(iface = %options.iface, mode, pins = %pins.display(), "XDP program attached");
-    tracing::info!(
-        flows = datapath.config().flow_table_size,
-        memory_bytes = datapath.flow_table_memory(),
-        "flow table created"
-    );
-    Ok(Loaded { datapath, first_count, attach_mode: mode })
-}
-
-/// A loaded and attached datapath, with what start-up learnt of it.
-struct Loaded {
-    datapath: Datapath,
-    first_count: active_flows::ActiveFlows,
-    /// `native` or `skb` (generic).
-    attach_mode: &'static str,
 }
 
 /// The daemon's state, owned by the loop in [`Daemon::serve`].
@@ -186,13 +155,13 @@ impl Daemon {
     /// the background tasks with what they need of it.
     fn start(
         config: Config,
-        loaded: Loaded,
+        loaded: attach::Loaded,
         fleet: start::FleetStart,
         store_start: Option<start::StoreStart>,
         ifindex: u32,
         options: &RunOptions,
     ) -> anyhow::Result<(Self, Tasks, Inbox)> {
-        let Loaded { mut datapath, first_count, attach_mode } = loaded;
+        let attach::Loaded { mut datapath, first_count, attach_mode } = loaded;
         let adopted = datapath.adopted();
         let flow_counter = Arc::new(datapath.flow_counter()?);
         let sync = match fleet.sync {

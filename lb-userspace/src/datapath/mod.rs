@@ -25,7 +25,10 @@ mod maps;
 mod pins;
 
 pub use maps::{FlowCounter, FlowState, Maps, monotonic_ns, total_of};
-pub use pins::{InterfaceLock, ensure_bpffs, is_bpffs, lock_interface, pin_dir_for, remove_pins};
+pub use pins::{
+    InterfaceLock, ensure_bpffs, has_pinned_link, has_pins, is_bpffs, lock_interface, pin_dir_for,
+    remove_pins,
+};
 
 /// The compiled XDP object, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -87,8 +90,13 @@ pub enum DatapathError {
     Map { name: &'static str, error: aya::maps::MapError },
     #[error("the XDP program was rejected by the kernel")]
     Program(#[source] ProgramError),
-    #[error("attaching to interface {iface} in {mode} mode failed: {error}")]
-    Attach { iface: String, mode: &'static str, error: ProgramError },
+    #[error("attaching to interface {iface} in {mode} mode failed")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        #[source]
+        error: ProgramError,
+    },
     #[error("mapping the Maglev table into memory failed")]
     Mmap(#[source] std::io::Error),
     #[error("test run failed")]

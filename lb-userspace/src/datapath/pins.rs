@@ -144,6 +144,17 @@ impl Datapath {
     }
 }
 
+/// Whether `dir` holds a pinned link: an earlier `lb run`'s program is
+/// attached through it.
+pub fn has_pinned_link(dir: &Path) -> bool {
+    dir.join(LINK_PIN).exists()
+}
+
+/// Whether `dir` holds any pin of ours (link or map).
+pub fn has_pins(dir: &Path) -> bool {
+    std::iter::once(LINK_PIN).chain(lb_common::ALL_MAPS).any(|name| dir.join(name).exists())
+}
+
 /// Removes a pin directory's link and map pins (`lb unload`). Objects still
 /// open elsewhere live on until closed; once nothing holds the link, the
 /// program detaches.
