@@ -98,6 +98,34 @@ fn an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it() {
     assert!(said.contains("another lb run serves this interface"), "{said}");
     assert!(daemon.lb(&["vip", "list"]).unwrap().contains(VIP), "the first daemon stopped serving");
 
+    // With another --pin-dir it is refused by the program in the way, named,
+    // and leaves no pins (the maps would hold hundreds of MB).
+    let elsewhere = daemon
+        .pin_dir
+        .with_file_name(format!("{}other", daemon.pin_dir.file_name().unwrap().to_string_lossy()));
+    let third = Command::new("ip")
+        .args(["netns", "exec", &testbed.balancer()])
+        .arg(tests::harness::lb_binary())
+        .arg("--socket")
+        .arg(other.with_extension("sock"))
+        .args(["run", "--iface", LB_IFACE, "--metrics", "off", "--pin-dir"])
+        .arg(&elsewhere)
+        .arg("--state")
+        .arg(other.with_extension("toml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&third.stderr);
+    assert!(!third.status.success(), "a third lb run started: {said}");
+    assert!(
+        said.contains("already has an XDP program attached (program id")
+            && said.contains("ip link set dev eth0 xdp off")
+            && !said.contains("falling back"),
+        "{said}"
+    );
+    assert!(!elsewhere.join(LB_IFACE).exists(), "the refused start left pins");
+    assert!(!other.with_extension("sock").exists(), "the refused start left its socket");
+    let _ = std::fs::remove_dir(&elsewhere);
+
     // SIGTERM without --detach-on-exit: the program stays.
     let pid = daemon.process.as_ref().unwrap().0.id();
     tests::harness::signal(pid, nix::sys::signal::Signal::SIGTERM);
