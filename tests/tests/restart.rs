@@ -82,17 +82,20 @@ fn an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it() {
 
     // A second lb run on the same interface is refused before it attaches anything.
     let other = daemon.state.with_file_name("second");
-    let second = Command::new("ip")
-        .args(["netns", "exec", &testbed.balancer()])
-        .arg(tests::harness::lb_binary())
-        .arg("--socket")
-        .arg(other.with_extension("sock"))
-        .args(["run", "--iface", LB_IFACE, "--metrics", "off", "--pin-dir"])
-        .arg(&daemon.pin_dir)
-        .arg("--state")
-        .arg(other.with_extension("toml"))
-        .output()
-        .unwrap();
+    let second_run = |pin_dir: &std::path::Path| {
+        Command::new("ip")
+            .args(["netns", "exec", &testbed.balancer()])
+            .arg(tests::harness::lb_binary())
+            .arg("--socket")
+            .arg(other.with_extension("sock"))
+            .args(["run", "--iface", LB_IFACE, "--metrics", "off", "--pin-dir"])
+            .arg(pin_dir)
+            .arg("--state")
+            .arg(other.with_extension("toml"))
+            .output()
+            .unwrap()
+    };
+    let second = second_run(&daemon.pin_dir);
     let said = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success(), "a second lb run started: {said}");
     assert!(said.contains("another lb run serves this interface"), "{said}");
@@ -103,17 +106,7 @@ fn an_incompatible_pinned_datapath_is_refused_and_lb_unload_removes_it() {
     let elsewhere = daemon
         .pin_dir
         .with_file_name(format!("{}other", daemon.pin_dir.file_name().unwrap().to_string_lossy()));
-    let third = Command::new("ip")
-        .args(["netns", "exec", &testbed.balancer()])
-        .arg(tests::harness::lb_binary())
-        .arg("--socket")
-        .arg(other.with_extension("sock"))
-        .args(["run", "--iface", LB_IFACE, "--metrics", "off", "--pin-dir"])
-        .arg(&elsewhere)
-        .arg("--state")
-        .arg(other.with_extension("toml"))
-        .output()
-        .unwrap();
+    let third = second_run(&elsewhere);
     let said = String::from_utf8_lossy(&third.stderr);
     assert!(!third.status.success(), "a third lb run started: {said}");
     assert!(

@@ -38,7 +38,7 @@ pub(super) async fn load_datapath(
         ),
         (Some(program), true) if !mode_agrees(options.xdp_mode, program.mode) => anyhow::bail!(
             "--xdp-mode {} was asked, but the datapath pinned in {} is attached in {} mode, and adopting it keeps that mode: drop --xdp-mode (or give --xdp-mode auto), or reattach: `lb unload --iface {iface}` (traffic to the VIPs stops until lb run attaches again)",
-            mode_name(options.xdp_mode),
+            mode_name(options.xdp_mode).unwrap_or_default(),
             pins.display(),
             program.mode
         ),
@@ -56,9 +56,9 @@ pub(super) async fn load_datapath(
         );
     }
     let how = datapath.attach(iface, options.xdp_mode)?;
-    // The mode the kernel reports, also after an atomic replacement in an
-    // adopted link (whose mode is the one it was made with).
-    let mode = interface::attached_program(ifindex).await?.map_or(how, |program| program.mode);
+    // The mode the kernel reported before: a replacement in the adopted
+    // link keeps it. Otherwise this attach chose the mode itself.
+    let mode = attached.map_or(how, |program| program.mode);
     tracing::info!(%iface, mode, how, pins = %pins.display(), "XDP program attached");
     tracing::info!(
         flows = datapath.config().flow_table_size,
@@ -69,15 +69,12 @@ pub(super) async fn load_datapath(
 }
 
 fn mode_agrees(asked: AttachMode, attached: &str) -> bool {
-    asked == AttachMode::Auto || mode_name(asked) == attached
+    asked == AttachMode::Auto || mode_name(asked).as_deref() == Some(attached)
 }
 
-fn mode_name(mode: AttachMode) -> &'static str {
-    match mode {
-        AttachMode::Auto => "auto",
-        AttachMode::Native => "native",
-        AttachMode::Skb => "skb",
-    }
+/// The mode as `--xdp-mode` spells it.
+fn mode_name(mode: AttachMode) -> Option<String> {
+    clap::ValueEnum::to_possible_value(&mode).map(|value| value.get_name().to_owned())
 }
 
 /// What a failed start undoes when dropped armed: the pins, when there were

@@ -96,7 +96,7 @@ impl Datapath {
                 Ok(used) => used,
                 Err(native_error) => {
                     tracing::warn!(
-                        %iface, error = %native_error,
+                        %iface, error = format!("{:#}", anyhow::Error::new(native_error)),
                         "native XDP unavailable; falling back to skb (generic) mode, which is much slower"
                     );
                     attempt(program, XdpMode::Skb, "skb")?
