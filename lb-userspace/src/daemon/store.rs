@@ -130,12 +130,7 @@ pub(super) fn link(start: StoreStart) -> (StoreLink, FollowStart) {
         None => (None, store::Cache::default()),
     };
     let (connection_tx, connection) = watch::channel(client.clone());
-    let writer = Writer {
-        url: start.config.url(),
-        config: start.config.clone(),
-        connection,
-        status: status.clone(),
-    };
+    let writer = Writer { config: start.config.clone(), connection };
     let mut link = StoreLink::new(start.config.clone(), writer, status, committed_tx);
     link.applied = start.restored.unwrap_or(cache.revision);
     link.seen = link.applied.max(cache.revision);
@@ -207,7 +202,7 @@ impl Daemon {
                 pending.waiting = Waiting::Retry(revision);
                 link.pending.insert(id, pending);
             }
-            Err(error @ (WriteError::Store(_) | WriteError::Unavailable(_))) => {
+            Err(error @ WriteError::Store(_)) => {
                 let _ = pending.reply.send(Reply::Error(format!("{error}; nothing changed")));
             }
         }

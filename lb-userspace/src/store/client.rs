@@ -1,9 +1,10 @@
-//! Connecting to etcd: TLS with the configured CA (and client certificate),
+//! Connecting to etcd: one member that answers, TLS with the configured CA (and client certificate),
 //! etcd's user authentication, keep-alives that notice a dead member, a
 //! deadline on every unary call, and errors that name the store and the
 //! cause in words an operator can act on.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
@@ -19,7 +20,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// The largest answer read at once: a full read of a large fleet.
 const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
-/// A connection to the store's members, with what names it in messages.
+/// A connection to one member of the store, with what names the store in
+/// messages.
 #[derive(Clone)]
 pub struct Client {
     pub(super) etcd: etcd_client::Client,
@@ -30,11 +32,57 @@ pub struct Client {
     pub(super) client_certificate: bool,
 }
 
-/// Connects to the store's members. Without authentication this only sets
-/// up the channel (members are reached on the first request); with it, the
-/// member must answer, to give a token.
+/// Where the next connection starts trying members: connections of one
+/// process, and processes, spread over the members.
+static NEXT_MEMBER: AtomicUsize = AtomicUsize::new(0);
+
+/// Connects to one member that answers a linearizable read (so it is part
+/// of a quorum), trying each in turn. One member rather than a channel
+/// balanced over all of them: etcd-client's balanced channel keeps sending
+/// a share of the requests to a member that died, and each of those fails;
+/// a client of one member fails only when that member does, and whoever
+/// holds it connects again, to the next member that answers.
 pub async fn connect(config: &StoreConfig) -> Result<Client, StoreError> {
     let url = config.url();
+    let options = options(config)?;
+    let keys = config.keys();
+    let client_certificate = config.cert_file.is_some();
+    let members = config.endpoints.len().max(1);
+    let first = NEXT_MEMBER.fetch_add(1, Ordering::Relaxed) + std::process::id() as usize;
+    let mut failures: Vec<(String, String)> = Vec::new();
+    for turn in 0..config.endpoints.len() {
+        let endpoint = &config.endpoints[(first + turn) % members];
+        match reach(endpoint, options.clone(), &url, &keys, client_certificate).await {
+            Ok(client) => return Ok(client),
+            Err(StoreError::Unreachable { cause, .. }) => failures.push((endpoint.clone(), cause)),
+            Err(refused) => return Err(refused),
+        }
+    }
+    // The hint about refused certificates once, after every member's cause.
+    let refused_certificate =
+        failures.iter().any(|(_, cause)| cause.ends_with(CLOSED_WITH_CERTIFICATE));
+    for (_, cause) in &mut failures {
+        if let Some(bare) = cause.strip_suffix(CLOSED_WITH_CERTIFICATE) {
+            *cause = bare.to_owned();
+        }
+    }
+    let mut cause = match failures.as_slice() {
+        [] => "no member is configured".to_owned(),
+        [(_, cause), rest @ ..] if rest.iter().all(|(_, other)| other == cause) => cause.clone(),
+        _ => failures
+            .iter()
+            .map(|(endpoint, cause)| format!("{endpoint}: {cause}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    };
+    if refused_certificate {
+        cause.push_str(CLOSED_WITH_CERTIFICATE);
+    }
+    Err(StoreError::Unreachable { url, cause })
+}
+
+/// The options every connection is made with.
+fn options(config: &StoreConfig) -> Result<ConnectOptions, StoreError> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_keep_alive(KEEP_ALIVE, KEEP_ALIVE * 2)
@@ -54,15 +102,28 @@ pub async fn connect(config: &StoreConfig) -> Result<Client, StoreError> {
         let password = String::from_utf8_lossy(&read(password_file)?).trim_end().to_owned();
         options = options.with_user(user, password);
     }
-    let connecting = etcd_client::Client::connect(&config.endpoints, Some(options));
+    Ok(options)
+}
+
+/// A client of the member at `endpoint`, once it has answered.
+async fn reach(
+    endpoint: &str,
+    options: ConnectOptions,
+    url: &str,
+    keys: &Keys,
+    client_certificate: bool,
+) -> Result<Client, StoreError> {
+    let connecting = etcd_client::Client::connect([endpoint], Some(options));
     let etcd = tokio::time::timeout(CONNECT_TIMEOUT * 2, connecting)
         .await
         .map_err(|_| StoreError::Unreachable {
-            url: url.clone(),
-            cause: format!("no member answered within {:?}", CONNECT_TIMEOUT * 2),
+            url: url.to_owned(),
+            cause: format!("no answer within {:?}", CONNECT_TIMEOUT * 2),
         })?
-        .map_err(|error| describe(&url, &error))?;
-    Ok(Client { etcd, url, keys: config.keys(), client_certificate: config.cert_file.is_some() })
+        .map_err(|error| describe(url, &error))?;
+    let client = Client { etcd, url: url.to_owned(), keys: keys.clone(), client_certificate };
+    client.call(client.kv().get(keys.fleet(), None)).await?;
+    Ok(client)
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, StoreError> {

@@ -8,7 +8,7 @@
 use etcd_client::{Compare, CompareOp, DeleteOptions, PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
 
-use super::{Client, StoreError, StoreStatus, WritePlan};
+use super::{Client, StoreError, WritePlan};
 
 /// How long a write is tried again while no member answers.
 const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(4);
@@ -22,49 +22,43 @@ pub enum WriteError {
     Conflict { base: i64, revision: i64 },
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The follower has no connection: why, as it last said.
-    #[error("{0}")]
-    Unavailable(String),
 }
 
 /// Writes for the daemon, through the follower's connection while the
 /// store answers.
 #[derive(Clone)]
 pub struct Writer {
-    pub url: String,
     /// To connect afresh when the follower's channel does not answer.
     pub config: super::StoreConfig,
     pub connection: watch::Receiver<Option<Client>>,
-    pub status: watch::Receiver<StoreStatus>,
 }
 
 impl Writer {
     /// Carries out `plan` as one transaction; returns the revision it made.
     /// A member that does not answer (it died, or its cluster is electing a
-    /// leader) is tried again for [`RETRY_FOR`]: the transaction is
-    /// conditioned on its base revision, so a first attempt that did commit
-    /// makes the next one a conflict, never a second change.
+    /// leader) is tried again for [`RETRY_FOR`], on a fresh channel to
+    /// whichever member answers; so is a follower that lost its connection
+    /// and has not made a new one yet (its watch on a member that died ends
+    /// before the write). The transaction is conditioned on its base
+    /// revision, so a first attempt that did commit makes the next one a
+    /// conflict, never a second change.
     pub async fn commit(&self, plan: WritePlan) -> Result<i64, WriteError> {
-        let client = self.connection.borrow().clone();
-        let Some(client) = client else {
-            let why = self.status.borrow().last_error.clone().unwrap_or_else(|| {
-                format!("the store at {} has not been reached yet since the start", self.url)
-            });
-            return Err(WriteError::Unavailable(why));
-        };
         let start = tokio::time::Instant::now();
-        let mut client = client;
+        let mut client = self.connection.borrow().clone();
         loop {
-            match commit(&client, &plan).await {
-                Err(WriteError::Store(StoreError::Unreachable { .. }))
+            let attempt = match client.take() {
+                Some(connected) => commit(&connected, &plan).await,
+                None => match super::connect(&self.config).await {
+                    Ok(fresh) => commit(&fresh, &plan).await,
+                    Err(error) => Err(WriteError::Store(error)),
+                },
+            };
+            match attempt {
+                Err(WriteError::Store(StoreError::Unreachable { cause, .. }))
                     if start.elapsed() < RETRY_FOR =>
                 {
+                    tracing::debug!(%cause, "a store write found no member; trying again");
                     tokio::time::sleep(RETRY_PAUSE).await;
-                    // The next attempt on a fresh channel, to whichever
-                    // member answers now.
-                    if let Ok(fresh) = super::connect(&self.config).await {
-                        client = fresh;
-                    }
                 }
                 outcome => return outcome,
             }
