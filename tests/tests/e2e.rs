@@ -80,7 +80,10 @@ fn balance_remove_and_lookup(prefix: &str, protocol: &str, ipv6: bool) {
     };
     check(20_000, &["b1", "b2", "b3"]);
 
-    daemon.lb(&["backend", "remove", &vip, &address_of("b2", ipv6), "--proto", protocol]).unwrap();
+    // UDP flows stay active until their idle timeout: removing b2 breaks them
+    // (--force), which is what this test follows.
+    let b2 = address_of("b2", ipv6);
+    daemon.lb(&["backend", "remove", &vip, &b2, "--proto", protocol, "--force"]).unwrap();
     check(21_000, &["b1", "b3"]);
 
     let stats = daemon.json(&["stats"]).unwrap();

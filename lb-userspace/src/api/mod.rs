@@ -53,8 +53,11 @@ pub enum Request {
         vip: Vip,
         check: CheckOptions,
     },
+    /// Refused while its backends carry flows, unless `force`.
     VipRemove {
         vip: Vip,
+        #[serde(default)]
+        force: bool,
     },
     VipList,
     BackendAdd {
@@ -74,9 +77,12 @@ pub enum Request {
         address: IpAddr,
         weight: u32,
     },
+    /// Refused while the backend carries flows, unless `force`.
     BackendRemove {
         vip: Vip,
         address: IpAddr,
+        #[serde(default)]
+        force: bool,
     },
     BackendList {
         vip: Option<Vip>,
@@ -100,9 +106,19 @@ pub enum Request {
         text: String,
     },
     /// Applies a configuration file's `text`: only what differs changes.
+    /// Refused while what it removes carries flows, unless `force`.
     ConfigApply {
         file: PathBuf,
         text: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Re-reads `lb run --config` and applies it as `ConfigApply` does; a
+    /// file unchanged since it was applied changes nothing (changes made
+    /// with `lb` since stay, as at a restart). SIGHUP asks the same.
+    ConfigReload {
+        #[serde(default)]
+        force: bool,
     },
     /// The fleet store, as this balancer follows it.
     StoreStatus,

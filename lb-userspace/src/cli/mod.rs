@@ -12,6 +12,7 @@ use crate::model::{
 };
 
 pub mod args;
+mod drained;
 mod failure;
 mod output;
 mod top;
@@ -190,8 +191,8 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
         Command::Check(CheckCommand::Set { vip, protocol, check }) => {
             Request::CheckSet { vip: vip_arg(&vip, &protocol)?, check }
         }
-        Command::Vip(VipCommand::Remove { vip, protocol }) => {
-            Request::VipRemove { vip: vip_arg(&vip, &protocol)? }
+        Command::Vip(VipCommand::Remove { vip, force, protocol }) => {
+            Request::VipRemove { vip: vip_arg(&vip, &protocol)?, force }
         }
         Command::Vip(VipCommand::List) => Request::VipList,
         Command::Backend(BackendCommand::Add { vip, backend, weight, protocol }) => {
@@ -201,11 +202,20 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 weight,
             }
         }
-        Command::Backend(BackendCommand::Remove { vip, backend, protocol }) => {
-            Request::BackendRemove {
-                vip: vip_arg(&vip, &protocol)?,
-                address: backend_arg(&backend)?,
+        Command::Backend(BackendCommand::Remove {
+            vip,
+            backend,
+            force,
+            when_drained,
+            timeout,
+            protocol,
+        }) => {
+            let (vip, address) = (vip_arg(&vip, &protocol)?, backend_arg(&backend)?);
+            if when_drained {
+                let timeout = std::time::Duration::from_secs(timeout);
+                return drained::remove(&cli.socket, vip, address, timeout, json);
             }
+            Request::BackendRemove { vip, address, force }
         }
         Command::Backend(BackendCommand::List { vip, protocol }) => {
             let vip = vip.map(|vip| vip_arg(&vip, &protocol)).transpose()?;
@@ -222,9 +232,10 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             let (file, text) = config_file(&file)?;
             Request::ConfigDiff { file, text }
         }
-        Command::Config(ConfigCommand::Apply { file }) => {
+        Command::Config(ConfigCommand::Reload { force }) => Request::ConfigReload { force },
+        Command::Config(ConfigCommand::Apply { file, force }) => {
             let (file, text) = config_file(&file)?;
-            Request::ConfigApply { file, text }
+            Request::ConfigApply { file, text, force }
         }
         Command::Lookup { vip, client, protocol } => {
             let client: SocketAddr = parse_endpoint(&client)

@@ -1,14 +1,15 @@
 //! The one path of a change of the running configuration: validated on a
 //! copy, persisted, then installed by the reconcile step; and the two ways
-//! a whole file becomes the configuration (`lb config apply`, SIGHUP).
+//! a whole file becomes the configuration (`lb config apply`, `lb config
+//! reload` and SIGHUP).
 
 use std::path::Path;
 
 use super::Daemon;
+use crate::api::{Body, Reply, Request};
 use crate::config::{self, Config};
 use crate::health::Start;
 use crate::model::ChangeError;
-use crate::model::diff::Change;
 
 impl Daemon {
     /// Applies one change: validated on a copy, persisted, then installed. A
@@ -65,49 +66,53 @@ impl Daemon {
         Ok(next)
     }
 
-    /// Makes a configuration file's VIPs and backends the running ones, in
-    /// one change: the reconcile step touches only what differs, so flows
-    /// to the backends kept stay where they are.
-    pub(super) fn apply_file(&mut self, file: &Path, text: &str) -> anyhow::Result<Vec<Change>> {
-        let next = self.file_to_apply(file, text)?;
-        let changes = crate::model::diff::diff(&self.config.desired, &next.desired);
-        self.change_config(|config| {
-            config.desired = next.desired;
-            config.source = next.source;
-            Ok(())
-        })?;
-        for change in &changes {
-            tracing::info!(config = %file.display(), %change, "configuration applied");
-        }
-        Ok(changes)
-    }
-
-    /// SIGHUP: re-reads `--config` and applies it; a file with a mistake
-    /// changes nothing and says why.
-    pub(super) fn reload(&mut self, path: Option<&Path>) {
-        let Some(path) = path else {
-            tracing::warn!("SIGHUP: lb run has no --config to re-read; nothing changed");
-            return;
-        };
-        if let Some(link) = &self.store {
-            tracing::warn!(
-                config = %path.display(), store = %link.config.url(),
-                "SIGHUP: the VIPs come from the store, and settings fixed at start need a restart: nothing re-read (change the VIPs with lb or lb config apply)"
-            );
-            return;
-        }
-        let applied = config::read(path)
-            .map_err(anyhow::Error::from)
-            .and_then(|text| self.apply_file(path, &text));
-        match applied {
-            Ok(changes) => tracing::info!(
-                config = %path.display(), changes = changes.len(),
+    /// SIGHUP: what `lb config reload` does, said in the log.
+    pub(super) fn reload(&mut self) {
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        self.handle(Request::ConfigReload { force: false }, reply);
+        match answer.try_recv() {
+            Ok(Reply::Ok(Body::ConfigChanges { file, changes, .. })) => tracing::info!(
+                config = %file.display(), changes = changes.len(),
                 "SIGHUP: configuration re-read and applied"
             ),
-            Err(error) => tracing::error!(
-                config = %path.display(), error = format!("{error:#}"),
-                "SIGHUP: configuration not applied; the running one is unchanged"
+            Ok(Reply::Ok(Body::Done { message, .. })) => tracing::info!("SIGHUP: {message}"),
+            Ok(Reply::Error(error) | Reply::NotFound(error)) => tracing::error!(
+                %error, "SIGHUP: configuration not applied; the running one is unchanged"
             ),
+            Ok(Reply::Ok(_)) | Err(_) => {}
         }
+    }
+
+    /// `lb config reload`: the request `--config`'s text makes now, or the
+    /// answer at once when there is nothing to re-read.
+    pub(super) fn reload_request(&self, force: bool) -> anyhow::Result<Result<Request, Body>> {
+        let Some(path) = &self.config_file else {
+            anyhow::bail!(
+                "this lb run has no --config to re-read: give the file to `lb config apply` instead"
+            );
+        };
+        if let Some(link) = &self.store {
+            anyhow::bail!(
+                "the VIPs of this lb run come from the store at {}, and settings fixed at start need a restart: nothing re-read (change the VIPs with lb or lb config apply)",
+                link.config.url()
+            );
+        }
+        let text = config::read(path)?;
+        let digest = config::ConfigSource::of(path, &text).digest;
+        if self.config.source.as_ref().is_some_and(|source| source.digest == digest) {
+            let since = crate::model::diff::diff(
+                &config::parse_source(&text, path)?.desired,
+                &self.config.desired,
+            );
+            return Ok(Err(Body::Done {
+                message: format!(
+                    "{} is unchanged since it was applied: nothing re-read; the {} change(s) made with lb since stay, as at a restart",
+                    path.display(),
+                    since.len()
+                ),
+                changed: false,
+            }));
+        }
+        Ok(Ok(Request::ConfigApply { file: path.clone(), text, force }))
     }
 }

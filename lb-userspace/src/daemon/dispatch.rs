@@ -6,7 +6,7 @@
 
 use tokio::sync::oneshot;
 
-use super::Daemon;
+use super::{Daemon, removals};
 use crate::api::{Body, LookupView, Reply, Request};
 use crate::config::Config;
 use crate::model::{BackendSpec, ChangeError, CheckSpec, DesiredState};
@@ -27,6 +27,15 @@ fn refusal(error: &anyhow::Error) -> Reply {
             Reply::NotFound(format!("{error:#}"))
         }
         _ => Reply::Error(format!("{error:#}")),
+    }
+}
+
+/// What a forced removal says it broke.
+fn broke(flows: u64) -> String {
+    match flows {
+        0 => String::new(),
+        1 => "; its 1 active flow is broken".to_owned(),
+        flows => format!("; its {flows} active flows are broken"),
     }
 }
 
@@ -145,11 +154,17 @@ impl Daemon {
                     format!("VIP {vip} already has the check {summary}"),
                 )
             }
-            Request::VipRemove { vip } => self.changed(
+            Request::VipRemove { vip, force } => {
+                let flows = self.flows_through(&vip, None);
+                if flows > 0 && !force {
+                    anyhow::bail!(removals::vip_refusal(&vip, flows));
+                }
+                self.changed(
                 |state| state.remove_vip(&vip),
-                format!("VIP {vip} removed"),
-                String::new(),
-            ),
+                    format!("VIP {vip} removed{}", broke(flows)),
+                    String::new(),
+                )
+            }
             Request::BackendAdd { vip, address, weight } => {
                 let existing = desired.vips.get(&vip).and_then(|spec| spec.backends.get(&address));
                 if let Some(backend) = existing {
@@ -191,11 +206,17 @@ impl Daemon {
                 ),
                 format!("backend {address} of VIP {vip} already has weight {weight}"),
             ),
-            Request::BackendRemove { vip, address } => self.changed(
-                |state| state.remove_backend(&vip, address),
-                format!("backend {address} removed from VIP {vip}"),
-                String::new(),
-            ),
+            Request::BackendRemove { vip, address, force } => {
+                let flows = self.flows_through(&vip, Some(address));
+                if flows > 0 && !force {
+                    anyhow::bail!(removals::backend_refusal(&vip, address, flows));
+                }
+                self.changed(
+                    |state| state.remove_backend(&vip, address),
+                    format!("backend {address} removed from VIP {vip}{}", broke(flows)),
+                    String::new(),
+                )
+            }
             Request::VipList => view(Body::Vips { vips: self.vip_views()? }),
             Request::BackendList { vip } => {
                 if let Some(vip) = vip
@@ -218,12 +239,19 @@ impl Daemon {
             }
             Request::ConfigDiff { file, text } => {
                 let next = self.file_to_apply(&file, &text)?;
-                let changes = crate::model::diff::diff(desired, &next.desired);
+                let mut changes = crate::model::diff::diff(desired, &next.desired);
+                self.count_broken(&mut changes);
                 view(Body::ConfigChanges { file, changes, applied: false })
             }
-            Request::ConfigApply { file, text } => {
+            Request::ConfigApply { file, text, force } => {
                 let mut next = self.file_to_apply(&file, &text)?;
-                let changes = crate::model::diff::diff(desired, &next.desired);
+                let mut changes = crate::model::diff::diff(desired, &next.desired);
+                self.count_broken(&mut changes);
+                if let Some(refusal) = removals::file_refusal(&file, &changes)
+                    && !force
+                {
+                    anyhow::bail!(refusal);
+                }
                 next = Config { desired: next.desired, source: next.source, ..self.config.clone() };
                 let body = Body::ConfigChanges { file, changes, applied: true };
                 if self.same(&next) {
@@ -231,6 +259,10 @@ impl Daemon {
                 }
                 Ok(Outcome::Change { next: Box::new(next), done: body })
             }
+            Request::ConfigReload { force } => match self.reload_request(force)? {
+                Ok(apply) => self.answer(&apply),
+                Err(unchanged) => view(unchanged),
+            },
             Request::Flows { .. } => {
                 anyhow::bail!("flows are listed off the daemon's loop (see daemon::flows)")
             }

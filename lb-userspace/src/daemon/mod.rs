@@ -34,6 +34,7 @@ mod dispatch;
 mod events;
 mod flows;
 mod rates;
+mod removals;
 mod start;
 mod store;
 mod supervise;
@@ -111,7 +112,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     // take it away.
     rollback.disarm();
     tracing::info!(socket = %options.socket.display(), "serving the control socket");
-    daemon.serve(calls, inbox, tasks, options.config.as_deref()).await?;
+    daemon.serve(calls, inbox, tasks).await?;
 
     accept_task.abort();
     if let Some(task) = metrics_task {
@@ -147,6 +148,8 @@ struct Daemon {
     published: Published,
     /// The fleet store, when the desired state lives there.
     store: Option<store::StoreLink>,
+    /// `--config`, which a reload re-reads.
+    config_file: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -186,6 +189,7 @@ impl Daemon {
         });
         checks.sync(&config.desired, if adopted { Start::Adopted } else { Start::Fresh });
         reconciler.apply(&config.desired, &checks.health_map())?;
+        start::keep_replaced(&config, &options.state)?;
         config::save(&config, &options.state)?;
         let sync_on = sync.is_some();
         let (store, follow) = match store_start {
@@ -223,6 +227,7 @@ impl Daemon {
             attach_mode,
             published,
             store,
+            config_file: options.config.clone(),
         };
         Ok((daemon, tasks, inbox))
     }
@@ -234,7 +239,6 @@ impl Daemon {
         mut calls: mpsc::Receiver<Call>,
         mut inbox: Inbox,
         mut tasks: Tasks,
-        config_file: Option<&std::path::Path>,
     ) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut terminate = signal(SignalKind::terminate())?;
@@ -254,7 +258,7 @@ impl Daemon {
                 Some(followed) = tasks::next(&mut inbox.followed) => self.followed(followed),
                 Some(committed) = tasks::next(&mut inbox.committed) => self.committed(committed),
                 _ = hangup.recv() => {
-                    self.reload(config_file);
+                    self.reload();
                     self.publish_backends();
                 }
                 Some(found) = inbox.neighbours.recv() => self.neighbours_changed(found),

@@ -19,6 +19,10 @@ pub enum Change {
     VipRemoved {
         vip: String,
         backends: usize,
+        /// Established flows its removal breaks, as the balancer counted
+        /// them (0 where nothing counts them).
+        #[serde(default)]
+        active_flows: u64,
     },
     /// Settings of a VIP present in both: `what` says which, from and to.
     VipChanged {
@@ -33,6 +37,9 @@ pub enum Change {
     BackendRemoved {
         vip: String,
         backend: IpAddr,
+        /// Established flows its removal breaks, as for `VipRemoved`.
+        #[serde(default)]
+        active_flows: u64,
     },
     BackendChanged {
         vip: String,
@@ -46,17 +53,41 @@ impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Change::VipAdded { vip, backends } => write!(f, "+ vip {vip} ({backends} backends)"),
-            Change::VipRemoved { vip, backends } => {
-                write!(f, "- vip {vip} (and its {backends} backends)")
+            Change::VipRemoved { vip, backends, active_flows } => {
+                write!(f, "- vip {vip} (and its {backends} backends){}", breaks(*active_flows))
             }
             Change::VipChanged { vip, what } => write!(f, "~ vip {vip}: {}", what.join(", ")),
             Change::BackendAdded { vip, backend, weight } => {
                 write!(f, "+ backend {backend} of {vip} (weight {weight})")
             }
-            Change::BackendRemoved { vip, backend } => write!(f, "- backend {backend} of {vip}"),
+            Change::BackendRemoved { vip, backend, active_flows } => {
+                write!(f, "- backend {backend} of {vip}{}", breaks(*active_flows))
+            }
             Change::BackendChanged { vip, backend, what } => {
                 write!(f, "~ backend {backend} of {vip}: {}", what.join(", "))
             }
+        }
+    }
+}
+
+fn breaks(active_flows: u64) -> String {
+    match active_flows {
+        0 => String::new(),
+        1 => ": breaks its 1 active flow".to_owned(),
+        count => format!(": breaks its {count} active flows"),
+    }
+}
+
+impl Change {
+    /// A removal's VIP, backend (None for a whole VIP) and the count of the
+    /// established flows it breaks, to fill in.
+    pub fn removal(&mut self) -> Option<(&str, Option<IpAddr>, &mut u64)> {
+        match self {
+            Change::VipRemoved { vip, active_flows, .. } => Some((vip, None, active_flows)),
+            Change::BackendRemoved { vip, backend, active_flows } => {
+                Some((vip, Some(*backend), active_flows))
+            }
+            _ => None,
         }
     }
 }
@@ -67,8 +98,11 @@ pub fn diff(running: &DesiredState, next: &DesiredState) -> Vec<Change> {
     let mut changes = Vec::new();
     for (vip, spec) in &running.vips {
         if !next.vips.contains_key(vip) {
-            changes
-                .push(Change::VipRemoved { vip: vip.to_string(), backends: spec.backends.len() });
+            changes.push(Change::VipRemoved {
+                vip: vip.to_string(),
+                backends: spec.backends.len(),
+                active_flows: 0,
+            });
         }
     }
     for (vip, spec) in &next.vips {
@@ -85,7 +119,11 @@ pub fn diff(running: &DesiredState, next: &DesiredState) -> Vec<Change> {
             changes.push(Change::VipChanged { vip: name.clone(), what });
         }
         for address in old.backends.keys().filter(|address| !spec.backends.contains_key(address)) {
-            changes.push(Change::BackendRemoved { vip: name.clone(), backend: *address });
+            changes.push(Change::BackendRemoved {
+                vip: name.clone(),
+                backend: *address,
+                active_flows: 0,
+            });
         }
         for (address, backend) in &spec.backends {
             match old.backends.get(address) {

@@ -109,6 +109,11 @@ impl<M: Maps> Reconciler<M> {
             .unwrap_or_default()
     }
 
+    /// The slot of `vip`'s backend `address`, when installed.
+    pub fn backend_slot(&self, vip: &Vip, address: IpAddr) -> Option<u32> {
+        self.installed.get(vip).and_then(|installed| installed.slots.get(&address).copied())
+    }
+
     /// Configured backends of `vip` with their slots and table shares.
     pub fn backends(&self, vip: &Vip) -> Vec<InstalledBackend> {
         let Some(installed) = self.installed.get(vip) else {

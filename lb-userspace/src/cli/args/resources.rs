@@ -23,7 +23,8 @@ pub enum ConfigCommand {
     Show,
     /// What `lb config apply FILE` would change in the running
     /// configuration, one line per VIP or backend (+ added, - removed,
-    /// ~ changed). Exit status 0 either way.
+    /// ~ changed), with the active flows each removal would break. Exit
+    /// status 0: no differences; 1: differences (as diff(1)).
     /// Example: lb config diff /etc/lb/lb.toml
     Diff {
         /// The TOML configuration to compare with the running one.
@@ -33,11 +34,26 @@ pub enum ConfigCommand {
     /// differs changes, established flows of kept backends are untouched,
     /// and a file with any mistake changes nothing. Settings fixed at load
     /// (sizes, seed, timeouts, sync, announce table) must match the
-    /// running ones. SIGHUP to lb run does the same with its --config.
+    /// running ones. Refused while what it removes carries active flows,
+    /// unless --force. SIGHUP to lb run does the same with its --config.
     /// Example: lb config apply /etc/lb/lb.toml
     Apply {
         /// The TOML configuration to apply.
         file: PathBuf,
+        /// Apply it even though removals break active flows.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make lb run re-read its --config and apply it as `lb config apply`
+    /// does, and say what it did: a file unchanged since it was applied
+    /// changes nothing (drains and weights set with lb since stay, as at a
+    /// restart); a refused file fails the command (exit 1) and changes
+    /// nothing. SIGHUP does the same, with the answer only in the log.
+    /// Example: ExecReload=/usr/local/bin/lb config reload
+    Reload {
+        /// Apply it even though removals break active flows.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -79,10 +95,14 @@ pub enum VipCommand {
         #[arg(long, value_enum, group = "setting")]
         scheduler: Option<Scheduler>,
     },
-    /// Remove a VIP and its backends.
+    /// Remove a VIP and its backends. Refused while its backends carry
+    /// active flows (removing it would break them), unless --force.
     Remove {
         /// The VIP, as ADDRESS:PORT/PROTO.
         vip: String,
+        /// Remove it even though its active flows break.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         protocol: ProtocolArg,
     },
@@ -138,12 +158,25 @@ pub enum BackendCommand {
         #[command(flatten)]
         protocol: ProtocolArg,
     },
-    /// Remove a backend from a VIP.
+    /// Remove a backend from a VIP. Refused while it carries active flows
+    /// (removing it would break them): drain it and remove it at 0, which
+    /// --when-drained does, or break them with --force.
+    /// Example: lb backend remove 198.18.0.10:80/tcp 198.18.1.1 --when-drained
     Remove {
         /// The VIP, as ADDRESS:PORT/PROTO.
         vip: String,
         /// The backend's address.
         backend: String,
+        /// Remove it even though its active flows break.
+        #[arg(long, conflicts_with = "when_drained")]
+        force: bool,
+        /// Drain it, wait until its active flows have ended, then remove it.
+        /// Past --timeout it stays draining and the command fails.
+        #[arg(long)]
+        when_drained: bool,
+        /// How long --when-drained waits, in seconds.
+        #[arg(long, default_value_t = 3600, requires = "when_drained")]
+        timeout: u64,
         #[command(flatten)]
         protocol: ProtocolArg,
     },

@@ -78,8 +78,9 @@ fn local_config(options: &RunOptions) -> anyhow::Result<Config> {
 /// `--config FILE` at start. The state wins while it holds FILE as last
 /// applied (same digest): it is FILE plus the changes made with `lb` since,
 /// which a restart must not undo. A FILE that changed since is applied, and
-/// the state it replaces is copied to `STATE.replaced` first, so that
-/// nothing made with `lb` is lost without a trace.
+/// the state it replaces is copied to `STATE.replaced` once the start has
+/// succeeded ([`keep_replaced`]), so that nothing made with `lb` is lost
+/// without a trace, and a start that fails keeps the earlier copy.
 fn from_file(path: &Path, state_path: &Path) -> anyhow::Result<Config> {
     let file = config::load_source(path)?;
     if state_path.exists() {
@@ -95,13 +96,9 @@ fn from_file(path: &Path, state_path: &Path) -> anyhow::Result<Config> {
         }
         let changes = crate::model::diff::diff(&state.desired, &file.desired);
         if !changes.is_empty() {
-            let mut kept = state_path.as_os_str().to_owned();
-            kept.push(".replaced");
-            std::fs::copy(state_path, &kept)
-                .with_context(|| format!("keeping the state as {}", Path::new(&kept).display()))?;
             tracing::warn!(
-                config = %path.display(), replaced_state = %Path::new(&kept).display(), changes = changes.len(),
-                "the configuration file changed since it was last applied: applying it; the state it replaces is kept"
+                config = %path.display(), changes = changes.len(),
+                "the configuration file changed since it was last applied: applying it; the state it replaces is kept once lb run has started"
             );
             for change in &changes {
                 tracing::info!(%change, "configuration file applied at start");
@@ -110,6 +107,31 @@ fn from_file(path: &Path, state_path: &Path) -> anyhow::Result<Config> {
     }
     tracing::info!(config = %path.display(), vips = file.desired.vips.len(), "configuration loaded");
     Ok(file)
+}
+
+/// Copies the state file to `STATE.replaced` when `config`, about to be
+/// saved over it, replaces a state of another file (or of changes made with
+/// `lb`); see [`from_file`]. Called once the datapath is running.
+pub(super) fn keep_replaced(config: &Config, state_path: &Path) -> anyhow::Result<()> {
+    if config.source.is_none() || !state_path.exists() {
+        return Ok(());
+    }
+    let state = config::load(state_path)?;
+    let digest = |config: &Config| config.source.as_ref().map(|source| source.digest.clone());
+    if digest(&state) == digest(config)
+        || crate::model::diff::diff(&state.desired, &config.desired).is_empty()
+    {
+        return Ok(());
+    }
+    let mut kept = state_path.as_os_str().to_owned();
+    kept.push(".replaced");
+    std::fs::copy(state_path, &kept)
+        .with_context(|| format!("keeping the state as {}", Path::new(&kept).display()))?;
+    tracing::warn!(
+        replaced_state = %Path::new(&kept).display(),
+        "the state the configuration file replaced is kept"
+    );
+    Ok(())
 }
 
 /// The flow-hash seed: `--hash-seed`, else the configuration's, else the
