@@ -184,6 +184,17 @@ fn bad_input_changes_nothing_and_state_survives_a_restart() {
         (vec!["vip", "add", "[::ffff:198.18.0.12]:80"], "write the IPv4 address itself", 2),
         (vec!["backend", "add", vip, "127.0.0.1"], "backend address 127.0.0.1 is not usable", 2),
         (vec!["backend", "add", vip, "198.18.0.10"], "own address", 1),
+        (
+            vec!["vip", "add", "198.18.0.2:2222"],
+            "is eth0's own address: the balancer would take",
+            1,
+        ),
+        (vec!["backend", "add", vip, "198.18.0.2"], "eth0's own address: the balancer cannot", 1),
+        (
+            vec!["backend", "add", vip, "198.18.7.1"],
+            "outside every subnet of eth0 (eth0 is on 198.18.0.2/24",
+            1,
+        ),
     ] {
         let output = daemon.command(&args);
         let stderr = String::from_utf8_lossy(&output.stderr);

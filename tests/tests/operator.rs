@@ -83,7 +83,15 @@ fn the_systemd_unit_verifies() {
     std::fs::create_dir_all(&man1).unwrap();
     let page = lb(&["man"]);
     assert!(page.status.success() && page.stdout.starts_with(b".ie"), "lb man printed no roff");
-    std::fs::write(man1.join("lb.1"), &page.stdout).unwrap();
+    // Every page lb(1) refers to ships beside it.
+    assert!(lb(&["man", "--dir", man1.to_str().unwrap()]).status.success());
+    let text = String::from_utf8_lossy(&page.stdout).replace("\\-", "-");
+    let referred: Vec<&str> = text.split_whitespace().filter(|w| w.ends_with("(1)")).collect();
+    assert!(referred.contains(&"lb-run(1)"), "{referred:?}");
+    for name in referred {
+        let file = man1.join(format!("{}.1", name.trim_end_matches("(1)")));
+        assert!(file.exists(), "lb(1) refers to {name}, which is not written");
+    }
     let unit = std::fs::read_to_string(dist("lb.service")).unwrap();
     let unit = unit.replace("/usr/local/bin/lb", lb_binary().to_str().unwrap());
     let verify_named = |name: &str, text: &str| {

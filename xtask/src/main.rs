@@ -179,7 +179,13 @@ fn dist(root: &Path) -> anyhow::Result<()> {
     place(&dist.join("90-lb-backend.conf"), "usr/local/share/lb/backend/90-lb-backend.conf")?;
     place(&dist.join("prometheus/lb-alerts.yml"), "usr/local/share/lb/prometheus/lb-alerts.yml")?;
     place(&dist.join("grafana/lb-dashboard.json"), "usr/local/share/lb/grafana/lb-dashboard.json")?;
-    generated(&["man"], "usr/local/share/man/man1/lb.1")?;
+    // lb(1) and a page per subcommand, which lb(1) lists as lb-run(1) and so on.
+    let man1 = staged("usr/local/share/man/man1/lb.1")?;
+    let man1 = man1.parent().context("a man1 directory")?;
+    let status = Command::new(&lb).args(["man", "--dir"]).arg(man1).status()?;
+    if !status.success() {
+        bail!("lb man --dir {} failed", man1.display());
+    }
     generated(&["completions", "bash"], "usr/local/share/bash-completion/completions/lb")?;
     generated(&["completions", "zsh"], "usr/local/share/zsh/site-functions/_lb")?;
     generated(&["completions", "fish"], "usr/local/share/fish/vendor_completions.d/lb.fish")?;

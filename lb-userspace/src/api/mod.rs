@@ -150,7 +150,7 @@ pub enum Body {
     Backends {
         backends: Vec<BackendView>,
     },
-    Stats(StatsView),
+    Stats(Box<StatsView>),
     Lookup(LookupView),
     Flows(FlowsView),
     /// `lb config show`: TOML that `lb config apply` and `lb run --config` read.

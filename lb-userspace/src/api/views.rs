@@ -174,6 +174,10 @@ pub struct StatsView {
     pub attach_mode: String,
     /// Memory the kernel charges for the flow table, when it says.
     pub flow_table_memory_bytes: Option<u64>,
+    /// Memory the kernel charges for all the datapath's maps (the flow
+    /// table, the unconfirmed table, the Maglev tables, the sync ring...).
+    #[serde(default)]
+    pub map_memory_bytes: Option<u64>,
     /// Kernel routing table VIP routes are published in (`--announce-table`).
     pub announce_table: Option<u32>,
     /// VIP addresses published there now (empty when announcing is off).

@@ -153,11 +153,20 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             clap_complete::generate(shell, &mut command, "lb", &mut std::io::stdout());
             return Ok(());
         }
-        Command::Man => {
-            let command = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(command)
-                .render(&mut std::io::stdout())
-                .map_err(anyhow::Error::from)?;
+        Command::Man { dir } => {
+            // `lb help` has no page of its own: the pages are the help.
+            let command = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+            match dir {
+                Some(dir) => clap_mangen::generate_to(command, &dir).map_err(|error| {
+                    Failure::Other(anyhow::anyhow!(
+                        "writing man pages in {}: {error}",
+                        dir.display()
+                    ))
+                })?,
+                None => clap_mangen::Man::new(command)
+                    .render(&mut std::io::stdout())
+                    .map_err(anyhow::Error::from)?,
+            }
             return Ok(());
         }
         Command::Top { interval } => return top::run(&cli.socket, interval, json),

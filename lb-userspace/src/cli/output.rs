@@ -95,10 +95,15 @@ pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
             for (event, count) in &stats.flow_events {
                 println!("{event:<28} {count:>12}");
             }
-            let memory = stats
-                .flow_table_memory_bytes
-                .map_or("unknown".to_owned(), |bytes| format!("{} MiB", bytes >> 20));
-            println!("\nFlow table: {} flows, {memory}", stats.flow_table_size);
+            let mib = |bytes: Option<u64>| {
+                bytes.map_or("unknown".to_owned(), |b| format!("{} MiB", b >> 20))
+            };
+            println!(
+                "\nFlow table: {} flows, {}; all maps: {}",
+                stats.flow_table_size,
+                mib(stats.flow_table_memory_bytes),
+                mib(stats.map_memory_bytes)
+            );
             println!("Maglev tables installed since start: {}", stats.tables_built);
             if let Some(table) = stats.announce_table {
                 let announced: Vec<String> =

@@ -35,7 +35,7 @@ pub fn run(socket: &Path, interval: f64, json: bool) -> Result<(), Failure> {
         if !json {
             eprintln!("lb top: standard output is not a terminal: one snapshot, as `lb stats`");
         }
-        return Ok(super::output::print_body(&Body::Stats(stats), json)?);
+        return Ok(super::output::print_body(&Body::Stats(Box::new(stats)), json)?);
     }
     let mut screen = Screen {
         last_drops: (Instant::now(), total_drops(&stats)),
@@ -91,7 +91,7 @@ fn show(
 
 fn fetch(socket: &Path) -> Result<StatsView, Failure> {
     match ask(socket, &Request::Stats)? {
-        Body::Stats(stats) => Ok(stats),
+        Body::Stats(stats) => Ok(*stats),
         other => Err(Failure::Other(anyhow::anyhow!("unexpected reply to stats: {other:?}"))),
     }
 }

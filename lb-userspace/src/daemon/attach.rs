@@ -63,6 +63,7 @@ pub(super) async fn load_datapath(
     tracing::info!(
         flows = datapath.config().flow_table_size,
         memory_bytes = datapath.flow_table_memory(),
+        all_maps_bytes = datapath::held_map_memory(),
         "flow table created"
     );
     Ok(Loaded { datapath, first_count, attach_mode: mode })

@@ -97,6 +97,7 @@ impl Daemon {
     ) -> anyhow::Result<Outcome> {
         let mut next = self.config.clone();
         edit(&mut next.desired)?;
+        self.refuse_misplaced(&next.desired)?;
         if self.same(&next) {
             let message = format!("{unchanged}: nothing changed");
             return Ok(Outcome::Reply(Reply::Ok(Body::Done { message, changed: false })));
@@ -226,7 +227,7 @@ impl Daemon {
                 }
                 view(Body::Backends { backends: self.backend_views(vip.as_ref())? })
             }
-            Request::Stats => view(Body::Stats(self.stats_view()?)),
+            Request::Stats => view(Body::Stats(Box::new(self.stats_view()?))),
             Request::StoreStatus => match &self.store {
                 Some(link) => view(Body::Store(link.view())),
                 None => anyhow::bail!(
@@ -245,6 +246,7 @@ impl Daemon {
             }
             Request::ConfigApply { file, text, force } => {
                 let mut next = self.file_to_apply(&file, &text)?;
+                self.refuse_misplaced(&next.desired)?;
                 let mut changes = crate::model::diff::diff(desired, &next.desired);
                 self.count_broken(&mut changes);
                 if let Some(refusal) = removals::file_refusal(&file, &changes)

@@ -33,6 +33,7 @@ mod control;
 mod dispatch;
 mod events;
 mod flows;
+mod placement;
 mod rates;
 mod removals;
 mod start;
@@ -150,6 +151,8 @@ struct Daemon {
     store: Option<store::StoreLink>,
     /// `--config`, which a reload re-reads.
     config_file: Option<PathBuf>,
+    /// The interface served, whose addresses new VIPs and backends are checked against.
+    iface: String,
 }
 
 impl Daemon {
@@ -189,6 +192,7 @@ impl Daemon {
         });
         checks.sync(&config.desired, if adopted { Start::Adopted } else { Start::Fresh });
         reconciler.apply(&config.desired, &checks.health_map())?;
+        placement::warn_misplaced(&options.iface, &config.desired);
         start::keep_replaced(&config, &options.state)?;
         config::save(&config, &options.state)?;
         let sync_on = sync.is_some();
@@ -228,6 +232,7 @@ impl Daemon {
             published,
             store,
             config_file: options.config.clone(),
+            iface: options.iface.clone(),
         };
         Ok((daemon, tasks, inbox))
     }

@@ -57,9 +57,17 @@ pub(super) fn encode_sync(
     )?;
     family(
         e,
+        "lb_sync_peer_up",
+        "1 while the peer is heard (within the sync timeout) and not refused.",
+        sync.peers.iter().map(|peer| (labels(peer), flag(peer.up()))),
+    )?;
+    family(
+        e,
         "lb_sync_peer_lag_seconds",
-        "Age of the peer's last datagram on arrival.",
-        sync.peers.iter().filter_map(|peer| Some((labels(peer), gauge(peer.lag_ms? as f64 / 1e3)))),
+        "Age now of the newest datagram from the peer (its age on arrival plus the time since): it grows while the peer is silent.",
+        sync.peers
+            .iter()
+            .filter_map(|peer| Some((labels(peer), gauge(peer.lag_now_ms()? as f64 / 1e3)))),
     )?;
     family(
         e,

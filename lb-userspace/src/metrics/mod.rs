@@ -208,6 +208,14 @@ impl Collector for Snapshot {
             "Flows the flow table holds before evicting the least recently used.",
             gauge(f64::from(stats.flow_table_size)),
         )?;
+        if let Some(bytes) = stats.map_memory_bytes {
+            one(
+                e,
+                "lb_map_memory_bytes",
+                "Kernel memory charged for the datapath's BPF maps (memlock).",
+                gauge(bytes as f64),
+            )?;
+        }
         one(
             e,
             "lb_flow_table_entries",

@@ -65,6 +65,20 @@ pub struct PeerStatus {
     pub lag_ms: Option<u64>,
 }
 
+impl PeerStatus {
+    /// Heard within the sync timeout, and not refused.
+    pub fn up(&self) -> bool {
+        matches!(self.state, PeerState::Syncing | PeerState::InSync)
+    }
+
+    /// How old, now, the newest datagram from the peer is: its age on
+    /// arrival plus the time since. It grows while the peer is silent, where
+    /// the age on arrival alone would stay at its last (small) value.
+    pub fn lag_now_ms(&self) -> Option<u64> {
+        Some(self.lag_ms? + self.last_heard_ms.unwrap_or(0))
+    }
+}
+
 /// Why a datagram from a known peer is not used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejected {
@@ -245,6 +259,22 @@ mod tests {
 
     fn peer() -> Peer {
         Peer::new("198.18.2.2:9470".parse().unwrap())
+    }
+
+    #[test]
+    fn a_silent_peer_is_down_and_its_lag_grows() {
+        let mut peer = peer();
+        assert!(!peer.status.up() && peer.status.lag_now_ms().is_none(), "never heard");
+        let heard = Duration::from_secs(1);
+        assert_eq!(peer.accept(&header(10, 1), OURS, heard, NOW_MS), Ok(()));
+        peer.tick(heard);
+        assert!(peer.status.up());
+        let fresh = peer.status.lag_now_ms().unwrap();
+        peer.tick(heard + PEER_TIMEOUT + Duration::from_secs(30));
+        assert_eq!(peer.status.state, PeerState::Down);
+        assert!(!peer.status.up());
+        let later = peer.status.lag_now_ms().unwrap();
+        assert!(later >= fresh + 30_000, "lag {fresh} ms then {later} ms while silent");
     }
 
     #[test]

@@ -192,9 +192,15 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff), as `cargo xtask dist` installs it.
+    /// Print the manual page lb(1) (roff); with --dir, write it and one
+    /// page per subcommand (lb-run(1), lb-vip-add(1), ...), which lb(1)
+    /// refers to, as `cargo xtask dist` installs them.
     #[command(hide = true)]
-    Man,
+    Man {
+        /// Write every page into this directory (a man1 directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `--metrics`: an address, or `off`.
