@@ -412,9 +412,11 @@ fn demo(root: &Path) -> anyhow::Result<()> {
         "$ lb lookup {VIP} 198.18.0.1:40000\n{}",
         lb_cmd(&["lookup", VIP, "198.18.0.1:40000"])?
     );
+    // The safe removal: drained first, removed once its flows have ended
+    // (the last connections closed a moment ago; the count lags a second).
     println!(
-        "$ lb backend remove {VIP} 198.18.0.102\n{}",
-        lb_cmd(&["backend", "remove", VIP, "198.18.0.102"])?
+        "$ lb backend remove {VIP} 198.18.0.102 --when-drained --timeout 30\n{}",
+        lb_cmd(&["backend", "remove", VIP, "198.18.0.102", "--when-drained", "--timeout", "30"])?
     );
     connect("41000")?;
     println!("\n$ lb stats\n{}", lb_cmd(&["stats"])?);
