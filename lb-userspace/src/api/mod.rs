@@ -27,6 +27,10 @@ pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 /// cannot make the daemon hold much memory.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
+/// The words of every refusal of a removal that would break active flows,
+/// which `lb backend remove --when-drained` waits through.
+pub const BREAKS: &str = "which removing it would break";
+
 /// A request on its way to the daemon's loop, with where its reply goes.
 /// The control socket and the metrics endpoint both send these.
 pub type Call = (Request, oneshot::Sender<Reply>);

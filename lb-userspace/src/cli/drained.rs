@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{Failure, ask, output};
-use crate::api::{Body, Request};
+use crate::api::{BREAKS, Body, Request};
 use crate::model::Vip;
 
 /// How often the active flows are asked for (the daemon counts them about
@@ -37,7 +37,7 @@ pub fn remove(
             match ask(socket, &request) {
                 Ok(body) => return output::print_body(&body, json).map_err(Failure::Other),
                 // A flow counted since (a peer's, synced): wait for it too.
-                Err(Failure::Refused(message)) if message.contains("removing it would break") => {}
+                Err(Failure::Refused(message)) if message.contains(BREAKS) => {}
                 Err(other) => return Err(other),
             }
         }

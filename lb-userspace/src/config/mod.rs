@@ -196,6 +196,12 @@ pub fn check_announce_table(table: u32) -> Result<u32, String> {
 }
 
 impl Config {
+    /// The digest of the configuration file this was read from, if any: the
+    /// same digest means the same file, unchanged since it was applied.
+    pub fn source_digest(&self) -> Option<&str> {
+        self.source.as_ref().map(|source| source.digest.as_str())
+    }
+
     pub fn limits(&self) -> Limits {
         self.datapath.limits()
     }

@@ -15,6 +15,8 @@ pub(super) struct Loaded {
     pub first_count: active_flows::ActiveFlows,
     /// The mode the kernel reports: `native` or `skb` (generic).
     pub attach_mode: &'static str,
+    /// The kernel memory of all its maps (sizes are fixed once loaded).
+    pub map_memory: Option<u64>,
 }
 
 /// Loads the datapath, adopting what an earlier `lb run` pinned in `pins`,
@@ -60,13 +62,14 @@ pub(super) async fn load_datapath(
     // link keeps it. Otherwise this attach chose the mode itself.
     let mode = attached.map_or(how, |program| program.mode);
     tracing::info!(%iface, mode, how, pins = %pins.display(), "XDP program attached");
+    let map_memory = datapath::held_map_memory();
     tracing::info!(
         flows = datapath.config().flow_table_size,
         memory_bytes = datapath.flow_table_memory(),
-        all_maps_bytes = datapath::held_map_memory(),
+        all_maps_bytes = map_memory,
         "flow table created"
     );
-    Ok(Loaded { datapath, first_count, attach_mode: mode })
+    Ok(Loaded { datapath, first_count, attach_mode: mode, map_memory })
 }
 
 fn mode_agrees(asked: AttachMode, attached: &str) -> bool {

@@ -99,7 +99,7 @@ impl Daemon {
         }
         let text = config::read(path)?;
         let digest = config::ConfigSource::of(path, &text).digest;
-        if self.config.source.as_ref().is_some_and(|source| source.digest == digest) {
+        if self.config.source_digest() == Some(digest.as_str()) {
             let since = crate::model::diff::diff(
                 &config::parse_source(&text, path)?.desired,
                 &self.config.desired,

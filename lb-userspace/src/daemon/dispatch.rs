@@ -30,15 +30,6 @@ fn refusal(error: &anyhow::Error) -> Reply {
     }
 }
 
-/// What a forced removal says it broke.
-fn broke(flows: u64) -> String {
-    match flows {
-        0 => String::new(),
-        1 => "; its 1 active flow is broken".to_owned(),
-        flows => format!("; its {flows} active flows are broken"),
-    }
-}
-
 fn done(message: String) -> Body {
     Body::Done { message, changed: true }
 }
@@ -156,13 +147,10 @@ impl Daemon {
                 )
             }
             Request::VipRemove { vip, force } => {
-                let flows = self.flows_through(&vip, None);
-                if flows > 0 && !force {
-                    anyhow::bail!(removals::vip_refusal(&vip, flows));
-                }
+                let broken = self.breakable(&vip, None, force)?;
                 self.changed(
-                |state| state.remove_vip(&vip),
-                    format!("VIP {vip} removed{}", broke(flows)),
+                    |state| state.remove_vip(&vip),
+                    format!("VIP {vip} removed{}", removals::broke(broken)),
                     String::new(),
                 )
             }
@@ -208,13 +196,10 @@ impl Daemon {
                 format!("backend {address} of VIP {vip} already has weight {weight}"),
             ),
             Request::BackendRemove { vip, address, force } => {
-                let flows = self.flows_through(&vip, Some(address));
-                if flows > 0 && !force {
-                    anyhow::bail!(removals::backend_refusal(&vip, address, flows));
-                }
+                let broken = self.breakable(&vip, Some(address), force)?;
                 self.changed(
                     |state| state.remove_backend(&vip, address),
-                    format!("backend {address} removed from VIP {vip}{}", broke(flows)),
+                    format!("backend {address} removed from VIP {vip}{}", removals::broke(broken)),
                     String::new(),
                 )
             }

@@ -145,6 +145,8 @@ struct Daemon {
     flow_counter: Arc<datapath::FlowCounter>,
     /// How the program is attached: `native` or `skb` (generic).
     attach_mode: &'static str,
+    /// The kernel memory of the datapath's maps, read once they were loaded.
+    map_memory: Option<u64>,
     /// What the tasks read of our state.
     published: Published,
     /// The fleet store, when the desired state lives there.
@@ -167,7 +169,7 @@ impl Daemon {
         ifindex: u32,
         options: &RunOptions,
     ) -> anyhow::Result<(Self, Tasks, Inbox)> {
-        let attach::Loaded { mut datapath, first_count, attach_mode } = loaded;
+        let attach::Loaded { mut datapath, first_count, attach_mode, map_memory } = loaded;
         let adopted = datapath.adopted();
         let flow_counter = Arc::new(datapath.flow_counter()?);
         let sync = match fleet.sync {
@@ -229,6 +231,7 @@ impl Daemon {
             last_confirmed: None,
             flow_counter,
             attach_mode,
+            map_memory,
             published,
             store,
             config_file: options.config.clone(),

@@ -7,8 +7,6 @@
 //! Changes asked of this daemon are refused; what it starts with, or what
 //! the store says, is only warned about (refusing it would stop the rest).
 
-use std::collections::BTreeSet;
-
 use super::Daemon;
 use crate::interface::{self, InterfaceAddress};
 use crate::model::DesiredState;
@@ -39,7 +37,7 @@ pub fn misplaced(
                     "backend {address} of VIP {vip} is {iface}'s own address: the balancer cannot send flows to itself"
                 ));
             } else if !addresses.iter().any(|own| own.covers(*address)) {
-                let subnets: BTreeSet<String> = addresses
+                let subnets: Vec<String> = addresses
                     .iter()
                     .filter(|own| own.address.is_ipv4() == address.is_ipv4())
                     .map(ToString::to_string)
@@ -50,7 +48,7 @@ pub fn misplaced(
                         if address.is_ipv4() { "IPv4" } else { "IPv6" }
                     )
                 } else {
-                    format!("{iface} is on {}", subnets.into_iter().collect::<Vec<_>>().join(", "))
+                    format!("{iface} is on {}", subnets.join(", "))
                 };
                 found.push(format!(
                     "backend {address} of VIP {vip} is outside every subnet of {iface} ({on}): direct server return reaches only backends on the balancer's own network segment"

@@ -9,12 +9,13 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use super::Daemon;
+use crate::api::BREAKS;
 use crate::model::Vip;
-use crate::model::diff::Change;
+use crate::model::diff::{Change, active_flows};
 
 impl Daemon {
     /// Active flows to `vip`'s backend `address`, or to all its backends.
-    pub(super) fn flows_through(&self, vip: &Vip, address: Option<IpAddr>) -> u64 {
+    fn flows_through(&self, vip: &Vip, address: Option<IpAddr>) -> u64 {
         let counts = self.active_flows.borrow();
         let slots = match address {
             Some(address) => self.reconciler.backend_slot(vip, address).into_iter().collect(),
@@ -35,45 +36,53 @@ impl Daemon {
             }
         }
     }
-}
 
-fn flows(count: u64) -> String {
-    match count {
-        1 => "1 active flow".to_owned(),
-        count => format!("{count} active flows"),
+    /// The active flows removing `vip`'s backend `address` (or, for None,
+    /// the whole VIP) breaks; refused while there are any, unless `force`.
+    pub(super) fn breakable(
+        &self,
+        vip: &Vip,
+        address: Option<IpAddr>,
+        force: bool,
+    ) -> anyhow::Result<u64> {
+        let count = self.flows_through(vip, address);
+        if count == 0 || force {
+            return Ok(count);
+        }
+        let flows = active_flows(count);
+        match address {
+            Some(address) => anyhow::bail!(
+                "backend {address} of VIP {vip} carries {flows}, {BREAKS}: drain it first (`lb backend drain {vip} {address}`) and remove it once they have ended (`lb backend remove --when-drained` does both), or remove it now with --force"
+            ),
+            None => anyhow::bail!(
+                "VIP {vip} carries {flows}, {BREAKS}: drain its backends first (`lb backend drain`) and remove it once they have ended, or remove it now with --force"
+            ),
+        }
     }
 }
 
-/// `lb backend remove` of a backend that carries flows.
-pub(super) fn backend_refusal(vip: &Vip, address: IpAddr, count: u64) -> String {
-    format!(
-        "backend {address} of VIP {vip} carries {}, which removing it would break: drain it first (`lb backend drain {vip} {address}`) and remove it once they have ended (`lb backend remove --when-drained` does both), or remove it now with --force",
-        flows(count)
-    )
-}
-
-/// `lb vip remove` of a VIP whose backends carry flows.
-pub(super) fn vip_refusal(vip: &Vip, count: u64) -> String {
-    format!(
-        "VIP {vip} carries {}, which removing it would break: drain its backends first (`lb backend drain`) and remove it once they have ended, or remove it now with --force",
-        flows(count)
-    )
+/// What a forced removal says it broke, after its message.
+pub(super) fn broke(flows: u64) -> String {
+    match flows {
+        0 => String::new(),
+        1 => "; its 1 active flow is broken".to_owned(),
+        flows => format!("; its {flows} active flows are broken"),
+    }
 }
 
 /// A configuration file whose removals carry flows, each named.
 pub(super) fn file_refusal(file: &Path, changes: &[Change]) -> Option<String> {
-    let mut breaking = changes.to_vec();
-    breaking.retain_mut(|change| change.removal().is_some_and(|(_, _, count)| *count > 0));
+    let breaking: Vec<&Change> =
+        changes.iter().filter(|change| change.broken_flows() > 0).collect();
     if breaking.is_empty() {
         return None;
     }
-    let total: u64 =
-        breaking.iter_mut().filter_map(|change| change.removal().map(|(_, _, n)| *n)).sum();
+    let total = breaking.iter().map(|change| change.broken_flows()).sum();
     let listed: Vec<String> = breaking.iter().map(|change| format!("  {change}")).collect();
     Some(format!(
         "{}: applying it would break {} (nothing applied):\n{}\ndrain them first (draining = true in the file, applied), remove them once `lb backend list` shows 0 active flows, or apply it now with --force",
         file.display(),
-        flows(total),
+        active_flows(total),
         listed.join("\n")
     ))
 }

@@ -38,7 +38,7 @@ impl Daemon {
             max_backends: self.config.datapath.max_backends,
             attach_mode: self.attach_mode.to_owned(),
             flow_table_memory_bytes: self.reconciler.datapath().flow_table_memory(),
-            map_memory_bytes: crate::datapath::held_map_memory(),
+            map_memory_bytes: self.map_memory,
             announce_table: self.announce_table,
             announced: match self.announce_table {
                 Some(_) => self.announcements().into_iter().collect(),

@@ -2,7 +2,8 @@
 //! it: the `memlock` of every BPF map this process holds, each map counted
 //! once (the flow counter holds second handles on two of them). The flow
 //! table is the largest, but the unconfirmed table, the Maglev tables and
-//! the sync ring add to it.
+//! the sync ring add to it. Map sizes are fixed once loaded: read it then,
+//! not per request (it reads the fdinfo of every open file).
 
 use std::collections::HashMap;
 

@@ -70,11 +70,15 @@ impl std::fmt::Display for Change {
     }
 }
 
-fn breaks(active_flows: u64) -> String {
-    match active_flows {
-        0 => String::new(),
-        1 => ": breaks its 1 active flow".to_owned(),
-        count => format!(": breaks its {count} active flows"),
+fn breaks(count: u64) -> String {
+    if count == 0 { String::new() } else { format!(": breaks its {}", active_flows(count)) }
+}
+
+/// "1 active flow", "N active flows": how a count of flows reads.
+pub fn active_flows(count: u64) -> String {
+    match count {
+        1 => "1 active flow".to_owned(),
+        count => format!("{count} active flows"),
     }
 }
 
@@ -88,6 +92,15 @@ impl Change {
                 Some((vip, Some(*backend), active_flows))
             }
             _ => None,
+        }
+    }
+
+    /// The established flows a removal breaks (0 for any other change).
+    pub fn broken_flows(&self) -> u64 {
+        match self {
+            Change::VipRemoved { active_flows, .. }
+            | Change::BackendRemoved { active_flows, .. } => *active_flows,
+            _ => 0,
         }
     }
 }

@@ -85,8 +85,7 @@ fn from_file(path: &Path, state_path: &Path) -> anyhow::Result<Config> {
     let file = config::load_source(path)?;
     if state_path.exists() {
         let state = config::load(state_path)?;
-        let digest = |config: &Config| config.source.as_ref().map(|source| source.digest.clone());
-        if digest(&state) == digest(&file) {
+        if state.source_digest() == file.source_digest() {
             let changes = crate::model::diff::diff(&file.desired, &state.desired);
             tracing::info!(
                 config = %path.display(), state = %state_path.display(), changes_since = changes.len(),
@@ -117,8 +116,7 @@ pub(super) fn keep_replaced(config: &Config, state_path: &Path) -> anyhow::Resul
         return Ok(());
     }
     let state = config::load(state_path)?;
-    let digest = |config: &Config| config.source.as_ref().map(|source| source.digest.clone());
-    if digest(&state) == digest(config)
+    if state.source_digest() == config.source_digest()
         || crate::model::diff::diff(&state.desired, &config.desired).is_empty()
     {
         return Ok(());
