@@ -1,5 +1,6 @@
 //! A real Prometheus server in a test namespace, scraping a real `lb run`
-//! and evaluating the shipped alert rules: what a production scrape sees.
+//! and evaluating the shipped alert rules: what a production scrape sees;
+//! and a single scrape of `lb run`'s /metrics, read line by line.
 
 use std::path::Path;
 use std::process::Command;
@@ -7,7 +8,30 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::harness::{Process, spawn_in};
+use crate::harness::{Process, spawn_in, testbed_binary};
+
+/// The /metrics of the `lb run` in namespace `ns`, at its default address.
+pub fn scrape(ns: &str) -> anyhow::Result<String> {
+    let output = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(testbed_binary())
+        .args(["http-get", "127.0.0.1:9464", "/metrics"])
+        .output()?;
+    if !output.status.success() {
+        bail!("scraping lb run in {ns}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// The value of the first sample of `metrics` whose line starts with
+/// `line_start` (a name, or a name and the start of its labels).
+pub fn sample(metrics: &str, line_start: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(line_start))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in:\n{metrics}"))
+}
 
 /// Where the server listens inside its namespace.
 const LISTEN: &str = "127.0.0.1:9090";

@@ -77,23 +77,10 @@ fn metrics_report_what_lb_stats_reports() {
     daemon.wait_backends_active().unwrap();
     client_requests(&testbed, "tcp", VIP, CLIENT4, 26_000, 100).unwrap();
 
-    let scrape = Command::new("ip")
-        .args(["netns", "exec", &testbed.balancer()])
-        .arg(testbed_binary())
-        .args(["http-get", "127.0.0.1:9464", "/metrics"])
-        .output()
-        .unwrap();
-    assert!(scrape.status.success(), "{}", String::from_utf8_lossy(&scrape.stderr));
-    let metrics = String::from_utf8(scrape.stdout).unwrap();
+    let metrics = tests::prometheus::scrape(&testbed.balancer()).unwrap();
     assert!(metrics.ends_with("# EOF\n"), "not OpenMetrics:\n{metrics}");
     let stats = daemon.json(&["stats"]).unwrap();
-    let sample = |line_start: &str| -> u64 {
-        let line = metrics
-            .lines()
-            .find(|line| line.starts_with(line_start))
-            .unwrap_or_else(|| panic!("no {line_start} in:\n{metrics}"));
-        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64
-    };
+    let sample = |line_start: &str| tests::prometheus::sample(&metrics, line_start) as u64;
     let vip = stats["vips"][0]["vip"].as_str().unwrap();
     assert!(metrics.contains("# TYPE lb_vip_packets counter"));
     for family in [

@@ -106,16 +106,8 @@ fn balancer_death(prefix: &str, sync: bool, family: &Family, connections: usize)
 /// Balancer 2's metrics say its peer is down, and how long it has been
 /// silent (the lag used to stay at its last value, near 0).
 fn peer_down_in_metrics(fleet: &Fleet) {
-    let url = "http://127.0.0.1:9464/metrics";
-    let ns = fleet.balancer(2);
-    let scraped = tests::netns::run("ip", &["netns", "exec", &ns, "curl", "-sf", url]).unwrap();
-    let text = String::from_utf8_lossy(&scraped.stdout).into_owned();
-    let value = |name: &str| {
-        text.lines()
-            .find(|line| line.starts_with(name))
-            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
-    };
+    let text = tests::prometheus::scrape(&fleet.balancer(2)).unwrap();
+    let value = |name: &str| tests::prometheus::sample(&text, name);
     let (up, lag) = (value("lb_sync_peer_up{"), value("lb_sync_peer_lag_seconds{"));
     println!("FIGURE balancer 2 about its dead peer: lb_sync_peer_up {up}, lag {lag} s");
     assert_eq!(up, 0.0, "the dead peer is up in the metrics");

@@ -105,10 +105,7 @@ fn two_balancers_with_one_store_agree() {
 
 /// The `lb_store_*` lines of balancer `index`'s /metrics, as a scrape reads them.
 fn store_metrics(fleet: &Fleet, index: usize) -> String {
-    let ns = fleet.balancer(index);
-    let url = "http://127.0.0.1:9464/metrics";
-    let output = tests::netns::run("ip", &["netns", "exec", &ns, "curl", "-sf", url]).unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let text = tests::prometheus::scrape(&fleet.balancer(index)).unwrap();
     text.lines().filter(|line| line.starts_with("lb_store_")).collect::<Vec<_>>().join("\n")
 }
 
