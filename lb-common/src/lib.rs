@@ -9,6 +9,12 @@
 use core::mem::size_of;
 use core::net::IpAddr;
 
+mod counters;
+mod hash;
+
+pub use counters::*;
+pub use hash::*;
+
 // ---------------------------------------------------------------------------
 // Map and global names.
 // ---------------------------------------------------------------------------
@@ -87,7 +93,7 @@ pub const ALL_MAPS: [&str; 13] = [
 
 /// Bumped whenever a map's key or value layout changes: pinned maps of
 /// another version are refused rather than misread.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Value of [`MAP_LAYOUT`]. Written by the daemon that creates the maps.
 #[repr(C)]
@@ -394,319 +400,16 @@ pub const FLOW_FLAG_RESET: u32 = 2;
 /// On a [`MAP_NEW_FLOWS`] entry: created by a SYN, so the handshake's ACK
 /// (the next packet that is not a SYN) confirms it.
 pub const FLOW_FLAG_SYN: u32 = 4;
-
-/// What the flow tables did for a VIP packet. Indexes [`MAP_FLOW_EVENTS`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlowEvent {
-    /// A new flow (TCP SYN, or a UDP packet without an entry) took the
-    /// Maglev choice, recorded in [`MAP_NEW_FLOWS`] until confirmed.
-    Created = 0,
-    /// The flow followed its confirmed entry.
-    Hit = 1,
-    /// A TCP packet other than a SYN without an entry (after a restart, or
-    /// from another balancer): it took the Maglev choice, recorded as new.
-    MissFallback = 2,
-    /// The flow's backend is down or gone: it took the Maglev choice among the others.
-    Rescued = 3,
-    /// A UDP flow idle longer than the timeout started over as a new flow.
-    Expired = 4,
-    /// A flow change could not be reported for sync: [`MAP_FLOW_SYNC`] was
-    /// full. Peers learn that flow at their next full resync.
-    SyncLost = 5,
-    /// The flow followed its unconfirmed entry in [`MAP_NEW_FLOWS`].
-    NewHit = 6,
-    /// An unconfirmed flow was confirmed (its handshake's ACK, or a packet
-    /// [`FLOW_CONFIRM_NS`] after its first) and moved to [`MAP_FLOWS`].
-    /// Far fewer confirmations than `created` + `miss_fallback` is the mark
-    /// of a flood of spoofed tuples, which never reach the flow table.
-    Confirmed = 7,
-    /// A SYN on a closing or idle entry: a new connection on a reused port,
-    /// which took the current table.
-    Renewed = 8,
-    /// A packet other than a RST or FIN on an entry a RST had closed: the
-    /// flow is alive (the RST was forged or out of window) and open again.
-    Reopened = 9,
-}
-
-impl FlowEvent {
-    pub const COUNT: u32 = 10;
-    pub const ALL: [FlowEvent; Self::COUNT as usize] = [
-        FlowEvent::Created,
-        FlowEvent::Hit,
-        FlowEvent::MissFallback,
-        FlowEvent::Rescued,
-        FlowEvent::Expired,
-        FlowEvent::SyncLost,
-        FlowEvent::NewHit,
-        FlowEvent::Confirmed,
-        FlowEvent::Renewed,
-        FlowEvent::Reopened,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            FlowEvent::Created => "created",
-            FlowEvent::Hit => "hit",
-            FlowEvent::MissFallback => "miss_fallback",
-            FlowEvent::Rescued => "rescued",
-            FlowEvent::Expired => "expired",
-            FlowEvent::SyncLost => "sync_lost",
-            FlowEvent::NewHit => "new_hit",
-            FlowEvent::Confirmed => "confirmed",
-            FlowEvent::Renewed => "renewed",
-            FlowEvent::Reopened => "reopened",
-        }
-    }
-}
-
-/// What happened to a flow, as reported in a [`FlowSyncEvent`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlowSyncKind {
-    /// The flow was given (or moved to) `backend_slot`.
-    Open = 0,
-    /// The client or server sent a FIN: the flow is closing.
-    Closing = 1,
-    /// A RST closed the flow (its entry stays, marked closing: a RST can be forged).
-    Reset = 2,
-}
-
-impl FlowSyncKind {
-    pub const fn from_u32(value: u32) -> Option<Self> {
-        match value {
-            0 => Some(Self::Open),
-            1 => Some(Self::Closing),
-            2 => Some(Self::Reset),
-            _ => None,
-        }
-    }
-}
-
-/// One record of [`MAP_FLOW_SYNC`], written by the datapath when it creates
-/// or closes a flow-table entry. The daemon translates the VIP index and
-/// backend slot (which are local to this balancer) into addresses before
-/// telling its peers.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FlowSyncEvent {
-    pub flow: FlowKey,
-    pub vip_index: u32,
-    pub backend_slot: u32,
-    /// A [`FlowSyncKind`].
-    pub kind: u32,
-    pub _pad: u32,
-}
-const _: () = assert!(size_of::<FlowSyncEvent>() == 56);
-
-/// Per-CPU packet and byte counts (bytes of the whole frame as received).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct TrafficCounters {
-    pub packets: u64,
-    pub bytes: u64,
-    /// Of `packets`, the ICMP errors about the VIP's flows (path MTU,
-    /// unreachable, time exceeded) forwarded to the flow's backend.
-    pub icmp_errors: u64,
-    /// VIPs only, not in `packets`: packets of the VIP dropped after its
-    /// lookup (no backend, backend MAC unresolved, internal). Counted on
-    /// the drop path only, so forwarding pays nothing for it.
-    pub dropped: u64,
-}
-const _: () = assert!(size_of::<TrafficCounters>() == 32);
-
-/// Why the datapath let a packet go the way it did: every exit of the
-/// program counts exactly one reason. Indexes [`MAP_REASONS`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    /// Rewritten and transmitted to a backend.
-    Forwarded = 0,
-    /// Not IPv4 or IPv6 (ARP, LLDP, ...): passed to the kernel.
-    PassNotIp = 1,
-    /// Not addressed to a VIP (address, port, protocol): passed to the kernel.
-    PassNotVip = 2,
-    /// Ethernet or IP header truncated or invalid, destination unknown: passed
-    /// to the kernel, which validates and drops it.
-    PassMalformed = 3,
-    /// More than two VLAN tags: passed to the kernel.
-    PassVlanDepth = 4,
-    /// An IPv4 or IPv6 fragment to a VIP address: dropped (fragments carry no
-    /// ports, so they cannot be hashed to the backend of their flow).
-    DropFragment = 5,
-    /// To a VIP address, but the IPv6 extension-header chain is longer than the
-    /// datapath walks, or uses a header it cannot skip (ESP): dropped.
-    DropUnhashable = 6,
-    /// TCP or UDP header truncated, to a VIP address: dropped.
-    DropMalformedL4 = 7,
-    /// The VIP has no backends: dropped.
-    DropNoBackend = 8,
-    /// The chosen backend's MAC is not resolved yet: dropped.
-    DropBackendUnresolved = 9,
-    /// A map lookup that cannot fail did: dropped (a bug if ever non-zero).
-    DropInternal = 10,
-    /// Addressed to another MAC (a flooded frame, or promiscuous mode),
-    /// broadcast or multicast: passed to the kernel, never forwarded, so a
-    /// balancer never takes over a dead peer's frames behind the router's back.
-    PassNotForUs = 11,
-    /// An ICMP error about a VIP's flow (fragmentation needed / packet too
-    /// big, unreachable, time exceeded), forwarded to that flow's backend so
-    /// that its TCP learns the path MTU.
-    ForwardedIcmp = 12,
-    /// ICMP to a VIP address that is not an error (echo, neighbour
-    /// discovery): passed to the kernel.
-    PassIcmp = 13,
-    /// An ICMP error to a VIP address whose quoted header is truncated or
-    /// not TCP/UDP: dropped.
-    DropIcmpMalformed = 14,
-    /// An ICMP error to a VIP address quoting a packet that is not from one
-    /// of our VIPs (or from a VIP without backends): dropped.
-    DropIcmpUnmatched = 15,
-}
-
-impl Reason {
-    pub const COUNT: u32 = 16;
-    pub const ALL: [Reason; Self::COUNT as usize] = [
-        Reason::Forwarded,
-        Reason::PassNotIp,
-        Reason::PassNotVip,
-        Reason::PassMalformed,
-        Reason::PassVlanDepth,
-        Reason::DropFragment,
-        Reason::DropUnhashable,
-        Reason::DropMalformedL4,
-        Reason::DropNoBackend,
-        Reason::DropBackendUnresolved,
-        Reason::DropInternal,
-        Reason::PassNotForUs,
-        Reason::ForwardedIcmp,
-        Reason::PassIcmp,
-        Reason::DropIcmpMalformed,
-        Reason::DropIcmpUnmatched,
-    ];
-
-    /// Stable name used by `lb stats` and its JSON output.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Reason::Forwarded => "forwarded",
-            Reason::PassNotIp => "pass_not_ip",
-            Reason::PassNotVip => "pass_not_vip",
-            Reason::PassMalformed => "pass_malformed",
-            Reason::PassVlanDepth => "pass_vlan_depth",
-            Reason::DropFragment => "drop_fragment",
-            Reason::DropUnhashable => "drop_unhashable",
-            Reason::DropMalformedL4 => "drop_malformed_l4",
-            Reason::DropNoBackend => "drop_no_backend",
-            Reason::DropBackendUnresolved => "drop_backend_unresolved",
-            Reason::DropInternal => "drop_internal",
-            Reason::PassNotForUs => "pass_not_for_us",
-            Reason::ForwardedIcmp => "forwarded_icmp",
-            Reason::PassIcmp => "pass_icmp",
-            Reason::DropIcmpMalformed => "drop_icmp_malformed",
-            Reason::DropIcmpUnmatched => "drop_icmp_unmatched",
-        }
-    }
-
-    /// Whether packets counted under this reason are dropped (else passed or forwarded).
-    pub const fn is_drop(self) -> bool {
-        matches!(
-            self,
-            Reason::DropFragment
-                | Reason::DropUnhashable
-                | Reason::DropMalformedL4
-                | Reason::DropNoBackend
-                | Reason::DropBackendUnresolved
-                | Reason::DropInternal
-                | Reason::DropIcmpMalformed
-                | Reason::DropIcmpUnmatched
-        )
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Flow hash and table indexing: the one definition both sides use.
-// ---------------------------------------------------------------------------
-
-/// The fields a flow is hashed on, laid out without padding so its bytes are
-/// the hash input. Aligned to 8 so that building one on the BPF stack takes
-/// a few wide stores rather than a memset call, which BPF cannot make.
-#[repr(C, align(8))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FlowKey {
-    pub client_address: [u8; 16],
-    pub vip_address: [u8; 16],
-    /// Network byte order.
-    pub client_port: [u8; 2],
-    /// Network byte order.
-    pub vip_port: [u8; 2],
-    /// The IP protocol number, widened to 32 bits: a zeroed byte array as
-    /// padding would compile to a memset call, which BPF cannot make.
-    pub protocol: u32,
-}
-const FLOW_KEY_LEN: usize = 40;
-const _: () = assert!(size_of::<FlowKey>() == FLOW_KEY_LEN);
-
-impl FlowKey {
-    pub fn new(client: IpAddr, client_port: u16, vip: IpAddr, vip_port: u16, protocol: u8) -> Self {
-        Self {
-            client_address: address_bytes(client).0,
-            vip_address: address_bytes(vip).0,
-            client_port: client_port.to_be_bytes(),
-            vip_port: vip_port.to_be_bytes(),
-            protocol: u32::from(protocol),
-        }
-    }
-
-    #[inline(always)]
-    fn as_bytes(&self) -> &[u8; FLOW_KEY_LEN] {
-        // SAFETY: FlowKey is repr(C), made only of u8 arrays (no padding between
-        // fields) and exactly FLOW_KEY_LEN bytes long (asserted above), so it
-        // needs no tail padding for its alignment of 8 either.
-        unsafe { &*(self as *const FlowKey as *const [u8; FLOW_KEY_LEN]) }
-    }
-}
-
-/// The flow hash: xxHash32 of the key's bytes with the configured seed.
-#[inline(always)]
-pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
-    xxhash_rust::const_xxh32::xxh32(key.as_bytes(), seed)
-}
-
-/// The hash of a VIP with client-address affinity: a function of the
-/// client's address alone, so all of a client's connections (to any VIP with
-/// the same backend set) land on one backend. The address fills a whole
-/// 40-byte key: hashing the 16 bytes alone leaves a bounds check in xxh32's
-/// tail that the verifier rejects, and zeroed fields would need a memset.
-#[inline(always)]
-pub fn client_hash(key: &FlowKey, seed: u32) -> u32 {
-    let address = key.client_address;
-    let client_only = FlowKey {
-        client_address: address,
-        vip_address: address,
-        client_port: [address[0], address[1]],
-        vip_port: [address[2], address[3]],
-        protocol: 0,
-    };
-    flow_hash(&client_only, seed)
-}
-
-/// Table entries per element of [`MAP_MAGLEV`]. The kernel rounds array
-/// elements up to 8 bytes, so a plain `u32` array would not be dense when
-/// mmap-ed; 16 entries make one 64-byte element (a cache line).
-pub const MAGLEV_CHUNK: u32 = 16;
-pub type MaglevChunk = [u32; MAGLEV_CHUNK as usize];
-
-/// Elements of [`MAP_MAGLEV`] needed for `entries` table entries.
-pub const fn maglev_elements(entries: u32) -> u32 {
-    entries.div_ceil(MAGLEV_CHUNK)
-}
-
-/// Index (over all entries of all tables, see [`MAGLEV_CHUNK`]) of the entry
-/// a flow hash selects.
-#[inline(always)]
-pub fn table_index(vip_index: u32, slot: u32, table_size: u32, hash: u32) -> u32 {
-    (vip_index * SLOTS_PER_VIP + slot) * table_size + hash % table_size
-}
+/// On a [`MAP_FLOWS`] entry, set by the daemon's rebalancer (the one field
+/// the daemon writes there): close this flow. The next packet the client
+/// sends on it, but a SYN or a RST, reaches its backend turned into a RST
+/// with the packet's own sequence number, and the entry is deleted. The
+/// daemon sets `last_seen_ns` to the time of the mark; a mark older than
+/// [`SHED_TTL_NS`] is stale and cleared instead, so a client silent since
+/// is never closed later for an imbalance that has passed.
+pub const FLOW_FLAG_SHED: u32 = 8;
+/// How long a [`FLOW_FLAG_SHED`] mark holds.
+pub const SHED_TTL_NS: u64 = 10_000_000_000;
 
 #[cfg(feature = "user")]
 mod pod {

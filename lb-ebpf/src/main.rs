@@ -13,6 +13,7 @@ mod flows;
 mod icmp;
 mod maps;
 mod parse;
+mod reset;
 mod runtime;
 mod stats;
 mod sync;
@@ -129,6 +130,15 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
     let hash = segment.syn.then(|| flows::warm_pin(&flow, &settings));
     let (stale, hash) = match flows::confirmed(&flow, &segment, now, &settings) {
         Confirmed::Follow(hit) => return forward(ctx, hit),
+        Confirmed::Shed(hit) => {
+            let packet = reset::TcpPacket {
+                family: l3.family,
+                l3_offset: l2.l3_offset,
+                l4_offset: l3.l4_offset,
+                l3_end: l3.l3_end,
+            };
+            return shed(ctx, packet, &flow, hit, &settings);
+        }
         Confirmed::Stale(entry) => (Some(entry), hash),
         Confirmed::Missing => {
             (None, Some(hash.unwrap_or_else(|| flows::warm_pin(&flow, &settings))))
@@ -150,6 +160,22 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
 #[inline(always)]
 fn forward(ctx: &XdpContext, hit: Hit) -> Result<(Reason, u32), Reason> {
     Ok((Reason::Forwarded, send(ctx, hit, false)?))
+}
+
+/// A packet of a flow the rebalancer closes: sent to its backend as a RST,
+/// after which the flow has no entry.
+#[inline(always)]
+fn shed(
+    ctx: &XdpContext,
+    packet: reset::TcpPacket,
+    flow: &lb_common::FlowKey,
+    hit: Hit,
+    settings: &flows::Settings,
+) -> Result<(Reason, u32), Reason> {
+    if reset::into_reset(ctx, packet)? {
+        flows::shed(flow, &hit, settings);
+    }
+    forward(ctx, hit)
 }
 
 /// Sends the frame to `hit`'s backend and counts it for the VIP and the

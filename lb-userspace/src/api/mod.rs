@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _};
 use tokio::sync::oneshot;
 
 use crate::model::diff::Change;
-use crate::model::{Affinity, CheckOptions, Scheduler, Vip};
+use crate::model::{Affinity, CheckOptions, RebalanceOptions, Scheduler, Vip};
 
 mod views;
 
@@ -51,6 +51,8 @@ pub enum Request {
         vip: Vip,
         affinity: Option<Affinity>,
         scheduler: Option<Scheduler>,
+        #[serde(default)]
+        rebalance: RebalanceOptions,
     },
     /// Changes the given fields of a VIP's check.
     CheckSet {

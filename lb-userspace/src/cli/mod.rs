@@ -173,8 +173,8 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
         Command::Vip(VipCommand::Add { vip, protocol, affinity, scheduler, check }) => {
             Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check, affinity, scheduler }
         }
-        Command::Vip(VipCommand::Set { vip, protocol, affinity, scheduler }) => {
-            Request::VipSet { vip: vip_arg(&vip, &protocol)?, affinity, scheduler }
+        Command::Vip(VipCommand::Set { vip, protocol, affinity, scheduler, rebalance }) => {
+            Request::VipSet { vip: vip_arg(&vip, &protocol)?, affinity, scheduler, rebalance }
         }
         Command::Backend(BackendCommand::Drain { vip, backend, protocol }) => {
             Request::BackendDrain {

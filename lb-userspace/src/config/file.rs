@@ -14,7 +14,8 @@ use super::{
 use crate::maglev::is_valid_table_size;
 use crate::model::{
     Affinity, BackendSpec, CheckOptions, CheckSpec, DEFAULT_WEIGHT, DatapathConfig, DesiredState,
-    Limits, Protocol, Scheduler, Vip, parse_address, parse_endpoint,
+    Limits, Protocol, Rebalance, RebalanceMode, RebalanceOptions, Scheduler, Vip, parse_address,
+    parse_endpoint,
 };
 use crate::store::StoreConfig;
 
@@ -44,6 +45,10 @@ struct VipIn {
     protocol: Option<Spanned<String>>,
     affinity: Option<Affinity>,
     scheduler: Option<Scheduler>,
+    rebalance: Option<Spanned<RebalanceMode>>,
+    rebalance_band: Option<Spanned<u32>>,
+    rebalance_rate: Option<Spanned<u32>>,
+    rebalance_quiet: Option<Spanned<u32>>,
     check: Option<Spanned<CheckOptions>>,
     #[serde(default)]
     backend: Vec<BackendIn>,
@@ -86,6 +91,14 @@ struct VipOut {
     protocol: Protocol,
     affinity: Affinity,
     scheduler: Scheduler,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rebalance: Option<RebalanceMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rebalance_band: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rebalance_rate: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rebalance_quiet: Option<u32>,
     check: CheckSpec,
     backend: Vec<BackendSpec>,
 }
@@ -249,6 +262,9 @@ pub fn parse_with(
             mistakes.push(invalid(vip_in.address.span(), "vip.address", error.to_string()));
             continue;
         }
+        if let Err(mistake) = rebalance_of(&vip_in, &vip, &mut config.desired, &invalid) {
+            mistakes.push(mistake);
+        }
         for backend_in in &vip_in.backend {
             let address = match parse_address(backend_in.address.get_ref()) {
                 Ok(address) => address,
@@ -278,6 +294,49 @@ pub fn parse_with(
     }
 }
 
+/// A VIP's rebalancer settings from its table, applied to `desired`; the
+/// mistake names the line of the setting it is about.
+fn rebalance_of(
+    vip_in: &VipIn,
+    vip: &Vip,
+    desired: &mut DesiredState,
+    invalid: &impl Fn(Range<usize>, &str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let value = |field: &Option<Spanned<u32>>| field.as_ref().map(|v| *v.get_ref());
+    let options = RebalanceOptions {
+        mode: vip_in.rebalance.as_ref().map(|mode| *mode.get_ref()),
+        band_percent: value(&vip_in.rebalance_band),
+        rate: value(&vip_in.rebalance_rate),
+        quiet_s: value(&vip_in.rebalance_quiet),
+    };
+    if options.is_empty() {
+        return Ok(());
+    }
+    let rebalance = options.applied_to(&Rebalance::default());
+    desired.configure(vip, None, None, Some(rebalance)).map_err(|error| {
+        let message = error.to_string();
+        let (field, span) = [
+            ("band", "vip.rebalance_band", &vip_in.rebalance_band),
+            ("rate", "vip.rebalance_rate", &vip_in.rebalance_rate),
+            ("quiet", "vip.rebalance_quiet", &vip_in.rebalance_quiet),
+        ]
+        .into_iter()
+        .find_map(|(word, field, value)| {
+            let span = value.as_ref()?.span();
+            message.contains(&format!("rebalance {word} ")).then_some((field, span))
+        })
+        .or_else(|| vip_in.rebalance.as_ref().map(|mode| ("vip.rebalance", mode.span())))
+        .unwrap_or(("vip.address", vip_in.address.span()));
+        invalid(span, field, message)
+    })
+}
+
+/// A rebalancer setting, when it is not the default.
+fn non_default(rebalance: Rebalance, field: impl Fn(&Rebalance) -> u32) -> Option<u32> {
+    let value = field(&rebalance);
+    (value != field(&Rebalance::default())).then_some(value)
+}
+
 /// The config as TOML, in the schema [`parse`] reads.
 pub fn render(config: &Config) -> String {
     let file = FileOut {
@@ -302,6 +361,10 @@ pub fn render(config: &Config) -> String {
                 protocol: vip.protocol,
                 affinity: spec.affinity,
                 scheduler: spec.scheduler,
+                rebalance: spec.rebalance.is_on().then_some(spec.rebalance.mode),
+                rebalance_band: non_default(spec.rebalance, |r| r.band_percent),
+                rebalance_rate: non_default(spec.rebalance, |r| r.rate),
+                rebalance_quiet: non_default(spec.rebalance, |r| r.quiet_s),
                 check: spec.check.clone(),
                 backend: spec.backends.values().cloned().collect(),
             })

@@ -124,16 +124,20 @@ impl Daemon {
                     String::new(),
                 )
             }
-            Request::VipSet { vip, affinity, scheduler } => {
+            Request::VipSet { vip, affinity, scheduler, rebalance } => {
                 let spec = desired.vips.get(&vip).ok_or(ChangeError::UnknownVip(vip))?;
                 let (affinity, scheduler) =
                     (affinity.unwrap_or(spec.affinity), scheduler.unwrap_or(spec.scheduler));
+                let rebalance = rebalance.applied_to(&spec.rebalance);
                 self.changed(
-                    |state| state.set_scheduling(&vip, Some(affinity), Some(scheduler)),
+                    |state| state.configure(&vip, Some(affinity), Some(scheduler), Some(rebalance)),
                     format!(
-                        "VIP {vip} now picks backends for new flows by {scheduler} with {affinity} affinity; established flows stay where they are"
+                        "VIP {vip} now picks backends for new flows by {scheduler} with {affinity} affinity, rebalancing {rebalance}; established flows stay where they are{}",
+                        if rebalance.is_on() { " unless rebalancing closes them" } else { "" }
                     ),
-                    format!("VIP {vip} already picks backends by {scheduler} with {affinity} affinity"),
+                    format!(
+                        "VIP {vip} already picks backends by {scheduler} with {affinity} affinity, rebalancing {rebalance}"
+                    ),
                 )
             }
             Request::CheckSet { vip, check } => {

@@ -22,10 +22,12 @@ use memmap2::{MmapMut, MmapOptions};
 use crate::model::DatapathConfig;
 
 mod maps;
+mod marks;
 mod memory;
 mod pins;
 
 pub use maps::{FlowCounter, FlowState, Maps, monotonic_ns, total_of};
+pub use marks::{FlowMarker, SlotCensus};
 pub use memory::held_map_memory;
 pub use pins::{
     InterfaceLock, ensure_bpffs, has_pinned_link, has_pins, is_bpffs, lock_interface, pin_dir_for,

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{CheckSpec, Vip};
+use super::{CheckSpec, Rebalance, Vip};
 
 /// Backend weights accepted, inclusive. A weight is relative to the other
 /// backends of the same VIP.
@@ -58,7 +58,7 @@ pub enum Scheduler {
 }
 
 /// Writes a setting as the command line and the config spell it (`least-connections`).
-fn write_value_name(
+pub(super) fn write_value_name(
     value: &impl clap::ValueEnum,
     f: &mut std::fmt::Formatter<'_>,
 ) -> std::fmt::Result {
@@ -86,6 +86,7 @@ pub struct VipSpec {
     pub check: CheckSpec,
     pub affinity: Affinity,
     pub scheduler: Scheduler,
+    pub rebalance: Rebalance,
     pub backends: BTreeMap<IpAddr, BackendSpec>,
 }
 
@@ -137,6 +138,8 @@ pub enum ChangeError {
     TooManyBackends { vip: Vip, count: usize, limit: u32 },
     #[error("{0}")]
     BadCheck(String),
+    #[error("{0}")]
+    BadRebalance(String),
 }
 
 fn family_name(address: IpAddr) -> &'static str {
@@ -216,9 +219,26 @@ impl DesiredState {
         affinity: Option<Affinity>,
         scheduler: Option<Scheduler>,
     ) -> Result<(), ChangeError> {
+        self.configure(vip, affinity, scheduler, None)
+    }
+
+    /// [`Self::set_scheduling`] and the rebalancer at once, checked together
+    /// (rebalancing needs least-connections), so that one change can turn
+    /// both on or both off.
+    pub fn configure(
+        &mut self,
+        vip: &Vip,
+        affinity: Option<Affinity>,
+        scheduler: Option<Scheduler>,
+        rebalance: Option<Rebalance>,
+    ) -> Result<(), ChangeError> {
         let spec = self.vips.get_mut(vip).ok_or(ChangeError::UnknownVip(*vip))?;
+        let scheduler = scheduler.unwrap_or(spec.scheduler);
+        let rebalance = rebalance.unwrap_or(spec.rebalance);
+        rebalance.check(vip, scheduler)?;
         spec.affinity = affinity.unwrap_or(spec.affinity);
-        spec.scheduler = scheduler.unwrap_or(spec.scheduler);
+        spec.scheduler = scheduler;
+        spec.rebalance = rebalance;
         Ok(())
     }
 

@@ -12,6 +12,7 @@ mod check;
 mod datapath_config;
 mod desired;
 pub mod diff;
+mod rebalance;
 
 pub use check::{CheckKind, CheckOptions, CheckSpec, StatusRange};
 pub use datapath_config::DatapathConfig;
@@ -19,6 +20,7 @@ pub use desired::{
     Affinity, BackendSpec, ChangeError, DEFAULT_WEIGHT, DesiredState, Limits, Scheduler, VipSpec,
     WEIGHT_RANGE, refuse_backend_address, refuse_vip, refuse_weight,
 };
+pub use rebalance::{Rebalance, RebalanceMode, RebalanceOptions};
 
 /// An Ethernet address, as the datapath writes it into frames.
 pub type Mac = [u8; 6];

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     Affinity, BackendSpec, ChangeError, CheckOptions, CheckSpec, DEFAULT_WEIGHT, DesiredState,
-    Limits, Scheduler, Vip, VipSpec, parse_address, parse_vip,
+    Limits, Rebalance, Scheduler, Vip, VipSpec, parse_address, parse_vip,
 };
 
 /// The format of the values under a prefix, in the fleet key; a balancer
@@ -173,6 +173,10 @@ struct VipValue {
     affinity: Affinity,
     #[serde(default)]
     scheduler: Scheduler,
+    /// Absent (off) unless set, so that a VIP without it reads the same on
+    /// balancers that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rebalance: Option<Rebalance>,
 }
 
 /// A backend key's value.
@@ -206,6 +210,7 @@ pub fn vip_value(spec: &VipSpec) -> String {
         },
         affinity: spec.affinity,
         scheduler: spec.scheduler,
+        rebalance: spec.rebalance.is_on().then_some(spec.rebalance),
     };
     serde_json::to_string(&value).expect("values serialize")
 }
@@ -260,8 +265,14 @@ pub fn assemble(keys: &Keys, entries: &BTreeMap<String, Entry>, limits: Limits) 
                         let state = &mut assembled.state;
                         state
                             .add_vip(vip, check, value.affinity, limits)
-                            .and_then(|()| state.set_scheduling(&vip, None, Some(value.scheduler)))
-                            .map_err(|error| error.to_string())
+                            .map_err(|e| e.to_string())?;
+                        let rebalance = value.rebalance.unwrap_or_default();
+                        let configured =
+                            state.configure(&vip, None, Some(value.scheduler), Some(rebalance));
+                        configured.map_err(|error| {
+                            state.vips.remove(&vip);
+                            error.to_string()
+                        })
                     });
                 if let Err(reason) = added {
                     refused.push(refusal(key, reason));
@@ -353,7 +364,8 @@ pub fn plan(
             continue;
         };
         let vip_key = keys.vip(vip);
-        let settings = |spec: &VipSpec| (spec.check.clone(), spec.affinity, spec.scheduler);
+        let settings =
+            |spec: &VipSpec| (spec.check.clone(), spec.affinity, spec.scheduler, spec.rebalance);
         if settings(old) != settings(spec) {
             plan.puts.push(Put { key: vip_key.clone(), value: vip_value(spec), existing: true });
             plan.must_exist.push(vip_key.clone());

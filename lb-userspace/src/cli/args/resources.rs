@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use crate::model::{Affinity, CheckOptions, DEFAULT_WEIGHT, Protocol, Scheduler, WEIGHT_RANGE};
+use crate::model::{
+    Affinity, CheckOptions, DEFAULT_WEIGHT, Protocol, RebalanceOptions, Scheduler, WEIGHT_RANGE,
+};
 
 #[derive(Subcommand)]
 pub enum ConfigCommand {
@@ -80,8 +82,10 @@ pub enum VipCommand {
         #[command(flatten)]
         check: CheckOptions,
     },
-    /// Change how a VIP picks backends for new flows; established flows stay
-    /// where they are. Example: lb vip set 198.18.0.10:80 --scheduler least-connections
+    /// Change how a VIP picks backends for new flows, and whether it closes a
+    /// few connections of a crowded backend (--rebalance); established flows
+    /// stay where they are otherwise.
+    /// Example: lb vip set 198.18.0.10:80 --scheduler least-connections --rebalance on
     #[command(group = clap::ArgGroup::new("setting").required(true).multiple(true))]
     Set {
         /// The VIP, as ADDRESS:PORT/PROTO.
@@ -94,6 +98,8 @@ pub enum VipCommand {
         /// maglev (by weight) or least-connections.
         #[arg(long, value_enum, group = "setting")]
         scheduler: Option<Scheduler>,
+        #[command(flatten)]
+        rebalance: RebalanceOptions,
     },
     /// Remove a VIP and its backends. Refused while its backends carry
     /// active flows (removing it would break them), unless --force.

@@ -14,13 +14,18 @@
 //! table. An entry whose backend is down, gone or replaced (another slot
 //! generation) is given the Maglev choice, and an idle UDP entry expires.
 
+mod pending;
+
 use lb_common::{
-    Backend, FLOW_CONFIRM_NS, FLOW_FLAG_CLOSING, FLOW_FLAG_RESET, FLOW_FLAG_SYN, FLOW_REFRESH_NS,
-    FlowEntry, FlowEvent, FlowKey, FlowSyncKind, MAGLEV_CHUNK, NO_BACKEND, PENDING_WAYS, PROTO_TCP,
-    PendingFlow, Reason, VIP_FLAG_CLIENT_IP_AFFINITY, VipInfo, VipKey,
+    Backend, FLOW_FLAG_CLOSING, FLOW_FLAG_RESET, FLOW_FLAG_SHED, FLOW_FLAG_SYN, FLOW_REFRESH_NS,
+    FlowEntry, FlowEvent, FlowKey, FlowSyncKind, MAGLEV_CHUNK, NO_BACKEND, PROTO_TCP, Reason,
+    SHED_TTL_NS, VIP_FLAG_CLIENT_IP_AFFINITY, VipInfo, VipKey,
 };
 
-use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_MAGLEV, LB_NEW_FLOWS};
+pub use pending::warm_pin;
+use pending::{confirm_or_follow, pending, pin};
+
+use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_MAGLEV};
 use crate::parse::ip::{Address, key_bytes};
 use crate::parse::transport::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::stats::count_flow_event;
@@ -96,6 +101,9 @@ pub enum Confirmed {
     /// An entry that needs the VIP's current table: its backend is no longer
     /// usable, it is idle, or a SYN reopens it after a close.
     Stale(*mut FlowEntry),
+    /// A usable entry the rebalancer marked: the packet goes to its backend
+    /// as a RST ([`crate::reset`]), and then [`shed`] deletes the entry.
+    Shed(Hit),
     Missing,
 }
 
@@ -118,15 +126,34 @@ pub fn confirmed(flow: &FlowKey, segment: &Segment, now: u64, settings: &Setting
     let expired = idle && !segment.is_tcp;
     match usable_backend(&current, current.vip_index) {
         Some(backend) if !reopened && !expired => {
+            let hit = Hit { vip_index: current.vip_index, slot: current.backend_slot, backend };
+            let mut current = current;
+            if current.flags & FLOW_FLAG_SHED != 0 && segment.is_tcp && !segment.rst && !segment.syn
+            {
+                if now.saturating_sub(current.last_seen_ns) <= SHED_TTL_NS {
+                    return Confirmed::Shed(hit);
+                }
+                // A stale mark: the client was silent since; it stays.
+                current.flags &= !FLOW_FLAG_SHED;
+                // SAFETY: as above.
+                unsafe { (*entry).flags = current.flags };
+            }
             // SAFETY: as above; the entry's fields are rewritten one by one.
             follow(unsafe { &mut *entry }, &current, segment, now, flow, settings);
-            Confirmed::Follow(Hit {
-                vip_index: current.vip_index,
-                slot: current.backend_slot,
-                backend,
-            })
+            Confirmed::Follow(hit)
         }
         _ => Confirmed::Stale(entry),
+    }
+}
+
+/// A marked flow whose packet went to its backend as a RST: its entry is
+/// deleted (the client's next packet finds no pin, and whichever backend it
+/// reaches answers with a RST), and peers hear it was reset.
+#[inline(always)]
+pub fn shed(flow: &FlowKey, hit: &Hit, settings: &Settings) {
+    if LB_FLOWS.remove(flow).is_ok() {
+        count_flow_event(FlowEvent::Shed);
+        sync::report(settings.sync_flows, flow, hit.vip_index, hit.slot, FlowSyncKind::Reset);
     }
 }
 
@@ -138,29 +165,14 @@ fn is_idle(entry: &FlowEntry, segment: &Segment, now: u64, settings: &Settings) 
 
 /// Whether a flow last seen at `last_seen_ns` is idle now.
 #[inline(always)]
-fn is_idle_since(last_seen_ns: u64, segment: &Segment, now: u64, settings: &Settings) -> bool {
+pub(super) fn is_idle_since(
+    last_seen_ns: u64,
+    segment: &Segment,
+    now: u64,
+    settings: &Settings,
+) -> bool {
     let idle_ns = if segment.is_tcp { settings.tcp_idle_ns } else { settings.udp_idle_ns };
     now.saturating_sub(last_seen_ns) > idle_ns
-}
-
-/// The flow hash, after starting to load the LB_NEW_FLOWS bucket that pins
-/// (or will pin) the flow, so that the bucket's cache and TLB misses overlap
-/// the lookup that follows instead of coming after it. For a SYN, most
-/// likely a new flow, before the flow-table lookup; for any other packet
-/// only once that lookup missed, before the VIP lookup: most packets hit
-/// the flow table and never pay for it.
-#[inline(always)]
-pub fn warm_pin(flow: &FlowKey, settings: &Settings) -> u32 {
-    let hash = lb_common::flow_hash(flow, settings.hash_seed);
-    let bucket = lb_common::pending_bucket(hash, settings.new_flow_slots);
-    for way in 0..PENDING_WAYS {
-        if let Some(entry) = LB_NEW_FLOWS.get_ptr(bucket + way) {
-            // SAFETY: the pointer from a map lookup is valid for this run;
-            // the value is discarded, the load is what counts.
-            unsafe { core::ptr::read_volatile(&raw const (*entry).created_ns) };
-        }
-    }
-    hash
 }
 
 /// The backend slot for a packet of `vip` that [`confirmed`] did not
@@ -233,79 +245,6 @@ pub fn choose(
     Ok((slot, backend))
 }
 
-/// The flow's unconfirmed pin (its LB_NEW_FLOWS slot, and a copy of it),
-/// when a slot of its bucket holds it whole: a newer flow may have taken its
-/// slot, or be writing it on another CPU.
-#[inline(always)]
-fn pending(
-    flow: &FlowKey,
-    hash: u32,
-    settings: &Settings,
-) -> Option<(*mut PendingFlow, PendingFlow)> {
-    let bucket = lb_common::pending_bucket(hash, settings.new_flow_slots);
-    for way in 0..PENDING_WAYS {
-        let Some(entry) = LB_NEW_FLOWS.get_ptr_mut(bucket + way) else { continue };
-        // SAFETY: the pointer from a map lookup is valid for this run. The
-        // copy may mix two writers' fields; `check` tells.
-        let pending = unsafe { *entry };
-        if pending.key != *flow {
-            continue;
-        }
-        let check = PendingFlow::check_of(
-            hash,
-            pending.backend_slot,
-            pending.generation,
-            pending.created_ns,
-            pending.flags,
-        );
-        if pending.check == check {
-            return Some((entry, pending));
-        }
-    }
-    None
-}
-
-/// Pins a new flow to `slot` in its LB_NEW_FLOWS bucket: in the slot that
-/// holds this flow already (a repeated SYN takes the current choice), else
-/// in the oldest or free one. `created_ns` stays its first packet's time
-/// until it is confirmed.
-#[inline(always)]
-fn pin(
-    flow: &FlowKey,
-    hash: u32,
-    slot: u32,
-    backend: &Backend,
-    now: u64,
-    flags: u32,
-    settings: &Settings,
-) {
-    let bucket = lb_common::pending_bucket(hash, settings.new_flow_slots);
-    let mut victim: Option<*mut PendingFlow> = None;
-    let mut oldest = u64::MAX;
-    for way in 0..PENDING_WAYS {
-        let Some(entry) = LB_NEW_FLOWS.get_ptr_mut(bucket + way) else { continue };
-        // SAFETY: the pointer from a map lookup is valid for this run; only
-        // read to choose the slot.
-        let (key, created_ns) = unsafe { ((*entry).key, (*entry).created_ns) };
-        if key == *flow {
-            victim = Some(entry);
-            break;
-        }
-        if created_ns < oldest {
-            oldest = created_ns;
-            victim = Some(entry);
-        }
-    }
-    let Some(entry) = victim else { return };
-    let generation = backend.generation;
-    let check = PendingFlow::check_of(hash, slot, generation, now, flags);
-    let pending =
-        PendingFlow { key: *flow, backend_slot: slot, generation, created_ns: now, flags, check };
-    // SAFETY: the pointer from a map lookup is valid for this run; a reader
-    // of a half-written slot rejects it by its check.
-    unsafe { *entry = pending };
-}
-
 /// A packet of a confirmed flow whose entry is usable: closes or reopens
 /// it as FIN and RST say, and refreshes it at most once a second.
 #[inline(always)]
@@ -348,47 +287,8 @@ fn follow(
     count_flow_event(FlowEvent::Hit);
 }
 
-/// A packet other than a SYN of an unconfirmed flow whose entry is usable:
-/// the handshake's ACK, or any packet but a RST a second after the first,
-/// confirms it.
 #[inline(always)]
-fn confirm_or_follow(
-    flow: &FlowKey,
-    entry: *mut PendingFlow,
-    pending: &PendingFlow,
-    segment: &Segment,
-    now: u64,
-    vip: &VipInfo,
-    settings: &Settings,
-) {
-    let handshake_done = pending.flags & FLOW_FLAG_SYN != 0;
-    let seen_again = now.saturating_sub(pending.created_ns) >= FLOW_CONFIRM_NS;
-    if segment.rst || !(handshake_done || seen_again) {
-        count_flow_event(FlowEvent::NewHit);
-        return;
-    }
-    let confirmed = FlowEntry {
-        backend_slot: pending.backend_slot,
-        vip_index: vip.vip_index,
-        last_seen_ns: now,
-        flags: closing_flags(segment),
-        generation: pending.generation,
-    };
-    if LB_FLOWS.insert(flow, confirmed, 0).is_ok() {
-        // Unpinned, and the slot free for the next new flow of the bucket:
-        // the flow follows its confirmed entry from now on. Were the slot
-        // rewritten meanwhile, that flow is unpinned instead (its check no
-        // longer matches), and its next packet takes the Maglev choice.
-        // SAFETY: the pointer from a map lookup is valid for this run.
-        unsafe { (*entry).created_ns = 0 };
-        let slot = pending.backend_slot;
-        sync::report(settings.sync_flows, flow, vip.vip_index, slot, FlowSyncKind::Open);
-    }
-    count_flow_event(FlowEvent::Confirmed);
-}
-
-#[inline(always)]
-fn closing_flags(segment: &Segment) -> u32 {
+pub(super) fn closing_flags(segment: &Segment) -> u32 {
     if segment.fin { FLOW_FLAG_CLOSING } else { 0 }
 }
 
