@@ -125,6 +125,11 @@ fn tally<'a>(backends: impl Iterator<Item = &'a String>) -> BTreeMap<String, usi
 /// - `stream MS SECONDS`: for SECONDS, every connection exchanges a message
 ///   every MS milliseconds, all at once; counts breaks and moves, and the
 ///   longest time any connection went without an answer.
+/// - `live SECONDS MS`: for SECONDS, every connection sends a ping every MS
+///   milliseconds (spread over the interval) and, when it breaks, reconnects
+///   at once, as a WebSocket client that keeps its session does; counts the
+///   breaks by the backend they were on, the reconnects, and the open ones
+///   by backend at the end.
 /// - `close BACKEND`: closes every open connection to BACKEND cleanly (as
 ///   clients leaving on their own) and stops counting them.
 /// - `quit`.
@@ -220,6 +225,28 @@ pub async fn clients(vip: SocketAddr, count: usize) -> anyhow::Result<()> {
                         "interval_ms": interval.as_millis() as u64,
                         "broken_by_backend": broken_by_backend })
             }
+            ["live", seconds, interval_ms] => {
+                let interval = Duration::from_millis(interval_ms.parse()?);
+                let until = tokio::time::Instant::now() + Duration::from_secs(seconds.parse()?);
+                let spread = connections.len().max(1) as u32;
+                let results: Vec<Vec<(String, bool)>> =
+                    stream::iter(connections.iter_mut().enumerate())
+                        .map(|(index, connection)| {
+                            let offset = interval * (index as u32 % spread) / spread;
+                            live_on(connection, &url, interval, offset, until)
+                        })
+                        .buffer_unordered(usize::MAX)
+                        .collect()
+                        .await;
+                let breaks: Vec<&(String, bool)> = results.iter().flatten().collect();
+                json!({ "command": "live",
+                        "closed": breaks.len(),
+                        "closed_by_backend": tally(breaks.iter().map(|(backend, _)| backend)),
+                        "reconnected": breaks.iter().filter(|(_, again)| *again).count(),
+                        "reconnect_failed": breaks.iter().filter(|(_, again)| !*again).count(),
+                        "ok": connections.iter().filter(|c| !c.broken).count(),
+                        "open_by_backend": tally(connections.iter().filter(|c| !c.broken).map(|c| &c.backend)) })
+            }
             ["close", backend] => {
                 // As clients that leave on their own: a clean close, and
                 // the connection is no longer counted.
@@ -268,6 +295,43 @@ async fn stream_on(
         tokio::time::sleep(interval).await;
     }
     (false, moved, longest)
+}
+
+/// One connection of `live`: a ping every `interval` (the first after
+/// `offset`) until `until`, reconnecting whenever it breaks. Returns each
+/// break: the backend it was on, and whether the reconnect succeeded.
+async fn live_on(
+    connection: &mut Connection,
+    url: &str,
+    interval: Duration,
+    offset: Duration,
+    until: tokio::time::Instant,
+) -> Vec<(String, bool)> {
+    let mut breaks = Vec::new();
+    tokio::time::sleep(offset).await;
+    while tokio::time::Instant::now() < until {
+        let alive = match connection.socket.as_mut() {
+            Some(socket) => exchange(socket, "ping").await.is_ok(),
+            None => false,
+        };
+        if !alive {
+            let was = std::mem::take(&mut connection.backend);
+            match open(url).await {
+                Ok(fresh) => {
+                    *connection = fresh;
+                    breaks.push((was, true));
+                }
+                Err(_) => {
+                    *connection = Connection::failed();
+                    connection.backend = was.clone();
+                    breaks.push((was, false));
+                    return breaks;
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+    breaks
 }
 
 /// Opens `count` connections, the i-th at i / `per_second` seconds from now.

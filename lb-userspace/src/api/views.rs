@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Affinity, CheckSpec, Protocol, Scheduler};
+use crate::model::{Affinity, CheckSpec, Protocol, Rebalance, Scheduler};
 
 /// `lb flows VIP`: flows of the VIP found in the flow table.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,6 +51,17 @@ pub struct VipView {
     pub affinity: Affinity,
     #[serde(default)]
     pub scheduler: Scheduler,
+    /// The rebalancer's settings.
+    #[serde(default)]
+    pub rebalance: Rebalance,
+    /// What the rebalancer is doing: `off`, `balanced`, `closing`,
+    /// `dry-run: would close N`, or `paused: why`.
+    #[serde(default)]
+    pub rebalancing: String,
+    /// How far the most crowded serving backend is above its share of the
+    /// VIP's open connections (0.25: 25% above), at the rebalancer's last look.
+    #[serde(default)]
+    pub rebalance_skew: f64,
     pub check: CheckSpec,
     pub packets: u64,
     pub bytes: u64,
@@ -98,6 +109,16 @@ pub struct BackendView {
     /// gives it to even out the active flows.
     #[serde(default)]
     pub new_flow_share: f64,
+    /// Its share of the VIP's open connections, which the rebalancer brings
+    /// it back to once it is above the band; None unless the VIP rebalances.
+    #[serde(default)]
+    pub rebalance_target: Option<f64>,
+    /// Connections the rebalancer closed on it since the daemon started.
+    #[serde(default)]
+    pub rebalance_closed: u64,
+    /// In dry-run: connections the rebalancer would close on it now.
+    #[serde(default)]
+    pub rebalance_would_close: u64,
     pub packets: u64,
     pub bytes: u64,
     /// Of `packets`, ICMP errors about its flows (path MTU, unreachable,

@@ -79,6 +79,15 @@ pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
                     "ALL-DOWN: every backend fails its checks; traffic goes to those that were up before (fail-open)"
                 );
             }
+            for vip in vips.iter().filter(|vip| vip.rebalance.is_on()) {
+                println!(
+                    "rebalance {}: {}; {}, most crowded backend {:+.0}% of its share",
+                    vip.vip,
+                    vip.rebalance,
+                    vip.rebalancing,
+                    vip.rebalance_skew * 100.0
+                );
+            }
         }
         Body::Backends { backends } => print_backends(backends),
         Body::Stats(stats) => {
@@ -194,6 +203,17 @@ fn print_backends(backends: &[api::BackendView]) {
             backend.packets,
             backend.packets_per_second,
             backend.last_error.as_deref().unwrap_or("-"),
+        );
+    }
+    for backend in backends {
+        let Some(target) = backend.rebalance_target else { continue };
+        let would = match backend.rebalance_would_close {
+            0 => String::new(),
+            n => format!(", would close {n} (dry-run)"),
+        };
+        println!(
+            "rebalance {} {}: {} active against a share of {target:.0}, {} closed{would}",
+            backend.vip, backend.address, backend.active_flows, backend.rebalance_closed
         );
     }
 }

@@ -156,6 +156,11 @@ fn draw(frame: &mut Frame, screen: &Screen) {
             Cell::from(active.to_string()),
             Cell::from(si(vip.dropped_per_second)),
             Cell::from(vip.scheduler.to_string()),
+            Cell::from(if vip.rebalance.is_on() {
+                vip.rebalancing.clone()
+            } else {
+                "-".to_owned()
+            }),
         ])
     });
     let vip_columns = [
@@ -166,6 +171,7 @@ fn draw(frame: &mut Frame, screen: &Screen) {
         ("ACTIVE FLOWS", Constraint::Length(12)),
         ("DROP/S", Constraint::Length(8)),
         ("SCHEDULER", Constraint::Length(17)),
+        ("REBALANCE", Constraint::Min(10)),
     ];
     frame.render_widget(table("VIPs", &vip_columns, vip_rows), vips);
 
@@ -184,6 +190,10 @@ fn draw(frame: &mut Frame, screen: &Screen) {
             Cell::from(si(backend.bytes_per_second)),
             Cell::from(backend.active_flows.to_string()),
             Cell::from(format!("{:.1}%", backend.new_flow_share * 100.0)),
+            Cell::from(match backend.rebalance_target {
+                Some(_) => backend.rebalance_closed.to_string(),
+                None => "-".to_owned(),
+            }),
         ])
     });
     let backend_columns = [
@@ -195,6 +205,7 @@ fn draw(frame: &mut Frame, screen: &Screen) {
         ("BYTES/S", Constraint::Length(9)),
         ("ACTIVE FLOWS", Constraint::Length(12)),
         ("NEW SHARE", Constraint::Length(9)),
+        ("CLOSED", Constraint::Length(7)),
     ];
     frame.render_widget(table("Backends", &backend_columns, backend_rows), backends);
 

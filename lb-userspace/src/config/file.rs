@@ -262,7 +262,7 @@ pub fn parse_with(
             mistakes.push(invalid(vip_in.address.span(), "vip.address", error.to_string()));
             continue;
         }
-        if let Err(mistake) = rebalance_of(&vip_in, &vip, &mut config.desired, &invalid) {
+        if let Err(mistake) = rebalance_of(vip_in, &vip, &mut config.desired, &invalid) {
             mistakes.push(mistake);
         }
         for backend_in in &vip_in.backend {

@@ -35,6 +35,7 @@ mod events;
 mod flows;
 mod placement;
 mod rates;
+mod rebalance;
 mod removals;
 mod start;
 mod store;
@@ -155,6 +156,8 @@ struct Daemon {
     config_file: Option<PathBuf>,
     /// The interface served, whose addresses new VIPs and backends are checked against.
     iface: String,
+    /// Closes a few connections of crowded backends, for the VIPs that rebalance.
+    rebalancer: rebalance::Rebalancer,
 }
 
 impl Daemon {
@@ -172,6 +175,7 @@ impl Daemon {
         let attach::Loaded { mut datapath, first_count, attach_mode, map_memory } = loaded;
         let adopted = datapath.adopted();
         let flow_counter = Arc::new(datapath.flow_counter()?);
+        let (rebalancer, rebalanced) = rebalance::Rebalancer::new(datapath.flow_marker()?);
         let sync = match fleet.sync {
             Some((socket, sync_options)) => Some(tasks::SyncStart {
                 socket: Arc::new(socket),
@@ -217,6 +221,7 @@ impl Daemon {
             announced: if sync_on { BTreeSet::new() } else { reconciler.serving_addresses() },
             reports,
             follow,
+            rebalanced,
         });
         let daemon = Self {
             config,
@@ -236,6 +241,7 @@ impl Daemon {
             store,
             config_file: options.config.clone(),
             iface: options.iface.clone(),
+            rebalancer,
         };
         Ok((daemon, tasks, inbox))
     }
@@ -272,8 +278,10 @@ impl Daemon {
                 Some(found) = inbox.neighbours.recv() => self.neighbours_changed(found),
                 Some(report) = inbox.reports.recv() => self.health_report(report),
                 Ok(()) = inbox.counted.changed() => self.flows_counted(),
+                Some(round) = inbox.rebalanced.recv() => self.rebalanced(round),
                 _ = tick.tick() => {
                     self.sample_rates();
+                    self.rebalance_tick();
                     self.checks.restart_dead();
                     self.settle_writes();
                 }

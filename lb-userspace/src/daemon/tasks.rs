@@ -40,6 +40,8 @@ pub(super) struct Inbox {
     /// With a store: its revisions, and the outcomes of our writes.
     pub followed: Option<mpsc::Receiver<Followed>>,
     pub committed: Option<mpsc::Receiver<Committed>>,
+    /// The rebalancer's rounds, done.
+    pub rebalanced: mpsc::UnboundedReceiver<super::rebalance::Round>,
 }
 
 /// The next message of an optional channel; never, without one.
@@ -75,6 +77,8 @@ pub(super) struct Start {
     pub reports: mpsc::Receiver<HealthReport>,
     /// The store's follower, with a store.
     pub follow: Option<FollowStart>,
+    /// Where the rebalancer's rounds report (the rounds belong to `Rebalancer`).
+    pub rebalanced: mpsc::UnboundedReceiver<super::rebalance::Round>,
 }
 
 pub(super) struct SyncStart {
@@ -147,6 +151,7 @@ impl Tasks {
             reports: start.reports,
             followed,
             committed,
+            rebalanced: start.rebalanced,
         };
         (tasks, published, inbox)
     }

@@ -66,6 +66,9 @@ impl Daemon {
                 all_down: status.fail_open,
                 affinity: spec.affinity,
                 scheduler: spec.scheduler,
+                rebalance: spec.rebalance,
+                rebalancing: self.rebalancing(vip, spec.rebalance),
+                rebalance_skew: self.rebalancer.vips.get(vip).map_or(0.0, |state| state.skew),
                 check: spec.check.clone(),
                 packets: counters.packets,
                 bytes: counters.bytes,
@@ -87,6 +90,7 @@ impl Daemon {
             if only.is_some_and(|only| only != vip) {
                 continue;
             }
+            let rebalancing = self.rebalancer.vips.get(vip).filter(|_| spec.rebalance.is_on());
             for installed in self.reconciler.backends(vip) {
                 let counters = self.reconciler.datapath().backend_counters(installed.slot)?;
                 let rate = self.rates.get(Counted::Backend(installed.slot));
@@ -122,6 +126,14 @@ impl Daemon {
                     mac: installed.mac.map(format_mac),
                     table_entries: installed.table_entries,
                     new_flow_share: f64::from(installed.table_entries) / table_size,
+                    rebalance_target: rebalancing
+                        .and_then(|state| state.shares.get(&installed.address).copied()),
+                    rebalance_closed: rebalancing
+                        .and_then(|state| state.closed.get(&installed.address).copied())
+                        .unwrap_or(0),
+                    rebalance_would_close: rebalancing
+                        .and_then(|state| state.would_close.get(&installed.address).copied())
+                        .unwrap_or(0),
                     packets: counters.packets,
                     bytes: counters.bytes,
                     icmp_errors: counters.icmp_errors,

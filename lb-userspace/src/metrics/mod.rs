@@ -22,6 +22,7 @@ use prometheus_client::registry::Registry;
 use crate::api::{BackendView, Body, Call, Reply, Request, StatsView};
 
 mod fleet;
+mod rebalance;
 
 /// Serves `/metrics` on `listener` until the task is aborted.
 pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) {
@@ -187,6 +188,7 @@ impl Collector for Snapshot {
         )?;
         self.encode_vips(e)?;
         self.encode_backends(e)?;
+        rebalance::encode(stats, e)?;
         family(
             e,
             "lb_datapath_packets",
