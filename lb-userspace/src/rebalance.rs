@@ -1,14 +1,19 @@
-//! The rebalancer's arithmetic: which backends of a VIP hold too many open
-//! connections for their weight, how many of them to close, and at what
-//! rate. Pure: no I/O, no clocks but the ones passed in.
+//! The rebalancer's arithmetic: when a VIP's open connections are out of
+//! balance for their weights, which backends give up connections, how many,
+//! and at what rate. Pure: no I/O, no clocks but the ones passed in.
 //!
 //! A backend's share is its weighted part of the VIP's open connections.
-//! One above the band (share x (1 + band)) is brought back to its share,
-//! not just to the band's edge: closing only to the edge would leave the
-//! backends that gained (a new one after a scale-up) below the band, and no
-//! backend above it to take from. A backend inside the band is never
-//! touched, and connections already marked and not yet closed count as
-//! closed, so that a second round does not close them twice.
+//! The band is two-sided: a VIP is out of balance when any backend is more
+//! than the band above *or below* its share (a new backend after a
+//! scale-up is far below it while the old ones may each be only a little
+//! above). Once out of balance, the VIP is rebalanced until every backend
+//! is within half the band ([`Balancing`]: without that margin it would
+//! stop at the band's edge, where the next reconnect tips it out again).
+//! While it is, every backend above its share gives up its excess, and no
+//! more: a backend at or below its share is never touched, a VIP within its
+//! band is never touched at all, and connections already marked and not
+//! closed yet count as closed, so that a second round does not close them
+//! twice.
 
 use std::time::{Duration, Instant};
 
@@ -32,31 +37,51 @@ pub fn shares(members: &[Member]) -> Vec<f64> {
         .collect()
 }
 
-/// How many connections to close on each member: for one above the band,
-/// as many as bring it to its share, less those already pending.
-pub fn closes(members: &[Member], band_percent: u32) -> Vec<u64> {
-    let band = 1.0 + f64::from(band_percent) / 100.0;
+/// Whether every member is within `band` (0.1: 10%) of its share, above
+/// and below.
+pub fn within(members: &[Member], band: f64) -> bool {
+    members
+        .iter()
+        .zip(shares(members))
+        .all(|(member, share)| (member.active as f64 - share).abs() <= share * band)
+}
+
+/// Whether a VIP is being rebalanced, from one round to the next.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Balancing(bool);
+
+impl Balancing {
+    /// Starts when a member leaves the band, stops when every member is
+    /// within half of it; returns whether to close anything this round.
+    pub fn update(&mut self, members: &[Member], band_percent: u32) -> bool {
+        let band = f64::from(band_percent) / 100.0;
+        self.0 = if self.0 { !within(members, band / 2.0) } else { !within(members, band) };
+        self.0
+    }
+}
+
+/// How many connections to close on each member of a VIP being
+/// rebalanced: for one above its share, the excess, less those already
+/// pending; for any other, none.
+pub fn closes(members: &[Member]) -> Vec<u64> {
     members
         .iter()
         .zip(shares(members))
         .map(|(member, share)| {
-            if member.active as f64 <= share * band {
-                return 0;
-            }
             let excess = member.active.saturating_sub(share.ceil() as u64);
             excess.saturating_sub(member.pending)
         })
         .collect()
 }
 
-/// How far the most crowded member is above its share, as a fraction (0.25:
-/// 25% above); 0 for a VIP without connections.
+/// How far the member furthest from its share is from it, above or below,
+/// as a fraction (0.25: 25% off); 0 for a VIP without connections.
 pub fn skew(members: &[Member]) -> f64 {
     members
         .iter()
         .zip(shares(members))
         .filter(|(_, share)| *share > 0.0)
-        .map(|(member, share)| member.active as f64 / share - 1.0)
+        .map(|(member, share)| (member.active as f64 / share - 1.0).abs())
         .fold(0.0, f64::max)
 }
 
@@ -137,7 +162,7 @@ mod tests {
 
     #[test]
     fn after_a_scale_up_the_old_backends_come_down_to_their_share() {
-        let wanted = closes(&members(&[1_000, 1_000, 1_000, 0]), 10);
+        let wanted = closes(&members(&[1_000, 1_000, 1_000, 0]));
         assert_eq!(wanted, [250, 250, 250, 0]);
         // 750 closed against the 675 that would put the new one at the
         // band's lower edge: within 1.2x of the least that evens them out.
@@ -145,28 +170,51 @@ mod tests {
     }
 
     #[test]
-    fn backends_inside_the_band_are_never_touched() {
-        assert_eq!(closes(&members(&[1_100, 1_000, 900]), 10), [0, 0, 0]);
-        assert_eq!(closes(&members(&[1_101, 1_000, 899]), 10), [101, 0, 0]);
+    fn a_vip_inside_its_band_is_never_touched() {
+        let mut balancing = Balancing::default();
+        assert!(!balancing.update(&members(&[1_100, 1_000, 900]), 10));
         let weighted = [
             Member { weight: 2, active: 2_000, pending: 0 },
             Member { weight: 1, active: 1_000, pending: 0 },
         ];
-        assert_eq!(closes(&weighted, 10), [0, 0], "shares follow the weights");
+        assert!(!balancing.update(&weighted, 10), "shares follow the weights");
+        assert!(balancing.update(&members(&[1_101, 1_000, 899]), 10));
+    }
+
+    #[test]
+    fn a_backend_below_the_band_starts_a_rebalance_that_runs_to_half_the_band() {
+        // The stall this prevents: the old backends 6% above their share,
+        // each inside the band, the new one 19% below it.
+        let stalled = members(&[837, 844, 835, 634]);
+        let mut balancing = Balancing::default();
+        assert!(balancing.update(&stalled, 10));
+        assert_eq!(closes(&stalled), [49, 56, 47, 0], "only those above their share give");
+        // Inside the band but not within half of it: still going.
+        assert!(balancing.update(&members(&[820, 820, 820, 700]), 10));
+        assert!(!balancing.update(&members(&[800, 800, 800, 760]), 10));
+        // Stopped, it starts again only outside the whole band.
+        assert!(!balancing.update(&members(&[820, 820, 820, 720]), 10));
+    }
+
+    #[test]
+    fn backends_at_or_below_their_share_never_give() {
+        assert_eq!(closes(&members(&[1_000, 1_000, 400])), [200, 200, 0]);
+        assert_eq!(closes(&members(&[900, 900, 900])), [0, 0, 0]);
     }
 
     #[test]
     fn pending_closes_are_not_asked_for_twice() {
         let mut crowded = members(&[1_000, 1_000, 1_000, 0]);
         crowded[0].pending = 200;
-        assert_eq!(closes(&crowded, 10), [50, 250, 250, 0]);
+        assert_eq!(closes(&crowded), [50, 250, 250, 0]);
         crowded[0].pending = 400;
-        assert_eq!(closes(&crowded, 10)[0], 0);
+        assert_eq!(closes(&crowded)[0], 0);
     }
 
     #[test]
-    fn skew_is_the_most_crowded_backend_above_its_share() {
-        assert_eq!(skew(&members(&[1_000, 1_000, 1_000, 0])), 1_000.0 / 750.0 - 1.0);
+    fn skew_is_the_furthest_backend_from_its_share() {
+        assert_eq!(skew(&members(&[1_000, 1_000, 1_000, 0])), 1.0, "the empty one, 100% below");
+        assert!((skew(&members(&[1_200, 800])) - 0.2).abs() < 1e-9);
         assert_eq!(skew(&members(&[0, 0])), 0.0);
     }
 

@@ -22,6 +22,9 @@
 pub struct Load {
     pub weight: u32,
     pub active: u64,
+    /// The rebalancer is closing connections on it: it is owed nothing
+    /// and takes only its [`FLOOR`], whatever its count.
+    pub closing: bool,
 }
 
 /// The part of its weighted share every backend keeps whatever it holds.
@@ -68,7 +71,7 @@ pub fn new_flow_weights(loads: &[Load], horizon: u64) -> Vec<u32> {
         .iter()
         .map(|load| {
             let target = after * f64::from(load.weight) / total_weight;
-            (target - load.active as f64).max(0.0)
+            if load.closing { 0.0 } else { (target - load.active as f64).max(0.0) }
         })
         .collect();
     let total_owed: f64 = owed.iter().sum();
@@ -80,8 +83,13 @@ pub fn new_flow_weights(loads: &[Load], horizon: u64) -> Vec<u32> {
                 return 0;
             }
             let weighted = f64::from(load.weight) / total_weight;
-            // total_owed >= horizon > 0: the targets add up to more than is open.
-            let share = FLOOR * weighted + (1.0 - FLOOR) * owed / total_owed;
+            // The targets add up to more than is open, so something is owed
+            // unless every member is closing (then the weights decide).
+            let share = if total_owed > 0.0 {
+                FLOOR * weighted + (1.0 - FLOOR) * owed / total_owed
+            } else {
+                weighted
+            };
             ((share * f64::from(WEIGHT_SCALE)).round() as u32).max(1)
         })
         .collect()
@@ -92,7 +100,11 @@ mod tests {
     use super::*;
 
     fn loads(weights: &[u32], active: &[u64]) -> Vec<Load> {
-        weights.iter().zip(active).map(|(&weight, &active)| Load { weight, active }).collect()
+        weights
+            .iter()
+            .zip(active)
+            .map(|(&weight, &active)| Load { weight, active, closing: false })
+            .collect()
     }
 
     /// Opens `flows` new flows in rounds of `per_round`, each round shared by
@@ -195,5 +207,29 @@ mod tests {
         for weight in &weights[1..] {
             assert!(f64::from(*weight) / f64::from(total) >= FLOOR / 3.0 - 0.001, "{weights:?}");
         }
+    }
+
+    #[test]
+    fn a_backend_the_rebalancer_closes_on_takes_only_its_floor() {
+        // Just above their share, the old backends would be owed a part of
+        // the next flows, and the closed clients would partly come back.
+        let mut crowded = loads(&[1, 1, 1, 1], &[800, 800, 800, 700]);
+        let open = new_flow_weights(&crowded, 315);
+        assert!(open[0] > WEIGHT_SCALE / 20, "owed without closing: {open:?}");
+        for load in &mut crowded[..3] {
+            load.closing = true;
+        }
+        let closing = new_flow_weights(&crowded, 315);
+        let floor = (FLOOR / 4.0 * f64::from(WEIGHT_SCALE)).round() as u32;
+        assert_eq!(closing[..3], [floor; 3], "{closing:?}");
+        assert_eq!(closing[3], WEIGHT_SCALE - 3 * floor, "{closing:?}");
+        let all = new_flow_weights(
+            &loads(&[1, 1], &[10, 10])
+                .iter()
+                .map(|l| Load { closing: true, ..*l })
+                .collect::<Vec<_>>(),
+            100,
+        );
+        assert_eq!(all, [WEIGHT_SCALE / 2; 2], "all closing: by the weights");
     }
 }

@@ -241,6 +241,13 @@ fn after_a_scale_up_rebalancing_evens_out_long_lived_connections_within_the_rate
     println!("FIGURE lb backend list: closed since the restart {closed_per:?}");
     assert_eq!(closed_per["b4"], 0);
 
+    // Balanced, it closes nothing more: a VIP within its band is never
+    // touched.
+    let status = vip_field(&daemon, "rebalancing");
+    assert_eq!(status.as_str(), Some("balanced"), "{status}");
+    let settled = clients.command("live 5 1000");
+    assert_eq!(settled["closed"].as_u64(), Some(0), "closed inside the band: {settled}");
+
     // A backend goes down: its clients reconnect to the others, which are
     // then crowded, and nothing is closed while it is down.
     let closed_before = shed(&daemon);

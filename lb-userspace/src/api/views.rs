@@ -58,8 +58,9 @@ pub struct VipView {
     /// `dry-run: would close N`, or `paused: why`.
     #[serde(default)]
     pub rebalancing: String,
-    /// How far the most crowded serving backend is above its share of the
-    /// VIP's open connections (0.25: 25% above), at the rebalancer's last look.
+    /// How far the serving backend furthest from its share of the VIP's
+    /// open connections is from it, above or below (0.25: 25% off), at the
+    /// rebalancer's last look.
     #[serde(default)]
     pub rebalance_skew: f64,
     pub check: CheckSpec,

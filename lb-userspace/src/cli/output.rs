@@ -81,7 +81,7 @@ pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
             }
             for vip in vips.iter().filter(|vip| vip.rebalance.is_on()) {
                 println!(
-                    "rebalance {}: {}; {}, most crowded backend {:+.0}% of its share",
+                    "rebalance {}: {}; {}, furthest backend {:.0}% off its share",
                     vip.vip,
                     vip.rebalance,
                     vip.rebalancing,

@@ -68,7 +68,8 @@ impl Daemon {
         let recently_confirmed = confirmed.saturating_sub(self.last_confirmed.unwrap_or(confirmed));
         self.last_confirmed = Some(confirmed);
         let active = self.active_flows.borrow().clone();
-        self.reconciler.set_flow_counts(FlowCounts { active, recently_confirmed });
+        let closing = self.rebalancer.closing();
+        self.reconciler.set_flow_counts(FlowCounts { active, recently_confirmed, closing });
         let scheduled = self
             .config
             .desired

@@ -195,6 +195,7 @@ impl Daemon {
         reconciler.set_flow_counts(FlowCounts {
             active: Arc::clone(&first_count),
             recently_confirmed: 0,
+            closing: Default::default(),
         });
         checks.sync(&config.desired, if adopted { Start::Adopted } else { Start::Fresh });
         reconciler.apply(&config.desired, &checks.health_map())?;

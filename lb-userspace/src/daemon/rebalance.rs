@@ -1,8 +1,8 @@
 //! The rebalancer, once a second for each VIP that rebalances: pauses while
 //! a backend is down, resolving or draining and for the quiet time after
-//! the backends changed (or the daemon started); otherwise, when a backend
-//! is above the band, a round off the loop counts the VIP's flows, marks
-//! the chosen ones to close ([`crate::datapath::FlowMarker`]) within the
+//! the backends changed (or the daemon started); otherwise, while the VIP
+//! is out of its band ([`Balancing`]), a round off the loop counts the
+//! VIP's flows, marks the chosen ones to close ([`crate::datapath::FlowMarker`]) within the
 //! rate, and reports back what it marked and which earlier marks closed.
 //!
 //! Which flows: of the crowded backend's flows without a mark, those that
@@ -16,7 +16,7 @@
 //! a balancer alone closes the whole excess (its silent flows are its own,
 //! and closing less would leave the backend that gained below the band).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use super::Daemon;
 use crate::datapath::{FlowMarker, monotonic_ns};
 use crate::health::Health;
 use crate::model::{Rebalance, RebalanceMode, Vip};
-use crate::rebalance::{self, Budget, Member};
+use crate::rebalance::{self, Balancing, Budget, Member};
 
 /// One VIP's round, as the loop asks for it.
 struct Job {
@@ -70,6 +70,10 @@ pub(super) struct Round {
 #[derive(Default)]
 pub(super) struct VipState {
     budget: Option<Budget>,
+    balancing: Balancing,
+    /// Slots of the backends this VIP's rounds close on (above their
+    /// share), which least-connections then gives only their floor.
+    closing: HashSet<u32>,
     /// The serving set last seen, to notice a change.
     fingerprint: Vec<(IpAddr, u32, &'static str)>,
     quiet_until: Option<Instant>,
@@ -104,6 +108,11 @@ impl Rebalancer {
             vips: HashMap::new(),
         };
         (rebalancer, rounds)
+    }
+
+    /// Slots of every backend a rebalanced VIP is closing connections on.
+    pub fn closing(&self) -> HashSet<u32> {
+        self.vips.values().flat_map(|state| state.closing.iter().copied()).collect()
     }
 }
 
@@ -189,6 +198,7 @@ impl Daemon {
         if let Some(why) = pause {
             budget.empty(now);
             state.status = why;
+            state.closing.clear();
             return None;
         }
         let members: Vec<Member> = backends
@@ -200,12 +210,20 @@ impl Daemon {
             })
             .collect();
         let available = budget.available(settings.rate, now);
-        let wanted: u64 = rebalance::closes(&members, settings.band_percent).iter().sum();
-        if wanted == 0 {
+        if !state.balancing.update(&members, settings.band_percent) {
             state.status = "balanced".to_owned();
             state.skew = rebalance::skew(&members);
+            state.would_close.clear();
+            state.closing.clear();
             return None;
         }
+        let above = rebalance::closes(&members);
+        state.closing = if settings.mode == RebalanceMode::DryRun {
+            HashSet::new()
+        } else {
+            let slots = backends.iter().zip(above).filter(|(_, wanted)| *wanted > 0);
+            slots.map(|((_, slot, _, _), _)| *slot).collect()
+        };
         Some(Job { vip, vip_index, backends, settings, budget: available, fleet: self.sync_on })
     }
 
@@ -239,7 +257,7 @@ impl Daemon {
             }
             state.status = "closing".to_owned();
             for backend in done.backends.iter().filter(|b| b.marked > 0) {
-                tracing::info!(vip = %done.vip, backend = %backend.address, active = backend.active, share = backend.share.round(), closing = backend.marked, "rebalancing: closing connections above the band");
+                tracing::info!(vip = %done.vip, backend = %backend.address, active = backend.active, share = backend.share.round(), closing = backend.marked, "rebalancing: closing connections above the share");
             }
         }
     }
@@ -292,7 +310,7 @@ fn run_round(marker: &mut FlowMarker, jobs: Vec<Job>) -> Round {
             (true, 0) => 0.0,
             (true, _) => (seen as f64 / active as f64).min(1.0),
         };
-        let wanted: Vec<u64> = rebalance::closes(&members, job.settings.band_percent)
+        let wanted: Vec<u64> = rebalance::closes(&members)
             .iter()
             .map(|&want| (want as f64 * part).round() as u64)
             .collect();

@@ -28,13 +28,13 @@ pub(super) fn encode(stats: &StatsView, e: &mut DescriptorEncoder) -> std::fmt::
     family(
         e,
         "lb_rebalance_target_connections",
-        "The backend's share of its VIP's open connections, which the rebalancer brings it back to above the band.",
+        "The backend's share of its VIP's open connections, which the rebalancer brings it back to when the VIP is out of its band.",
         backends().filter_map(|b| Some((labels(b), gauge(b.rebalance_target?)))),
     )?;
     family(
         e,
         "lb_rebalance_skew",
-        "How far the VIP's most crowded serving backend is above its share of open connections (0.25: 25% above).",
+        "How far the VIP's serving backend furthest from its share of open connections is from it, above or below (0.25: 25% off).",
         stats
             .vips
             .iter()

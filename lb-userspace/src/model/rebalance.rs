@@ -14,7 +14,8 @@ pub enum RebalanceMode {
     /// Never closes a connection.
     #[default]
     Off,
-    /// Closes connections of backends above the band.
+    /// When a backend is outside the band, closes connections of those
+    /// above their share.
     On,
     /// Logs and counts what it would close, and closes nothing.
     DryRun,
@@ -38,8 +39,9 @@ pub const QUIET_RANGE: std::ops::RangeInclusive<u32> = 0..=86_400;
 #[serde(default, deny_unknown_fields)]
 pub struct Rebalance {
     pub mode: RebalanceMode,
-    /// How far above its weighted share of the VIP's open connections a
-    /// backend may be, in percent, before connections are closed on it.
+    /// How far above or below its weighted share of the VIP's open
+    /// connections a backend may be, in percent, before the VIP is
+    /// rebalanced (until every backend is within half of it).
     pub band_percent: u32,
     /// The most connections closed per second for the VIP, by this balancer.
     pub rate: u32,
@@ -116,7 +118,7 @@ pub struct RebalanceOptions {
     #[arg(long = "rebalance", value_enum, value_name = "MODE", group = "setting")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<RebalanceMode>,
-    /// How far above its weighted share a backend may be, in percent [default: 10].
+    /// How far above or below its weighted share a backend may be, in percent [default: 10].
     #[arg(long = "rebalance-band", value_name = "PERCENT", group = "setting")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub band_percent: Option<u32>,

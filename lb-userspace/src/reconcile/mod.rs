@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lb_common::{
@@ -19,13 +18,14 @@ use crate::maglev::{Candidate, build_failover_table};
 use crate::model::{
     Affinity, BackendHealth, DesiredState, HealthMap, Mac, Scheduler, Vip, address_from_bytes,
 };
-use crate::scheduler::{Load, arrivals, horizon, new_flow_weights};
 
 mod read;
+mod schedule;
 #[cfg(test)]
 mod tests;
 
 pub use read::{FlowOwners, InstalledBackend, InstalledVipStatus, LookupResult};
+pub use schedule::FlowCounts;
 
 /// A table slot that stopped being read is not rewritten before this long:
 /// far beyond the microseconds a packet that read the old slot index needs.
@@ -79,17 +79,6 @@ impl Slots {
     fn give_back(&mut self, slot: u32) {
         self.free.push_back(slot);
     }
-}
-
-/// What least-connections VIPs are scheduled by, as last counted off the
-/// daemon's loop.
-#[derive(Clone, Debug, Default)]
-pub struct FlowCounts {
-    /// Backend slot -> its active flows.
-    pub active: Arc<HashMap<u32, u64>>,
-    /// Flows confirmed (all VIPs) between the last two counts: each VIP
-    /// plans for its part of as many new flows until the next.
-    pub recently_confirmed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,50 +209,6 @@ impl<M: Maps> Reconciler<M> {
     /// Returns whether anything changed (then call [`Self::apply`]).
     pub fn set_mac(&mut self, address: IpAddr, mac: Mac) -> bool {
         self.macs.insert(address, mac) != Some(mac)
-    }
-
-    /// Records a new count of active flows; the next [`Self::apply`]
-    /// reschedules the least-connections VIPs by it.
-    pub fn set_flow_counts(&mut self, counts: FlowCounts) {
-        self.flow_counts = counts;
-    }
-
-    /// Least-connections: replaces the members' weights with the share of
-    /// new flows that evens out their active flows for their weights (see
-    /// [`crate::scheduler`]). Flows of a member that takes no new ones
-    /// (down, draining) are left out: they are leaving. Those of a member
-    /// that is down are also planned for as new flows: its clients are
-    /// about to reconnect all at once, and that storm must be shared as
-    /// evenly as it is large, not thrown at whoever was owed a few.
-    fn schedule_by_active_flows(
-        &self,
-        vip: &Vip,
-        members: &mut [Member],
-        is_down: impl Fn(IpAddr) -> bool,
-    ) {
-        let slots = &self.installed[vip].slots;
-        let active = |member: &Member| {
-            self.flow_counts.active.get(&slots[&member.address]).copied().unwrap_or(0)
-        };
-        let loads: Vec<Load> = members
-            .iter()
-            .map(|member| match member.serving {
-                true => Load { weight: member.weight, active: active(member) },
-                false => Load { weight: 0, active: 0 },
-            })
-            .collect();
-        let reconnecting: u64 = members
-            .iter()
-            .filter(|member| !member.serving && is_down(member.address))
-            .map(active)
-            .sum();
-        let open = loads.iter().map(|load| load.active).sum();
-        let open_everywhere = self.flow_counts.active.values().sum();
-        let arrivals = arrivals(open, open_everywhere, self.flow_counts.recently_confirmed);
-        let horizon = horizon(open, arrivals + reconnecting);
-        for (member, weight) in members.iter_mut().zip(new_flow_weights(&loads, horizon)) {
-            member.weight = weight;
-        }
     }
 
     /// Brings the maps in line with `desired` and the backends' health.

@@ -363,7 +363,11 @@ fn tables_written(reconciler: &Reconciler<FakeMaps>) -> usize {
 /// Active flows of backends 1, 2 and 3, as the counting thread reports them.
 fn counted(reconciler: &Reconciler<FakeMaps>, active: [u64; 3]) -> FlowCounts {
     let slots = (1..=3).map(|last| slot_of(reconciler, last));
-    FlowCounts { active: Arc::new(slots.zip(active).collect()), recently_confirmed: 0 }
+    FlowCounts {
+        active: Arc::new(slots.zip(active).collect()),
+        recently_confirmed: 0,
+        closing: Default::default(),
+    }
 }
 
 #[test]

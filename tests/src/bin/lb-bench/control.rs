@@ -72,7 +72,11 @@ pub fn control_plane() -> anyhow::Result<Vec<ControlRow>> {
                 .map(|(index, slot)| (*slot, if emptied && index == 0 { 0 } else { 1_000 }))
                 .collect();
             let active = std::sync::Arc::new(active);
-            reconciler.set_flow_counts(FlowCounts { active, recently_confirmed: 0 });
+            reconciler.set_flow_counts(FlowCounts {
+                active,
+                recently_confirmed: 0,
+                closing: Default::default(),
+            });
         };
         for _ in 0..RUNS {
             // Timed: from even counts to backend 0 emptied, the most skewed
