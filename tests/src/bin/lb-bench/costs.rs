@@ -20,7 +20,7 @@ use serde::Serialize;
 use tests::packets::{Flow, L4, Segment, Shape, frame};
 
 use crate::forwarding::pin_to_cpu;
-use crate::hostile_costs::{flood_costs, sync_costs};
+use crate::hostile_costs::{flood_costs, rebalance_costs, sync_costs};
 use crate::ip;
 use crate::two_cpus::many_flows_on_both_cpus;
 use tests::{XDP_DROP, XDP_PASS, XDP_TX};
@@ -416,6 +416,7 @@ pub fn per_packet_costs() -> anyhow::Result<Vec<CostRow>> {
     rows.extend(many_flows_on_both_cpus(&mut harness, &reconciler)?);
     rows.extend(flood_costs(&mut harness)?);
     rows.extend(sync_costs(&mut harness)?);
+    rows.extend(rebalance_costs(&mut harness)?);
     Ok(rows)
 }
 

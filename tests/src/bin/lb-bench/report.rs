@@ -125,6 +125,12 @@ pub fn targets(
             1.1,
         ),
         (
+            "established packet beside flows marked to close at most 1.05x nothing marked",
+            "established, TCP IPv4, rebalancing: 256 other flows marked",
+            "established, TCP IPv4, rebalancing: nothing marked",
+            1.05,
+        ),
+        (
             "established packet after a flood at most 1.1x before it",
             "established, TCP IPv4, after the flood",
             "established, TCP IPv4, before the flood",
