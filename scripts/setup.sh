@@ -27,8 +27,10 @@ llvm_major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 # the tests; systemd-analyze verifies the unit; tmux runs `lb top`; bird2
 # announces VIPs over BGP in the multi-balancer testbed; etcd (server and
 # etcdctl) is the fleet store the tests run in namespaces; protoc builds the
-# etcd client's gRPC code (libprotobuf-dev has the well-known .proto files).
-packages=(iproute2 nftables ethtool haproxy util-linux prometheus bird2 systemd man-db tmux curl etcd-server etcd-client protobuf-compiler libprotobuf-dev "llvm-${llvm_major}-dev" libpolly-"${llvm_major}"-dev libzstd-dev zlib1g-dev)
+# etcd client's gRPC code (libprotobuf-dev has the well-known .proto files);
+# scapy (Debian's, for /usr/bin/python3) dissects the tunnel frames the
+# datapath builds, as a second opinion on every header and checksum.
+packages=(iproute2 nftables ethtool haproxy util-linux prometheus bird2 systemd man-db tmux curl etcd-server etcd-client protobuf-compiler libprotobuf-dev python3-scapy "llvm-${llvm_major}-dev" libpolly-"${llvm_major}"-dev libzstd-dev zlib1g-dev)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")

@@ -150,7 +150,9 @@ pub enum Reason {
     /// ports, so they cannot be hashed to the backend of their flow).
     DropFragment = 5,
     /// To a VIP address, but the IPv6 extension-header chain is longer than the
-    /// datapath walks, or uses a header it cannot skip (ESP): dropped.
+    /// datapath walks, or uses a header it cannot skip (ESP); or, to a `gue`
+    /// VIP, its extension headers are longer than the 64 bytes the outer UDP
+    /// checksum is summed over: dropped.
     DropUnhashable = 6,
     /// TCP or UDP header truncated, to a VIP address: dropped.
     DropMalformedL4 = 7,
@@ -177,10 +179,17 @@ pub enum Reason {
     /// An ICMP error to a VIP address quoting a packet that is not from one
     /// of our VIPs (or from a VIP without backends): dropped.
     DropIcmpUnmatched = 15,
+    /// For an `ipip`/`gue` VIP, but the balancer has no address of the
+    /// packet's family to send the tunnel from: dropped.
+    DropNoTunnelSource = 16,
+    /// For an `ipip`/`gue` VIP, but the packet with its outer headers would
+    /// exceed the egress MTU: dropped (never sent as a fragment or to be
+    /// lost on the wire).
+    DropTooBig = 17,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::PassNotIp,
@@ -198,6 +207,8 @@ impl Reason {
         Reason::PassIcmp,
         Reason::DropIcmpMalformed,
         Reason::DropIcmpUnmatched,
+        Reason::DropNoTunnelSource,
+        Reason::DropTooBig,
     ];
 
     /// Stable name used by `lb stats` and its JSON output.
@@ -219,6 +230,8 @@ impl Reason {
             Reason::PassIcmp => "pass_icmp",
             Reason::DropIcmpMalformed => "drop_icmp_malformed",
             Reason::DropIcmpUnmatched => "drop_icmp_unmatched",
+            Reason::DropNoTunnelSource => "drop_no_tunnel_source",
+            Reason::DropTooBig => "drop_too_big",
         }
     }
 
@@ -234,6 +247,8 @@ impl Reason {
                 | Reason::DropInternal
                 | Reason::DropIcmpMalformed
                 | Reason::DropIcmpUnmatched
+                | Reason::DropNoTunnelSource
+                | Reason::DropTooBig
         )
     }
 }

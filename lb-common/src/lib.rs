@@ -11,9 +11,11 @@ use core::net::IpAddr;
 
 mod counters;
 mod hash;
+mod tunnel;
 
 pub use counters::*;
 pub use hash::*;
+pub use tunnel::*;
 
 // ---------------------------------------------------------------------------
 // Map and global names.
@@ -289,13 +291,18 @@ impl VipAddressKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
-    /// Destination MAC for direct server return; all zero while unresolved.
+    /// Destination MAC: the backend's own for direct server return, the
+    /// next hop's towards it for `ipip`/`gue`; all zero while unresolved.
     pub mac: [u8; 6],
     pub flags: u16,
     pub address: [u8; 16],
     /// 0 for an unused slot.
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// How this slot's packets leave: [`FORWARDING_DSR`] (0),
+    /// [`FORWARDING_IPIP`] or [`FORWARDING_GUE`], the VIP's mode.
+    pub forwarding: u8,
+    /// The UDP destination port of [`FORWARDING_GUE`] (host order); 0 otherwise.
+    pub gue_port: u16,
     pub vip_index: u32,
     /// Bumped each time the slot is given to a backend (and kept when it is
     /// freed): a flow entry of an earlier occupant carries another generation

@@ -18,6 +18,7 @@ use crate::parse::{icmp::parse_icmp_error, ip::L3};
 pub fn forward_error(
     ctx: &XdpContext,
     l3: &L3,
+    l3_offset: usize,
     ipv6: bool,
     settings: &Settings,
 ) -> Result<u32, Reason> {
@@ -41,5 +42,13 @@ pub fn forward_error(
         Reason::DropInternal => Reason::DropInternal,
         _ => Reason::DropIcmpUnmatched,
     })?;
-    crate::send(ctx, Hit { vip_index: vip.vip_index, slot, backend }, true)
+    // Encapsulated (if the VIP's mode does) as the ICMP packet it is, with
+    // the quoted flow's entropy, so it takes that flow's path and queue.
+    let packet = crate::Packet {
+        family: l3.family,
+        l3_offset,
+        l4_offset: l3.l4_offset,
+        protocol: l3.protocol,
+    };
+    crate::send(ctx, Hit { vip_index: vip.vip_index, slot, backend }, packet, &flow, true)
 }

@@ -7,8 +7,10 @@
 // build/clippy --workspace) it compiles to an empty program.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
+mod checksum;
 mod clock;
 mod dsr;
+mod encap;
 mod flows;
 mod icmp;
 mod maps;
@@ -20,7 +22,8 @@ mod sync;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    FAMILY_IPV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason, VipAddressKey,
+    FAMILY_IPV6, FORWARDING_DSR, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason,
+    VipAddressKey,
 };
 
 use flows::{Confirmed, Hit, Segment};
@@ -103,7 +106,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
         if !is_vip_address(&l3) {
             return Err(Reason::PassNotVip);
         }
-        let action = icmp::forward_error(ctx, &l3, ipv6, &settings)?;
+        let action = icmp::forward_error(ctx, &l3, l2.l3_offset, ipv6, &settings)?;
         return Ok((Reason::ForwardedIcmp, action));
     }
     if l3.protocol != PROTO_TCP && l3.protocol != PROTO_UDP {
@@ -127,17 +130,23 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
     );
     let segment = Segment::of(l3.protocol, ports.tcp_flags);
     let now = clock::now();
+    let packet = Packet {
+        family: l3.family,
+        l3_offset: l2.l3_offset,
+        l4_offset: l3.l4_offset,
+        protocol: l3.protocol,
+    };
     let hash = segment.syn.then(|| flows::warm_pin(&flow, &settings));
     let (stale, hash) = match flows::confirmed(&flow, &segment, now, &settings) {
-        Confirmed::Follow(hit) => return forward(ctx, hit),
+        Confirmed::Follow(hit) => return forward(ctx, hit, packet, &flow),
         Confirmed::Shed(hit) => {
-            let packet = reset::TcpPacket {
+            let tcp = reset::TcpPacket {
                 family: l3.family,
                 l3_offset: l2.l3_offset,
                 l4_offset: l3.l4_offset,
                 l3_end: l3.l3_end,
             };
-            return shed(ctx, packet, &flow, hit, &settings);
+            return shed(ctx, tcp, packet, &flow, hit, &settings);
         }
         Confirmed::Stale(entry) => (Some(entry), hash),
         Confirmed::Missing => {
@@ -153,13 +162,28 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
             stats::count_vip_drop(vip.vip_index);
         }
     })?;
-    forward(ctx, Hit { vip_index: vip.vip_index, slot, backend })
+    forward(ctx, Hit { vip_index: vip.vip_index, slot, backend }, packet, &flow)
+}
+
+/// Where a VIP packet's headers lie, for the forwarding modes that put
+/// headers in front of it. Plain offsets, passed by value (as reset::TcpPacket).
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub family: u8,
+    pub l3_offset: usize,
+    pub l4_offset: usize,
+    pub protocol: u8,
 }
 
 /// A packet of a flow, sent to its backend and counted.
 #[inline(always)]
-fn forward(ctx: &XdpContext, hit: Hit) -> Result<(Reason, u32), Reason> {
-    Ok((Reason::Forwarded, send(ctx, hit, false)?))
+fn forward(
+    ctx: &XdpContext,
+    hit: Hit,
+    packet: Packet,
+    flow: &FlowKey,
+) -> Result<(Reason, u32), Reason> {
+    Ok((Reason::Forwarded, send(ctx, hit, packet, flow, false)?))
 }
 
 /// A packet of a flow the rebalancer closes: sent to its backend as a RST,
@@ -167,22 +191,40 @@ fn forward(ctx: &XdpContext, hit: Hit) -> Result<(Reason, u32), Reason> {
 #[inline(always)]
 fn shed(
     ctx: &XdpContext,
-    packet: reset::TcpPacket,
-    flow: &lb_common::FlowKey,
+    tcp: reset::TcpPacket,
+    packet: Packet,
+    flow: &FlowKey,
     hit: Hit,
     settings: &flows::Settings,
 ) -> Result<(Reason, u32), Reason> {
-    if reset::into_reset(ctx, packet)? {
+    if reset::into_reset(ctx, tcp)? {
         flows::shed(flow, &hit, settings);
     }
-    forward(ctx, hit)
+    forward(ctx, hit, packet, flow)
 }
 
-/// Sends the frame to `hit`'s backend and counts it for the VIP and the
-/// backend: a packet of a flow, or an ICMP error about one (`icmp_error`).
+/// Sends the frame to `hit`'s backend, in its VIP's forwarding mode, and
+/// counts it for the VIP and the backend: a packet of `flow`, or an ICMP
+/// error about it (`icmp_error`). Bytes are counted as the client sent them.
 #[inline(always)]
-fn send(ctx: &XdpContext, hit: Hit, icmp_error: bool) -> Result<u32, Reason> {
+fn send(
+    ctx: &XdpContext,
+    hit: Hit,
+    packet: Packet,
+    flow: &FlowKey,
+    icmp_error: bool,
+) -> Result<u32, Reason> {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
+    if hit.backend.forwarding != FORWARDING_DSR {
+        let inner = encap::Inner {
+            family: packet.family,
+            l3_offset: packet.l3_offset,
+            l4_offset: packet.l4_offset,
+            protocol: packet.protocol,
+            entropy: lb_common::tunnel_entropy(flow),
+        };
+        encap::encapsulate(ctx, hit.backend, inner)?;
+    }
     let action = dsr::forward(ctx, hit.backend)?;
     stats::count_forwarded(hit.vip_index, hit.slot, bytes, icmp_error);
     Ok(action)

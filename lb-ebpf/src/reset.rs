@@ -13,6 +13,7 @@ use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 use lb_common::{FAMILY_IPV4, Reason};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
+use crate::checksum::{fold, word_at};
 use crate::parse::{
     ptr_at, ptr_at_mut,
     transport::{TCP_ACK, TCP_RST},
@@ -120,20 +121,6 @@ fn header_sum(ctx: &XdpContext, l3: TcpPacket, tcp_len: usize) -> Option<u16> {
         sum += word_at(ctx, l3.l4_offset + index * 2)?;
     }
     Some(fold(sum))
-}
-
-/// The big-endian 16-bit word at `offset`.
-#[inline(always)]
-fn word_at(ctx: &XdpContext, offset: usize) -> Option<u32> {
-    let word = ptr_at::<[u8; 2]>(ctx, offset)?;
-    // SAFETY: ptr_at checked both bytes are within the frame.
-    Some(u32::from(u16::from_be_bytes(unsafe { *word })))
-}
-
-#[inline(always)]
-fn fold(sum: u32) -> u16 {
-    let sum = (sum & 0xffff) + (sum >> 16);
-    ((sum & 0xffff) + (sum >> 16)) as u16
 }
 
 /// A header checksum after one 16-bit field changed from `old` to `new`

@@ -11,6 +11,8 @@ use std::net::IpAddr;
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
 
+use crate::model::TunnelConfig;
+
 /// An address on the interface, with its prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InterfaceAddress {
@@ -61,6 +63,55 @@ pub fn addresses(iface: &str) -> std::io::Result<Vec<InterfaceAddress>> {
         }
     }
     Ok(found)
+}
+
+/// What tunnelled VIPs send from and must fit: each family's source from
+/// `sources` (`--tunnel-source`, at most one per family), else the
+/// interface's first address of that family (IPv6 link-local ones left
+/// out: a router does not forward from them); the interface's MTU.
+pub fn tunnel_config(iface: &str, sources: &[IpAddr]) -> anyhow::Result<TunnelConfig> {
+    let own = addresses(iface)?;
+    let pick = |v4: bool| -> anyhow::Result<Option<IpAddr>> {
+        let given: Vec<&IpAddr> = sources.iter().filter(|a| a.is_ipv4() == v4).collect();
+        match given.as_slice() {
+            [] => Ok(own
+                .iter()
+                .map(|own| own.address)
+                .find(|a| a.is_ipv4() == v4 && !is_link_local(*a))),
+            [one] if one.is_unspecified() || one.is_multicast() || is_link_local(**one) => {
+                anyhow::bail!(
+                    "--tunnel-source {one} cannot be a packet's source: give a unicast address a router forwards from"
+                )
+            }
+            [one] => Ok(Some(**one)),
+            _ => anyhow::bail!(
+                "--tunnel-source was given {} {} addresses: one per family",
+                given.len(),
+                if v4 { "IPv4" } else { "IPv6" }
+            ),
+        }
+    };
+    let source_v4 = match pick(true)? {
+        Some(IpAddr::V4(address)) => Some(address),
+        _ => None,
+    };
+    let source_v6 = match pick(false)? {
+        Some(IpAddr::V6(address)) => Some(address),
+        _ => None,
+    };
+    let path = format!("/sys/class/net/{iface}/mtu");
+    let mtu = std::fs::read_to_string(&path)
+        .map_err(anyhow::Error::from)
+        .and_then(|text| Ok(text.trim().parse::<u32>()?))
+        .map_err(|error| anyhow::anyhow!("reading {iface}'s MTU from {path}: {error}"))?;
+    Ok(TunnelConfig { source_v4, source_v6, mtu })
+}
+
+fn is_link_local(address: IpAddr) -> bool {
+    match address {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    }
 }
 
 /// The XDP program the kernel has attached to an interface.

@@ -1,27 +1,33 @@
-//! Backend MACs from the kernel's neighbour table. The operator never types
-//! a MAC: this task reads the table of the balancer's interface, asks the
-//! kernel to resolve addresses it lacks (NTF_USE, the same as the stack does
-//! before sending), and reports what it finds to the daemon. It never
-//! touches BPF maps.
+//! Backend next hops from the kernel's FIB and neighbour table. The
+//! operator never types a MAC: for each backend this task asks the kernel's
+//! routing table how it is reached (`ip route get`: on-link, or through a
+//! router), reads the neighbour table of the balancer's interface for that
+//! next hop, asks the kernel to resolve the ones it lacks (NTF_USE, the same
+//! as the stack does before sending), and reports what it finds to the
+//! daemon. A backend whose route leaves by another interface is not
+//! reported (its packets are counted as unresolved). It never touches BPF
+//! maps.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use futures::TryStreamExt as _;
+use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use tokio::sync::{mpsc, watch};
 
-use crate::model::Mac;
+use crate::model::{Mac, NextHop};
 
 /// How often the table is read again (a backend whose MAC changes is
 /// followed within this time).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Resolved MACs of the wanted addresses.
-pub type Neighbours = BTreeMap<IpAddr, Mac>;
+/// How each wanted address is reached, where it could be resolved.
+pub type Neighbours = BTreeMap<IpAddr, NextHop>;
 
 /// The index of interface `iface`, as the kernel names it in netlink.
 pub fn interface_index(iface: &str) -> std::io::Result<u32> {
@@ -54,14 +60,22 @@ pub async fn run(
             Ok(table) => {
                 let mut found = Neighbours::new();
                 for address in &want {
-                    match table.get(address) {
+                    let gateway = match route_via(&handle, ifindex, *address).await {
+                        Ok(Some(gateway)) => gateway,
+                        Ok(None) => continue,
+                        Err(error) => {
+                            tracing::debug!(%address, %error, "route lookup failed");
+                            continue;
+                        }
+                    };
+                    let hop = gateway.unwrap_or(*address);
+                    match table.get(&hop) {
                         Some(Entry { mac: Some(mac), state }) if usable(*state) => {
-                            found.insert(*address, *mac);
+                            found.insert(*address, NextHop { mac: *mac, gateway });
                         }
                         _ => {
-                            if let Err(error) = request_resolution(&handle, ifindex, *address).await
-                            {
-                                tracing::debug!(%address, %error, "neighbour resolution request failed");
+                            if let Err(error) = request_resolution(&handle, ifindex, hop).await {
+                                tracing::debug!(%hop, %error, "neighbour resolution request failed");
                             }
                         }
                     }
@@ -80,6 +94,34 @@ pub async fn run(
             changed = wanted.changed() => if changed.is_err() { return Ok(()) },
         }
     }
+}
+
+/// How the kernel routes to `address`: Some(None) on-link out of
+/// `ifindex`, Some(Some(router)) through a router out of it, None when the
+/// route leaves by another interface (or is not unicast).
+async fn route_via(
+    handle: &rtnetlink::Handle,
+    ifindex: u32,
+    address: IpAddr,
+) -> Result<Option<Option<IpAddr>>, rtnetlink::Error> {
+    let prefix = if address.is_ipv4() { 32 } else { 128 };
+    let message = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(address, prefix)
+        .map_err(|_| rtnetlink::Error::RequestFailed)?
+        .build();
+    let mut routes = handle.route().get(message).execute();
+    let Some(route) = routes.try_next().await? else { return Ok(None) };
+    let mut oif = None;
+    let mut gateway = None;
+    for attribute in &route.attributes {
+        match attribute {
+            RouteAttribute::Oif(index) => oif = Some(*index),
+            RouteAttribute::Gateway(RouteAddress::Inet(v4)) => gateway = Some(IpAddr::V4(*v4)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(v6)) => gateway = Some(IpAddr::V6(*v6)),
+            _ => {}
+        }
+    }
+    Ok((oif == Some(ifindex)).then_some(gateway))
 }
 
 struct Entry {

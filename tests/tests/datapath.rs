@@ -7,7 +7,7 @@ use lb_common::{FlowEvent, FlowKey, FlowSyncKind, Reason};
 use lb_userspace::datapath::{AttachMode, Datapath, Maps as _};
 use lb_userspace::model::{
     Affinity, BackendHealth, BackendSpec, CheckSpec, DatapathConfig, DesiredState, HealthMap,
-    Limits, Protocol, Vip,
+    Limits, Protocol, TunnelConfig, Vip,
 };
 use lb_userspace::reconcile::Reconciler;
 use tests::fixture::{addresses, backend_mac, balancer};
@@ -34,6 +34,7 @@ const CONFIG: DatapathConfig = DatapathConfig {
     tcp_idle_timeout_ms: 3_600_000,
     sync_flows: false,
     own_mac: BALANCER_MAC,
+    tunnel: TunnelConfig::NONE,
 };
 const LIMITS: Limits = CONFIG.limits();
 

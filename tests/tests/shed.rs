@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use lb_common::{FLOW_FLAG_SHED, FlowEvent, FlowKey, PROTO_TCP, PROTO_UDP, SHED_TTL_NS};
 use lb_userspace::datapath::{Maps as _, monotonic_ns};
-use lb_userspace::model::{DatapathConfig, Protocol};
+use lb_userspace::model::{DatapathConfig, Protocol, TunnelConfig};
 use lb_userspace::reconcile::Reconciler;
 use tests::XDP_TX;
 use tests::fixture::{addresses, backend_mac, balancer};
@@ -25,6 +25,7 @@ const CONFIG: DatapathConfig = DatapathConfig {
     tcp_idle_timeout_ms: 3_600_000,
     sync_flows: false,
     own_mac: BALANCER_MAC,
+    tunnel: TunnelConfig::NONE,
 };
 
 const V4_BACKENDS: [&str; 3] = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];

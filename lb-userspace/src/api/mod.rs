@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _};
 use tokio::sync::oneshot;
 
 use crate::model::diff::Change;
-use crate::model::{Affinity, CheckOptions, RebalanceOptions, Scheduler, Vip};
+use crate::model::{Affinity, CheckOptions, ForwardingOptions, RebalanceOptions, Scheduler, Vip};
 
 mod views;
 
@@ -45,14 +45,19 @@ pub enum Request {
         affinity: Affinity,
         #[serde(default)]
         scheduler: Scheduler,
+        #[serde(default)]
+        forwarding: ForwardingOptions,
     },
-    /// Changes how a VIP picks backends for new flows (the fields given).
+    /// Changes how a VIP picks backends for new flows and how it forwards
+    /// (the fields given).
     VipSet {
         vip: Vip,
         affinity: Option<Affinity>,
         scheduler: Option<Scheduler>,
         #[serde(default)]
         rebalance: RebalanceOptions,
+        #[serde(default)]
+        forwarding: ForwardingOptions,
     },
     /// Changes the given fields of a VIP's check.
     CheckSet {

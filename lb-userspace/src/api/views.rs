@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Affinity, CheckSpec, Protocol, Rebalance, Scheduler};
+use crate::model::{Affinity, CheckSpec, Forwarding, Protocol, Rebalance, Scheduler};
 
 /// `lb flows VIP`: flows of the VIP found in the flow table.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -63,6 +63,9 @@ pub struct VipView {
     /// rebalancer's last look.
     #[serde(default)]
     pub rebalance_skew: f64,
+    /// How packets reach the backends: DSR, or a tunnel (IPIP, GUE).
+    #[serde(default)]
+    pub forwarding: Forwarding,
     pub check: CheckSpec,
     pub packets: u64,
     pub bytes: u64,

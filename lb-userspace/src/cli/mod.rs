@@ -123,6 +123,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 detach_on_exit,
                 metrics,
                 socket_group,
+                tunnel_source,
                 fleet,
                 store,
             } = *run;
@@ -136,6 +137,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 detach_on_exit,
                 metrics: metrics.0,
                 socket_group,
+                tunnel_sources: tunnel_source,
                 sync_peers: fleet.sync_peers,
                 sync_listen: fleet.sync_listen,
                 sync_key_file: fleet.sync_key_file,
@@ -170,11 +172,25 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             return Ok(());
         }
         Command::Top { interval } => return top::run(&cli.socket, interval, json),
-        Command::Vip(VipCommand::Add { vip, protocol, affinity, scheduler, check }) => {
-            Request::VipAdd { vip: vip_arg(&vip, &protocol)?, check, affinity, scheduler }
+        Command::Vip(VipCommand::Add { vip, protocol, affinity, scheduler, forwarding, check }) => {
+            Request::VipAdd {
+                vip: vip_arg(&vip, &protocol)?,
+                check,
+                affinity,
+                scheduler,
+                forwarding,
+            }
         }
-        Command::Vip(VipCommand::Set { vip, protocol, affinity, scheduler, rebalance }) => {
-            Request::VipSet { vip: vip_arg(&vip, &protocol)?, affinity, scheduler, rebalance }
+        Command::Vip(VipCommand::Set {
+            vip,
+            protocol,
+            affinity,
+            scheduler,
+            rebalance,
+            forwarding,
+        }) => {
+            let vip = vip_arg(&vip, &protocol)?;
+            Request::VipSet { vip, affinity, scheduler, rebalance, forwarding }
         }
         Command::Backend(BackendCommand::Drain { vip, backend, protocol }) => {
             Request::BackendDrain {

@@ -79,6 +79,9 @@ pub fn print_body(body: &Body, json: bool) -> anyhow::Result<()> {
                     "ALL-DOWN: every backend fails its checks; traffic goes to those that were up before (fail-open)"
                 );
             }
+            for vip in vips.iter().filter(|vip| vip.forwarding.is_tunnel()) {
+                println!("forwarding {}: {}", vip.vip, vip.forwarding);
+            }
             for vip in vips.iter().filter(|vip| vip.rebalance.is_on()) {
                 println!(
                     "rebalance {}: {}; {}, furthest backend {:.0}% off its share",

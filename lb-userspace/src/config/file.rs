@@ -14,8 +14,8 @@ use super::{
 use crate::maglev::is_valid_table_size;
 use crate::model::{
     Affinity, BackendSpec, CheckOptions, CheckSpec, DEFAULT_WEIGHT, DatapathConfig, DesiredState,
-    Limits, Protocol, Rebalance, RebalanceMode, RebalanceOptions, Scheduler, Vip, parse_address,
-    parse_endpoint,
+    Forwarding, ForwardingMode, ForwardingOptions, Limits, Protocol, Rebalance, RebalanceMode,
+    RebalanceOptions, Scheduler, Vip, parse_address, parse_endpoint,
 };
 use crate::store::StoreConfig;
 
@@ -49,6 +49,8 @@ struct VipIn {
     rebalance_band: Option<Spanned<u32>>,
     rebalance_rate: Option<Spanned<u32>>,
     rebalance_quiet: Option<Spanned<u32>>,
+    forwarding: Option<ForwardingMode>,
+    gue_port: Option<Spanned<u16>>,
     check: Option<Spanned<CheckOptions>>,
     #[serde(default)]
     backend: Vec<BackendIn>,
@@ -99,6 +101,10 @@ struct VipOut {
     rebalance_rate: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rebalance_quiet: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forwarding: Option<ForwardingMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gue_port: Option<u16>,
     check: CheckSpec,
     backend: Vec<BackendSpec>,
 }
@@ -262,6 +268,15 @@ pub fn parse_with(
             mistakes.push(invalid(vip_in.address.span(), "vip.address", error.to_string()));
             continue;
         }
+        let forwarding = ForwardingOptions {
+            mode: vip_in.forwarding,
+            gue_port: vip_in.gue_port.as_ref().map(|port| *port.get_ref()),
+        }
+        .applied_to(&Forwarding::default());
+        if let Err(error) = config.desired.configure(&vip, None, None, None, Some(forwarding)) {
+            let span = vip_in.gue_port.as_ref().map_or(vip_in.address.span(), |port| port.span());
+            mistakes.push(invalid(span, "vip.gue_port", error.to_string()));
+        }
         if let Err(mistake) = rebalance_of(vip_in, &vip, &mut config.desired, &invalid) {
             mistakes.push(mistake);
         }
@@ -313,7 +328,7 @@ fn rebalance_of(
         return Ok(());
     }
     let rebalance = options.applied_to(&Rebalance::default());
-    desired.configure(vip, None, None, Some(rebalance)).map_err(|error| {
+    desired.configure(vip, None, None, Some(rebalance), None).map_err(|error| {
         let message = error.to_string();
         let (field, span) = [
             ("band", "vip.rebalance_band", &vip_in.rebalance_band),
@@ -365,6 +380,9 @@ pub fn render(config: &Config) -> String {
                 rebalance_band: non_default(spec.rebalance, |r| r.band_percent),
                 rebalance_rate: non_default(spec.rebalance, |r| r.rate),
                 rebalance_quiet: non_default(spec.rebalance, |r| r.quiet_s),
+                forwarding: spec.forwarding.is_tunnel().then_some(spec.forwarding.mode),
+                gue_port: (spec.forwarding.gue_port != Forwarding::default().gue_port)
+                    .then_some(spec.forwarding.gue_port),
                 check: spec.check.clone(),
                 backend: spec.backends.values().cloned().collect(),
             })

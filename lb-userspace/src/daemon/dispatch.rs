@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use super::{Daemon, removals};
 use crate::api::{Body, LookupView, Reply, Request};
 use crate::config::Config;
-use crate::model::{BackendSpec, ChangeError, CheckSpec, DesiredState};
+use crate::model::{BackendSpec, ChangeError, CheckSpec, DesiredState, Forwarding};
 
 /// What a request asks of the daemon.
 pub(super) enum Outcome {
@@ -101,11 +101,12 @@ impl Daemon {
         let view = |body| Ok(Outcome::Reply(Reply::Ok(body)));
         let desired = &self.config.desired;
         match request.clone() {
-            Request::VipAdd { vip, check, affinity, scheduler } => {
+            Request::VipAdd { vip, check, affinity, scheduler, forwarding } => {
                 let check = check.applied_to(&CheckSpec::default());
+                let forwarding = forwarding.applied_to(&Forwarding::default());
                 if let Some(spec) = desired.vips.get(&vip) {
-                    if (&spec.check, spec.affinity, spec.scheduler) == (&check, affinity, scheduler)
-                    {
+                    let settings = (&spec.check, spec.affinity, spec.scheduler, spec.forwarding);
+                    if settings == (&check, affinity, scheduler, forwarding) {
                         return view(Body::Done {
                             message: format!("VIP {vip} already exists with these settings"),
                             changed: false,
@@ -118,25 +119,34 @@ impl Daemon {
                 self.changed(
                     |state| {
                         state.add_vip(vip, check, affinity, limits)?;
-                        state.set_scheduling(&vip, None, Some(scheduler))
+                        state.configure(&vip, None, Some(scheduler), None, Some(forwarding))
                     },
-                    format!("VIP {vip} added ({scheduler} scheduler)"),
+                    format!("VIP {vip} added ({scheduler} scheduler, forwarding {forwarding})"),
                     String::new(),
                 )
             }
-            Request::VipSet { vip, affinity, scheduler, rebalance } => {
+            Request::VipSet { vip, affinity, scheduler, rebalance, forwarding } => {
                 let spec = desired.vips.get(&vip).ok_or(ChangeError::UnknownVip(vip))?;
                 let (affinity, scheduler) =
                     (affinity.unwrap_or(spec.affinity), scheduler.unwrap_or(spec.scheduler));
                 let rebalance = rebalance.applied_to(&spec.rebalance);
+                let forwarding = forwarding.applied_to(&spec.forwarding);
                 self.changed(
-                    |state| state.configure(&vip, Some(affinity), Some(scheduler), Some(rebalance)),
+                    |state| {
+                        state.configure(
+                            &vip,
+                            Some(affinity),
+                            Some(scheduler),
+                            Some(rebalance),
+                            Some(forwarding),
+                        )
+                    },
                     format!(
-                        "VIP {vip} now picks backends for new flows by {scheduler} with {affinity} affinity, rebalancing {rebalance}; established flows stay where they are{}",
+                        "VIP {vip} now picks backends for new flows by {scheduler} with {affinity} affinity, rebalancing {rebalance}, forwarding {forwarding}; established flows stay where they are{}",
                         if rebalance.is_on() { " unless rebalancing closes them" } else { "" }
                     ),
                     format!(
-                        "VIP {vip} already picks backends by {scheduler} with {affinity} affinity, rebalancing {rebalance}"
+                        "VIP {vip} already picks backends by {scheduler} with {affinity} affinity, rebalancing {rebalance}, forwarding {forwarding}"
                     ),
                 )
             }

@@ -41,9 +41,16 @@ impl Daemon {
 
     pub(super) fn neighbours_changed(&mut self, found: Neighbours) {
         let mut changed = false;
-        for (address, mac) in found {
-            if self.reconciler.set_mac(address, mac) {
-                tracing::info!(%address, mac = %format_mac(mac), "backend MAC resolved");
+        for (address, hop) in found {
+            if self.reconciler.set_next_hop(address, hop) {
+                let mac = format_mac(hop.mac);
+                match hop.gateway {
+                    None => tracing::info!(%address, %mac, "backend MAC resolved"),
+                    Some(router) => tracing::info!(
+                        %address, %router, %mac,
+                        "backend reached through a router (tunnelled VIPs only; DSR needs it on-link)"
+                    ),
+                }
                 changed = true;
             }
         }

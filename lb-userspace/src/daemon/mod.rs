@@ -63,6 +63,8 @@ pub struct RunOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// Group allowed to use the control socket (mode 0660); None: root only (0600).
     pub socket_group: Option<String>,
+    /// `--tunnel-source`: outer sources of tunnelled VIPs, at most one per family.
+    pub tunnel_sources: Vec<std::net::IpAddr>,
     /// `--sync-peer`, `--sync-listen`, `--sync-key-file`: each replaces the
     /// config's `[sync]` setting of the same name.
     pub sync_peers: Vec<std::net::SocketAddr>,
@@ -92,6 +94,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let fleet = start::join_fleet(&options, &config).await?;
     config.datapath.sync_flows = fleet.sync.is_some();
     config.datapath.own_mac = neighbour::interface_mac(&options.iface)?;
+    config.datapath.tunnel =
+        crate::interface::tunnel_config(&options.iface, &options.tunnel_sources)?;
     // The sockets before the datapath: a port in use is refused before
     // anything is attached or pinned.
     let listener = control::bind_socket(&options.socket, options.socket_group.as_deref())?;
@@ -199,7 +203,7 @@ impl Daemon {
         });
         checks.sync(&config.desired, if adopted { Start::Adopted } else { Start::Fresh });
         reconciler.apply(&config.desired, &checks.health_map())?;
-        placement::warn_misplaced(&options.iface, &config.desired);
+        placement::warn_misplaced(&options.iface, &config.datapath.tunnel, &config.desired);
         start::keep_replaced(&config, &options.state)?;
         config::save(&config, &options.state)?;
         let sync_on = sync.is_some();

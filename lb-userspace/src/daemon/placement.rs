@@ -3,13 +3,15 @@
 //! address takes that port's traffic away from the host's own service (with
 //! port 22, the operator's SSH session); a backend on the balancer's own
 //! address, or outside every subnet of the interface, can never be reached
-//! by L2 direct server return (it would sit in `resolving` for ever).
+//! by L2 direct server return (it would sit in `resolving` for ever); a
+//! tunnelled VIP needs a tunnel source of its family, and its backends may
+//! be anywhere routable.
 //! Changes asked of this daemon are refused; what it starts with, or what
 //! the store says, is only warned about (refusing it would stop the rest).
 
 use super::Daemon;
 use crate::interface::{self, InterfaceAddress};
-use crate::model::DesiredState;
+use crate::model::{DesiredState, TunnelConfig};
 
 /// Why each VIP or backend that `next` adds to `running` cannot work on an
 /// interface `iface` with `addresses`; what `running` has already is not
@@ -17,6 +19,7 @@ use crate::model::DesiredState;
 pub fn misplaced(
     iface: &str,
     addresses: &[InterfaceAddress],
+    tunnel: &TunnelConfig,
     running: &DesiredState,
     next: &DesiredState,
 ) -> Vec<String> {
@@ -28,15 +31,31 @@ pub fn misplaced(
                 "VIP {vip} is {iface}'s own address: the balancer would take its port's traffic from this host's own service on it (with port 22, the SSH session); give the VIP an address of its own"
             ));
         }
+        let tunnelled = spec.forwarding.is_tunnel();
+        let has_source = if vip.address.is_ipv4() {
+            tunnel.source_v4.is_some()
+        } else {
+            tunnel.source_v6.is_some()
+        };
+        let newly_tunnelled = before.is_none_or(|before| !before.forwarding.is_tunnel());
+        if tunnelled && newly_tunnelled && !has_source {
+            found.push(format!(
+                "VIP {vip} forwards by {} but {iface} has no {} address to send the tunnel from: add one, or give lb run --tunnel-source",
+                spec.forwarding.mode,
+                if vip.address.is_ipv4() { "IPv4" } else { "IPv6 (not link-local)" }
+            ));
+        }
+        // A VIP moving to DSR has every backend checked again.
+        let checked_before = before.filter(|before| tunnelled || !before.forwarding.is_tunnel());
         for address in spec.backends.keys() {
-            if before.is_some_and(|before| before.backends.contains_key(address)) {
+            if checked_before.is_some_and(|before| before.backends.contains_key(address)) {
                 continue;
             }
             if addresses.iter().any(|own| own.address == *address) {
                 found.push(format!(
                     "backend {address} of VIP {vip} is {iface}'s own address: the balancer cannot send flows to itself"
                 ));
-            } else if !addresses.iter().any(|own| own.covers(*address)) {
+            } else if !tunnelled && !addresses.iter().any(|own| own.covers(*address)) {
                 let subnets: Vec<String> = addresses
                     .iter()
                     .filter(|own| own.address.is_ipv4() == address.is_ipv4())
@@ -51,7 +70,7 @@ pub fn misplaced(
                     format!("{iface} is on {}", subnets.join(", "))
                 };
                 found.push(format!(
-                    "backend {address} of VIP {vip} is outside every subnet of {iface} ({on}): direct server return reaches only backends on the balancer's own network segment"
+                    "backend {address} of VIP {vip} is outside every subnet of {iface} ({on}): direct server return reaches only backends on the balancer's own network segment (a backend behind a router needs --forwarding ipip or gue)"
                 ));
             }
         }
@@ -69,7 +88,8 @@ impl Daemon {
                 return Ok(());
             }
         };
-        let found = misplaced(&self.iface, &addresses, &self.config.desired, next);
+        let tunnel = &self.config.datapath.tunnel;
+        let found = misplaced(&self.iface, &addresses, tunnel, &self.config.desired, next);
         match found.as_slice() {
             [] => Ok(()),
             [one] => anyhow::bail!("{one}"),
@@ -84,9 +104,9 @@ impl Daemon {
 }
 
 /// At start: warns about what cannot work in the configuration started with.
-pub(super) fn warn_misplaced(iface: &str, desired: &DesiredState) {
+pub(super) fn warn_misplaced(iface: &str, tunnel: &TunnelConfig, desired: &DesiredState) {
     let Ok(addresses) = interface::addresses(iface) else { return };
-    for problem in misplaced(iface, &addresses, &DesiredState::default(), desired) {
+    for problem in misplaced(iface, &addresses, tunnel, &DesiredState::default(), desired) {
         tracing::warn!("{problem}");
     }
 }
@@ -95,6 +115,8 @@ pub(super) fn warn_misplaced(iface: &str, desired: &DesiredState) {
 mod tests {
     use super::*;
     use crate::model::{BackendSpec, CheckSpec, Limits, Vip};
+
+    const TUNNEL: TunnelConfig = TunnelConfig { source_v4: None, source_v6: None, mtu: 1500 };
 
     fn state(vip: &str, backends: &[&str]) -> DesiredState {
         let limits = Limits { max_vips: 8, max_backends: 8 };
@@ -111,12 +133,17 @@ mod tests {
     fn what_cannot_work_on_the_interface_is_named_and_what_runs_is_left_alone() {
         let own = [InterfaceAddress { address: "198.18.0.2".parse().unwrap(), prefix: 24 }];
         let fine = state("198.18.0.10:80/tcp", &["198.18.0.101"]);
-        assert!(misplaced("eth0", &own, &DesiredState::default(), &fine).is_empty());
-        let found =
-            misplaced("eth0", &own, &DesiredState::default(), &state("198.18.0.2:22/tcp", &[]));
+        assert!(misplaced("eth0", &own, &TUNNEL, &DesiredState::default(), &fine).is_empty());
+        let found = misplaced(
+            "eth0",
+            &own,
+            &TUNNEL,
+            &DesiredState::default(),
+            &state("198.18.0.2:22/tcp", &[]),
+        );
         assert!(found[0].contains("eth0's own address") && found[0].contains("SSH"), "{found:?}");
         let next = state("198.18.0.10:80/tcp", &["198.18.0.101", "198.18.0.2", "198.18.7.1"]);
-        let found = misplaced("eth0", &own, &fine, &next);
+        let found = misplaced("eth0", &own, &TUNNEL, &fine, &next);
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(
             found[0].contains("backend 198.18.0.2") && found[0].contains("itself"),
@@ -127,9 +154,27 @@ mod tests {
             "{found:?}"
         );
         // Already running: not refused again.
-        assert!(misplaced("eth0", &own, &next, &next).is_empty());
+        assert!(misplaced("eth0", &own, &TUNNEL, &next, &next).is_empty());
         let v6 = state("[fd00:198:18::10]:80/tcp", &["fd00:198:18::101"]);
-        let found = misplaced("eth0", &own, &DesiredState::default(), &v6);
+        let found = misplaced("eth0", &own, &TUNNEL, &DesiredState::default(), &v6);
         assert!(found[0].contains("eth0 has no IPv6 address"), "{found:?}");
+    }
+
+    #[test]
+    fn a_tunnelled_vip_needs_a_source_of_its_family_and_may_reach_any_subnet() {
+        use crate::model::{Forwarding, ForwardingMode};
+        let own = [InterfaceAddress { address: "198.18.0.2".parse().unwrap(), prefix: 24 }];
+        let dsr = state("198.18.0.10:80/tcp", &["198.18.7.1"]);
+        let mut gue = dsr.clone();
+        let vip = *gue.vips.keys().next().unwrap();
+        gue.vips.get_mut(&vip).unwrap().forwarding = Forwarding::new(ForwardingMode::Gue, None);
+        let found = misplaced("eth0", &own, &TUNNEL, &DesiredState::default(), &gue);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("no IPv4 address to send the tunnel from"), "{found:?}");
+        let sourced = TunnelConfig { source_v4: Some("198.18.0.2".parse().unwrap()), ..TUNNEL };
+        assert!(misplaced("eth0", &own, &sourced, &DesiredState::default(), &gue).is_empty());
+        // Back to DSR, the routed backend is refused again.
+        let found = misplaced("eth0", &own, &sourced, &gue, &dsr);
+        assert!(found[0].contains("needs --forwarding ipip or gue"), "{found:?}");
     }
 }

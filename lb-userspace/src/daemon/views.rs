@@ -69,6 +69,7 @@ impl Daemon {
                 rebalance: spec.rebalance,
                 rebalancing: self.rebalancing(vip, spec.rebalance),
                 rebalance_skew: self.rebalancer.vips.get(vip).map_or(0.0, |state| state.skew),
+                forwarding: spec.forwarding,
                 check: spec.check.clone(),
                 packets: counters.packets,
                 bytes: counters.bytes,

@@ -176,6 +176,11 @@ impl Datapath {
         let sync_flows = u32::from(config.sync_flows);
         let own_mac = lb_common::mac_word(config.own_mac);
         let new_flow_slots = lb_common::new_flow_table_size(config.flow_table_size);
+        let tunnel_v4 = config.tunnel.source_v4.map_or(0, |a| u32::from_ne_bytes(a.octets()));
+        let tunnel_v6: [u32; 4] = config.tunnel.source_v6.map_or([0; 4], |address| {
+            let bytes = address.octets();
+            std::array::from_fn(|i| u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap()))
+        });
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
             for name in lb_common::ALL_MAPS {
@@ -188,6 +193,9 @@ impl Datapath {
             .override_global(lb_common::GLOBAL_TCP_IDLE_NS, &tcp_idle_ns, true)
             .override_global(GLOBAL_SYNC_FLOWS, &sync_flows, true)
             .override_global(lb_common::GLOBAL_OWN_MAC, &own_mac, true)
+            .override_global(lb_common::GLOBAL_TUNNEL_SOURCE_V4, &tunnel_v4, true)
+            .override_global(lb_common::GLOBAL_TUNNEL_SOURCE_V6, &tunnel_v6, true)
+            .override_global(lb_common::GLOBAL_TUNNEL_MTU, &config.tunnel.mtu, true)
             .map_max_entries(MAP_FLOWS, config.flow_table_size)
             .map_max_entries(lb_common::MAP_NEW_FLOWS, new_flow_slots)
             .override_global(lb_common::GLOBAL_NEW_FLOW_SLOTS, &new_flow_slots, true)

@@ -1,6 +1,8 @@
 //! The datapath's sizes and seeds: fixed when the XDP program is loaded,
 //! read from the config file, and checked against pinned maps on adoption.
 
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use lb_common::SLOTS_PER_VIP;
 
 use super::Limits;
@@ -26,6 +28,25 @@ pub struct DatapathConfig {
     /// never forwarded. All zero (tests without an interface) checks nothing.
     /// Set by `lb run`; not a file setting.
     pub own_mac: [u8; 6],
+    /// What tunnelled VIPs (`ipip`, `gue`) send from, and the MTU their
+    /// packets must fit. Set by `lb run` from the interface and
+    /// `--tunnel-source`; not a file setting.
+    pub tunnel: TunnelConfig,
+}
+
+/// The outer source addresses and egress MTU of tunnelled VIPs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// None: IPv4 packets of tunnelled VIPs are dropped (`drop_no_tunnel_source`).
+    pub source_v4: Option<Ipv4Addr>,
+    pub source_v6: Option<Ipv6Addr>,
+    /// 0: unchecked (test runs without an interface).
+    pub mtu: u32,
+}
+
+impl TunnelConfig {
+    /// No tunnel source and no MTU check: DSR only (a const default).
+    pub const NONE: Self = Self { source_v4: None, source_v6: None, mtu: 0 };
 }
 
 impl Default for DatapathConfig {
@@ -40,6 +61,7 @@ impl Default for DatapathConfig {
             tcp_idle_timeout_ms: 3_600_000,
             sync_flows: false,
             own_mac: [0; 6],
+            tunnel: TunnelConfig::NONE,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{CheckSpec, Rebalance, Vip};
+use super::{CheckSpec, Forwarding, Rebalance, Vip};
 
 /// Backend weights accepted, inclusive. A weight is relative to the other
 /// backends of the same VIP.
@@ -87,6 +87,7 @@ pub struct VipSpec {
     pub affinity: Affinity,
     pub scheduler: Scheduler,
     pub rebalance: Rebalance,
+    pub forwarding: Forwarding,
     pub backends: BTreeMap<IpAddr, BackendSpec>,
 }
 
@@ -112,7 +113,7 @@ pub enum ChangeError {
     #[error("weight {0} is out of range: expected {min} to {max}{hint}", min = WEIGHT_RANGE.start(), max = WEIGHT_RANGE.end(), hint = if *.0 == 0 { " (to stop new flows to a backend, drain it: `lb backend drain`, or draining = true in a file)" } else { "" })]
     WeightOutOfRange(u32),
     #[error(
-        "backend {backend} is {backend_family} but VIP {vip} is {vip_family}: direct server return needs the same family"
+        "backend {backend} is {backend_family} but VIP {vip} is {vip_family}: every forwarding mode needs the same family (IPv4 in IPv4, IPv6 in IPv6)"
     )]
     FamilyMismatch {
         vip: Vip,
@@ -140,6 +141,8 @@ pub enum ChangeError {
     BadCheck(String),
     #[error("{0}")]
     BadRebalance(String),
+    #[error("VIP {vip}: {reason}")]
+    BadForwarding { vip: Vip, reason: &'static str },
 }
 
 fn family_name(address: IpAddr) -> &'static str {
@@ -219,26 +222,31 @@ impl DesiredState {
         affinity: Option<Affinity>,
         scheduler: Option<Scheduler>,
     ) -> Result<(), ChangeError> {
-        self.configure(vip, affinity, scheduler, None)
+        self.configure(vip, affinity, scheduler, None, None)
     }
 
-    /// [`Self::set_scheduling`] and the rebalancer at once, checked together
-    /// (rebalancing needs least-connections), so that one change can turn
-    /// both on or both off.
+    /// [`Self::set_scheduling`], the rebalancer and the forwarding mode at
+    /// once, checked together (rebalancing needs least-connections), so
+    /// that one change can turn both on or both off. Nothing changes unless
+    /// all of it is accepted.
     pub fn configure(
         &mut self,
         vip: &Vip,
         affinity: Option<Affinity>,
         scheduler: Option<Scheduler>,
         rebalance: Option<Rebalance>,
+        forwarding: Option<Forwarding>,
     ) -> Result<(), ChangeError> {
         let spec = self.vips.get_mut(vip).ok_or(ChangeError::UnknownVip(*vip))?;
         let scheduler = scheduler.unwrap_or(spec.scheduler);
         let rebalance = rebalance.unwrap_or(spec.rebalance);
+        let forwarding = forwarding.unwrap_or(spec.forwarding);
         rebalance.check(vip, scheduler)?;
+        forwarding.check().map_err(|reason| ChangeError::BadForwarding { vip: *vip, reason })?;
         spec.affinity = affinity.unwrap_or(spec.affinity);
         spec.scheduler = scheduler;
         spec.rebalance = rebalance;
+        spec.forwarding = forwarding;
         Ok(())
     }
 

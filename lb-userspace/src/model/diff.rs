@@ -176,6 +176,9 @@ fn vip_settings(old: &VipSpec, new: &VipSpec) -> Vec<String> {
     if old.rebalance != new.rebalance {
         what.push(from_to("rebalance", old.rebalance, new.rebalance));
     }
+    if old.forwarding != new.forwarding {
+        what.push(from_to("forwarding", old.forwarding, new.forwarding));
+    }
     if old.check != new.check {
         let json = |check| serde_json::to_string(check).unwrap_or_default();
         what.push(from_to("check", json(&old.check), json(&new.check)));

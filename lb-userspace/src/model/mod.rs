@@ -12,18 +12,28 @@ mod check;
 mod datapath_config;
 mod desired;
 pub mod diff;
+mod forwarding;
 mod rebalance;
 
 pub use check::{CheckKind, CheckOptions, CheckSpec, StatusRange};
-pub use datapath_config::DatapathConfig;
+pub use datapath_config::{DatapathConfig, TunnelConfig};
 pub use desired::{
     Affinity, BackendSpec, ChangeError, DEFAULT_WEIGHT, DesiredState, Limits, Scheduler, VipSpec,
     WEIGHT_RANGE, refuse_backend_address, refuse_vip, refuse_weight,
 };
+pub use forwarding::{Forwarding, ForwardingMode, ForwardingOptions};
 pub use rebalance::{Rebalance, RebalanceMode, RebalanceOptions};
 
 /// An Ethernet address, as the datapath writes it into frames.
 pub type Mac = [u8; 6];
+
+/// Where the balancer's interface sends a backend's packets: the MAC of
+/// the backend itself (on-link) or of the router towards it (`gateway`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    pub mac: Mac,
+    pub gateway: Option<IpAddr>,
+}
 
 /// `02:00:00:00:01:0a`: how MACs are shown to operators and in logs.
 pub fn format_mac(mac: Mac) -> String {

@@ -16,7 +16,8 @@ use lb_common::{
 use crate::datapath::{Datapath, DatapathError, Maps};
 use crate::maglev::{Candidate, build_failover_table};
 use crate::model::{
-    Affinity, BackendHealth, DesiredState, HealthMap, Mac, Scheduler, Vip, address_from_bytes,
+    Affinity, BackendHealth, DesiredState, Forwarding, HealthMap, Mac, NextHop, Scheduler, Vip,
+    address_from_bytes,
 };
 
 mod read;
@@ -98,7 +99,8 @@ pub struct Reconciler<M: Maps = Datapath> {
     backend_slots: Slots,
     /// Backend slot in use -> its `Backend::generation`.
     generations: HashMap<u32, u32>,
-    macs: HashMap<IpAddr, Mac>,
+    /// Each backend address's next hop on the interface, as last resolved.
+    macs: HashMap<IpAddr, NextHop>,
     vip_addresses: BTreeMap<VipAddressKey, u32>,
     /// The port prefilter as last written; None until the first write, which
     /// writes every word (adopted maps may hold an older one).
@@ -146,7 +148,16 @@ impl<M: Maps> Reconciler<M> {
                 slots.insert(address, *slot);
                 self.generations.insert(*slot, backend.generation);
                 if backend.has_mac() {
-                    self.macs.insert(address, backend.mac);
+                    // A tunnelled slot's MAC may be a router's: a DSR slot of
+                    // the same address (on-link for certain) wins.
+                    let routed = backend.forwarding != lb_common::FORWARDING_DSR;
+                    let gateway = routed.then_some(address);
+                    let hop = NextHop { mac: backend.mac, gateway };
+                    if routed {
+                        self.macs.entry(address).or_insert(hop);
+                    } else {
+                        self.macs.insert(address, hop);
+                    }
                 }
             }
             self.vip_indexes.free.retain(|index| *index != info.vip_index);
@@ -201,14 +212,27 @@ impl<M: Maps> Reconciler<M> {
     }
 
     pub fn mac(&self, address: IpAddr) -> Option<Mac> {
-        self.macs.get(&address).copied()
+        self.macs.get(&address).map(|hop| hop.mac)
     }
 
-    /// Records a resolved MAC. A MAC is never forgotten, only replaced: a
-    /// neighbour entry that expires must not stop traffic to a live backend.
-    /// Returns whether anything changed (then call [`Self::apply`]).
+    /// The MAC a VIP forwarding by `forwarding` sends `address`'s packets
+    /// to: the next hop's for a tunnel; for DSR only an on-link backend's
+    /// own (a router would send the VIP's packets straight back here).
+    fn usable_mac(&self, address: IpAddr, forwarding: Forwarding) -> Option<Mac> {
+        let hop = self.macs.get(&address)?;
+        (forwarding.is_tunnel() || hop.gateway.is_none()).then_some(hop.mac)
+    }
+
+    /// Records an on-link backend's resolved MAC ([`Self::set_next_hop`]).
     pub fn set_mac(&mut self, address: IpAddr, mac: Mac) -> bool {
-        self.macs.insert(address, mac) != Some(mac)
+        self.set_next_hop(address, NextHop { mac, gateway: None })
+    }
+
+    /// Records how `address` is reached. A next hop is never forgotten, only
+    /// replaced: a neighbour entry that expires must not stop traffic to a
+    /// live backend. Returns whether anything changed (then call [`Self::apply`]).
+    pub fn set_next_hop(&mut self, address: IpAddr, hop: NextHop) -> bool {
+        self.macs.insert(address, hop) != Some(hop)
     }
 
     /// Brings the maps in line with `desired` and the backends' health.
@@ -290,7 +314,7 @@ impl<M: Maps> Reconciler<M> {
             };
             let mut members: Vec<Member> = backends
                 .values()
-                .filter(|backend| self.macs.contains_key(&backend.address))
+                .filter(|backend| self.usable_mac(backend.address, spec.forwarding).is_some())
                 .map(|backend| Member {
                     address: backend.address,
                     weight: backend.weight,
@@ -327,12 +351,14 @@ impl<M: Maps> Reconciler<M> {
                 let (bytes, family) = address_bytes(*address);
                 let health = health_of(*address);
                 let kept_by_fail_open = fail_open && health.ever_up;
+                let (forwarding, gue_port) = spec.forwarding.datapath();
                 let backend = Backend {
-                    mac: self.macs.get(address).copied().unwrap_or_default(),
+                    mac: self.usable_mac(*address, spec.forwarding).unwrap_or_default(),
                     flags: if health.up || kept_by_fail_open { 0 } else { BACKEND_FLAG_DOWN },
                     address: bytes,
                     family,
-                    _pad: [0; 3],
+                    forwarding,
+                    gue_port,
                     vip_index: self.installed[vip].vip_index,
                     generation: self.generation(*slot),
                     _pad2: 0,

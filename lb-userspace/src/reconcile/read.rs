@@ -131,7 +131,7 @@ impl<M: Maps> Reconciler<M> {
             .map(|(address, slot)| InstalledBackend {
                 address: *address,
                 slot: *slot,
-                mac: self.macs.get(address).copied(),
+                mac: self.macs.get(address).map(|hop| hop.mac),
                 table_entries: entries.get(slot).copied().unwrap_or(0),
             })
             .collect()

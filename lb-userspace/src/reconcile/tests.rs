@@ -15,7 +15,7 @@ use super::{FlowCounts, ReconcileError, Reconciler};
 use crate::datapath::{DatapathError, Maps};
 use crate::model::{
     Affinity, BackendHealth, BackendSpec, CheckSpec, DatapathConfig, DesiredState, HealthMap,
-    Limits, Protocol, Scheduler, Vip,
+    Limits, Protocol, Scheduler, TunnelConfig, Vip,
 };
 
 /// One write to the fake maps, in the order the reconcile step made it.
@@ -50,6 +50,7 @@ const CONFIG: DatapathConfig = DatapathConfig {
     tcp_idle_timeout_ms: 1000,
     sync_flows: false,
     own_mac: [0; 6],
+    tunnel: TunnelConfig::NONE,
 };
 const LIMITS: Limits = Limits { max_vips: 8, max_backends: 8 };
 

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     Affinity, BackendSpec, ChangeError, CheckOptions, CheckSpec, DEFAULT_WEIGHT, DesiredState,
-    Limits, Rebalance, Scheduler, Vip, VipSpec, parse_address, parse_vip,
+    Forwarding, Limits, Rebalance, Scheduler, Vip, VipSpec, parse_address, parse_vip,
 };
 
 /// The format of the values under a prefix, in the fleet key; a balancer
@@ -177,6 +177,10 @@ struct VipValue {
     /// balancers that predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rebalance: Option<Rebalance>,
+    /// Absent (DSR) unless tunnelled. A balancer that predates it refuses
+    /// a VIP key that has it (unknown field) rather than forward by DSR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    forwarding: Option<Forwarding>,
 }
 
 /// A backend key's value.
@@ -211,6 +215,7 @@ pub fn vip_value(spec: &VipSpec) -> String {
         affinity: spec.affinity,
         scheduler: spec.scheduler,
         rebalance: spec.rebalance.is_on().then_some(spec.rebalance),
+        forwarding: spec.forwarding.is_tunnel().then_some(spec.forwarding),
     };
     serde_json::to_string(&value).expect("values serialize")
 }
@@ -267,8 +272,13 @@ pub fn assemble(keys: &Keys, entries: &BTreeMap<String, Entry>, limits: Limits) 
                             .add_vip(vip, check, value.affinity, limits)
                             .map_err(|e| e.to_string())?;
                         let rebalance = value.rebalance.unwrap_or_default();
-                        let configured =
-                            state.configure(&vip, None, Some(value.scheduler), Some(rebalance));
+                        let configured = state.configure(
+                            &vip,
+                            None,
+                            Some(value.scheduler),
+                            Some(rebalance),
+                            Some(value.forwarding.unwrap_or_default()),
+                        );
                         configured.map_err(|error| {
                             state.vips.remove(&vip);
                             error.to_string()
@@ -364,8 +374,9 @@ pub fn plan(
             continue;
         };
         let vip_key = keys.vip(vip);
-        let settings =
-            |spec: &VipSpec| (spec.check.clone(), spec.affinity, spec.scheduler, spec.rebalance);
+        let settings = |spec: &VipSpec| {
+            (spec.check.clone(), spec.affinity, spec.scheduler, spec.rebalance, spec.forwarding)
+        };
         if settings(old) != settings(spec) {
             plan.puts.push(Put { key: vip_key.clone(), value: vip_value(spec), existing: true });
             plan.must_exist.push(vip_key.clone());

@@ -87,6 +87,11 @@ pub struct RunArgs {
     /// Let this group use the control socket too (mode 0660; default 0600, root only).
     #[arg(long)]
     pub socket_group: Option<String>,
+    /// The outer source address of tunnelled VIPs (--forwarding ipip|gue),
+    /// once per family [default: the interface's first address of each
+    /// family, IPv6 link-local ones left out].
+    #[arg(long, value_name = "ADDRESS")]
+    pub tunnel_source: Vec<std::net::IpAddr>,
     #[command(flatten)]
     pub fleet: FleetArgs,
     #[command(flatten)]

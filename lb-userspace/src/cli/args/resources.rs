@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use crate::model::{
-    Affinity, CheckOptions, DEFAULT_WEIGHT, Protocol, RebalanceOptions, Scheduler, WEIGHT_RANGE,
+    Affinity, CheckOptions, DEFAULT_WEIGHT, ForwardingOptions, Protocol, RebalanceOptions,
+    Scheduler, WEIGHT_RANGE,
 };
 
 #[derive(Subcommand)]
@@ -80,11 +81,14 @@ pub enum VipCommand {
         #[arg(long, value_enum, default_value = "maglev")]
         scheduler: Scheduler,
         #[command(flatten)]
+        forwarding: ForwardingOptions,
+        #[command(flatten)]
         check: CheckOptions,
     },
-    /// Change how a VIP picks backends for new flows, and whether it closes a
-    /// few connections of a crowded backend (--rebalance); established flows
-    /// stay where they are otherwise.
+    /// Change how a VIP picks backends for new flows, whether it closes a
+    /// few connections of a crowded backend (--rebalance), and how its
+    /// packets reach the backends (--forwarding); established flows stay
+    /// where they are otherwise.
     /// Example: lb vip set 198.18.0.10:80 --scheduler least-connections --rebalance on
     #[command(group = clap::ArgGroup::new("setting").required(true).multiple(true))]
     Set {
@@ -100,6 +104,8 @@ pub enum VipCommand {
         scheduler: Option<Scheduler>,
         #[command(flatten)]
         rebalance: RebalanceOptions,
+        #[command(flatten)]
+        forwarding: ForwardingOptions,
     },
     /// Remove a VIP and its backends. Refused while its backends carry
     /// active flows (removing it would break them), unless --force.

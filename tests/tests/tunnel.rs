@@ -1,0 +1,430 @@
+//! Tunnelled forwarding (`ipip`, `gue`) in the datapath, through
+//! BPF_PROG_TEST_RUN on the real XDP object: every output frame is compared
+//! byte for byte with one built here with etherparse's headers and
+//! checksums (the Ethernet header to the next hop, the outer IP header, for
+//! GUE the UDP header, then the client's packet unchanged), and every frame
+//! is dissected again by scapy (Debian's), which recomputes every checksum,
+//! so that a backend with the kernel's ipip or fou would take it. Also: VLAN
+//! tags kept, an ICMP error about a flow tunnelled like the flow, a packet
+//! that would exceed the MTU and a family without a tunnel source dropped
+//! and counted, and a DSR VIP beside them unchanged.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::Command;
+
+use etherparse::{IpDscp, IpEcn, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, UdpHeader};
+use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP, Reason, tunnel_entropy};
+use lb_userspace::model::{
+    DatapathConfig, Forwarding, ForwardingMode, HealthMap, Protocol, TunnelConfig, Vip,
+};
+use lb_userspace::reconcile::Reconciler;
+use tests::fixture::{addresses, backend_mac, balancer};
+use tests::packets::{
+    BALANCER_MAC, Flow, Icmp, L4, Segment, Shape, frame, icmp_frame, insert_ipv6_extensions,
+    reply_packet,
+};
+use tests::{XDP_DROP, XDP_TX};
+
+const SOURCE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 2);
+const MTU: u32 = 1500;
+const GUE_PORT: u16 = 7777;
+
+fn config(tunnel: TunnelConfig) -> DatapathConfig {
+    DatapathConfig {
+        hash_seed: 0x5eed,
+        table_size: 251,
+        max_vips: 8,
+        max_backends: 32,
+        flow_table_size: 4_096,
+        own_mac: BALANCER_MAC,
+        tunnel,
+        ..DatapathConfig::default()
+    }
+}
+
+const TUNNEL: TunnelConfig =
+    TunnelConfig { source_v4: Some(SOURCE_V4), source_v6: Some(SOURCE_V6), mtu: MTU };
+
+/// The VIPs: (endpoint, protocol, mode); backends on other subnets, with
+/// last bytes that differ (their MACs end in them).
+const VIPS: [(&str, Protocol, ForwardingMode); 7] = [
+    ("198.18.0.10:80", Protocol::Tcp, ForwardingMode::Ipip),
+    ("198.18.0.10:53", Protocol::Udp, ForwardingMode::Gue),
+    ("198.18.0.11:80", Protocol::Tcp, ForwardingMode::Gue),
+    ("[fd00:198:18::10]:80", Protocol::Tcp, ForwardingMode::Ipip),
+    ("[fd00:198:18::10]:53", Protocol::Udp, ForwardingMode::Gue),
+    ("[fd00:198:18::11]:80", Protocol::Tcp, ForwardingMode::Gue),
+    ("198.18.0.12:80", Protocol::Tcp, ForwardingMode::Dsr),
+];
+const V4_BACKENDS: [&str; 2] = ["198.18.2.1", "198.18.3.2"];
+const V6_BACKENDS: [&str; 2] = ["fd00:198:18:2::1", "fd00:198:18:3::2"];
+
+fn fixture(tunnel: TunnelConfig) -> Reconciler {
+    let (v4, v6) = (addresses(&V4_BACKENDS), addresses(&V6_BACKENDS));
+    let decls: Vec<_> = VIPS
+        .iter()
+        .map(|(endpoint, protocol, _)| {
+            let backends = if endpoint.starts_with('[') { &v6[..] } else { &v4[..] };
+            (*endpoint, *protocol, backends)
+        })
+        .collect();
+    let (mut reconciler, mut desired) =
+        balancer(config(tunnel), &decls, backend_mac).expect("load the XDP object");
+    for (endpoint, protocol, mode) in VIPS {
+        let vip = Vip::new(endpoint.parse().unwrap(), protocol);
+        let forwarding = Forwarding::new(mode, Some(GUE_PORT));
+        desired.configure(&vip, None, None, None, Some(forwarding)).unwrap();
+    }
+    reconciler.apply(&desired, &HealthMap::new()).unwrap();
+    reconciler
+}
+
+fn mode_of(flow: &Flow) -> ForwardingMode {
+    let protocol = if matches!(flow.l4, L4::Tcp) { Protocol::Tcp } else { Protocol::Udp };
+    VIPS.iter()
+        .find(|(endpoint, p, _)| {
+            let endpoint: std::net::SocketAddr = endpoint.parse().unwrap();
+            *p == protocol && endpoint.ip() == flow.vip && endpoint.port() == flow.vip_port
+        })
+        .map(|(_, _, mode)| *mode)
+        .expect("a VIP of the test")
+}
+
+fn flow(client: &str, port: u16, vip: &str, vip_port: u16, l4: L4) -> Flow {
+    Flow {
+        client: client.parse().unwrap(),
+        client_port: port,
+        vip: vip.parse().unwrap(),
+        vip_port,
+        l4,
+    }
+}
+
+/// Every kind of flow the tunnels carry.
+fn flows() -> Vec<Flow> {
+    let mut all = Vec::new();
+    for port in [40_000, 40_001, 51_234] {
+        all.push(flow("198.18.0.100", port, "198.18.0.10", 80, L4::Tcp));
+        all.push(flow("198.18.0.100", port, "198.18.0.10", 53, L4::Udp));
+        all.push(flow("198.18.0.101", port, "198.18.0.11", 80, L4::Tcp));
+        all.push(flow("fd00:198:18::100", port, "fd00:198:18::10", 80, L4::Tcp));
+        all.push(flow("fd00:198:18::100", port, "fd00:198:18::10", 53, L4::Udp));
+        all.push(flow("fd00:198:18::101", port, "fd00:198:18::11", 80, L4::Tcp));
+    }
+    all
+}
+
+fn key(flow: &Flow) -> FlowKey {
+    let protocol = if matches!(flow.l4, L4::Tcp) { PROTO_TCP } else { PROTO_UDP };
+    FlowKey::new(flow.client, flow.client_port, flow.vip, flow.vip_port, protocol)
+}
+
+fn backends() -> Vec<IpAddr> {
+    addresses(&V4_BACKENDS).into_iter().chain(addresses(&V6_BACKENDS)).collect()
+}
+
+/// The backend a forwarded frame is addressed to, by its MAC.
+fn backend_of(output: &[u8]) -> IpAddr {
+    backends()
+        .into_iter()
+        .find(|backend| backend_mac(*backend) == output[0..6])
+        .expect("the frame goes to one of the backends' MACs")
+}
+
+/// The frame the balancer must send for `input` (an untagged or tagged
+/// frame whose IP header starts at `l3`) of `flow` to `backend` in `mode`,
+/// built independently: etherparse's headers and checksums.
+fn expected(
+    input: &[u8],
+    l3: usize,
+    flow: &Flow,
+    backend: IpAddr,
+    mode: ForwardingMode,
+) -> Vec<u8> {
+    let inner = &input[l3..];
+    let entropy = tunnel_entropy(&key(flow));
+    let gue = mode == ForwardingMode::Gue;
+    let mut out = Vec::new();
+    out.extend_from_slice(&backend_mac(backend));
+    out.extend_from_slice(&BALANCER_MAC);
+    out.extend_from_slice(&input[12..l3]);
+    let udp_len = (inner.len() + 8) as u16;
+    let source_port = 0xc000 | (entropy & 0x3fff) as u16;
+    match backend {
+        IpAddr::V4(backend) => {
+            let protocol = if gue { IpNumber::UDP } else { IpNumber::IPV4 };
+            let payload = if gue { udp_len } else { inner.len() as u16 };
+            let mut ip =
+                Ipv4Header::new(payload, 64, protocol, SOURCE_V4.octets(), backend.octets())
+                    .unwrap();
+            ip.dscp = IpDscp::try_new(inner[1] >> 2).unwrap();
+            ip.ecn = IpEcn::try_new(inner[1] & 3).unwrap();
+            ip.dont_fragment = inner[6] & 0x40 != 0;
+            ip.header_checksum = ip.calc_header_checksum();
+            ip.write(&mut out).unwrap();
+            if gue {
+                // Over IPv4, no UDP checksum (RFC 768 allows zero).
+                let udp = UdpHeader {
+                    source_port,
+                    destination_port: GUE_PORT,
+                    length: udp_len,
+                    checksum: 0,
+                };
+                udp.write(&mut out).unwrap();
+            }
+        }
+        IpAddr::V6(backend) => {
+            let next_header = if gue { IpNumber::UDP } else { IpNumber::IPV6 };
+            let payload_length = if gue { udp_len } else { inner.len() as u16 };
+            let ip = Ipv6Header {
+                traffic_class: (u16::from_be_bytes([inner[0], inner[1]]) >> 4) as u8,
+                flow_label: Ipv6FlowLabel::try_new(entropy & 0xf_ffff).unwrap(),
+                payload_length,
+                next_header,
+                hop_limit: 64,
+                source: SOURCE_V6.octets(),
+                destination: backend.octets(),
+            };
+            ip.write(&mut out).unwrap();
+            if gue {
+                let udp = UdpHeader::with_ipv6_checksum(source_port, GUE_PORT, &ip, inner).unwrap();
+                udp.write(&mut out).unwrap();
+            }
+        }
+    }
+    out.extend_from_slice(inner);
+    out
+}
+
+fn reason_count(reconciler: &Reconciler, reason: Reason) -> u64 {
+    let counters = reconciler.datapath().reason_counters().unwrap();
+    counters.iter().find(|(each, _)| *each == reason).unwrap().1
+}
+
+/// scapy's reading of each frame (tests/dissect_tunnels.py), one JSON
+/// object per frame.
+fn dissect(frames: &[Vec<u8>]) -> Vec<serde_json::Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("frames.pcap");
+    let mut file = Vec::new();
+    // pcap: magic, version 2.4, zone, accuracy, snaplen, Ethernet.
+    file.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+    file.extend_from_slice(&2u16.to_le_bytes());
+    file.extend_from_slice(&4u16.to_le_bytes());
+    for word in [0u32, 0, 65_535, 1] {
+        file.extend_from_slice(&word.to_le_bytes());
+    }
+    for frame in frames {
+        let length = frame.len() as u32;
+        for word in [0u32, 0, length, length] {
+            file.extend_from_slice(&word.to_le_bytes());
+        }
+        file.extend_from_slice(frame);
+    }
+    std::fs::write(&pcap, file).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/dissect_tunnels.py");
+    let output = Command::new("/usr/bin/python3")
+        .arg(script)
+        .arg(&pcap)
+        .output()
+        .expect("run Debian's python3 (scripts/setup.sh installs python3-scapy)");
+    assert!(output.status.success(), "scapy: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// What scapy must read in a tunnel frame of `flow` to `backend` in `mode`.
+fn assert_dissected(
+    seen: &serde_json::Value,
+    flow: &Flow,
+    backend: IpAddr,
+    mode: ForwardingMode,
+    what: &str,
+) {
+    let v4 = backend.is_ipv4();
+    assert_eq!(seen["outer"], if v4 { "IP" } else { "IPv6" }, "{what}: {seen}");
+    let source = if v4 { IpAddr::V4(SOURCE_V4) } else { IpAddr::V6(SOURCE_V6) };
+    assert_eq!(seen["src"], source.to_string(), "{what}: {seen}");
+    assert_eq!(seen["dst"], backend.to_string(), "{what}: {seen}");
+    let proto = match (mode, v4) {
+        (ForwardingMode::Gue, _) => 17,
+        (_, true) => 4,
+        (_, false) => 41,
+    };
+    assert_eq!(seen["proto"], proto, "{what}: {seen}");
+    assert_eq!(seen["checksums_ok"], true, "{what}: scapy computes other checksums: {seen}");
+    if mode == ForwardingMode::Gue {
+        assert_eq!(seen["dport"], GUE_PORT, "{what}: {seen}");
+        let sport = seen["sport"].as_u64().unwrap();
+        assert!((0xc000..=0xffff).contains(&sport), "{what}: source port {sport}");
+        if !v4 {
+            assert_ne!(seen["udp_checksum"], 0, "{what}: a zero UDP checksum over IPv6");
+        }
+    }
+    let inner = &seen["inner"];
+    assert_eq!(inner["src"], flow.client.to_string(), "{what}: {seen}");
+    assert_eq!(inner["dst"], flow.vip.to_string(), "{what}: {seen}");
+    assert_eq!(inner["checksums_ok"], true, "{what}: the inner packet changed: {seen}");
+}
+
+#[test]
+fn tunnelled_frames_are_whole_and_standard_byte_for_byte_and_by_scapy() {
+    let reconciler = fixture(TUNNEL);
+    let mut outputs = Vec::new();
+    let mut cases = Vec::new();
+    for flow in flows() {
+        for (segment, payload) in [(Segment::Syn, &b""[..]), (Segment::Ack, &b"hello, backend"[..])]
+        {
+            let input = frame(flow, Shape { segment, ..Shape::default() }, payload);
+            let (action, output) = reconciler.datapath().test_run(&input).unwrap();
+            assert_eq!(action, XDP_TX, "{flow:?} {segment:?} not forwarded");
+            let backend = backend_of(&output);
+            let mode = mode_of(&flow);
+            assert_eq!(
+                output,
+                expected(&input, 14, &flow, backend, mode),
+                "{flow:?} {segment:?} to {backend} by {mode}"
+            );
+            outputs.push(output);
+            cases.push((flow, backend, mode));
+        }
+    }
+    // Both backends of every family were reached: the test saw each path.
+    let reached: std::collections::BTreeSet<IpAddr> = cases.iter().map(|c| c.1).collect();
+    assert_eq!(reached.len(), 4, "flows reached only {reached:?}");
+    let seen = dissect(&outputs);
+    assert_eq!(seen.len(), outputs.len());
+    for ((flow, backend, mode), seen) in cases.iter().zip(&seen) {
+        assert_dissected(seen, flow, *backend, *mode, &format!("{flow:?}"));
+    }
+}
+
+#[test]
+fn the_dissector_fails_a_frame_with_a_wrong_checksum() {
+    // The control for the scapy check above: a frame it must refuse.
+    let reconciler = fixture(TUNNEL);
+    let gue_v6 = flow("fd00:198:18::100", 40_000, "fd00:198:18::10", 53, L4::Udp);
+    let ipip_v4 = flow("198.18.0.100", 40_000, "198.18.0.10", 80, L4::Tcp);
+    let mut frames = Vec::new();
+    for (flow, checksum_at) in [(gue_v6, 14 + 40 + 6), (ipip_v4, 14 + 10)] {
+        let input = frame(flow, Shape { segment: Segment::Ack, ..Shape::default() }, b"x");
+        let (_, mut output) = reconciler.datapath().test_run(&input).unwrap();
+        output[checksum_at] ^= 0x01;
+        frames.push(output);
+    }
+    for seen in dissect(&frames) {
+        assert_eq!(seen["checksums_ok"], false, "a broken checksum went unseen: {seen}");
+    }
+}
+
+#[test]
+fn vlan_tags_stay_and_ipv6_extension_headers_are_summed() {
+    let reconciler = fixture(TUNNEL);
+    let mut outputs = Vec::new();
+    let mut cases = Vec::new();
+    for flow in [
+        flow("198.18.0.100", 40_000, "198.18.0.11", 80, L4::Tcp),
+        flow("fd00:198:18::100", 40_000, "fd00:198:18::11", 80, L4::Tcp),
+    ] {
+        for vlans in [&[100u16][..], &[100, 200][..]] {
+            let shape = Shape { segment: Segment::Ack, vlans, ..Shape::default() };
+            let input = frame(flow, shape, b"tagged");
+            let (action, output) = reconciler.datapath().test_run(&input).unwrap();
+            assert_eq!(action, XDP_TX);
+            let backend = backend_of(&output);
+            let l3 = 14 + 4 * vlans.len();
+            assert_eq!(output, expected(&input, l3, &flow, backend, mode_of(&flow)), "{vlans:?}");
+        }
+    }
+    // GUE over IPv6 sums the inner extension headers into its UDP checksum.
+    let v6 = flow("fd00:198:18::100", 40_002, "fd00:198:18::11", 80, L4::Tcp);
+    let plain = frame(v6, Shape { segment: Segment::Ack, ..Shape::default() }, b"options");
+    for extensions in [&[(60u8, 8usize)][..], &[(0, 16), (60, 24)][..]] {
+        let input = insert_ipv6_extensions(&plain, extensions);
+        let (action, output) = reconciler.datapath().test_run(&input).unwrap();
+        assert_eq!(action, XDP_TX, "{extensions:?}");
+        let backend = backend_of(&output);
+        assert_eq!(
+            output,
+            expected(&input, 14, &v6, backend, ForwardingMode::Gue),
+            "{extensions:?}"
+        );
+        outputs.push(output);
+        cases.push(backend);
+    }
+    for (seen, backend) in dissect(&outputs).iter().zip(cases) {
+        assert_dissected(seen, &v6, backend, ForwardingMode::Gue, "extension headers");
+    }
+}
+
+#[test]
+fn an_icmp_error_about_a_flow_is_tunnelled_to_its_backend_like_the_flow() {
+    let reconciler = fixture(TUNNEL);
+    for (flow, router, icmp) in [
+        (
+            flow("198.18.0.100", 40_000, "198.18.0.10", 80, L4::Tcp),
+            "198.18.0.1",
+            Icmp::FRAGMENTATION_NEEDED,
+        ),
+        (
+            flow("fd00:198:18::100", 40_000, "fd00:198:18::11", 80, L4::Tcp),
+            "fd00:198:18::1",
+            Icmp::V6_PACKET_TOO_BIG,
+        ),
+    ] {
+        let syn = frame(flow, Shape::default(), b"");
+        let (_, forwarded) = reconciler.datapath().test_run(&syn).unwrap();
+        let backend = backend_of(&forwarded);
+        let error =
+            icmp_frame(router.parse().unwrap(), flow.vip, icmp, &reply_packet(flow, b"data"));
+        let before = reason_count(&reconciler, Reason::ForwardedIcmp);
+        let (action, output) = reconciler.datapath().test_run(&error).unwrap();
+        assert_eq!(action, XDP_TX, "{icmp:?} not forwarded");
+        assert_eq!(reason_count(&reconciler, Reason::ForwardedIcmp), before + 1);
+        // The flow's backend, the flow's entropy: its path and queue.
+        assert_eq!(output, expected(&error, 14, &flow, backend, mode_of(&flow)), "{icmp:?}");
+    }
+}
+
+#[test]
+fn a_packet_that_would_exceed_the_mtu_or_has_no_source_is_dropped_and_counted() {
+    let reconciler = fixture(TUNNEL);
+    let v4 = flow("198.18.0.100", 40_000, "198.18.0.10", 80, L4::Tcp);
+    // 20 (IP) + 20 (TCP) + payload, plus 20 of IPIP: exactly the MTU fits.
+    let fits = frame(v4, Shape { segment: Segment::Ack, ..Shape::default() }, &[7; 1440]);
+    assert_eq!(reconciler.datapath().test_run(&fits).unwrap().0, XDP_TX);
+    let too_big = frame(v4, Shape { segment: Segment::Ack, ..Shape::default() }, &[7; 1441]);
+    let before = reason_count(&reconciler, Reason::DropTooBig);
+    assert_eq!(reconciler.datapath().test_run(&too_big).unwrap().0, XDP_DROP);
+    assert_eq!(reason_count(&reconciler, Reason::DropTooBig), before + 1);
+    // GUE over IPv6 adds 48: 1452 bytes of inner packet fit.
+    let v6 = flow("fd00:198:18::100", 40_000, "fd00:198:18::10", 53, L4::Udp);
+    let fits = frame(v6, Shape::default(), &[7; 1452 - 48]);
+    assert_eq!(reconciler.datapath().test_run(&fits).unwrap().0, XDP_TX);
+    let too_big = frame(v6, Shape::default(), &[7; 1452 - 47]);
+    assert_eq!(reconciler.datapath().test_run(&too_big).unwrap().0, XDP_DROP);
+    assert_eq!(reason_count(&reconciler, Reason::DropTooBig), before + 2);
+
+    // A balancer with an IPv4 source only: IPv6 tunnels have nothing to send from.
+    let reconciler = fixture(TunnelConfig { source_v6: None, ..TUNNEL });
+    let input = frame(v6, Shape::default(), b"query");
+    assert_eq!(reconciler.datapath().test_run(&input).unwrap().0, XDP_DROP);
+    assert_eq!(reason_count(&reconciler, Reason::DropNoTunnelSource), 1);
+    let input = frame(v4, Shape::default(), b"");
+    assert_eq!(reconciler.datapath().test_run(&input).unwrap().0, XDP_TX);
+}
+
+#[test]
+fn a_dsr_vip_beside_tunnelled_ones_only_changes_macs() {
+    let reconciler = fixture(TUNNEL);
+    let dsr = flow("198.18.0.100", 40_000, "198.18.0.12", 80, L4::Tcp);
+    let input = frame(dsr, Shape { segment: Segment::Ack, ..Shape::default() }, b"plain");
+    let (action, output) = reconciler.datapath().test_run(&input).unwrap();
+    assert_eq!(action, XDP_TX);
+    let backend = backend_of(&output);
+    assert_eq!(output, tests::packets::dsr_rewritten(&input, backend_mac(backend)));
+}
