@@ -87,11 +87,17 @@ pub struct ForwardingOptions {
     /// How packets reach the backends: dsr (same L2 segment), ipip or gue
     /// (backends anywhere routable, which take the tunnel off: `lb decap`
     /// or the kernel's ipip/fou) [default: dsr].
-    #[arg(long = "forwarding", value_enum, value_name = "MODE", group = "setting")]
+    #[arg(
+        id = "forwarding",
+        long = "forwarding",
+        value_enum,
+        value_name = "MODE",
+        group = "setting"
+    )]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ForwardingMode>,
     /// The UDP port of GUE on the backends [default: 6080].
-    #[arg(long = "gue-port", value_name = "PORT", group = "setting")]
+    #[arg(id = "gue_port", long = "gue-port", value_name = "PORT", group = "setting")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gue_port: Option<u16>,
 }

@@ -115,7 +115,13 @@ impl std::fmt::Display for Rebalance {
 pub struct RebalanceOptions {
     /// Close a few connections of a backend above its share, so long-lived
     /// connections even out (needs --scheduler least-connections; TCP only).
-    #[arg(long = "rebalance", value_enum, value_name = "MODE", group = "setting")]
+    #[arg(
+        id = "rebalance",
+        long = "rebalance",
+        value_enum,
+        value_name = "MODE",
+        group = "setting"
+    )]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<RebalanceMode>,
     /// How far above or below its weighted share a backend may be, in percent [default: 10].

@@ -225,3 +225,16 @@ fn parse_interval(text: &str) -> Result<f64, String> {
         _ => Err(format!("'{text}' is not a number of seconds from 0.1 to 60")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks its own invariants (unique argument ids across flattened
+    /// option groups, among them) only when asked; a release build would
+    /// otherwise ship a command line that panics in debug builds.
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}
