@@ -77,7 +77,7 @@ pub fn vip_port_bit(protocol: u8, port: u16) -> Option<(u32, u64)> {
 }
 
 /// Every map, in the order they are pinned and adopted.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_VIPS,
     MAP_VIP_ADDRESSES,
     MAP_MAGLEV,
@@ -91,6 +91,7 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_LAYOUT,
     MAP_FLOW_SYNC,
     MAP_VIP_PORTS,
+    MAP_PROGRAMS,
 ];
 
 /// Bumped whenever a map's key or value layout changes: pinned maps of

@@ -71,3 +71,51 @@ pub fn tunnel_entropy(key: &FlowKey) -> u32 {
         (words[0] ^ words[1] ^ words[2] ^ words[3] ^ (port << 16 | port)).wrapping_mul(0x9e37_79b1);
     mixed >> 12
 }
+
+/// The XDP program that encapsulates: the balancer's program hands a
+/// tunnelled packet to it by tail call through [`MAP_PROGRAMS`], so the
+/// kernel's verifier walks the encapsulation once, not once for every path
+/// that reaches it (which took the balancer's program past the verifier's
+/// limit once flow sync was on).
+pub const ENCAP_PROGRAM_NAME: &str = "lb_encap";
+/// `ProgramArray` of [`TAIL_CALL_SLOTS`] entries: the programs the
+/// balancer's program tail-calls, [`TAIL_CALL_ENCAP`] among them. Pinned
+/// with the other maps: the kernel empties a program array once no file
+/// or pin holds it, which would stop tunnelled VIPs while the daemon restarts.
+pub const MAP_PROGRAMS: &str = "LB_PROGRAMS";
+/// Entries of [`MAP_PROGRAMS`].
+pub const TAIL_CALL_SLOTS: u32 = 1;
+/// The entry of [`MAP_PROGRAMS`] holding [`ENCAP_PROGRAM_NAME`].
+pub const TAIL_CALL_ENCAP: u32 = 0;
+
+/// What the balancer's program tells the encapsulating one about a packet,
+/// written into the first bytes of the room it made in front of the frame
+/// for the outer headers (so it travels with the packet, and a program of
+/// another version never reads it from a shared map). 16 bytes: no mode's
+/// overhead is smaller (20 bytes, IPv4 in IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EncapRequest {
+    /// The backend slot ([`crate::MAP_BACKENDS`] index) and its VIP's index.
+    pub slot: u32,
+    pub vip_index: u32,
+    /// [`tunnel_entropy`] of the flow (of the quoted flow for ICMP errors).
+    pub entropy: u32,
+    /// The transport header's offset in the frame as the client sent it.
+    pub l4_offset: u16,
+    /// The transport protocol of the inner packet.
+    pub protocol: u8,
+    /// [`ENCAP_IPV6`], [`ENCAP_ICMP_ERROR`], [`ENCAP_GUE`] and the number of
+    /// VLAN tags in bits 3-4 ([`ENCAP_TAGS_SHIFT`]).
+    pub flags: u8,
+}
+
+/// [`EncapRequest::flags`]: the inner packet is IPv6.
+pub const ENCAP_IPV6: u8 = 1;
+/// [`EncapRequest::flags`]: the packet is an ICMP error about the flow.
+pub const ENCAP_ICMP_ERROR: u8 = 2;
+/// [`EncapRequest::flags`]: GUE, else IPIP (the mode when the room was
+/// made, which decided its size).
+pub const ENCAP_GUE: u8 = 4;
+/// [`EncapRequest::flags`]: the VLAN tag count's shift (0, 1 or 2 tags).
+pub const ENCAP_TAGS_SHIFT: u8 = 3;

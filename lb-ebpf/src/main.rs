@@ -214,17 +214,11 @@ fn send(
     flow: &FlowKey,
     icmp_error: bool,
 ) -> Result<u32, Reason> {
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
     if hit.backend.forwarding != FORWARDING_DSR {
-        let inner = encap::Inner {
-            family: packet.family,
-            l3_offset: packet.l3_offset,
-            l4_offset: packet.l4_offset,
-            protocol: packet.protocol,
-            entropy: lb_common::tunnel_entropy(flow),
-        };
-        encap::encapsulate(ctx, hit.backend, inner)?;
+        let entropy = lb_common::tunnel_entropy(flow);
+        return Err(encap::hand_off(ctx, &hit, packet, entropy, icmp_error));
     }
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
     let action = dsr::forward(ctx, hit.backend)?;
     stats::count_forwarded(hit.vip_index, hit.slot, bytes, icmp_error);
     Ok(action)

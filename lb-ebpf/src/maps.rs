@@ -6,13 +6,13 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
     FLOW_SYNC_RING_BYTES, FlowEntry, FlowEvent, FlowKey, Layout, MaglevChunk, PendingFlow, Reason,
-    SLOTS_PER_VIP, TrafficCounters, VIP_PORT_WORDS, VipAddressKey, VipInfo, VipKey,
-    maglev_elements, new_flow_table_size,
+    SLOTS_PER_VIP, TAIL_CALL_SLOTS, TrafficCounters, VIP_PORT_WORDS, VipAddressKey, VipInfo,
+    VipKey, maglev_elements, new_flow_table_size,
 };
 
 use crate::clock::Clock;
@@ -103,3 +103,9 @@ pub static LB_FLOW_SYNC: RingBuf = RingBuf::with_byte_size(FLOW_SYNC_RING_BYTES,
 /// clock only moves once a jiffy, so one helper call a jiffy is enough.
 #[map]
 pub static LB_CLOCK: PerCpuArray<Clock> = PerCpuArray::with_max_entries(1, 0);
+
+/// lb_common::TAIL_CALL_ENCAP -> the encapsulating program (`lb_encap`), set
+/// by the daemon after it loads both. Pinned: an empty entry would drop
+/// every tunnelled packet while the daemon restarts.
+#[map]
+pub static LB_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(TAIL_CALL_SLOTS, 0);

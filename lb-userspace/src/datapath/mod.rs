@@ -6,7 +6,7 @@
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, ProgramArray, RingBuf};
 use aya::programs::links::PinnedLink;
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, Xdp};
@@ -152,6 +152,27 @@ pub struct Datapath {
     link: Option<XdpLinkId>,
     /// The link kept attached across restarts, when pinned by us.
     pinned_link: Option<PinnedLink>,
+    /// The tail-call table, held so that the kernel keeps its entries even
+    /// when it is not pinned (test runs).
+    _programs: ProgramArray<MapData>,
+}
+
+/// Loads the programs the balancer's program tail-calls (`lb_encap`) and
+/// puts them in its table; a pinned table from before a restart gets this
+/// daemon's programs, so the old program and the new agree from here on.
+fn load_tail_calls(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>, DatapathError> {
+    let name = lb_common::MAP_PROGRAMS;
+    let map = ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+    let mut programs = ProgramArray::try_from(map).map_err(map_error(name))?;
+    let encap: &mut Xdp = ebpf
+        .program_mut(lb_common::ENCAP_PROGRAM_NAME)
+        .ok_or(DatapathError::Missing { kind: "program", name: lb_common::ENCAP_PROGRAM_NAME })?
+        .try_into()
+        .map_err(DatapathError::Program)?;
+    encap.load().map_err(DatapathError::Program)?;
+    let fd = encap.fd().map_err(DatapathError::Program)?;
+    programs.set(lb_common::TAIL_CALL_ENCAP, fd, 0).map_err(map_error(name))?;
+    Ok(programs)
 }
 
 impl Datapath {
@@ -215,6 +236,7 @@ impl Datapath {
             .try_into()
             .map_err(DatapathError::Program)?;
         program.load().map_err(DatapathError::Program)?;
+        let programs = load_tail_calls(&mut ebpf)?;
 
         let mut take = |name: &'static str| {
             ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })
@@ -258,6 +280,7 @@ impl Datapath {
             flows,
             flow_events,
             flow_sync: Some(flow_sync),
+            _programs: programs,
             maglev,
             _maglev_map: maglev_map,
             attached: None,
@@ -282,6 +305,12 @@ impl Datapath {
         // Checked in load(): the program exists and is XDP.
         let program = self.ebpf.program(PROGRAM_NAME).expect("program checked at load");
         program.try_into().expect("program type checked at load")
+    }
+
+    /// Every program of the object by name: the balancer's and the ones it
+    /// tail-calls (for checks of what the verifier made of them).
+    pub fn programs(&self) -> impl Iterator<Item = (&str, &aya::programs::Program)> {
+        self.ebpf.programs()
     }
 
     fn program_mut(&mut self) -> &mut Xdp {

@@ -1,5 +1,5 @@
-//! Forwarding modes `ipip` and `gue`: the client's IP packet, untouched, in
-//! front of which go an outer IP header from the balancer to the backend
+//! The outer headers of `ipip` and `gue`: the client's IP packet, untouched,
+//! in front of which go an outer IP header from the balancer to the backend
 //! (IPv4 in IPv4, IPv6 in IPv6) and for GUE a UDP header; the Ethernet
 //! header (VLAN tags kept) moves to the new front and goes to the next hop.
 //! The backend takes the outer headers off and answers the client from the
@@ -12,10 +12,8 @@
 //! [`MAX_EXTENSION_WORDS`] words) is read. Over IPv4 the UDP checksum is
 //! zero, as RFC 768 allows.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{
-    Backend, FAMILY_IPV4, FORWARDING_GUE, GUE_SOURCE_PORT_BASE, PROTO_UDP, Reason, encap_overhead,
-};
+use aya_ebpf::programs::XdpContext;
+use lb_common::{Backend, FAMILY_IPV4, GUE_SOURCE_PORT_BASE, PROTO_UDP, Reason};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::checksum::{fold, word_at};
@@ -67,15 +65,21 @@ const MAX_L2_WORDS: usize = 11;
 /// IPv6 extension headers summed for the GUE checksum: 64 bytes.
 pub const MAX_EXTENSION_WORDS: usize = 32;
 
-/// Puts the outer headers of `backend`'s mode in front of the packet.
-/// The Ethernet addresses are left for dsr::forward to set.
+/// Writes the outer headers into the `overhead` bytes of room made in
+/// front of the frame (the request that was there has been read), moving
+/// the L2 header to the new front. The Ethernet addresses are left for
+/// dsr::forward to set.
 #[inline(always)]
-pub fn encapsulate(ctx: &XdpContext, backend: &Backend, inner: Inner) -> Result<(), Reason> {
+pub fn encapsulate(
+    ctx: &XdpContext,
+    backend: &Backend,
+    inner: Inner,
+    gue: bool,
+    overhead: usize,
+) -> Result<(), Reason> {
     let v4 = inner.family == FAMILY_IPV4;
-    let gue = backend.forwarding == FORWARDING_GUE;
-    let overhead = encap_overhead(backend.forwarding, inner.family) as usize;
     let l3 = inner.l3_offset;
-    let (inner_len, class, dont_fragment) = inner_header(ctx, l3, v4)?;
+    let (inner_len, class, dont_fragment) = inner_header(ctx, overhead + l3, v4)?;
     // SAFETY: as in source_v6_word.
     let (mtu, source_v4) = unsafe {
         (core::ptr::read_volatile(&LB_TUNNEL_MTU), core::ptr::read_volatile(&LB_TUNNEL_SOURCE_V4))
@@ -91,13 +95,8 @@ pub fn encapsulate(ctx: &XdpContext, backend: &Backend, inner: Inner) -> Result<
     if no_source {
         return Err(Reason::DropNoTunnelSource);
     }
-    let payload_sum = if gue && !v4 { inner_sum(ctx, inner, inner_len)? } else { 0 };
+    let payload_sum = if gue && !v4 { inner_sum(ctx, inner, overhead, inner_len)? } else { 0 };
 
-    // SAFETY: the helper only moves the start of the frame; every pointer
-    // is taken again (and bounds-checked) after it.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
-        return Err(Reason::DropInternal);
-    }
     // The L2 header to the new front, lowest word first (the copy moves
     // down, so no word is read after it was overwritten). Its EtherType
     // stays: the outer packet has the inner's family.
@@ -235,8 +234,17 @@ fn write_ipv4(
 /// its header and extension headers as read, its transport segment as the
 /// complement of the segment's pseudo-header.
 #[inline(always)]
-fn inner_sum(ctx: &XdpContext, inner: Inner, inner_len: usize) -> Result<u32, Reason> {
-    let l3 = inner.l3_offset;
+fn inner_sum(
+    ctx: &XdpContext,
+    inner: Inner,
+    overhead: usize,
+    inner_len: usize,
+) -> Result<u32, Reason> {
+    let l3 = overhead + inner.l3_offset;
+    let l4 = overhead + inner.l4_offset;
+    if l4 < l3 + Ipv6Hdr::LEN {
+        return Err(Reason::DropInternal);
+    }
     let mut header = 0u32;
     // Words 4 to 19 are the source and destination addresses.
     let mut addresses = 0u32;
@@ -247,7 +255,7 @@ fn inner_sum(ctx: &XdpContext, inner: Inner, inner_len: usize) -> Result<u32, Re
             addresses += word;
         }
     }
-    let extensions = inner.l4_offset - l3 - Ipv6Hdr::LEN;
+    let extensions = l4 - l3 - Ipv6Hdr::LEN;
     if extensions > MAX_EXTENSION_WORDS * 2 {
         return Err(Reason::DropUnhashable);
     }
@@ -257,7 +265,7 @@ fn inner_sum(ctx: &XdpContext, inner: Inner, inner_len: usize) -> Result<u32, Re
         }
         header += word_at(ctx, l3 + Ipv6Hdr::LEN + index * 2).ok_or(Reason::DropInternal)?;
     }
-    let segment_len = (inner_len - (inner.l4_offset - l3)) as u32;
+    let segment_len = inner_len.saturating_sub(l4 - l3) as u32;
     let pseudo =
         addresses + (segment_len >> 16) + (segment_len & 0xffff) + u32::from(inner.protocol);
     Ok(fold(header) as u32 + u32::from(!fold(pseudo)))
