@@ -10,10 +10,12 @@ use core::mem::size_of;
 use core::net::IpAddr;
 
 mod counters;
+mod decap;
 mod hash;
 mod tunnel;
 
 pub use counters::*;
+pub use decap::*;
 pub use hash::*;
 pub use tunnel::*;
 

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod decap;
 pub mod health;
 pub mod interface;
 pub mod maglev;

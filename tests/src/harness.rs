@@ -154,7 +154,8 @@ pub struct Daemon {
 /// (which remounts only /sys), so pins outlive one `lb run`.
 pub const TEST_BPFFS: &str = "/run/lb-tests/bpf";
 
-fn test_bpffs() -> anyhow::Result<PathBuf> {
+/// [`TEST_BPFFS`], mounted when missing.
+pub fn test_bpffs() -> anyhow::Result<PathBuf> {
     let root = PathBuf::from(TEST_BPFFS);
     std::fs::create_dir_all(&root)?;
     if !lb_userspace::datapath::is_bpffs(&root) {

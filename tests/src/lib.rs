@@ -18,6 +18,7 @@ pub mod harness;
 pub mod netns;
 pub mod packets;
 pub mod prometheus;
+pub mod tunnels;
 pub mod websocket;
 
 /// XDP verdicts (the kernel's `enum xdp_action`), as `test_run` returns them.

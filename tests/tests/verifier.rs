@@ -36,7 +36,6 @@ fn verified_instructions(config: DatapathConfig) -> Vec<(String, u32)> {
         .collect()
 }
 
-#[test]
 fn every_configuration_verifies_with_headroom() {
     let configurations = [
         ("defaults", DatapathConfig::default()),
@@ -66,3 +65,5 @@ fn every_configuration_verifies_with_headroom() {
     }
     assert!(failures.is_empty(), "over {HEADROOM_LIMIT} verified instructions: {failures:?}");
 }
+
+tests::root_tests!(every_configuration_verifies_with_headroom,);

@@ -12,6 +12,7 @@ use crate::model::{
 };
 
 pub mod args;
+mod decap;
 mod drained;
 mod failure;
 mod output;
@@ -149,6 +150,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
             return Ok(runtime.block_on(daemon::run(options))?);
         }
         Command::Agent(agent) => return run_agent(*agent),
+        Command::Decap(args) => return decap::run(&args, json),
         Command::Unload { iface, pin_dir } => return unload(&iface, &pin_dir, json),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

@@ -30,8 +30,8 @@ pub use maps::{FlowCounter, FlowState, Maps, monotonic_ns, total_of};
 pub use marks::{FlowMarker, SlotCensus};
 pub use memory::held_map_memory;
 pub use pins::{
-    InterfaceLock, ensure_bpffs, has_pinned_link, has_pins, is_bpffs, lock_interface, pin_dir_for,
-    remove_pins,
+    Attached, InterfaceLock, attach_xdp, ensure_bpffs, has_pinned_link, has_pins, is_bpffs,
+    lock_interface, pin_dir_for, remove_pins,
 };
 
 /// The compiled XDP object, built by build.rs.
@@ -322,18 +322,24 @@ impl Datapath {
     /// Runs the program once on `packet` through BPF_PROG_TEST_RUN. Returns the
     /// XDP action and the packet as the program left it.
     pub fn test_run(&self, packet: &[u8]) -> Result<(u32, Vec<u8>), DatapathError> {
-        // Room for programs that grow the packet (encapsulation).
-        let mut output = vec![0u8; packet.len() + 256];
-        let result = aya::programs::TestRun::test_run(
-            self.program(),
-            aya::programs::TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut output),
-                ..Default::default()
-            },
-        )
-        .map_err(DatapathError::TestRun)?;
-        output.truncate(result.data_size_out as usize);
-        Ok((result.return_value, output))
+        test_run_xdp(self.program(), packet)
     }
+}
+
+/// Runs an XDP program once on `packet` through BPF_PROG_TEST_RUN: the XDP
+/// action and the packet as the program left it.
+pub fn test_run_xdp(program: &Xdp, packet: &[u8]) -> Result<(u32, Vec<u8>), DatapathError> {
+    // Room for programs that grow the packet (encapsulation).
+    let mut output = vec![0u8; packet.len() + 256];
+    let result = aya::programs::TestRun::test_run(
+        program,
+        aya::programs::TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut output),
+            ..Default::default()
+        },
+    )
+    .map_err(DatapathError::TestRun)?;
+    output.truncate(result.data_size_out as usize);
+    Ok((result.return_value, output))
 }

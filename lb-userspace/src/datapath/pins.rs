@@ -10,7 +10,7 @@ use aya::maps::{Array, MapData};
 use aya::programs::Xdp;
 use aya::programs::XdpMode;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::xdp::XdpLink;
+use aya::programs::xdp::{XdpLink, XdpLinkId};
 use lb_common::{LAYOUT_VERSION, Layout, MAP_LAYOUT};
 
 use super::{AttachMode, Datapath, DatapathError, map_error};
@@ -64,61 +64,14 @@ impl Datapath {
 
     /// Attaches to `iface`. Returns the mode actually used ("native" or "skb").
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str, DatapathError> {
-        let pinned_link =
-            self.pin_dir.as_ref().map(|dir| dir.join(LINK_PIN)).filter(|path| path.exists());
-        let program = self.program_mut();
-        let attempt = |program: &mut Xdp, mode: XdpMode, name: &'static str| {
-            program.attach(iface, mode).map(|link| (link, name)).map_err(|error| {
-                DatapathError::Attach { iface: iface.to_owned(), mode: name, error }
-            })
-        };
-        // A link pinned by an earlier `lb run` keeps the old program attached:
-        // swap this one in atomically, so no packet goes unhandled.
-        if let Some(link_pin) = pinned_link {
-            let pinned = PinnedLink::from_pin(&link_pin).map_err(|error| {
-                DatapathError::PinnedLink { path: link_pin.clone(), error: error.to_string() }
-            })?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|error| {
-                DatapathError::PinnedLink { path: link_pin.clone(), error: error.to_string() }
-            })?;
-            program.attach_to_link(link).map_err(|error| DatapathError::Attach {
-                iface: iface.to_owned(),
-                mode: "pinned link",
-                error,
-            })?;
-            self.attached = Some((iface.to_owned(), "pinned link (replaced atomically)"));
-            return Ok("pinned link (replaced atomically)");
+        let link_pin = self.pin_dir.as_ref().map(|dir| dir.join(LINK_PIN));
+        let attached = attach_xdp(self.program_mut(), iface, mode, link_pin.as_deref())?;
+        self.attached = Some((iface.to_owned(), attached.used));
+        self.link = attached.link;
+        if attached.pinned.is_some() {
+            self.pinned_link = attached.pinned;
         }
-        let (link_id, used) = match mode {
-            AttachMode::Native => attempt(program, XdpMode::Driver, "native")?,
-            AttachMode::Skb => attempt(program, XdpMode::Skb, "skb")?,
-            AttachMode::Auto => match attempt(program, XdpMode::Driver, "native") {
-                Ok(used) => used,
-                Err(native_error) => {
-                    tracing::warn!(
-                        %iface, error = format!("{:#}", anyhow::Error::new(native_error)),
-                        "native XDP unavailable; falling back to skb (generic) mode, which is much slower"
-                    );
-                    attempt(program, XdpMode::Skb, "skb")?
-                }
-            },
-        };
-        self.attached = Some((iface.to_owned(), used));
-        let Some(dir) = &self.pin_dir else {
-            self.link = Some(link_id);
-            return Ok(used);
-        };
-        // Pin the link so the program stays attached when lb run stops.
-        let dir = dir.clone();
-        let link = self.program_mut().take_link(link_id).map_err(DatapathError::Program)?;
-        let path = dir.join(LINK_PIN);
-        let failed = |error: String| DatapathError::PinnedLink { path: path.clone(), error };
-        let pinned = FdLink::try_from(link)
-            .map_err(|error| failed(error.to_string()))?
-            .pin(&path)
-            .map_err(|error| failed(error.to_string()))?;
-        self.pinned_link = Some(pinned);
-        Ok(used)
+        Ok(attached.used)
     }
 
     /// Detaches the program that [`Self::attach`] attached without a pin
@@ -142,6 +95,75 @@ impl Datapath {
         self.pinned_link = None;
         Ok(())
     }
+}
+
+/// How [`attach_xdp`] attached a program.
+pub struct Attached {
+    /// "native", "skb" or "pinned link (replaced atomically)".
+    pub used: &'static str,
+    /// The link, when not pinned (detached with the program's `detach`).
+    pub link: Option<XdpLinkId>,
+    /// The link's new pin, when it was pinned here.
+    pub pinned: Option<PinnedLink>,
+}
+
+/// Attaches `program` to `iface`. With `link_pin`, the link lives on that
+/// pin, so the program stays attached after this process exits: a link
+/// already pinned there (by an earlier run) gets `program` swapped in
+/// atomically, so no packet goes unhandled; otherwise the new link is
+/// pinned there. `lb run` and `lb decap` attach through here.
+pub fn attach_xdp(
+    program: &mut Xdp,
+    iface: &str,
+    mode: AttachMode,
+    link_pin: Option<&Path>,
+) -> Result<Attached, DatapathError> {
+    let attempt = |program: &mut Xdp, mode: XdpMode, name: &'static str| {
+        program
+            .attach(iface, mode)
+            .map(|link| (link, name))
+            .map_err(|error| DatapathError::Attach { iface: iface.to_owned(), mode: name, error })
+    };
+    if let Some(link_pin) = link_pin.filter(|path| path.exists()) {
+        let failed = |error: String| DatapathError::PinnedLink { path: link_pin.to_owned(), error };
+        let pinned = PinnedLink::from_pin(link_pin).map_err(|error| failed(error.to_string()))?;
+        let link =
+            XdpLink::try_from(FdLink::from(pinned)).map_err(|error| failed(error.to_string()))?;
+        program.attach_to_link(link).map_err(|error| DatapathError::Attach {
+            iface: iface.to_owned(),
+            mode: "pinned link",
+            error,
+        })?;
+        return Ok(Attached {
+            used: "pinned link (replaced atomically)",
+            link: None,
+            pinned: None,
+        });
+    }
+    let (link_id, used) = match mode {
+        AttachMode::Native => attempt(program, XdpMode::Driver, "native")?,
+        AttachMode::Skb => attempt(program, XdpMode::Skb, "skb")?,
+        AttachMode::Auto => match attempt(program, XdpMode::Driver, "native") {
+            Ok(used) => used,
+            Err(native_error) => {
+                tracing::warn!(
+                    %iface, error = format!("{:#}", anyhow::Error::new(native_error)),
+                    "native XDP unavailable; falling back to skb (generic) mode, which is much slower"
+                );
+                attempt(program, XdpMode::Skb, "skb")?
+            }
+        },
+    };
+    let Some(path) = link_pin else {
+        return Ok(Attached { used, link: Some(link_id), pinned: None });
+    };
+    let link = program.take_link(link_id).map_err(DatapathError::Program)?;
+    let failed = |error: String| DatapathError::PinnedLink { path: path.to_owned(), error };
+    let pinned = FdLink::try_from(link)
+        .map_err(|error| failed(error.to_string()))?
+        .pin(path)
+        .map_err(|error| failed(error.to_string()))?;
+    Ok(Attached { used, link: None, pinned: Some(pinned) })
 }
 
 /// Whether `dir` holds a pinned link: an earlier `lb run`'s program is

@@ -11,10 +11,12 @@ use crate::datapath::AttachMode;
 use crate::model::parse_endpoint;
 
 mod agent;
+mod decap;
 mod fleet;
 mod resources;
 
 pub use agent::AgentArgs;
+pub use decap::DecapArgs;
 pub use fleet::{FleetArgs, StoreArgs};
 pub use resources::{
     BackendCommand, CheckCommand, ConfigCommand, ProtocolArg, StoreCommand, VipCommand,
@@ -178,6 +180,15 @@ pub enum Command {
     ///
     /// Example: lb agent --store etcd://10.0.0.5:2379/lb --vip 198.18.0.10:80/tcp --configure-vip
     Agent(Box<AgentArgs>),
+    /// Run on a backend of ipip or gue VIPs: attach an XDP program to
+    /// --iface that takes IPIP, IP6IP6 and GUE packets for this host off
+    /// their outer headers and hands the inner packet to the kernel, so the
+    /// host needs no ipip or fou module. It stays attached (pinned) after
+    /// the command exits; run it again after the host's addresses change,
+    /// to refresh which inner destinations it accepts (docs/datapath.md).
+    ///
+    /// Example: lb decap --iface eth0 --gue-port 6080
+    Decap(DecapArgs),
     /// The fleet store this balancer follows (lb run --store).
     #[command(subcommand)]
     Store(StoreCommand),
