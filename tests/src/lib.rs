@@ -18,6 +18,7 @@ pub mod harness;
 pub mod netns;
 pub mod packets;
 pub mod prometheus;
+pub mod routed;
 pub mod tunnels;
 pub mod websocket;
 

@@ -13,9 +13,11 @@ pub fn run(args: &DecapArgs, json: bool) -> Result<(), Failure> {
         if !decap::remove_pins(&dir).map_err(anyhow::Error::from)? {
             return Err(not_pinned(&dir));
         }
+        let detached = wait_detached(&args.iface)?;
         let message = format!(
-            "removed the pins in {}: the decapsulator detaches from {} as nothing holds it now",
+            "removed the pins in {}: the decapsulator {} {}",
             dir.display(),
+            if detached { "is detached from" } else { "was still attached after 5 s to" },
             args.iface
         );
         output::print_body(&Body::Done { message, changed: true }, json)?;
@@ -55,6 +57,28 @@ pub fn run(args: &DecapArgs, json: bool) -> Result<(), Failure> {
     );
     output::print_body(&Body::Done { message, changed: true }, json)?;
     Ok(())
+}
+
+/// The kernel lets go of a link whose last pin is removed only after an
+/// RCU grace period: waits (5 s at most) until `iface` no longer runs the
+/// decapsulator, so that what follows `--detach` never meets it. True once
+/// it is gone (or the interface is).
+fn wait_detached(iface: &str) -> Result<bool, Failure> {
+    let Ok(ifindex) = crate::neighbour::interface_index(iface) else { return Ok(true) };
+    let runtime = tokio::runtime::Runtime::new().map_err(anyhow::Error::from)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let attached = runtime.block_on(crate::interface::attached_program(ifindex))?;
+        let ours = attached
+            .is_some_and(|program| program.name.as_deref() == Some(lb_common::DECAP_PROGRAM_NAME));
+        if !ours {
+            return Ok(true);
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn not_pinned(dir: &std::path::Path) -> Failure {

@@ -1,0 +1,169 @@
+//! Tunnelled VIPs end to end, over real kernels: backends on two subnets
+//! behind a router namespace, with no L2 adjacency to the balancer
+//! (tests/src/routed.rs), each running `lb decap`. IPv4 and IPv6, `ipip`
+//! and `gue`, TCP and UDP: real clients' flows land on both backends in
+//! fair shares where `lb lookup` says, the backends answer the clients
+//! directly through the router, and `lb decap` counts what it took. The
+//! control: with `lb decap` detached from one backend, exactly the flows
+//! `lb lookup` gives that backend fail (no ipip or fou module here).
+
+use std::collections::BTreeMap;
+
+use tests::harness::{
+    Daemon, Process, client_requests, lb_binary, start_server, tally, test_bpffs,
+};
+use tests::netns::{CLIENT4, CLIENT6, VIP4, VIP6};
+use tests::routed::{self, backend_addresses};
+
+const FLOWS: u16 = 200;
+
+fn endpoint(address: &str, port: u16) -> String {
+    if address.contains(':') { format!("[{address}]:{port}") } else { format!("{address}:{port}") }
+}
+
+/// `lb decap` in backend namespace `ns`, pinned in the test bpffs, with
+/// `args` (none: attach); its JSON answer.
+fn decap(ns: &str, args: &[&str]) -> serde_json::Value {
+    let pin_dir = test_bpffs().unwrap().join(ns);
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(lb_binary())
+        .args(["decap", "--iface", "eth0", "--xdp-mode", "native", "--json"])
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "lb decap in {ns}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Removes the decapsulators' pins however the test ends (the namespaces
+/// go with the testbed, the pins would stay).
+struct DecapPins(Vec<String>);
+
+impl Drop for DecapPins {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            if let Ok(root) = test_bpffs() {
+                let dir = lb_userspace::decap::pin_dir_for(&root.join(ns), "eth0");
+                let _ = lb_userspace::decap::remove_pins(&dir);
+                let _ = std::fs::remove_dir(dir.parent().unwrap());
+                let _ = std::fs::remove_dir(root.join(ns));
+            }
+        }
+    }
+}
+
+fn balances_through_a_router(prefix: &str, ipv6: bool) {
+    let testbed = routed::up(prefix, 2).expect("routed testbed");
+    let backends: Vec<String> = (1..=2)
+        .map(|index| {
+            let (v4, v6) = backend_addresses(index);
+            if ipv6 { v6 } else { v4 }
+        })
+        .collect();
+    let names: BTreeMap<&str, &str> =
+        [(backends[0].as_str(), "b1"), (backends[1].as_str(), "b2")].into();
+    let vips = [(8080, "tcp", "ipip"), (8081, "tcp", "gue"), (8082, "udp", "gue")];
+    let _servers: Vec<Process> = vips
+        .iter()
+        .flat_map(|(port, _, _)| (1..=2).map(|index| start_server(&testbed, index, *port).unwrap()))
+        .collect();
+    let namespaces: Vec<String> = (1..=2).map(|index| testbed.backend(index)).collect();
+    let _pins = DecapPins(namespaces.clone());
+    for ns in &namespaces {
+        decap(ns, &[]);
+    }
+    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    let (vip_address, client) = if ipv6 { (VIP6, CLIENT6) } else { (VIP4, CLIENT4) };
+    for (port, protocol, mode) in vips {
+        let vip = endpoint(vip_address, port);
+        daemon.lb(&["vip", "add", &vip, "--proto", protocol, "--forwarding", mode]).unwrap();
+        for backend in &backends {
+            daemon.lb(&["backend", "add", &vip, backend, "--proto", protocol]).unwrap();
+        }
+    }
+    daemon.wait_backends_active().unwrap();
+
+    for (index, (port, protocol, mode)) in vips.into_iter().enumerate() {
+        let vip = endpoint(vip_address, port);
+        let first_port = 20_000 + index as u16 * 1_000;
+        let answers = client_requests(&testbed, protocol, &vip, client, first_port, FLOWS).unwrap();
+        let counts = tally(&answers);
+        println!(
+            "FIGURE {mode} {protocol} {vip}: {FLOWS} flows through the router landed {counts:?}"
+        );
+        assert_eq!(
+            counts.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["b1", "b2"],
+            "{counts:?}"
+        );
+        let fair = usize::from(FLOWS) / 2;
+        for (name, count) in &counts {
+            assert!(
+                count * 10 >= fair * 6 && count * 10 <= fair * 14,
+                "{name}: {count} of {FLOWS}"
+            );
+        }
+        for (client_port, answer) in &answers {
+            let looked_up = daemon.lookup(&vip, &endpoint(client, *client_port), protocol).unwrap();
+            assert_eq!(
+                names.get(looked_up.as_str()).copied(),
+                Some(answer.as_str()),
+                "port {client_port}"
+            );
+        }
+    }
+    let stats = daemon.json(&["stats"]).unwrap();
+    let reasons = &stats["reasons"];
+    assert!(reasons["forwarded"].as_u64().unwrap() >= 3 * u64::from(FLOWS), "{reasons}");
+    for reason in ["drop_too_big", "drop_no_tunnel_source", "drop_no_backend", "drop_internal"] {
+        assert_eq!(reasons[reason].as_u64(), Some(0), "{reason}: {reasons}");
+    }
+    for ns in &namespaces {
+        let counters = decap(ns, &["--stats"])["counters"].clone();
+        println!("FIGURE lb decap in {ns}: {counters}");
+        assert!(counters["decapsulated"].as_u64().unwrap() >= u64::from(FLOWS), "{counters}");
+        assert_eq!(counters["drop_malformed"].as_u64(), Some(0), "{counters}");
+        assert_eq!(counters["drop_inner_not_local"].as_u64(), Some(0), "{counters}");
+    }
+
+    // The control: b1 without its decapsulator takes nothing from a tunnel.
+    decap(&namespaces[0], &["--detach"]);
+    assert!(!tests::netns::runs_xdp(&namespaces[0], "eth0").unwrap(), "lb decap --detach detached");
+    let vip = endpoint(vip_address, 8082);
+    let answers = client_requests(&testbed, "udp", &vip, client, 30_000, 20).unwrap();
+    let mut on_b1 = 0;
+    for (client_port, answer) in &answers {
+        let looked_up = daemon.lookup(&vip, &endpoint(client, *client_port), "udp").unwrap();
+        match names[looked_up.as_str()] {
+            "b1" => {
+                on_b1 += 1;
+                assert!(
+                    answer.starts_with("ERROR"),
+                    "port {client_port}: {answer} without lb decap"
+                );
+            }
+            _ => assert_eq!(answer, "b2", "port {client_port}"),
+        }
+    }
+    assert!(on_b1 > 0, "no control flow went to b1: {answers:?}");
+}
+
+fn ipv4_ipip_and_gue_balance_through_a_router() {
+    balances_through_a_router("lbr4-", false);
+}
+
+fn ipv6_ipip_and_gue_balance_through_a_router() {
+    balances_through_a_router("lbr6-", true);
+}
+
+tests::root_tests!(
+    ipv4_ipip_and_gue_balance_through_a_router,
+    ipv6_ipip_and_gue_balance_through_a_router
+);
