@@ -183,13 +183,19 @@ pub enum Reason {
     /// packet's family to send the tunnel from: dropped.
     DropNoTunnelSource = 16,
     /// For an `ipip`/`gue` VIP, but the packet with its outer headers would
-    /// exceed the egress MTU: dropped (never sent as a fragment or to be
-    /// lost on the wire).
+    /// exceed the egress MTU, and it could not be answered (IPv4 without
+    /// DF, or past [`crate::ICMP_TOO_BIG_PER_SECOND`]): dropped (never sent
+    /// as a fragment or to be lost on the wire).
     DropTooBig = 17,
+    /// For an `ipip`/`gue` VIP, but the packet with its outer headers would
+    /// exceed the egress MTU: answered to the client with ICMP
+    /// "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet too big",
+    /// carrying the MTU that fits, so its TCP lowers its segment size.
+    AnsweredTooBig = 18,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::PassNotIp,
@@ -209,6 +215,7 @@ impl Reason {
         Reason::DropIcmpUnmatched,
         Reason::DropNoTunnelSource,
         Reason::DropTooBig,
+        Reason::AnsweredTooBig,
     ];
 
     /// Stable name used by `lb stats` and its JSON output.
@@ -232,6 +239,7 @@ impl Reason {
             Reason::DropIcmpUnmatched => "drop_icmp_unmatched",
             Reason::DropNoTunnelSource => "drop_no_tunnel_source",
             Reason::DropTooBig => "drop_too_big",
+            Reason::AnsweredTooBig => "answered_too_big",
         }
     }
 

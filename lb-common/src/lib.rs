@@ -98,7 +98,7 @@ pub const ALL_MAPS: [&str; 14] = [
 
 /// Bumped whenever a map's key or value layout changes: pinned maps of
 /// another version are refused rather than misread.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Value of [`MAP_LAYOUT`]. Written by the daemon that creates the maps.
 #[repr(C)]

@@ -119,3 +119,9 @@ pub const ENCAP_ICMP_ERROR: u8 = 2;
 pub const ENCAP_GUE: u8 = 4;
 /// [`EncapRequest::flags`]: the VLAN tag count's shift (0, 1 or 2 tags).
 pub const ENCAP_TAGS_SHIFT: u8 = 3;
+
+/// The most "fragmentation needed" / "packet too big" answers one CPU sends
+/// in a second (each CPU counts its own): beyond it, packets too big for
+/// the tunnel are dropped as [`crate::Reason::DropTooBig`], so a flood of
+/// large packets cannot turn the balancer into an ICMP source.
+pub const ICMP_TOO_BIG_PER_SECOND: u64 = 100;

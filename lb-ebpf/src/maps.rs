@@ -16,6 +16,7 @@ use lb_common::{
 };
 
 use crate::clock::Clock;
+use crate::encap::IcmpBudget;
 
 /// VipKey -> VipInfo. Written by the daemon on every VIP or table change;
 /// sized to the maximum number of VIPs.
@@ -109,3 +110,8 @@ pub static LB_CLOCK: PerCpuArray<Clock> = PerCpuArray::with_max_entries(1, 0);
 /// every tunnelled packet while the daemon restarts.
 #[map]
 pub static LB_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(TAIL_CALL_SLOTS, 0);
+
+/// One entry, per CPU: the ICMP "too big" answers sent this second
+/// (lb_common::ICMP_TOO_BIG_PER_SECOND at most). Datapath only, never pinned.
+#[map]
+pub static LB_ICMP_BUDGET: PerCpuArray<IcmpBudget> = PerCpuArray::with_max_entries(1, 0);

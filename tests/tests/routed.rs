@@ -155,6 +155,105 @@ fn balances_through_a_router(prefix: &str, ipv6: bool) {
     assert!(on_b1 > 0, "no control flow went to b1: {answers:?}");
 }
 
+/// A TCP server in `ns` on `port` (both families) that reads each
+/// connection to its end and answers with the byte count; a few minutes at most.
+fn start_upload_server(ns: &str, port: u16) -> Process {
+    let script = format!(
+        "import socket, threading\n\
+         s = socket.socket(socket.AF_INET6)\n\
+         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('::', {port})); s.listen(16); s.settimeout(300)\n\
+         def serve(c):\n\
+         \x20   n = 0\n\
+         \x20   while True:\n\
+         \x20       b = c.recv(65536)\n\
+         \x20       if not b: break\n\
+         \x20       n += len(b)\n\
+         \x20   c.sendall(str(n).encode()); c.close()\n\
+         while True:\n\
+         \x20   c, _ = s.accept(); threading.Thread(target=serve, args=(c,)).start()\n"
+    );
+    Process(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "/usr/bin/python3", "-c", &script])
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Uploads `bytes` from the client namespace to `vip`: what the server
+/// counted, or the error.
+fn upload(client_ns: &str, vip: &str, bytes: usize) -> String {
+    let (host, port) = vip.rsplit_once(':').unwrap();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let script = format!(
+        "import socket\n\
+         c = socket.create_connection(('{host}', {port}), timeout=20)\n\
+         c.sendall(b'x' * {bytes}); c.shutdown(socket.SHUT_WR)\n\
+         print(c.recv(100).decode())\n"
+    );
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", client_ns, "/usr/bin/python3", "-c", &script])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(if output.status.success() {
+        &output.stdout
+    } else {
+        &output.stderr
+    });
+    text.trim().to_owned()
+}
+
+/// Uploads go through the balancer (downloads do not: replies go straight
+/// to the client). Full-size segments do not fit the tunnel: the balancer
+/// answers "fragmentation needed" / "packet too big" with the MTU that
+/// fits, the client's TCP lowers its segments, and 1 MB uploads over IPv4
+/// and IPv6 complete.
+fn uploads_larger_than_the_tunnel_learn_its_mtu_and_complete() {
+    let testbed = routed::up("lbrm-", 1).expect("routed testbed");
+    let backend = testbed.backend(1);
+    let _server = start_upload_server(&backend, 8090);
+    let _pins = DecapPins(vec![backend.clone()]);
+    decap(&backend, &[]);
+    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    let (v4, v6) = backend_addresses(1);
+    for (vip_address, backend_address) in [(VIP4, &v4), (VIP6, &v6)] {
+        let vip = endpoint(vip_address, 8090);
+        daemon.lb(&["vip", "add", &vip, "--forwarding", "ipip"]).unwrap();
+        daemon.lb(&["backend", "add", &vip, backend_address]).unwrap();
+    }
+    daemon.wait_backends_active().unwrap();
+    const BYTES: usize = 1_000_000;
+    for vip_address in [VIP4, VIP6] {
+        let vip = endpoint(vip_address, 8090);
+        let answer = upload(&testbed.client(), &vip, BYTES);
+        println!("FIGURE upload of {BYTES} B to {vip} through the tunnel: {answer}");
+        assert_eq!(answer, BYTES.to_string(), "{vip}");
+    }
+    let reasons = daemon.json(&["stats"]).unwrap()["reasons"].clone();
+    println!(
+        "FIGURE too-big answers {}, drops {}",
+        reasons["answered_too_big"], reasons["drop_too_big"]
+    );
+    assert!(reasons["answered_too_big"].as_u64().unwrap() >= 2, "{reasons}");
+    assert_eq!(reasons["drop_too_big"].as_u64(), Some(0), "{reasons}");
+
+    // The control: a client that ignores the answer (its route's MTU
+    // locked at 1500, so it sends without DF and learns nothing) has its
+    // full-size segments dropped, and its upload never completes.
+    let client = testbed.client();
+    let route =
+        ["route", "change", &format!("{VIP4}/32"), "via", "198.18.0.2", "mtu", "lock", "1500"];
+    tests::netns::ip(&client, &route).unwrap();
+    let vip = endpoint(VIP4, 8090);
+    let answer = upload(&client, &vip, BYTES);
+    println!("FIGURE upload to {vip} with the client's MTU locked: {answer}");
+    assert_ne!(answer, BYTES.to_string(), "the upload completed without learning the MTU");
+    let reasons = daemon.json(&["stats"]).unwrap()["reasons"].clone();
+    assert!(reasons["drop_too_big"].as_u64().unwrap() > 0, "{reasons}");
+}
+
 fn ipv4_ipip_and_gue_balance_through_a_router() {
     balances_through_a_router("lbr4-", false);
 }
@@ -165,5 +264,6 @@ fn ipv6_ipip_and_gue_balance_through_a_router() {
 
 tests::root_tests!(
     ipv4_ipip_and_gue_balance_through_a_router,
-    ipv6_ipip_and_gue_balance_through_a_router
+    ipv6_ipip_and_gue_balance_through_a_router,
+    uploads_larger_than_the_tunnel_learn_its_mtu_and_complete,
 );

@@ -12,7 +12,10 @@
 use std::net::IpAddr;
 use std::process::Command;
 
-use etherparse::{IpDscp, IpEcn, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, UdpHeader};
+use etherparse::{
+    Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpDscp, IpEcn, IpNumber, Ipv4Header,
+    Ipv6FlowLabel, Ipv6Header, UdpHeader, icmpv4,
+};
 use lb_common::{Reason, tunnel_entropy};
 use lb_userspace::model::{ForwardingMode, TunnelConfig};
 use lb_userspace::reconcile::Reconciler;
@@ -88,6 +91,64 @@ fn expected(
         }
     }
     out.extend_from_slice(inner);
+    out
+}
+
+/// The ICMP error the balancer must send back for `input`, a client frame
+/// too big for its tunnel, built by etherparse: from the VIP to the client,
+/// by the MAC it came from, "fragmentation needed" / "packet too big" with
+/// `mtu`, quoting the IP header and the first 8 bytes of the transport.
+fn too_big_answer(input: &[u8], mtu: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&input[6..12]);
+    out.extend_from_slice(&input[0..6]);
+    out.extend_from_slice(&input[12..14]);
+    let ip = &input[14..];
+    if ip[0] >> 4 == 4 {
+        let header_len = usize::from(ip[0] & 0xf) * 4;
+        let quote = &ip[..header_len + 8];
+        let kind = Icmpv4Type::DestinationUnreachable(
+            icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+        );
+        let icmp = Icmpv4Header::with_checksum(kind, quote);
+        let length = (icmp.header_len() + quote.len()) as u16;
+        let (source, destination) = (&ip[12..16], &ip[16..20]);
+        let mut header = Ipv4Header::new(
+            length,
+            64,
+            IpNumber::ICMP,
+            destination.try_into().unwrap(),
+            source.try_into().unwrap(),
+        )
+        .unwrap();
+        header.dont_fragment = false;
+        header.header_checksum = header.calc_header_checksum();
+        header.write(&mut out).unwrap();
+        icmp.write(&mut out).unwrap();
+        out.extend_from_slice(quote);
+    } else {
+        let quote = &ip[..40 + 8];
+        let (source, destination): ([u8; 16], [u8; 16]) =
+            (ip[8..24].try_into().unwrap(), ip[24..40].try_into().unwrap());
+        let icmp = Icmpv6Header::with_checksum(
+            Icmpv6Type::PacketTooBig { mtu: u32::from(mtu) },
+            destination,
+            source,
+            quote,
+        )
+        .unwrap();
+        let header = Ipv6Header {
+            payload_length: (icmp.header_len() + quote.len()) as u16,
+            next_header: IpNumber::IPV6_ICMP,
+            hop_limit: 64,
+            source: destination,
+            destination: source,
+            ..Ipv6Header::default()
+        };
+        header.write(&mut out).unwrap();
+        icmp.write(&mut out).unwrap();
+        out.extend_from_slice(quote);
+    }
     out
 }
 
@@ -285,23 +346,49 @@ fn an_icmp_error_about_a_flow_is_tunnelled_to_its_backend_like_the_flow() {
 }
 
 #[test]
-fn a_packet_that_would_exceed_the_mtu_or_has_no_source_is_dropped_and_counted() {
+fn a_packet_too_big_for_its_tunnel_is_answered_with_the_mtu_that_fits() {
     let reconciler = fixture(TUNNEL);
     let v4 = flow("198.18.0.100", 40_000, "198.18.0.10", 80, L4::Tcp);
+    let ack = Shape { segment: Segment::Ack, ..Shape::default() };
     // 20 (IP) + 20 (TCP) + payload, plus 20 of IPIP: exactly the MTU fits.
-    let fits = frame(v4, Shape { segment: Segment::Ack, ..Shape::default() }, &[7; 1440]);
+    let fits = frame(v4, ack, &[7; 1440]);
     assert_eq!(reconciler.datapath().test_run(&fits).unwrap().0, XDP_TX);
-    let too_big = frame(v4, Shape { segment: Segment::Ack, ..Shape::default() }, &[7; 1441]);
-    let before = reason_count(&reconciler, Reason::DropTooBig);
-    assert_eq!(reconciler.datapath().test_run(&too_big).unwrap().0, XDP_DROP);
-    assert_eq!(reason_count(&reconciler, Reason::DropTooBig), before + 1);
+    let too_big = frame(v4, ack, &[7; 1441]);
+    assert_ne!(too_big[14 + 6] & 0x40, 0, "the client's TCP sets DF");
+    let (action, output) = reconciler.datapath().test_run(&too_big).unwrap();
+    assert_eq!(action, XDP_TX);
+    assert_eq!(output, too_big_answer(&too_big, 1500 - 20), "fragmentation needed, MTU 1480");
+    assert_eq!(reason_count(&reconciler, Reason::AnsweredTooBig), 1);
+    // Without DF the client allowed fragments, which we do not make: dropped.
+    let mut no_df = too_big.clone();
+    no_df[14 + 6] &= !0x40;
+    let header = Ipv4Header::from_slice(&no_df[14..]).unwrap().0;
+    no_df[14 + 10..14 + 12].copy_from_slice(&header.calc_header_checksum().to_be_bytes());
+    assert_eq!(reconciler.datapath().test_run(&no_df).unwrap().0, XDP_DROP);
+    assert_eq!(reason_count(&reconciler, Reason::DropTooBig), 1);
+
     // GUE over IPv6 adds 48: 1452 bytes of inner packet fit.
     let v6 = flow("fd00:198:18::100", 40_000, "fd00:198:18::10", 53, L4::Udp);
     let fits = frame(v6, Shape::default(), &[7; 1452 - 48]);
     assert_eq!(reconciler.datapath().test_run(&fits).unwrap().0, XDP_TX);
     let too_big = frame(v6, Shape::default(), &[7; 1452 - 47]);
-    assert_eq!(reconciler.datapath().test_run(&too_big).unwrap().0, XDP_DROP);
-    assert_eq!(reason_count(&reconciler, Reason::DropTooBig), before + 2);
+    let (action, output) = reconciler.datapath().test_run(&too_big).unwrap();
+    assert_eq!(action, XDP_TX);
+    assert_eq!(output, too_big_answer(&too_big, 1500 - 48), "packet too big, MTU 1452");
+    assert_eq!(reason_count(&reconciler, Reason::AnsweredTooBig), 2);
+
+    // Rate-limited per CPU: test runs share one CPU, so the answers stop
+    // after ICMP_TOO_BIG_PER_SECOND (twice that if a second turns meanwhile).
+    let mut answered = 2;
+    for _ in 0..1_000 {
+        if reconciler.datapath().test_run(&too_big).unwrap().0 != XDP_TX {
+            break;
+        }
+        answered += 1;
+    }
+    let limit = lb_common::ICMP_TOO_BIG_PER_SECOND;
+    assert!((limit..=2 * limit).contains(&answered), "{answered} answered before the first drop");
+    assert_eq!(reason_count(&reconciler, Reason::DropTooBig), 2);
 
     // A balancer with an IPv4 source only: IPv6 tunnels have nothing to send from.
     let reconciler = fixture(TunnelConfig { source_v6: None, ..TUNNEL });

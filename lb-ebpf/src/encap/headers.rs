@@ -97,18 +97,8 @@ pub fn encapsulate(
     }
     let payload_sum = if gue && !v4 { inner_sum(ctx, inner, overhead, inner_len)? } else { 0 };
 
-    // The L2 header to the new front, lowest word first (the copy moves
-    // down, so no word is read after it was overwritten). Its EtherType
-    // stays: the outer packet has the inner's family.
-    for index in 0..MAX_L2_WORDS {
-        if index * 2 >= l3 {
-            break;
-        }
-        let from = ptr_at::<[u8; 2]>(ctx, overhead + index * 2).ok_or(Reason::DropInternal)?;
-        let to = ptr_at_mut::<[u8; 2]>(ctx, index * 2).ok_or(Reason::DropInternal)?;
-        // SAFETY: ptr_at checked both words lie within the frame.
-        unsafe { *to = *from };
-    }
+    // Its EtherType stays: the outer packet has the inner's family.
+    copy_l2_down(ctx, l3, overhead)?;
     let outer_len = inner_len + overhead;
     let udp_len = (inner_len + 8) as u16;
     let source_port = GUE_SOURCE_PORT_BASE | (inner.entropy & 0x3fff) as u16;
@@ -170,6 +160,30 @@ pub fn encapsulate(
     Ok(())
 }
 
+/// Moves the `l3` bytes of L2 header at `shift` to the front of the frame,
+/// lowest word first (the copy moves down, so no word is read after it was
+/// overwritten).
+#[inline(always)]
+pub(super) fn copy_l2_down(ctx: &XdpContext, l3: usize, shift: usize) -> Result<(), Reason> {
+    for index in 0..MAX_L2_WORDS {
+        if index * 2 >= l3 {
+            break;
+        }
+        let from = ptr_at::<[u8; 2]>(ctx, shift + index * 2).ok_or(Reason::DropInternal)?;
+        let to = ptr_at_mut::<[u8; 2]>(ctx, index * 2).ok_or(Reason::DropInternal)?;
+        // SAFETY: ptr_at checked both words lie within the frame.
+        unsafe { *to = *from };
+    }
+    Ok(())
+}
+
+/// The egress MTU tunnelled packets must fit (0: unchecked).
+#[inline(always)]
+pub(super) fn tunnel_mtu() -> u32 {
+    // SAFETY: as in source_v6_word.
+    unsafe { core::ptr::read_volatile(&LB_TUNNEL_MTU) }
+}
+
 /// The inner packet's length by its header, its DSCP/ECN byte, and for
 /// IPv4 its don't-fragment bit.
 #[inline(always)]
@@ -191,17 +205,17 @@ fn inner_header(ctx: &XdpContext, l3: usize, v4: bool) -> Result<(usize, u8, boo
 
 /// The fields of an outer IPv4 header that vary.
 #[derive(Clone, Copy)]
-struct OuterV4 {
-    tos: u8,
-    total_len: u16,
-    frags: u16,
-    protocol: u8,
+pub(super) struct OuterV4 {
+    pub tos: u8,
+    pub total_len: u16,
+    pub frags: u16,
+    pub protocol: u8,
 }
 
 /// Writes the outer IPv4 header with its checksum; addresses as words of
 /// network-order bytes.
 #[inline(always)]
-fn write_ipv4(
+pub(super) fn write_ipv4(
     ctx: &XdpContext,
     l3: usize,
     header: OuterV4,
@@ -248,8 +262,14 @@ fn inner_sum(
     let mut header = 0u32;
     // Words 4 to 19 are the source and destination addresses.
     let mut addresses = 0u32;
+    // One bounds check for the whole header: word by word, the compiler
+    // merges the checks into arithmetic on the packet's end, which the
+    // verifier refuses.
+    let ip = ptr_at::<[u8; Ipv6Hdr::LEN]>(ctx, l3).ok_or(Reason::DropInternal)?;
     for index in 0..Ipv6Hdr::LEN / 2 {
-        let word = word_at(ctx, l3 + index * 2).ok_or(Reason::DropInternal)?;
+        // SAFETY: ptr_at checked the header lies within the frame.
+        let word =
+            u32::from(u16::from_be_bytes(unsafe { [(*ip)[index * 2], (*ip)[index * 2 + 1]] }));
         header += word;
         if index >= 4 {
             addresses += word;
@@ -274,7 +294,7 @@ fn inner_sum(
 /// The sum of the two 16-bit words of four network-order bytes read as a
 /// native u32.
 #[inline(always)]
-fn word_sum(word: u32) -> u32 {
+pub(super) fn word_sum(word: u32) -> u32 {
     let value = u32::from_be(word);
     (value >> 16) + (value & 0xffff)
 }

@@ -7,6 +7,9 @@
 //! every path to a backend, and flow sync took that past its limit.
 
 mod headers;
+mod too_big;
+
+pub use too_big::IcmpBudget;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
@@ -112,7 +115,12 @@ fn try_encap(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
         protocol,
         entropy,
     };
-    headers::encapsulate(ctx, backend, inner, gue, overhead)?;
+    match headers::encapsulate(ctx, backend, inner, gue, overhead) {
+        Err(Reason::DropTooBig) => {
+            return too_big::answer(ctx, inner, overhead, headers::tunnel_mtu());
+        }
+        result => result?,
+    }
     let action = dsr::forward(ctx, backend)?;
     let icmp = flags & ENCAP_ICMP_ERROR != 0;
     stats::count_forwarded(vip_index, slot, bytes, icmp);
