@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use aya::maps::{MapData, PerCpuArray, PerCpuValues, ProgramArray};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues, ProgramArray};
 use aya::programs::{ProgramFd, TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{FLOW_CONFIRM_NS, PendingFlow, Reason, new_flow_table_size};
@@ -201,6 +201,10 @@ pub struct Harness {
     sequence: PerCpuArray<MapData, u32>,
     /// The wrapper's own cost: it tail-calling XDP_DROP, less XDP_DROP.
     wrapper: f64,
+    /// `bench_strip`'s length to strip to, and its own cost when it strips
+    /// nothing (tail-calling XDP_DROP, less XDP_DROP).
+    inner_len: Array<MapData, u32>,
+    strip: f64,
     pub drop: f64,
     /// XDP_TX after a MAC swap: what every row is compared with.
     pub floor: f64,
@@ -232,7 +236,9 @@ impl Harness {
             .map_max_entries("BENCH_LINES_A", a)
             .map_max_entries("BENCH_LINES_B", b)
             .load(BENCH_OBJECT)?;
-        for name in ["bench_drop", "bench_mac_swap", "bench_new_flow", "bench_memory_floor"] {
+        for name in
+            ["bench_drop", "bench_mac_swap", "bench_new_flow", "bench_memory_floor", "bench_strip"]
+        {
             xdp(&mut bench, name)?.load()?;
         }
         let mut target =
@@ -243,7 +249,10 @@ impl Harness {
         let floor = cost(xdp(&mut bench, "bench_mac_swap")?, sample, REPEAT, XDP_TX)?;
         target.set(0, xdp(&mut bench, "bench_drop")?.fd()?, 0)?;
         let wrapper = cost(xdp(&mut bench, "bench_new_flow")?, sample, REPEAT, XDP_DROP)? - drop;
-        Ok(Self { bench, target, sequence, wrapper, drop, floor })
+        let inner_len =
+            Array::try_from(bench.take_map("BENCH_INNER_LEN").context("BENCH_INNER_LEN")?)?;
+        let strip = cost(xdp(&mut bench, "bench_strip")?, sample, REPEAT, XDP_DROP)? - drop;
+        Ok(Self { bench, target, sequence, wrapper, inner_len, strip, drop, floor })
     }
 
     /// ns per packet of `balancer` on `frame` with a fresh source port
@@ -252,6 +261,19 @@ impl Harness {
         self.target.set(0, balancer.fd()?, 0)?;
         let wrapper = xdp(&mut self.bench, "bench_new_flow")?;
         Ok(cost(wrapper, frame, NEW_FLOW_REPEAT, XDP_TX)? - self.wrapper)
+    }
+
+    /// ns per packet of `balancer` on `frame` repeated through `bench_strip`,
+    /// which takes off the outer headers the last repeat put on (its cost
+    /// when it strips nothing taken off; the stripping itself, an
+    /// adjust_head and a 14-byte copy, stays in: an upper bound).
+    pub fn through_strip(&mut self, balancer: &Xdp, frame: &[u8]) -> anyhow::Result<f64> {
+        self.target.set(0, balancer.fd()?, 0)?;
+        self.inner_len.set(0, frame.len() as u32, 0)?;
+        let strip = xdp(&mut self.bench, "bench_strip")?;
+        let ns = cost(strip, frame, REPEAT, XDP_TX)? - self.strip;
+        self.inner_len.set(0, 0, 0)?;
+        Ok(ns)
     }
 
     /// The wrapper aimed at `balancer`, as an fd that threads on other CPUs
@@ -417,6 +439,7 @@ pub fn per_packet_costs() -> anyhow::Result<Vec<CostRow>> {
     rows.extend(flood_costs(&mut harness)?);
     rows.extend(sync_costs(&mut harness)?);
     rows.extend(rebalance_costs(&mut harness)?);
+    rows.extend(crate::tunnel_costs::tunnel_costs(&mut harness)?);
     Ok(rows)
 }
 

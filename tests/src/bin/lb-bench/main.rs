@@ -19,6 +19,7 @@ mod forwarding;
 mod hostile_costs;
 mod program_size;
 mod report;
+mod tunnel_costs;
 mod two_cpus;
 
 use std::net::IpAddr;

@@ -131,6 +131,30 @@ pub fn targets(
             1.05,
         ),
         (
+            "established packet through ipip at most 1.2x dsr (IPv4)",
+            "established, TCP IPv4, ipip (through bench_strip)",
+            "established, TCP IPv4, dsr (through bench_strip)",
+            1.2,
+        ),
+        (
+            "established packet through gue at most 1.2x dsr (IPv4)",
+            "established, TCP IPv4, gue (through bench_strip)",
+            "established, TCP IPv4, dsr (through bench_strip)",
+            1.2,
+        ),
+        (
+            "established packet through ipip at most 1.2x dsr (IPv6)",
+            "established, TCP IPv6, ipip (through bench_strip)",
+            "established, TCP IPv6, dsr (through bench_strip)",
+            1.2,
+        ),
+        (
+            "established packet through gue at most 1.2x dsr (IPv6)",
+            "established, TCP IPv6, gue (through bench_strip)",
+            "established, TCP IPv6, dsr (through bench_strip)",
+            1.2,
+        ),
+        (
             "established packet after a flood at most 1.1x before it",
             "established, TCP IPv4, after the flood",
             "established, TCP IPv4, before the flood",
