@@ -157,7 +157,7 @@ fn strip(ctx: &XdpContext, l3: usize, inner_offset: usize, inner: &L3) -> Result
 fn is_local(address: Address, family: u8) -> bool {
     let key = VipAddressKey { address: key_bytes(address), family: u32::from(family) };
     // SAFETY: only the presence of the key is used.
-    unsafe { LB_DECAP_LOCAL.get(&key) }.is_some()
+    unsafe { LB_DECAP_LOCAL.get(key) }.is_some()
 }
 
 #[cfg(not(target_arch = "bpf"))]

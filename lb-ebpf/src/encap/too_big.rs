@@ -102,6 +102,10 @@ pub fn answer(
     let eth = ptr_at_mut::<EthHdr>(ctx, 0).ok_or(Reason::DropInternal)?;
     // SAFETY: ptr_at_mut checked the header lies within the frame. Back to
     // where the frame came from (the client's router), from us.
+    #[expect(
+        clippy::manual_swap,
+        reason = "plain loads and stores; mem::swap may call memcpy, which BPF cannot"
+    )]
     unsafe {
         let client = (*eth).src_addr;
         (*eth).src_addr = (*eth).dst_addr;
