@@ -34,6 +34,17 @@ pub fn test_run_fd(
     live: Option<u32>,
     repeat: u32,
 ) -> anyhow::Result<(u32, u32)> {
+    test_run_output(fd, frame, live, repeat).map(|(retval, duration, _)| (retval, duration))
+}
+
+/// [`test_run_fd`], also returning the frame as the last run left it
+/// (empty with `live`).
+pub fn test_run_output(
+    fd: &aya::programs::ProgramFd,
+    frame: &[u8],
+    live: Option<u32>,
+    repeat: u32,
+) -> anyhow::Result<(u32, u32, Vec<u8>)> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     let context: [u32; 6] = [0, frame.len() as u32, 0, live.unwrap_or(0), 0, 0];
@@ -81,5 +92,6 @@ pub fn test_run_fd(
     // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_TEST_RUN whose
     // pointers (frame, output, context) outlive the call.
     unsafe { syscall(BPF_PROG_TEST_RUN, &mut attr) }.context("test run")?;
-    Ok((attr.retval, attr.duration))
+    out.truncate(attr.data_size_out as usize);
+    Ok((attr.retval, attr.duration, out))
 }

@@ -2,6 +2,8 @@
 //! bench programs' `bench_generator`, which varies the source port (and
 //! address) of a template frame and transmits it. Used by the bench and by
 //! `lb-testbed generate` (scripts/pktgen.sh where kernel pktgen is absent).
+//! Where the kernel refuses live frames (EPERM on some machines), the same
+//! frames go out through a packet socket, one test run each.
 
 use std::time::{Duration, Instant};
 
@@ -62,9 +64,29 @@ pub fn send(
     // could not keep the rate.
     let batch = if rate == 0 { 262_144 } else { (rate / 10).max(1) };
     let mut sent = 0u64;
+    let mut fallback: Option<PacketSocket> = None;
     while sent < count && start.elapsed() < limit {
         let repeat = batch.min(count - sent);
-        live_frames(fd, frame, ifindex, repeat as u32)?;
+        match &fallback {
+            None => match live_frames(fd, frame, ifindex, repeat as u32) {
+                Err(error) if refused(&error) => {
+                    eprintln!(
+                        "live frames refused ({error:#}): sending through a packet socket instead"
+                    );
+                    fallback = Some(PacketSocket::open(ifindex)?);
+                    continue;
+                }
+                result => result?,
+            },
+            Some(socket) => {
+                for _ in 0..repeat {
+                    let (action, out) = one_frame(fd, frame)?;
+                    if action == crate::XDP_TX {
+                        socket.send(&out)?;
+                    }
+                }
+            }
+        }
         sent += repeat;
         if rate > 0 {
             let due = Duration::from_secs_f64(sent as f64 / rate as f64);
@@ -75,6 +97,64 @@ pub fn send(
     }
     let seconds = start.elapsed().as_secs_f64();
     Ok(Sent { packets: sent, seconds, packets_per_second: sent as f64 / seconds.max(1e-9) })
+}
+
+/// Whether live frames were refused by the kernel (EPERM on some
+/// machines, with no balancer involved).
+fn refused(error: &anyhow::Error) -> bool {
+    error
+        .root_cause()
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|error| error.raw_os_error() == Some(libc::EPERM))
+}
+
+/// One frame of the generator by a plain test run (which advances its
+/// per-CPU sequence as a live one would): its action and the frame.
+fn one_frame(fd: &aya::programs::ProgramFd, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+    let (action, _, out) = crate::bpf::test_run_output(fd, frame, None, 1)?;
+    Ok((action, out))
+}
+
+/// Where live frames are refused: the generator's frames, one test run
+/// each, sent through an AF_PACKET socket bound to the interface. Slower
+/// (a few microseconds a frame), the same frames.
+struct PacketSocket(std::os::fd::OwnedFd);
+
+impl PacketSocket {
+    fn open(ifindex: u32) -> anyhow::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: plain socket(2) and bind(2) calls; the address is a
+        // zeroed sockaddr_ll with the fields the kernel reads set.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error()).context("AF_PACKET socket");
+            }
+            let socket = Self(std::os::fd::OwnedFd::from_raw_fd(fd));
+            let mut address: libc::sockaddr_ll = std::mem::zeroed();
+            address.sll_family = libc::AF_PACKET as u16;
+            address.sll_ifindex = ifindex as i32;
+            let length = size_of::<libc::sockaddr_ll>() as u32;
+            if libc::bind(fd, (&raw const address).cast(), length) != 0 {
+                return Err(std::io::Error::last_os_error()).context("binding the packet socket");
+            }
+            Ok(socket)
+        }
+    }
+
+    fn send(&self, frame: &[u8]) -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: send(2) of a valid buffer on our socket.
+        let sent = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if sent < 0 {
+            let error = std::io::Error::last_os_error();
+            // A full queue: the frame is lost, as a live frame would be.
+            if error.raw_os_error() != Some(libc::ENOBUFS) {
+                return Err(error).context("sending a frame");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES: every frame the
