@@ -210,6 +210,10 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
+/// IPv4 inside: IPIP (RFC 2003), an IPv4 protocol or IPv6 next header.
+pub const PROTO_IPIP: u8 = 4;
+/// IPv6 inside (RFC 2473, and 6in4), an IPv6 next header or IPv4 protocol.
+pub const PROTO_IPV6_INSIDE: u8 = 41;
 
 /// An address as it appears in keys: IPv4 in the first four bytes, the rest zero.
 #[inline(always)]

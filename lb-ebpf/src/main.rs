@@ -20,7 +20,7 @@ mod runtime;
 mod stats;
 mod sync;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
     FAMILY_IPV6, FORWARDING_DSR, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason,
     VipAddressKey,
@@ -66,13 +66,7 @@ static LB_SYNC_FLOWS: u32 = 0;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let (reason, action) = match try_lb_xdp(&ctx) {
-        Ok(forwarded) => forwarded,
-        Err(reason) if reason.is_drop() => (reason, xdp_action::XDP_DROP),
-        Err(reason) => (reason, xdp_action::XDP_PASS),
-    };
-    stats::count_reason(reason);
-    action
+    stats::verdict(try_lb_xdp(&ctx))
 }
 
 /// The reason and action of a forwarded packet, or why it was not forwarded.

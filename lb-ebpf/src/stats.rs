@@ -1,9 +1,22 @@
 //! Counter updates: the only place the datapath writes its statistics maps.
 
-use aya_ebpf::maps::PerCpuArray;
+use aya_ebpf::{bindings::xdp_action, maps::PerCpuArray};
 use lb_common::{FlowEvent, Reason, TrafficCounters};
 
 use crate::maps::{LB_BACKEND_STATS, LB_FLOW_EVENTS, LB_REASONS, LB_VIP_STATS};
+
+/// A program's exit: its one reason counted, and the action: the one
+/// chosen for a sent packet, XDP_DROP for a drop reason, else XDP_PASS.
+#[inline(always)]
+pub fn verdict(result: Result<(Reason, u32), Reason>) -> u32 {
+    let (reason, action) = match result {
+        Ok(sent) => sent,
+        Err(reason) if reason.is_drop() => (reason, xdp_action::XDP_DROP),
+        Err(reason) => (reason, xdp_action::XDP_PASS),
+    };
+    count_reason(reason);
+    action
+}
 
 #[inline(always)]
 pub fn count_reason(reason: Reason) {

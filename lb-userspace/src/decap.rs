@@ -16,7 +16,9 @@ use lb_common::{
     VipAddressKey,
 };
 
-use crate::datapath::{AttachMode, DatapathError, attach_xdp, is_bpffs, test_run_xdp};
+use crate::datapath::{
+    AttachMode, DatapathError, attach_xdp, is_bpffs, remove_named_pins, test_run_xdp,
+};
 
 /// The compiled decapsulating object, built by build.rs.
 static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
@@ -150,16 +152,7 @@ pub fn pinned_counters(dir: &Path) -> Result<Option<Vec<(DecapReason, u64)>>, Da
 /// Removes the decapsulator's pins in `dir`: the program detaches once
 /// nothing holds its link. Returns whether anything was pinned.
 pub fn remove_pins(dir: &Path) -> Result<bool, DatapathError> {
-    let mut removed = false;
-    for name in PINS {
-        match std::fs::remove_file(dir.join(name)) {
-            Ok(()) => removed = true,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(DatapathError::PinDir { dir: dir.to_owned(), error }),
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
-    Ok(removed)
+    remove_named_pins(dir, PINS)
 }
 
 /// Every address on this host's interfaces (in this network namespace),

@@ -23,10 +23,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    DECAP_MAX_ADDRESSES, DEFAULT_GUE_PORT, DecapReason, FAMILY_IPV4, PROTO_UDP, VipAddressKey,
+    DECAP_MAX_ADDRESSES, DEFAULT_GUE_PORT, DecapReason, FAMILY_IPV4, PROTO_IPIP, PROTO_IPV6_INSIDE,
+    PROTO_UDP, VipAddressKey,
 };
 
-use parse::ethernet::{ETH_P_IPV4, ETH_P_IPV6, parse_ethernet};
+use parse::ethernet::{ETH_P_IPV4, ETH_P_IPV6, MAX_L2_WORDS, parse_ethernet};
 use parse::ip::{Address, L3, key_bytes, parse_ipv4, parse_ipv6};
 use parse::{ptr_at, ptr_at_mut};
 
@@ -42,11 +43,6 @@ static LB_DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapRea
 /// The UDP port of GUE, set at load time.
 #[unsafe(no_mangle)]
 static LB_DECAP_GUE_PORT: u16 = DEFAULT_GUE_PORT;
-
-const PROTO_IPIP: u8 = 4;
-const NEXT_IPV6: u8 = 41;
-/// The longest L2 header the parser accepts: Ethernet and two tags.
-const MAX_L2_WORDS: usize = 11;
 
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
@@ -78,7 +74,7 @@ fn try_decap(ctx: &XdpContext) -> Result<(), DecapReason> {
         return Err(DecapReason::PassNotTunnel);
     }
     let (inner_offset, gue) = match outer.protocol {
-        PROTO_IPIP | NEXT_IPV6 => (outer.l4_offset, false),
+        PROTO_IPIP | PROTO_IPV6_INSIDE => (outer.l4_offset, false),
         PROTO_UDP => {
             let Some(udp) = ptr_at::<[u8; 8]>(ctx, outer.l4_offset) else {
                 return Err(DecapReason::PassNotTunnel);

@@ -13,11 +13,13 @@
 //! zero, as RFC 768 allows.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Backend, FAMILY_IPV4, GUE_SOURCE_PORT_BASE, PROTO_UDP, Reason};
+use lb_common::{
+    Backend, FAMILY_IPV4, GUE_SOURCE_PORT_BASE, PROTO_IPIP, PROTO_IPV6_INSIDE, PROTO_UDP, Reason,
+};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::checksum::{fold, word_at};
-use crate::parse::{ptr_at, ptr_at_mut};
+use crate::parse::{ethernet::MAX_L2_WORDS, ptr_at, ptr_at_mut};
 
 /// Where the packet to encapsulate lies in the frame, and its flow's
 /// tunnel entropy (lb_common::tunnel_entropy). Plain values, passed by
@@ -56,12 +58,8 @@ fn source_v6_word(index: usize) -> u32 {
     unsafe { core::ptr::read_volatile((&raw const LB_TUNNEL_SOURCE_V6 as *const u32).add(index)) }
 }
 
-const PROTO_IPIP: u8 = 4;
-const NEXT_IPV6: u8 = 41;
-const OUTER_TTL: u8 = 64;
+pub(super) const OUTER_TTL: u8 = 64;
 const IPV4_DONT_FRAGMENT: u16 = 0x4000;
-/// The longest L2 header the parser accepts: Ethernet and two tags.
-const MAX_L2_WORDS: usize = 11;
 /// IPv6 extension headers summed for the GUE checksum: 64 bytes.
 pub const MAX_EXTENSION_WORDS: usize = 32;
 
@@ -80,10 +78,9 @@ pub fn encapsulate(
     let v4 = inner.family == FAMILY_IPV4;
     let l3 = inner.l3_offset;
     let (inner_len, class, dont_fragment) = inner_header(ctx, overhead + l3, v4)?;
+    let mtu = tunnel_mtu();
     // SAFETY: as in source_v6_word.
-    let (mtu, source_v4) = unsafe {
-        (core::ptr::read_volatile(&LB_TUNNEL_MTU), core::ptr::read_volatile(&LB_TUNNEL_SOURCE_V4))
-    };
+    let source_v4 = unsafe { core::ptr::read_volatile(&LB_TUNNEL_SOURCE_V4) };
     if mtu != 0 && inner_len + overhead > mtu as usize {
         return Err(Reason::DropTooBig);
     }
@@ -115,7 +112,7 @@ pub fn encapsulate(
         write_ipv4(ctx, l3, header, source_v4, backend_word(0))?;
         Ipv4Hdr::LEN
     } else {
-        let next = if gue { PROTO_UDP } else { NEXT_IPV6 };
+        let next = if gue { PROTO_UDP } else { PROTO_IPV6_INSIDE };
         let payload = (outer_len - Ipv6Hdr::LEN) as u16;
         let ip = ptr_at_mut::<Ipv6Hdr>(ctx, l3).ok_or(Reason::DropInternal)?;
         let vcf = 6 << 28 | u32::from(class) << 20 | (inner.entropy & 0x000f_ffff);

@@ -11,9 +11,7 @@ mod too_big;
 
 pub use too_big::IcmpBudget;
 
-use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
-};
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext};
 use lb_common::{
     ENCAP_GUE, ENCAP_ICMP_ERROR, ENCAP_IPV6, ENCAP_TAGS_SHIFT, EncapRequest, FAMILY_IPV4,
     FAMILY_IPV6, FORWARDING_GUE, FORWARDING_IPIP, Reason, TAIL_CALL_ENCAP, encap_overhead,
@@ -74,13 +72,7 @@ pub fn hand_off(ctx: &XdpContext, hit: &Hit, packet: Packet, entropy: u32, icmp:
 /// Counts the packet's one `Reason`, as the balancer's program would have.
 #[xdp]
 pub fn lb_encap(ctx: XdpContext) -> u32 {
-    let (reason, action) = match try_encap(&ctx) {
-        Ok(sent) => sent,
-        Err(reason) if reason.is_drop() => (reason, xdp_action::XDP_DROP),
-        Err(reason) => (reason, xdp_action::XDP_PASS),
-    };
-    stats::count_reason(reason);
-    action
+    stats::verdict(try_encap(&ctx))
 }
 
 #[inline(always)]

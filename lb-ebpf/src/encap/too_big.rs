@@ -18,7 +18,7 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-use super::headers::{Inner, OuterV4, copy_l2_down, word_sum, write_ipv4};
+use super::headers::{Inner, OUTER_TTL, OuterV4, copy_l2_down, word_sum, write_ipv4};
 use crate::checksum::{fold, word_at};
 use crate::maps::LB_ICMP_BUDGET;
 use crate::parse::{ptr_at, ptr_at_mut};
@@ -32,7 +32,6 @@ const MAX_QUOTE_WORDS: usize = (MAX_QUOTED_HEADER + QUOTED_TRANSPORT) / 2;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
-const TTL: u8 = 64;
 
 /// This CPU's answers in the current second.
 #[repr(C)]
@@ -151,7 +150,7 @@ pub fn answer(
             (*ip).vcf = (6u32 << 28).to_be_bytes();
             (*ip).payload_len = (icmp_len as u16).to_be_bytes();
             (*ip).next_hdr = PROTO_ICMPV6;
-            (*ip).hop_limit = TTL;
+            (*ip).hop_limit = OUTER_TTL;
             let from = (*ip).src_addr.as_mut_ptr() as *mut u32;
             let to = (*ip).dst_addr.as_mut_ptr() as *mut u32;
             for index in 0..4 {

@@ -13,6 +13,8 @@ pub const ETH_P_IPV6: u16 = 0x86DD;
 
 /// Tags we look through; QinQ (an S-tag then a C-tag) is the deepest in common use.
 const MAX_VLAN_TAGS: usize = 2;
+/// 16-bit words of the longest L2 header accepted: Ethernet and two tags.
+pub const MAX_L2_WORDS: usize = (EthHdr::LEN + MAX_VLAN_TAGS * VlanHdr::LEN) / 2;
 
 pub struct L2 {
     /// Host byte order: ETH_P_IPV4 or ETH_P_IPV6.

@@ -31,7 +31,7 @@ pub use marks::{FlowMarker, SlotCensus};
 pub use memory::held_map_memory;
 pub use pins::{
     Attached, InterfaceLock, attach_xdp, ensure_bpffs, has_pinned_link, has_pins, is_bpffs,
-    lock_interface, pin_dir_for, remove_pins,
+    lock_interface, pin_dir_for, remove_named_pins, remove_pins,
 };
 
 /// The compiled XDP object, built by build.rs.

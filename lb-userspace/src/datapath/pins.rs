@@ -181,17 +181,27 @@ pub fn has_pins(dir: &Path) -> bool {
 /// open elsewhere live on until closed; once nothing holds the link, the
 /// program detaches.
 pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
+    remove_named_pins(dir, std::iter::once(LINK_PIN).chain(lb_common::ALL_MAPS)).map(|_| ())
+}
+
+/// Removes the pins `names` in `dir`, then `dir` itself when it is empty
+/// (`lb unload`, `lb decap --detach`). Returns whether any pin was there.
+pub fn remove_named_pins<'a>(
+    dir: &Path,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Result<bool, DatapathError> {
     let pin_error = |error| DatapathError::PinDir { dir: dir.to_owned(), error };
-    for name in std::iter::once(LINK_PIN).chain(lb_common::ALL_MAPS) {
+    let mut removed = false;
+    for name in names {
         match std::fs::remove_file(dir.join(name)) {
-            Ok(()) => {}
+            Ok(()) => removed = true,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => return Err(pin_error(error)),
         }
     }
     match std::fs::remove_dir(dir) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Ok(()) => Ok(removed),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(removed),
         Err(error) => Err(pin_error(error)),
     }
 }
