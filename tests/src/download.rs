@@ -70,3 +70,58 @@ fn download(address: SocketAddr, timeout: Duration) -> Download {
     };
     Download { backend, bytes, seconds: started.elapsed().as_secs_f64() }
 }
+
+/// `count` downloads from `address` run by `lb-testbed download` in
+/// namespace `ns`.
+pub fn downloads_in(ns: &str, address: &str, count: usize) -> Vec<Download> {
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(crate::harness::testbed_binary())
+        .args(["download", address, &count.to_string(), "5"])
+        .output()
+        .expect("run the download client");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("the client prints JSON")
+}
+
+/// ICMP errors the balancer forwarded to each backend of `vip`, by address.
+pub fn icmp_errors(daemon: &crate::harness::Daemon, vip: &str) -> Vec<(String, u64)> {
+    let list = daemon.json(&["backend", "list", vip]).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().to_owned(), b["icmp_errors"].as_u64().unwrap()))
+        .collect()
+}
+
+/// Drops, in router namespace `router`, the "fragmentation needed" and
+/// "packet too big" errors it sends to the test VIPs: the control of the
+/// path-MTU tests. Backends cache a learnt path MTU per client address:
+/// `backends` forget theirs first.
+pub fn drop_errors_to_vips(router: &str, backends: &[String]) {
+    use crate::netns::{VIP4, VIP6};
+    forget_path_mtus(backends);
+    let nft = |rule: &str| {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", router, "nft"])
+            .args(rule.split(' '))
+            .status()
+            .expect("nft");
+        assert!(status.success(), "nft {rule}");
+    };
+    nft("add table inet lbtest");
+    nft("add chain inet lbtest out { type filter hook output priority 0 ; }");
+    nft(&format!(
+        "add rule inet lbtest out ip daddr {VIP4} icmp type destination-unreachable drop"
+    ));
+    nft(&format!("add rule inet lbtest out ip6 daddr {VIP6} icmpv6 type packet-too-big drop"));
+}
+
+/// Namespaces `hosts` forget the path MTUs they learnt (they keep one per
+/// destination address, whichever port or VIP taught it).
+pub fn forget_path_mtus(hosts: &[String]) {
+    for host in hosts {
+        crate::netns::ip(host, &["route", "flush", "cache"]).unwrap();
+        crate::netns::ip(host, &["-6", "route", "flush", "cache"]).unwrap();
+    }
+}

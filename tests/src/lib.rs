@@ -15,6 +15,7 @@ pub mod forge;
 pub mod fuzz;
 pub mod generator;
 pub mod harness;
+pub mod long_lived;
 pub mod netns;
 pub mod packets;
 pub mod prometheus;

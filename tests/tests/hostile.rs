@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use serde_json::Value;
-use tests::download::Download;
+use tests::download::{downloads_in, drop_errors_to_vips, icmp_errors};
 use tests::fleet::{self, Fleet};
 use tests::harness::{Daemon, WsClients, spawn_in, testbed_binary, total_active_flows};
 use tests::netns::{self, Testbed, VIP4, VIP6};
@@ -15,28 +15,6 @@ use tests::netns::{self, Testbed, VIP4, VIP6};
 type Family = (&'static str, fn(usize) -> String);
 
 const DOWNLOAD_BYTES: usize = 1_000_000;
-
-/// `count` downloads from `address` in the client namespace.
-fn downloads(fleet: &Fleet, address: &str, count: usize) -> Vec<Download> {
-    let output = Command::new("ip")
-        .args(["netns", "exec", &fleet.client()])
-        .arg(testbed_binary())
-        .args(["download", address, &count.to_string(), "5"])
-        .output()
-        .expect("run the download client");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("the client prints JSON")
-}
-
-/// ICMP errors forwarded to each backend of `vip`, by address.
-fn icmp_errors(daemon: &Daemon, vip: &str) -> Vec<(String, u64)> {
-    let list = daemon.json(&["backend", "list", vip]).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|b| (b["address"].as_str().unwrap().to_owned(), b["icmp_errors"].as_u64().unwrap()))
-        .collect()
-}
 
 fn downloads_complete_across_a_1280_byte_link_over_ipv4_and_ipv6() {
     let mut fleet = Fleet::up("lbh-mtu-", 1, 2).expect("fleet testbed");
@@ -66,7 +44,7 @@ fn downloads_complete_across_a_1280_byte_link_over_ipv4_and_ipv6() {
 
     for (vip, backend) in families {
         let before = icmp_errors(&daemon, vip);
-        let got = downloads(&fleet, vip, 8);
+        let got = downloads_in(&fleet.client(), vip, 8);
         let after = icmp_errors(&daemon, vip);
         let summary: Vec<String> =
             got.iter().map(|d| format!("{} {} B {:.2} s", d.backend, d.bytes, d.seconds)).collect();
@@ -87,28 +65,10 @@ fn downloads_complete_across_a_1280_byte_link_over_ipv4_and_ipv6() {
 
     // The same downloads with the router's errors to the VIPs dropped at the
     // router: every one stalls, which is what the forwarding prevents.
-    // Backends cache the path MTU per client address: forget it first.
-    for index in 1..=2 {
-        tests::netns::ip(&fleet.backend(index), &["route", "flush", "cache"]).unwrap();
-        tests::netns::ip(&fleet.backend(index), &["-6", "route", "flush", "cache"]).unwrap();
-    }
-    let router = fleet.router();
-    let nft = |rule: &str| {
-        let status = Command::new("ip")
-            .args(["netns", "exec", &router, "nft"])
-            .args(rule.split(' '))
-            .status()
-            .expect("nft");
-        assert!(status.success(), "nft {rule}");
-    };
-    nft("add table inet lbtest");
-    nft("add chain inet lbtest out { type filter hook output priority 0 ; }");
-    nft(&format!(
-        "add rule inet lbtest out ip daddr {VIP4} icmp type destination-unreachable drop"
-    ));
-    nft(&format!("add rule inet lbtest out ip6 daddr {VIP6} icmpv6 type packet-too-big drop"));
+    let backends: Vec<String> = (1..=2).map(|index| fleet.backend(index)).collect();
+    drop_errors_to_vips(&fleet.router(), &backends);
     for (vip, _) in families {
-        let got = downloads(&fleet, vip, 2);
+        let got = downloads_in(&fleet.client(), vip, 2);
         let bytes: Vec<usize> = got.iter().map(|d| d.bytes).collect();
         println!(
             "FIGURE {vip} with the errors dropped at the router: {bytes:?} bytes of {DOWNLOAD_BYTES}"

@@ -9,54 +9,18 @@
 
 use std::collections::BTreeMap;
 
+use tests::download::{downloads_in, drop_errors_to_vips, forget_path_mtus, icmp_errors};
 use tests::harness::{
-    Daemon, Process, client_requests, lb_binary, start_server, tally, test_bpffs,
+    Daemon, Process, client_requests, spawn_in, start_server, tally, testbed_binary,
 };
+use tests::long_lived::{Scenario, survive_changes};
 use tests::netns::{CLIENT4, CLIENT6, VIP4, VIP6};
-use tests::routed::{self, backend_addresses};
+use tests::routed::{self, Decapsulators, backend_addresses, decap};
 
 const FLOWS: u16 = 200;
 
 fn endpoint(address: &str, port: u16) -> String {
     if address.contains(':') { format!("[{address}]:{port}") } else { format!("{address}:{port}") }
-}
-
-/// `lb decap` in backend namespace `ns`, pinned in the test bpffs, with
-/// `args` (none: attach); its JSON answer.
-fn decap(ns: &str, args: &[&str]) -> serde_json::Value {
-    let pin_dir = test_bpffs().unwrap().join(ns);
-    let output = std::process::Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(lb_binary())
-        .args(["decap", "--iface", "eth0", "--xdp-mode", "native", "--json"])
-        .arg("--pin-dir")
-        .arg(&pin_dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "lb decap in {ns}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null)
-}
-
-/// Removes the decapsulators' pins however the test ends (the namespaces
-/// go with the testbed, the pins would stay).
-struct DecapPins(Vec<String>);
-
-impl Drop for DecapPins {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            if let Ok(root) = test_bpffs() {
-                let dir = lb_userspace::decap::pin_dir_for(&root.join(ns), "eth0");
-                let _ = lb_userspace::decap::remove_pins(&dir);
-                let _ = std::fs::remove_dir(dir.parent().unwrap());
-                let _ = std::fs::remove_dir(root.join(ns));
-            }
-        }
-    }
 }
 
 fn balances_through_a_router(prefix: &str, ipv6: bool) {
@@ -75,10 +39,7 @@ fn balances_through_a_router(prefix: &str, ipv6: bool) {
         .flat_map(|(port, _, _)| (1..=2).map(|index| start_server(&testbed, index, *port).unwrap()))
         .collect();
     let namespaces: Vec<String> = (1..=2).map(|index| testbed.backend(index)).collect();
-    let _pins = DecapPins(namespaces.clone());
-    for ns in &namespaces {
-        decap(ns, &[]);
-    }
+    let _decapsulators = Decapsulators::attach(namespaces.clone());
     let daemon = Daemon::start(&testbed, &[]).expect("lb run");
     let (vip_address, client) = if ipv6 { (VIP6, CLIENT6) } else { (VIP4, CLIENT4) };
     for (port, protocol, mode) in vips {
@@ -214,8 +175,7 @@ fn uploads_larger_than_the_tunnel_learn_its_mtu_and_complete() {
     let testbed = routed::up("lbrm-", 1).expect("routed testbed");
     let backend = testbed.backend(1);
     let _server = start_upload_server(&backend, 8090);
-    let _pins = DecapPins(vec![backend.clone()]);
-    decap(&backend, &[]);
+    let _decapsulators = Decapsulators::attach(vec![backend.clone()]);
     let daemon = Daemon::start(&testbed, &[]).expect("lb run");
     let (v4, v6) = backend_addresses(1);
     for (vip_address, backend_address) in [(VIP4, &v4), (VIP6, &v6)] {
@@ -254,6 +214,99 @@ fn uploads_larger_than_the_tunnel_learn_its_mtu_and_complete() {
     assert!(reasons["drop_too_big"].as_u64().unwrap() > 0, "{reasons}");
 }
 
+/// Replies to a client behind a 1280-byte link are too big for it: the
+/// router sends its errors to the VIP, the balancer sends each through the
+/// VIP's tunnel to the backend whose reply it quotes, and 1 MB downloads
+/// over IPv4 and IPv6, `ipip` and `gue`, complete. The control: with those
+/// errors dropped at the router, downloads stall.
+fn downloads_across_a_1280_byte_link_complete_through_tunnels() {
+    const BYTES: usize = 1_000_000;
+    let testbed = routed::up("lbrp-", 2).expect("routed testbed");
+    let client = routed::narrow_client(&testbed, 1280).expect("narrow client");
+    let namespaces: Vec<String> = (1..=2).map(|index| testbed.backend(index)).collect();
+    let modes = [(8090, "ipip"), (8091, "gue")];
+    let _servers: Vec<Process> = namespaces
+        .iter()
+        .enumerate()
+        .flat_map(|(index, ns)| {
+            let (name, bytes) = (format!("b{}", index + 1), BYTES.to_string());
+            modes.map(|(port, _)| {
+                let args = ["download-serve", &name, &port.to_string(), &bytes, "300"];
+                spawn_in(ns, &testbed_binary(), &args, None).unwrap()
+            })
+        })
+        .collect();
+    let _decapsulators = Decapsulators::attach(namespaces.clone());
+    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    let mut vips = Vec::new();
+    for ipv6 in [false, true] {
+        for (port, mode) in modes {
+            let vip = endpoint(if ipv6 { VIP6 } else { VIP4 }, port);
+            daemon.lb(&["vip", "add", &vip, "--forwarding", mode]).unwrap();
+            for index in 1..=2 {
+                let (v4, v6) = backend_addresses(index);
+                daemon.lb(&["backend", "add", &vip, if ipv6 { &v6 } else { &v4 }]).unwrap();
+            }
+            vips.push((vip, ipv6));
+        }
+    }
+    daemon.wait_backends_active().unwrap();
+
+    for (vip, ipv6) in &vips {
+        forget_path_mtus(&namespaces);
+        let before = icmp_errors(&daemon, vip);
+        let got = downloads_in(&client, vip, 8);
+        let after = icmp_errors(&daemon, vip);
+        let summary: Vec<String> =
+            got.iter().map(|d| format!("{} {} B {:.2} s", d.backend, d.bytes, d.seconds)).collect();
+        println!("FIGURE {vip} across the 1280-byte link: {}", summary.join(", "));
+        println!(
+            "FIGURE {vip} ICMP errors tunnelled per backend: before {before:?}, after {after:?}"
+        );
+        assert!(got.iter().all(|d| d.bytes == BYTES), "a download stalled: {summary:?}");
+        for index in 1..=2 {
+            let name = format!("b{index}");
+            assert!(got.iter().any(|d| d.backend == name), "no download from {name}: {summary:?}");
+            let (v4, v6) = backend_addresses(index);
+            let address = if *ipv6 { v6 } else { v4 };
+            let count =
+                |list: &[(String, u64)]| list.iter().find(|(a, _)| *a == address).unwrap().1;
+            assert!(count(&after) > count(&before), "no ICMP error reached {name}: {after:?}");
+        }
+    }
+    for ns in &namespaces {
+        let counters = decap(ns, &["--stats"])["counters"].clone();
+        println!("FIGURE lb decap in {ns}: {counters}");
+        assert_eq!(counters["drop_malformed"].as_u64(), Some(0), "{counters}");
+    }
+
+    drop_errors_to_vips(&routed::router(&testbed), &namespaces);
+    for (vip, _) in &vips {
+        let got = downloads_in(&client, vip, 2);
+        let bytes: Vec<usize> = got.iter().map(|d| d.bytes).collect();
+        println!("FIGURE {vip} with the errors dropped at the router: {bytes:?} bytes of {BYTES}");
+        assert!(got.iter().all(|d| d.bytes < BYTES), "completed without errors: {bytes:?}");
+    }
+}
+
+/// The long-lived scenario of tests/tests/long_lived.rs through a `gue`
+/// VIP to routed backends: 4,000 WebSockets survive a backend add, a
+/// weight change and a drain, and a failed backend breaks only its own.
+fn four_thousand_websockets_through_gue_survive_changes_and_only_a_failed_backends_break() {
+    let testbed = routed::up("lbrw-", 4).expect("routed testbed");
+    let _decapsulators =
+        Decapsulators::attach((1..=4).map(|index| testbed.backend(index)).collect());
+    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    survive_changes(&Scenario {
+        testbed: &testbed,
+        daemon: &daemon,
+        vip: "198.18.0.10:8080",
+        vip_args: &["--forwarding", "gue"],
+        backend: routed::backend4,
+        connections: 4_000,
+    });
+}
+
 fn ipv4_ipip_and_gue_balance_through_a_router() {
     balances_through_a_router("lbr4-", false);
 }
@@ -266,4 +319,6 @@ tests::root_tests!(
     ipv4_ipip_and_gue_balance_through_a_router,
     ipv6_ipip_and_gue_balance_through_a_router,
     uploads_larger_than_the_tunnel_learn_its_mtu_and_complete,
+    downloads_across_a_1280_byte_link_complete_through_tunnels,
+    four_thousand_websockets_through_gue_survive_changes_and_only_a_failed_backends_break,
 );
