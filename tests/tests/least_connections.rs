@@ -4,7 +4,9 @@
 //! Under least-connections the open connections end within 10% of the
 //! weights' split; under maglev the test prints (and asserts) the imbalance
 //! that hashing alone leaves. No established connection breaks but those of
-//! the restarted server.
+//! the restarted server. The scale-up runs through `ipip` tunnels to routed
+//! backends too (tests/src/routed.rs), where least-connections counts the
+//! same flow table.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tests::harness::{Daemon, Process, WsClients, spawn_in, testbed_binary};
 use tests::netns::{self, Testbed};
+use tests::routed::{self, Decapsulators};
 
 const MAGLEV: &str = "198.18.0.10:8080";
 const LEAST: &str = "198.18.0.10:8081";
@@ -38,22 +41,40 @@ fn servers(testbed: &Testbed, index: usize) -> [Process; 2] {
     })
 }
 
-/// Declares both VIPs with the first `weights.len()` backends; the second
-/// VIP is least-connections from the start, or maglev until it is `lb vip set`.
-fn declare(daemon: &Daemon, weights: &[u32], least_from_the_start: bool) {
-    let scheduler = if least_from_the_start { "least-connections" } else { "maglev" };
-    daemon.lb(&["vip", "add", MAGLEV, "--check", "ws"]).unwrap();
-    daemon.lb(&["vip", "add", LEAST, "--check", "ws", "--scheduler", scheduler]).unwrap();
-    for (index, weight) in (1..).zip(weights) {
-        add_backend(daemon, index, *weight);
-    }
-    daemon.wait_backends_active().unwrap();
+/// The balancer a scenario drives: its daemon, backend `index`'s address
+/// (1 to 4), and how the VIPs forward.
+struct Balancer<'a> {
+    daemon: &'a Daemon,
+    address: fn(usize) -> String,
+    vip_args: &'a [&'a str],
 }
 
-fn add_backend(daemon: &Daemon, index: usize, weight: u32) {
+impl<'a> Balancer<'a> {
+    /// Backends on the balancer's own segment, `dsr`.
+    fn on_segment(daemon: &'a Daemon) -> Self {
+        Self { daemon, address: netns::backend4, vip_args: &[] }
+    }
+}
+
+/// Declares both VIPs with the first `weights.len()` backends; the second
+/// VIP is least-connections from the start, or maglev until it is `lb vip set`.
+fn declare(balancer: &Balancer, weights: &[u32], least_from_the_start: bool) {
+    let scheduler = if least_from_the_start { "least-connections" } else { "maglev" };
+    for (vip, scheduler) in [(MAGLEV, "maglev"), (LEAST, scheduler)] {
+        let mut add = vec!["vip", "add", vip, "--check", "ws", "--scheduler", scheduler];
+        add.extend_from_slice(balancer.vip_args);
+        balancer.daemon.lb(&add).unwrap();
+    }
+    for (index, weight) in (1..).zip(weights) {
+        add_backend(balancer, index, *weight);
+    }
+    balancer.daemon.wait_backends_active().unwrap();
+}
+
+fn add_backend(balancer: &Balancer, index: usize, weight: u32) {
     for vip in [MAGLEV, LEAST] {
-        let weight = weight.to_string();
-        daemon.lb(&["backend", "add", vip, &netns::backend4(index), "--weight", &weight]).unwrap();
+        let (address, weight) = ((balancer.address)(index), weight.to_string());
+        balancer.daemon.lb(&["backend", "add", vip, &address, "--weight", &weight]).unwrap();
     }
 }
 
@@ -87,10 +108,11 @@ fn open_by_backend(round: &Value) -> BTreeMap<String, u64> {
 }
 
 /// Active flows per backend (`b1`, ...) of `vip`, as the daemon last counted them.
-fn active_flows(daemon: &Daemon, vip: &str) -> BTreeMap<String, u64> {
-    let list = daemon.json(&["backend", "list", vip]).unwrap();
+fn active_flows(balancer: &Balancer, vip: &str) -> BTreeMap<String, u64> {
+    let list = balancer.daemon.json(&["backend", "list", vip]).unwrap();
     let name = |address: &str| {
-        (1..=4).find(|&i| netns::backend4(i) == address).map(|i| format!("b{i}")).expect("known")
+        let index = (1..=4).find(|&i| (balancer.address)(i) == address);
+        index.map(|i| format!("b{i}")).expect("known")
     };
     list.as_array()
         .unwrap()
@@ -103,7 +125,7 @@ fn active_flows(daemon: &Daemon, vip: &str) -> BTreeMap<String, u64> {
 /// watching the daemon's counts for the least-connections VIP; returns when
 /// those counts first came within [`TOLERANCE`] of the weights' split, if they did.
 fn arrive_and_watch(
-    daemon: &Daemon,
+    balancer: &Balancer,
     clients: &mut [WsClients; 2],
     weights: &[u32],
 ) -> Option<Duration> {
@@ -114,7 +136,7 @@ fn arrive_and_watch(
     let pacing = Duration::from_secs((ARRIVING / PER_SECOND) as u64 + 3);
     let mut converged = None;
     while start.elapsed() < pacing {
-        if converged.is_none() && imbalance(&active_flows(daemon, LEAST), weights) <= TOLERANCE {
+        if converged.is_none() && imbalance(&active_flows(balancer, LEAST), weights) <= TOLERANCE {
             converged = Some(start.elapsed());
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -131,7 +153,7 @@ fn arrive_and_watch(
 /// check, the least-connections VIP is within [`TOLERANCE`] of the weights'
 /// split and maglev is not, and the daemon counts what the clients hold.
 fn assert_even_under_least_connections_only(
-    daemon: &Daemon,
+    balancer: &Balancer,
     clients: &mut [WsClients; 2],
     weights: &[u32],
     converged: Option<Duration>,
@@ -158,10 +180,10 @@ fn assert_even_under_least_connections_only(
     // The daemon's count is the clients' truth: every open connection, and
     // none of those that closed.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut counted = active_flows(daemon, LEAST);
+    let mut counted = active_flows(balancer, LEAST);
     while counted != least && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
-        counted = active_flows(daemon, LEAST);
+        counted = active_flows(balancer, LEAST);
     }
     assert_eq!(counted, least, "the daemon's active flows differ from what the clients hold");
 }
@@ -173,7 +195,8 @@ fn rolling_restart(prefix: &str, weights: [u32; 3]) {
     let mut servers: Vec<Option<[Process; 2]>> =
         (1..=3).map(|index| Some(servers(&testbed, index))).collect();
     let daemon = Daemon::start(&testbed, &[]).expect("lb run");
-    declare(&daemon, &weights, true);
+    let balancer = Balancer::on_segment(&daemon);
+    declare(&balancer, &weights, true);
     let mut clients = open_first(&testbed);
 
     servers[0] = None;
@@ -190,10 +213,10 @@ fn rolling_restart(prefix: &str, weights: [u32; 3]) {
     }
     // Closed flows stop counting: b1's reach 0 while the server is down.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while active_flows(&daemon, LEAST)["b1"] != 0 && Instant::now() < deadline {
+    while active_flows(&balancer, LEAST)["b1"] != 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    let before = active_flows(&daemon, LEAST);
+    let before = active_flows(&balancer, LEAST);
     println!("FIGURE active flows with b1 down, after its clients reconnected: {before:?}");
     assert_eq!(before["b1"], 0, "b1's closed flows still count: {before:?}");
 
@@ -215,8 +238,8 @@ fn rolling_restart(prefix: &str, weights: [u32; 3]) {
     for (side, vip) in clients.iter_mut().zip([MAGLEV, LEAST]) {
         side.round_without_breaks(&format!("b1 came back ({vip})"));
     }
-    let converged = arrive_and_watch(&daemon, &mut clients, &weights);
-    assert_even_under_least_connections_only(&daemon, &mut clients, &weights, converged);
+    let converged = arrive_and_watch(&balancer, &mut clients, &weights);
+    assert_even_under_least_connections_only(&balancer, &mut clients, &weights, converged);
     drop(servers);
 }
 
@@ -229,13 +252,12 @@ fn weights_one_one_two_stay_capacity_multipliers_under_least_connections() {
 }
 
 /// Three backends hold [`OPENED_FIRST`] connections; a fourth is added and
-/// [`ARRIVING`] more come.
-fn after_a_scale_up_the_new_backend_catches_up_under_least_connections() {
-    let testbed = Testbed::up("lbe-lcs-", 4).expect("testbed");
-    let servers: Vec<[Process; 2]> = (1..=4).map(|index| servers(&testbed, index)).collect();
-    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
-    declare(&daemon, &[1, 1, 1], false);
-    let mut clients = open_first(&testbed);
+/// [`ARRIVING`] more come. `testbed` has four backends ready to serve.
+fn scale_up(testbed: &Testbed, balancer: &Balancer) {
+    let servers: Vec<[Process; 2]> = (1..=4).map(|index| servers(testbed, index)).collect();
+    let daemon = balancer.daemon;
+    declare(balancer, &[1, 1, 1], false);
+    let mut clients = open_first(testbed);
     // The operator switches a running VIP: nothing established moves.
     daemon.lb(&["vip", "set", LEAST, "--scheduler", "least-connections"]).unwrap();
     let listed = daemon.json(&["vip", "list"]).unwrap();
@@ -243,19 +265,40 @@ fn after_a_scale_up_the_new_backend_catches_up_under_least_connections() {
         listed.as_array().unwrap().iter().map(|v| v["scheduler"].as_str().unwrap()).collect();
     assert_eq!(schedulers, ["maglev", "least-connections"], "{listed}");
     clients[1].round_without_breaks("switching to least-connections");
-    add_backend(&daemon, 4, 1);
+    add_backend(balancer, 4, 1);
     daemon.wait_backends_active().unwrap();
     for (side, vip) in clients.iter_mut().zip([MAGLEV, LEAST]) {
         side.round_without_breaks(&format!("adding b4 ({vip})"));
     }
     let weights = [1, 1, 1, 1];
-    let converged = arrive_and_watch(&daemon, &mut clients, &weights);
-    assert_even_under_least_connections_only(&daemon, &mut clients, &weights, converged);
+    let converged = arrive_and_watch(balancer, &mut clients, &weights);
+    assert_even_under_least_connections_only(balancer, &mut clients, &weights, converged);
     drop(servers);
+}
+
+fn after_a_scale_up_the_new_backend_catches_up_under_least_connections() {
+    let testbed = Testbed::up("lbe-lcs-", 4).expect("testbed");
+    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    scale_up(&testbed, &Balancer::on_segment(&daemon));
+}
+
+/// The scale-up with every VIP `ipip` to backends behind a router.
+fn through_ipip_tunnels_the_new_backend_catches_up_under_least_connections() {
+    let testbed = routed::up("lbr-lcs-", 4).expect("routed testbed");
+    let _decapsulators =
+        Decapsulators::attach((1..=4).map(|index| testbed.backend(index)).collect());
+    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    let balancer = Balancer {
+        daemon: &daemon,
+        address: routed::backend4,
+        vip_args: &["--forwarding", "ipip"],
+    };
+    scale_up(&testbed, &balancer);
 }
 
 tests::root_tests!(
     after_a_rolling_restart_least_connections_evens_out_open_websockets,
     after_a_scale_up_the_new_backend_catches_up_under_least_connections,
+    through_ipip_tunnels_the_new_backend_catches_up_under_least_connections,
     weights_one_one_two_stay_capacity_multipliers_under_least_connections,
 );
