@@ -1,8 +1,8 @@
 //! Several balancers behind a router with ECMP, announced by real BIRD over
 //! BGP with BFD, sharing flows through sync: a balancer's death breaks no
 //! WebSocket connection, and without sync the same death does (so the test
-//! can fail), over IPv4 and over IPv6. Forged sync datagrams change nothing
-//! and are counted.
+//! can fail), over IPv4 and over IPv6, and through a `gue` VIP to backends
+//! behind the router. Forged sync datagrams change nothing and are counted.
 
 use std::time::{Duration, Instant};
 
@@ -10,24 +10,41 @@ use serde_json::Value;
 use tests::fleet::{self, Fleet};
 use tests::harness::{Daemon, WsClients, testbed_binary};
 use tests::netns::{VIP4, VIP6};
+use tests::routed::Decapsulators;
 
 const VIP: &str = "198.18.0.10:8080";
 const CONNECTIONS: usize = 4_000;
 
-/// A VIP of one address family and the addresses of its backends.
+/// A VIP of one address family, the addresses of its backends, and how it
+/// forwards to them (`dsr` on the balancers' segment; `ipip` or `gue` to
+/// backends behind the router, [`Fleet::route_backends`]).
 struct Family {
     vip: &'static str,
     vip_address: &'static str,
     backend: fn(usize) -> String,
+    forwarding: &'static str,
 }
 
-const V4: Family = Family { vip: VIP, vip_address: VIP4, backend: fleet::backend_address };
-const V6: Family =
-    Family { vip: "[fd00:198:18::10]:8080", vip_address: VIP6, backend: fleet::backend_address6 };
+const V4: Family =
+    Family { vip: VIP, vip_address: VIP4, backend: fleet::backend_address, forwarding: "dsr" };
+const V6: Family = Family {
+    vip: "[fd00:198:18::10]:8080",
+    vip_address: VIP6,
+    backend: fleet::backend_address6,
+    forwarding: "dsr",
+};
+const V4_GUE: Family = Family {
+    vip: VIP,
+    vip_address: VIP4,
+    backend: fleet::routed_backend_address,
+    forwarding: "gue",
+};
 
 /// Configures the VIP with backends 1..=3 on a balancer and waits until they are up.
 fn configure(daemon: &Daemon, family: &Family) {
-    daemon.lb(&["vip", "add", family.vip, "--check", "ws"]).unwrap();
+    daemon
+        .lb(&["vip", "add", family.vip, "--check", "ws", "--forwarding", family.forwarding])
+        .unwrap();
     for index in 1..=3 {
         daemon.lb(&["backend", "add", family.vip, &(family.backend)(index)]).unwrap();
     }
@@ -48,6 +65,10 @@ fn created(daemon: &Daemon) -> u64 {
 /// Returns the clients' report of that stream.
 fn balancer_death(prefix: &str, sync: bool, family: &Family, connections: usize) -> Value {
     let mut fleet = Fleet::up(prefix, 2, 4).expect("fleet testbed");
+    let _decapsulators = (family.forwarding != "dsr").then(|| {
+        fleet.route_backends().expect("backends behind the router");
+        Decapsulators::attach((1..=4).map(|index| fleet.backend(index)).collect())
+    });
     let _servers = fleet.ws_servers(8080, 300).unwrap();
     let mut daemons: Vec<Option<Daemon>> = Vec::new();
     for index in 1..=2 {
@@ -136,6 +157,20 @@ fn without_sync_the_same_death_breaks_the_moved_connections() {
         broken > CONNECTIONS as u64 / 20,
         "too few broke for the test to mean anything: {stream}"
     );
+}
+
+/// The same through a `gue` VIP to backends behind the router: flow sync
+/// carries tunnelled flows as it does L2 ones, and without it the same
+/// death breaks the moved connections.
+fn through_gue_tunnels_a_balancers_death_breaks_no_connection_only_with_sync() {
+    let connections = 2_000;
+    let stream = balancer_death("lbf-gue-", true, &V4_GUE, connections);
+    assert_eq!(stream["newly_broken"].as_u64(), Some(0), "{stream}");
+    assert_eq!(stream["ok"].as_u64(), Some(connections as u64), "{stream}");
+    let stream = balancer_death("lbf-gue-", false, &V4_GUE, connections);
+    let broken = stream["newly_broken"].as_u64().unwrap();
+    println!("FIGURE gue without sync: {broken} of {connections} broke when balancer 1 died");
+    assert!(broken > connections as u64 / 20, "too few broke to mean anything: {stream}");
 }
 
 /// The same over IPv6: the VIP goes over the IPv6 BGP sessions, the
@@ -335,6 +370,7 @@ fn balancers_started_without_a_seed_agree_through_the_sync_key() {
 }
 
 tests::root_tests!(
+    through_gue_tunnels_a_balancers_death_breaks_no_connection_only_with_sync,
     balancers_started_without_a_seed_agree_through_the_sync_key,
     a_balancers_death_breaks_no_connection_with_sync,
     without_sync_the_same_death_breaks_the_moved_connections,

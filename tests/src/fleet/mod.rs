@@ -14,16 +14,22 @@
 //!       backend j: 198.18.0.(100+j), fd00:198:18::(100+j), the VIPs on lo
 //! ```
 //! Replies go from the backends straight to the router (direct server return).
+//! [`Fleet::route_backends`] moves the backends behind the router instead,
+//! for tunnelled VIPs; [`Fleet::narrow_client_path`] narrows the client's link.
+
+mod bird;
+mod paths;
+
+pub use paths::{routed_backend_address, routed_backend_address6};
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use crate::harness::{Daemon, Process, spawn_in};
-use crate::netns::{LB_IFACE, add_bridge, ip, join_switch, own_vips, pass_xdp, run, sysctl};
+use crate::netns::{add_bridge, ip, join_switch, own_vips, pass_xdp, run, sysctl};
 
 pub const ROUTER_LAN: &str = "198.18.0.254";
 pub const ROUTER_LAN6: &str = "fd00:198:18::fe";
@@ -33,19 +39,6 @@ pub const CLIENT: &str = "198.19.0.1";
 pub const CLIENT6: &str = "fd00:198:18:1::1";
 /// The table `lb run --announce-table` publishes VIPs in.
 pub const ANNOUNCE_TABLE: &str = "100";
-
-/// The client behind [`Fleet::narrow_client_path`], and the second router's
-/// addresses on its two links.
-pub const NARROW_CLIENT: &str = "198.19.1.1";
-pub const NARROW_CLIENT6: &str = "fd00:198:18:2::1";
-const MIDDLE_CLIENT_SIDE: &str = "198.19.1.254";
-const MIDDLE_CLIENT_SIDE6: &str = "fd00:198:18:2::fe";
-const MIDDLE_ROUTER_SIDE: &str = "198.19.0.253";
-const MIDDLE_ROUTER_SIDE6: &str = "fd00:198:18:1::fd";
-const ROUTER_AS: &str = "65000";
-const BALANCER_AS: &str = "65001";
-const BALANCER_CONF: &str = include_str!("../../scripts/bird/balancer.conf");
-const ROUTER_CONF: &str = include_str!("../../scripts/bird/router.conf");
 /// Where each fleet keeps its files, in a directory named by its prefix.
 const FILES_ROOT: &str = "/run/lb-testbed";
 
@@ -71,7 +64,7 @@ pub struct Fleet {
     pub balancers: usize,
     pub backends: usize,
     /// BIRD per namespace, killed on drop or by [`Fleet::stop_bird`].
-    birds: BTreeMap<String, Process>,
+    pub(crate) birds: BTreeMap<String, Process>,
     /// The fleet's files (removed on drop).
     pub files: PathBuf,
     /// The fleet's sync key (mode 0600).
@@ -181,41 +174,6 @@ impl Fleet {
         Ok(())
     }
 
-    /// Puts a second router between the client and the router, joined to
-    /// the router by a link of `mtu` bytes, as a tunnel on the way would:
-    /// the client keeps a 1500-byte link (so it advertises a full MSS), and
-    /// backends' large replies meet the narrow link only at the router,
-    /// which sends its ICMP errors to the VIP. The client becomes
-    /// [`NARROW_CLIENT`] / [`NARROW_CLIENT6`].
-    pub fn narrow_client_path(&self, mtu: u32) -> anyhow::Result<()> {
-        let (client, router, middle) =
-            (self.client(), self.router(), format!("{}mid", self.prefix));
-        crate::netns::add(&middle)?;
-        // Removing the client's end removes the router's too.
-        ip(&client, &["link", "del", "eth0"])?;
-        veth_pair((&client, "eth0"), (&middle, "eth0"), 1500)?;
-        veth_pair((&middle, "eth1"), (&router, "eth1"), mtu)?;
-        link_up(&client, "eth0", NARROW_CLIENT, NARROW_CLIENT6)?;
-        link_up(&middle, "eth0", MIDDLE_CLIENT_SIDE, MIDDLE_CLIENT_SIDE6)?;
-        link_up(&middle, "eth1", MIDDLE_ROUTER_SIDE, MIDDLE_ROUTER_SIDE6)?;
-        link_up(&router, "eth1", ROUTER_CLIENT_SIDE, ROUTER_CLIENT_SIDE6)?;
-        default_via(&client, MIDDLE_CLIENT_SIDE, MIDDLE_CLIENT_SIDE6)?;
-        default_via(&middle, ROUTER_CLIENT_SIDE, ROUTER_CLIENT_SIDE6)?;
-        ip(&router, &["route", "add", "198.19.1.0/24", "via", MIDDLE_ROUTER_SIDE])?;
-        ip(&router, &["-6", "route", "add", "fd00:198:18:2::/64", "via", MIDDLE_ROUTER_SIDE6])?;
-        for ns in [&middle, &router] {
-            for key in [
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-            ] {
-                sysctl(ns, key)?;
-            }
-        }
-        Ok(())
-    }
-
     /// The `lb run` arguments that make balancer `index` part of the fleet:
     /// the fleet's hash seed, sync with every other balancer (unless `sync`
     /// is false) and announce.
@@ -268,111 +226,9 @@ impl Fleet {
         Daemon::start_named(&self.balancer(index), &self.files, &args)
     }
 
-    /// Writes the namespace's BIRD configuration and starts BIRD there.
-    pub fn start_bird(&mut self, ns: &str) -> anyhow::Result<()> {
-        self.stop_bird(ns);
-        let config = if ns == self.router() {
-            let peers: String = (1..=self.balancers)
-                .map(|i| {
-                    format!(
-                        "protocol bgp lb{i}_4 from balancer4 {{ neighbor {} as {BALANCER_AS}; }}\n\
-                         protocol bgp lb{i}_6 from balancer6 {{ neighbor {} as {BALANCER_AS}; }}\n",
-                        balancer_address(i),
-                        balancer_address6(i)
-                    )
-                })
-                .collect();
-            fill(
-                ROUTER_CONF,
-                &[
-                    ("@ROUTER_ID@", ROUTER_LAN),
-                    ("@LOCAL_AS@", ROUTER_AS),
-                    ("@IFACE@", LB_IFACE),
-                    ("@PEERS@", &peers),
-                ],
-            )
-        } else {
-            let index: usize = ns
-                .strip_prefix(&format!("{}lb", self.prefix))
-                .and_then(|index| index.parse().ok())
-                .with_context(|| format!("{ns} is not a balancer of this fleet"))?;
-            fill(
-                BALANCER_CONF,
-                &[
-                    ("@ROUTER_ID@", &balancer_address(index)),
-                    ("@ADDRESS4@", &balancer_address(index)),
-                    ("@ADDRESS6@", &balancer_address6(index)),
-                    ("@LOCAL_AS@", BALANCER_AS),
-                    ("@ROUTER4@", ROUTER_LAN),
-                    ("@ROUTER6@", ROUTER_LAN6),
-                    ("@ROUTER_AS@", ROUTER_AS),
-                    ("@IFACE@", LB_IFACE),
-                    ("@TABLE@", ANNOUNCE_TABLE),
-                ],
-            )
-        };
-        let path = |suffix: &str| self.files.join(format!("{ns}.bird.{suffix}"));
-        std::fs::write(path("conf"), config)?;
-        let (conf, socket, log) = (path("conf"), path("ctl"), path("log"));
-        let args = ["-f", "-c", text(&conf)?, "-s", text(&socket)?];
-        let bird = spawn_in(ns, Path::new("bird"), &args, Some(&log))?;
-        self.birds.insert(ns.to_owned(), bird);
-        Ok(())
-    }
-
-    /// Kills BIRD in `ns` (its BGP sessions close at once).
-    pub fn stop_bird(&mut self, ns: &str) {
-        self.birds.remove(ns);
-    }
-
-    pub fn bird_log(&self, ns: &str) -> String {
-        std::fs::read_to_string(self.files.join(format!("{ns}.bird.log"))).unwrap_or_default()
-    }
-
     /// Cuts balancer `index` off the switch, as a dead machine would be.
     pub fn cut_link(&self, index: usize) -> anyhow::Result<()> {
         ip(&self.switch(), &["link", "del", &format!("lb{index}")]).map(|_| ())
-    }
-
-    /// The balancers the router's route to `vip` spreads over.
-    pub fn router_next_hops(&self, vip: &str) -> anyhow::Result<Vec<IpAddr>> {
-        let (family, length) = if vip.contains(':') { ("-6", 128) } else { ("-4", 32) };
-        let prefix = format!("{vip}/{length}");
-        let output = ip(&self.router(), &["-j", family, "route", "show", &prefix])?;
-        let routes: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-        let mut hops = Vec::new();
-        for route in routes.as_array().into_iter().flatten() {
-            let gateways = match route["nexthops"].as_array() {
-                Some(nexthops) => nexthops.iter().map(|hop| &hop["gateway"]).collect(),
-                None => vec![&route["gateway"]],
-            };
-            hops.extend(gateways.into_iter().filter_map(|g| g.as_str()?.parse::<IpAddr>().ok()));
-        }
-        hops.sort();
-        Ok(hops)
-    }
-
-    /// Waits until the router spreads `vip` over exactly `want` balancers;
-    /// returns how long that took.
-    pub fn wait_next_hops(&self, vip: &str, want: &[usize]) -> anyhow::Result<Duration> {
-        let start = Instant::now();
-        let address = if vip.contains(':') { balancer_address6 } else { balancer_address };
-        let mut wanted: Vec<IpAddr> =
-            want.iter().map(|i| address(*i).parse().expect("an address")).collect();
-        wanted.sort();
-        loop {
-            let hops = self.router_next_hops(vip)?;
-            if hops == wanted {
-                return Ok(start.elapsed());
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!(
-                    "the router's route to {vip} goes via {hops:?}, not {wanted:?}; router BIRD log:\n{}",
-                    self.bird_log(&self.router())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     /// Leaves the fleet up, BIRD running, for `lb-testbed down` to remove.
@@ -428,7 +284,7 @@ pub fn down(prefix: &str) {
 
 /// A veth pair of `mtu` bytes from interface `left.1` in namespace `left.0`
 /// to `right.1` in `right.0`.
-fn veth_pair(left: (&str, &str), right: (&str, &str), mtu: u32) -> anyhow::Result<()> {
+pub(crate) fn veth_pair(left: (&str, &str), right: (&str, &str), mtu: u32) -> anyhow::Result<()> {
     let mtu = mtu.to_string();
     let args = [
         "link", "add", left.1, "netns", left.0, "mtu", &mtu, "type", "veth", "peer", "name",
@@ -438,22 +294,14 @@ fn veth_pair(left: (&str, &str), right: (&str, &str), mtu: u32) -> anyhow::Resul
 }
 
 /// Gives `iface` in `ns` its addresses (a /24 and a /64) and brings it up.
-fn link_up(ns: &str, iface: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
+pub(crate) fn link_up(ns: &str, iface: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
     ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", iface])?;
     ip(ns, &["addr", "add", &format!("{v6}/64"), "dev", iface, "nodad"])?;
     ip(ns, &["link", "set", iface, "up"]).map(|_| ())
 }
 
 /// Default routes of `ns` via `v4` and `v6`.
-fn default_via(ns: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
+pub(crate) fn default_via(ns: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
     ip(ns, &["route", "add", "default", "via", v4])?;
     ip(ns, &["-6", "route", "add", "default", "via", v6]).map(|_| ())
-}
-
-fn fill(template: &str, values: &[(&str, &str)]) -> String {
-    values.iter().fold(template.to_owned(), |text, (name, value)| text.replace(name, value))
-}
-
-fn text(path: &Path) -> anyhow::Result<&str> {
-    path.to_str().context("temp path is not UTF-8")
 }
