@@ -35,6 +35,20 @@ pub fn backend4(index: usize) -> String {
     backend_addresses(index).0
 }
 
+/// Adds backend `{prefix}s{index}` on the balancer's own switch, with
+/// [`netns::backend4`]/[`netns::backend6`] of `index` and the VIPs on
+/// `lo`: the backend of a `dsr` VIP beside tunnelled ones. Returns its
+/// namespace (removed with the testbed, which removes its whole prefix).
+pub fn segment_backend(testbed: &Testbed, index: usize) -> anyhow::Result<String> {
+    let ns = format!("{}s{index}", testbed.prefix);
+    netns::add(&ns)?;
+    let addresses =
+        [format!("{}/24", netns::backend4(index)), format!("{}/64", netns::backend6(index))];
+    netns::join_switch(&format!("{}sw", testbed.prefix), &ns, &format!("s{index}"), &addresses)?;
+    netns::own_vips(&ns)?;
+    Ok(ns)
+}
+
 /// The router's namespace in the testbed under `prefix`.
 pub fn router(testbed: &Testbed) -> String {
     format!("{}r", testbed.prefix)

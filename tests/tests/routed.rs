@@ -3,7 +3,8 @@
 //! (tests/src/routed.rs), each running `lb decap`. IPv4 and IPv6, `ipip`
 //! and `gue`, TCP and UDP: real clients' flows land on both backends in
 //! fair shares where `lb lookup` says, the backends answer the clients
-//! directly through the router, and `lb decap` counts what it took. The
+//! directly through the router, and `lb decap` counts what it took; a
+//! `dsr` VIP beside them reaches backends on the balancer's own segment. The
 //! control: with `lb decap` detached from one backend, exactly the flows
 //! `lb lookup` gives that backend fail (no ipip or fou module here).
 
@@ -14,7 +15,7 @@ use tests::harness::{
     Daemon, Process, client_requests, spawn_in, start_server, tally, testbed_binary,
 };
 use tests::long_lived::{Scenario, survive_changes};
-use tests::netns::{CLIENT4, CLIENT6, VIP4, VIP6};
+use tests::netns::{self, CLIENT4, CLIENT6, VIP4, VIP6};
 use tests::routed::{self, Decapsulators, backend_addresses, decap};
 
 const FLOWS: u16 = 200;
@@ -25,27 +26,41 @@ fn endpoint(address: &str, port: u16) -> String {
 
 fn balances_through_a_router(prefix: &str, ipv6: bool) {
     let testbed = routed::up(prefix, 2).expect("routed testbed");
-    let backends: Vec<String> = (1..=2)
-        .map(|index| {
-            let (v4, v6) = backend_addresses(index);
-            if ipv6 { v6 } else { v4 }
+    let pick = |(v4, v6): (String, String)| if ipv6 { v6 } else { v4 };
+    // Tunnelled VIPs go to b1 and b2 behind the router; a `dsr` VIP beside
+    // them to s1 and s2 on the balancer's own segment.
+    let routed_backends: Vec<String> = (1..=2).map(|i| pick(backend_addresses(i))).collect();
+    let segment_backends: Vec<String> =
+        (1..=2).map(|i| pick((netns::backend4(i), netns::backend6(i)))).collect();
+    let names: BTreeMap<&str, String> = (1..=2)
+        .flat_map(|i| {
+            [
+                (routed_backends[i - 1].as_str(), format!("b{i}")),
+                (segment_backends[i - 1].as_str(), format!("s{i}")),
+            ]
         })
         .collect();
-    let names: BTreeMap<&str, &str> =
-        [(backends[0].as_str(), "b1"), (backends[1].as_str(), "b2")].into();
-    let vips = [(8080, "tcp", "ipip"), (8081, "tcp", "gue"), (8082, "udp", "gue")];
-    let _servers: Vec<Process> = vips
-        .iter()
-        .flat_map(|(port, _, _)| (1..=2).map(|index| start_server(&testbed, index, *port).unwrap()))
-        .collect();
+    let vips =
+        [(8079, "tcp", "dsr"), (8080, "tcp", "ipip"), (8081, "tcp", "gue"), (8082, "udp", "gue")];
+    let segment: Vec<String> =
+        (1..=2).map(|index| routed::segment_backend(&testbed, index).unwrap()).collect();
+    let mut servers: Vec<Process> = Vec::new();
+    for (port, _, _) in vips {
+        for index in 1..=2 {
+            servers.push(start_server(&testbed, index, port).unwrap());
+            let args = ["serve", &format!("s{index}"), &port.to_string(), "300"];
+            servers.push(spawn_in(&segment[index - 1], &testbed_binary(), &args, None).unwrap());
+        }
+    }
     let namespaces: Vec<String> = (1..=2).map(|index| testbed.backend(index)).collect();
     let _decapsulators = Decapsulators::attach(namespaces.clone());
     let daemon = Daemon::start(&testbed, &[]).expect("lb run");
     let (vip_address, client) = if ipv6 { (VIP6, CLIENT6) } else { (VIP4, CLIENT4) };
+    let backends_of = |mode: &str| if mode == "dsr" { &segment_backends } else { &routed_backends };
     for (port, protocol, mode) in vips {
         let vip = endpoint(vip_address, port);
         daemon.lb(&["vip", "add", &vip, "--proto", protocol, "--forwarding", mode]).unwrap();
-        for backend in &backends {
+        for backend in backends_of(mode) {
             daemon.lb(&["backend", "add", &vip, backend, "--proto", protocol]).unwrap();
         }
     }
@@ -56,14 +71,10 @@ fn balances_through_a_router(prefix: &str, ipv6: bool) {
         let first_port = 20_000 + index as u16 * 1_000;
         let answers = client_requests(&testbed, protocol, &vip, client, first_port, FLOWS).unwrap();
         let counts = tally(&answers);
-        println!(
-            "FIGURE {mode} {protocol} {vip}: {FLOWS} flows through the router landed {counts:?}"
-        );
-        assert_eq!(
-            counts.keys().map(String::as_str).collect::<Vec<_>>(),
-            ["b1", "b2"],
-            "{counts:?}"
-        );
+        println!("FIGURE {mode} {protocol} {vip}: {FLOWS} flows landed {counts:?}");
+        let want: Vec<&str> =
+            backends_of(mode).iter().map(|a| names[a.as_str()].as_str()).collect();
+        assert_eq!(counts.keys().map(String::as_str).collect::<Vec<_>>(), want, "{counts:?}");
         let fair = usize::from(FLOWS) / 2;
         for (name, count) in &counts {
             assert!(
@@ -74,7 +85,7 @@ fn balances_through_a_router(prefix: &str, ipv6: bool) {
         for (client_port, answer) in &answers {
             let looked_up = daemon.lookup(&vip, &endpoint(client, *client_port), protocol).unwrap();
             assert_eq!(
-                names.get(looked_up.as_str()).copied(),
+                names.get(looked_up.as_str()).map(String::as_str),
                 Some(answer.as_str()),
                 "port {client_port}"
             );
@@ -102,7 +113,7 @@ fn balances_through_a_router(prefix: &str, ipv6: bool) {
     let mut on_b1 = 0;
     for (client_port, answer) in &answers {
         let looked_up = daemon.lookup(&vip, &endpoint(client, *client_port), "udp").unwrap();
-        match names[looked_up.as_str()] {
+        match names[looked_up.as_str()].as_str() {
             "b1" => {
                 on_b1 += 1;
                 assert!(
