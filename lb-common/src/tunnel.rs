@@ -47,6 +47,37 @@ pub const GLOBAL_TUNNEL_SOURCE_V4: &str = "LB_TUNNEL_SOURCE_V4";
 /// Global (`[u32; 4]`): the outer source address of IPv6 tunnels, four
 /// such words, as [`GLOBAL_TUNNEL_SOURCE_V4`].
 pub const GLOBAL_TUNNEL_SOURCE_V6: &str = "LB_TUNNEL_SOURCE_V6";
+/// Global (`u32`): which bits of the IPv4 tunnel source come from the flow
+/// ([`spread_source_word`]), as a mask in the same word layout as
+/// [`GLOBAL_TUNNEL_SOURCE_V4`]: the host bits of `--tunnel-source
+/// PREFIX/LEN`, so a backend's NIC, which hashes an IPIP packet by its
+/// addresses alone, spreads one balancer's flows over its queues. Zero: one
+/// address.
+pub const GLOBAL_TUNNEL_SPREAD_V4: &str = "LB_TUNNEL_SPREAD_V4";
+/// Global (`u32`): the same for the last word of the IPv6 tunnel source.
+pub const GLOBAL_TUNNEL_SPREAD_V6: &str = "LB_TUNNEL_SPREAD_V6";
+/// The most bits a tunnel source prefix takes from the flow: all of
+/// [`tunnel_entropy`]'s.
+pub const TUNNEL_SPREAD_MAX_BITS: u8 = 20;
+
+/// A word of a tunnel source address (network order, read native-endian)
+/// with the bits of `mask` (same layout) taken from the low bits of the
+/// flow's `entropy`: `source | (entropy & mask)` as addresses.
+#[inline(always)]
+pub const fn spread_source_word(source: u32, mask: u32, entropy: u32) -> u32 {
+    source | (entropy.to_be() & mask)
+}
+
+/// The [`GLOBAL_TUNNEL_SPREAD_V4`] / [`GLOBAL_TUNNEL_SPREAD_V6`] mask of
+/// the lowest `bits` bits of an address word.
+pub const fn spread_mask(bits: u8) -> u32 {
+    match bits {
+        0 => 0,
+        bits if bits >= 32 => u32::MAX,
+        bits => (u32::MAX >> (32 - bits as u32)).to_be(),
+    }
+}
+
 /// Global (`u32`): the egress interface's MTU. An encapsulated packet whose
 /// outer IP packet would exceed it is not sent: the client is told the
 /// MTU that fits (ICMP "fragmentation needed" / "packet too big"). 0 checks

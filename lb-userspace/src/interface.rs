@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
 
-use crate::model::TunnelConfig;
+use crate::model::{TunnelConfig, TunnelSource};
 
 /// An address on the interface, with its prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,18 +69,25 @@ pub fn addresses(iface: &str) -> std::io::Result<Vec<InterfaceAddress>> {
 /// `sources` (`--tunnel-source`, at most one per family), else the
 /// interface's first address of that family (IPv6 link-local ones left
 /// out: a router does not forward from them); the interface's MTU.
-pub fn tunnel_config(iface: &str, sources: &[IpAddr]) -> anyhow::Result<TunnelConfig> {
+pub fn tunnel_config(iface: &str, sources: &[TunnelSource]) -> anyhow::Result<TunnelConfig> {
     let own = addresses(iface)?;
-    let pick = |v4: bool| -> anyhow::Result<Option<IpAddr>> {
-        let given: Vec<&IpAddr> = sources.iter().filter(|a| a.is_ipv4() == v4).collect();
+    let pick = |v4: bool| -> anyhow::Result<Option<TunnelSource>> {
+        let given: Vec<&TunnelSource> =
+            sources.iter().filter(|s| s.address.is_ipv4() == v4).collect();
         match given.as_slice() {
             [] => Ok(own
                 .iter()
                 .map(|own| own.address)
-                .find(|a| a.is_ipv4() == v4 && !is_link_local(*a))),
-            [one] if one.is_unspecified() || one.is_multicast() || is_link_local(**one) => {
+                .find(|a| a.is_ipv4() == v4 && !is_link_local(*a))
+                .map(|address| TunnelSource { address, spread_bits: 0 })),
+            [one]
+                if one.address.is_unspecified()
+                    || one.address.is_multicast()
+                    || is_link_local(one.address) =>
+            {
                 anyhow::bail!(
-                    "--tunnel-source {one} cannot be a packet's source: give a unicast address a router forwards from"
+                    "--tunnel-source {} cannot be a packet's source: give a unicast address a router forwards from",
+                    one.address
                 )
             }
             [one] => Ok(Some(**one)),
@@ -91,20 +98,19 @@ pub fn tunnel_config(iface: &str, sources: &[IpAddr]) -> anyhow::Result<TunnelCo
             ),
         }
     };
-    let source_v4 = match pick(true)? {
-        Some(IpAddr::V4(address)) => Some(address),
-        _ => None,
-    };
-    let source_v6 = match pick(false)? {
-        Some(IpAddr::V6(address)) => Some(address),
-        _ => None,
-    };
+    let mut tunnel = TunnelConfig::NONE;
+    if let Some(TunnelSource { address: IpAddr::V4(address), spread_bits }) = pick(true)? {
+        (tunnel.source_v4, tunnel.spread_v4) = (Some(address), spread_bits);
+    }
+    if let Some(TunnelSource { address: IpAddr::V6(address), spread_bits }) = pick(false)? {
+        (tunnel.source_v6, tunnel.spread_v6) = (Some(address), spread_bits);
+    }
     let path = format!("/sys/class/net/{iface}/mtu");
-    let mtu = std::fs::read_to_string(&path)
+    tunnel.mtu = std::fs::read_to_string(&path)
         .map_err(anyhow::Error::from)
         .and_then(|text| Ok(text.trim().parse::<u32>()?))
         .map_err(|error| anyhow::anyhow!("reading {iface}'s MTU from {path}: {error}"))?;
-    Ok(TunnelConfig { source_v4, source_v6, mtu })
+    Ok(tunnel)
 }
 
 fn is_link_local(address: IpAddr) -> bool {

@@ -71,3 +71,65 @@ impl Drop for SourceCounter {
         let _ = run("ip", &["netns", "exec", &self.ns, "nft", "delete", "table", "netdev", TABLE]);
     }
 }
+
+const SOURCES_TABLE: &str = "lbsources";
+
+/// The distinct source addresses within a prefix of the frames arriving
+/// at one interface (an nftables set filled from the ingress hook).
+pub struct DistinctSources {
+    ns: String,
+}
+
+impl DistinctSources {
+    /// Records the source of every frame arriving at `iface` in `ns` from
+    /// within `prefix` (IPv4 or IPv6, `ADDRESS/LEN`).
+    pub fn install(ns: &str, iface: &str, prefix: &str) -> anyhow::Result<Self> {
+        let (family, kind) =
+            if prefix.contains(':') { ("ip6", "ipv6_addr") } else { ("ip", "ipv4_addr") };
+        let ruleset = format!(
+            "table netdev {SOURCES_TABLE} {{
+                set seen {{ type {kind}; flags dynamic; size 65536; }}
+                chain ingress {{
+                    type filter hook ingress device \"{iface}\" priority 0;
+                    {family} saddr {prefix} add @seen {{ {family} saddr }}
+                }}
+            }}"
+        );
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), ruleset)?;
+        let path = file.path().to_str().context("temp path")?;
+        run("ip", &["netns", "exec", ns, "nft", "-f", path])?;
+        Ok(Self { ns: ns.to_owned() })
+    }
+
+    /// How many distinct sources arrived so far.
+    pub fn count(&self) -> anyhow::Result<usize> {
+        let args = [
+            "netns",
+            "exec",
+            &self.ns,
+            "nft",
+            "-j",
+            "list",
+            "set",
+            "netdev",
+            SOURCES_TABLE,
+            "seen",
+        ];
+        let listing: serde_json::Value = serde_json::from_slice(&run("ip", &args)?.stdout)?;
+        let set = listing["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|item| item.get("set"))
+            .with_context(|| format!("no set in {listing}"))?;
+        Ok(set["elem"].as_array().map_or(0, Vec::len))
+    }
+}
+
+impl Drop for DistinctSources {
+    fn drop(&mut self) {
+        let args = ["netns", "exec", &self.ns, "nft", "delete", "table", "netdev", SOURCES_TABLE];
+        let _ = run("ip", &args);
+    }
+}

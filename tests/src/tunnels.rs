@@ -31,8 +31,12 @@ pub fn config(tunnel: TunnelConfig) -> DatapathConfig {
     }
 }
 
-pub const TUNNEL: TunnelConfig =
-    TunnelConfig { source_v4: Some(SOURCE_V4), source_v6: Some(SOURCE_V6), mtu: MTU };
+pub const TUNNEL: TunnelConfig = TunnelConfig {
+    source_v4: Some(SOURCE_V4),
+    source_v6: Some(SOURCE_V6),
+    mtu: MTU,
+    ..TunnelConfig::NONE
+};
 
 /// The VIPs: (endpoint, protocol, mode); backends on other subnets, with
 /// last bytes that differ (their MACs end in them).

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use tests::capture::DistinctSources;
 use tests::download::{downloads_in, drop_errors_to_vips, forget_path_mtus, icmp_errors};
 use tests::harness::{
     Daemon, Process, client_requests, spawn_in, start_server, tally, testbed_binary,
@@ -54,7 +55,11 @@ fn balances_through_a_router(prefix: &str, ipv6: bool) {
     }
     let namespaces: Vec<String> = (1..=2).map(|index| testbed.backend(index)).collect();
     let _decapsulators = Decapsulators::attach(namespaces.clone());
-    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    // Each flow's tunnels leave from its own source in a prefix routed to
+    // nothing but the balancer (the router forwards them all the same).
+    let prefix = if ipv6 { "fd00:198:18:80::/112" } else { "198.18.128.0/24" };
+    let daemon = Daemon::start(&testbed, &["--tunnel-source", prefix]).expect("lb run");
+    let sources = DistinctSources::install(&routed::router(&testbed), "eth0", prefix).unwrap();
     let (vip_address, client) = if ipv6 { (VIP6, CLIENT6) } else { (VIP4, CLIENT4) };
     let backends_of = |mode: &str| if mode == "dsr" { &segment_backends } else { &routed_backends };
     for (port, protocol, mode) in vips {
@@ -91,6 +96,10 @@ fn balances_through_a_router(prefix: &str, ipv6: bool) {
             );
         }
     }
+    // 600 tunnelled flows over 256 or 65,536 sources in the prefix.
+    let distinct = sources.count().unwrap();
+    println!("FIGURE tunnels reached the router from {distinct} sources in {prefix}");
+    assert!(distinct >= 100, "{distinct} sources in {prefix}");
     let stats = daemon.json(&["stats"]).unwrap();
     let reasons = &stats["reasons"];
     assert!(reasons["forwarded"].as_u64().unwrap() >= 3 * u64::from(FLOWS), "{reasons}");

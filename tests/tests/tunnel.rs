@@ -9,7 +9,7 @@
 //! that would exceed the MTU and a family without a tunnel source dropped
 //! and counted, and a DSR VIP beside them unchanged.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 
 use etherparse::{
@@ -39,6 +39,18 @@ fn expected(
     backend: IpAddr,
     mode: ForwardingMode,
 ) -> Vec<u8> {
+    expected_from(input, l3, flow, backend, mode, (SOURCE_V4, SOURCE_V6))
+}
+
+/// [`expected`] with the outer sources `sources` (IPv4, IPv6).
+fn expected_from(
+    input: &[u8],
+    l3: usize,
+    flow: &Flow,
+    backend: IpAddr,
+    mode: ForwardingMode,
+    sources: (Ipv4Addr, Ipv6Addr),
+) -> Vec<u8> {
     let inner = &input[l3..];
     let entropy = tunnel_entropy(&key(flow));
     let gue = mode == ForwardingMode::Gue;
@@ -53,7 +65,7 @@ fn expected(
             let protocol = if gue { IpNumber::UDP } else { IpNumber::IPV4 };
             let payload = if gue { udp_len } else { inner.len() as u16 };
             let mut ip =
-                Ipv4Header::new(payload, 64, protocol, SOURCE_V4.octets(), backend.octets())
+                Ipv4Header::new(payload, 64, protocol, sources.0.octets(), backend.octets())
                     .unwrap();
             ip.dscp = IpDscp::try_new(inner[1] >> 2).unwrap();
             ip.ecn = IpEcn::try_new(inner[1] & 3).unwrap();
@@ -80,7 +92,7 @@ fn expected(
                 payload_length,
                 next_header,
                 hop_limit: 64,
-                source: SOURCE_V6.octets(),
+                source: sources.1.octets(),
                 destination: backend.octets(),
             };
             ip.write(&mut out).unwrap();
@@ -256,6 +268,54 @@ fn tunnelled_frames_are_whole_and_standard_byte_for_byte_and_by_scapy() {
     for ((flow, backend, mode), seen) in cases.iter().zip(&seen) {
         assert_dissected(seen, flow, *backend, *mode, &format!("{flow:?}"));
     }
+}
+
+/// `--tunnel-source PREFIX/LEN`: each flow leaves from its own address in
+/// the prefix, the host bits the low bits of its entropy (what a backend's
+/// NIC hashes an IPIP packet by), with the checksums that cover it, byte
+/// for byte; every packet of a flow from the same one.
+#[test]
+fn a_tunnel_source_prefix_gives_each_flow_its_own_outer_source() {
+    let base4 = Ipv4Addr::new(198, 18, 128, 0);
+    let base6: Ipv6Addr = "fd00:198:18:ff::".parse().unwrap();
+    let tunnel = TunnelConfig {
+        source_v4: Some(base4),
+        spread_v4: 8,
+        source_v6: Some(base6),
+        spread_v6: 16,
+        ..TUNNEL
+    };
+    let reconciler = fixture(tunnel);
+    let mut seen: [std::collections::BTreeSet<IpAddr>; 2] = Default::default();
+    for port in 40_000..40_064 {
+        for flow in [
+            flow("198.18.0.100", port, "198.18.0.10", 80, L4::Tcp),
+            flow("fd00:198:18::100", port, "fd00:198:18::10", 53, L4::Udp),
+        ] {
+            let entropy = tunnel_entropy(&key(&flow));
+            let sources = (
+                Ipv4Addr::from_bits(base4.to_bits() + (entropy & 0xff)),
+                Ipv6Addr::from_bits(base6.to_bits() + u128::from(entropy & 0xffff)),
+            );
+            for segment in [Segment::Syn, Segment::Ack] {
+                let input = frame(flow, Shape { segment, ..Shape::default() }, b"spread");
+                let (action, output) = reconciler.datapath().test_run(&input).unwrap();
+                assert_eq!(action, XDP_TX, "{flow:?} {segment:?}");
+                let backend = backend_of(&output);
+                let want = expected_from(&input, 14, &flow, backend, mode_of(&flow), sources);
+                assert_eq!(output, want, "{flow:?} {segment:?} from {sources:?}");
+            }
+            let v6 = usize::from(flow.vip.is_ipv6());
+            seen[v6].insert(if v6 == 1 { IpAddr::V6(sources.1) } else { IpAddr::V4(sources.0) });
+        }
+    }
+    println!(
+        "FIGURE 64 flows per family left from {} and {} sources",
+        seen[0].len(),
+        seen[1].len()
+    );
+    // 64 flows over 256 (IPv4) and 65,536 (IPv6) addresses.
+    assert!(seen[0].len() >= 48 && seen[1].len() >= 60, "{seen:?}");
 }
 
 #[test]

@@ -20,6 +20,7 @@ fn tunnel() -> TunnelConfig {
         source_v4: Some(Ipv4Addr::new(198, 18, 0, 2)),
         source_v6: Some(Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 2)),
         mtu: 1500,
+        ..TunnelConfig::NONE
     }
 }
 

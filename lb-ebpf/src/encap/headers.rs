@@ -15,6 +15,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Backend, FAMILY_IPV4, GUE_SOURCE_PORT_BASE, PROTO_IPIP, PROTO_IPV6_INSIDE, PROTO_UDP, Reason,
+    spread_source_word,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
@@ -45,6 +46,15 @@ static LB_TUNNEL_SOURCE_V4: u32 = 0;
 /// zero: none.
 #[unsafe(no_mangle)]
 static LB_TUNNEL_SOURCE_V6: [u32; 4] = [0; 4];
+
+/// The host bits of a tunnel source prefix, which come from the flow
+/// (lb_common::GLOBAL_TUNNEL_SPREAD_V4); set at load time, zero: none.
+#[unsafe(no_mangle)]
+static LB_TUNNEL_SPREAD_V4: u32 = 0;
+
+/// The same for the last word of the IPv6 source.
+#[unsafe(no_mangle)]
+static LB_TUNNEL_SPREAD_V6: u32 = 0;
 
 /// The egress MTU tunnelled packets must fit, set at load time; 0: unchecked.
 #[unsafe(no_mangle)]
@@ -81,6 +91,9 @@ pub fn encapsulate(
     let mtu = tunnel_mtu();
     // SAFETY: as in source_v6_word.
     let source_v4 = unsafe { core::ptr::read_volatile(&LB_TUNNEL_SOURCE_V4) };
+    let (spread_v4, spread_v6) =
+        // SAFETY: as in source_v6_word.
+        unsafe { (core::ptr::read_volatile(&LB_TUNNEL_SPREAD_V4), core::ptr::read_volatile(&LB_TUNNEL_SPREAD_V6)) };
     if mtu != 0 && inner_len + overhead > mtu as usize {
         return Err(Reason::DropTooBig);
     }
@@ -99,6 +112,11 @@ pub fn encapsulate(
     let outer_len = inner_len + overhead;
     let udp_len = (inner_len + 8) as u16;
     let source_port = GUE_SOURCE_PORT_BASE | (inner.entropy & 0x3fff) as u16;
+    // The tunnel source, its prefix's host bits (if any) from the flow.
+    let source_word = |index: usize| {
+        let mask = if index == 3 { spread_v6 } else { 0 };
+        spread_source_word(source_v6_word(index), mask, inner.entropy)
+    };
     // The backend's address, word by word (a 16-byte copy would be a
     // memmove call, which BPF cannot make).
     let backend_word = |index: usize| {
@@ -109,7 +127,8 @@ pub fn encapsulate(
         let protocol = if gue { PROTO_UDP } else { PROTO_IPIP };
         let frags = if dont_fragment { IPV4_DONT_FRAGMENT } else { 0 };
         let header = OuterV4 { tos: class, total_len: outer_len as u16, frags, protocol };
-        write_ipv4(ctx, l3, header, source_v4, backend_word(0))?;
+        let source = spread_source_word(source_v4, spread_v4, inner.entropy);
+        write_ipv4(ctx, l3, header, source, backend_word(0))?;
         Ipv4Hdr::LEN
     } else {
         let next = if gue { PROTO_UDP } else { PROTO_IPV6_INSIDE };
@@ -125,7 +144,7 @@ pub fn encapsulate(
             let source = (*ip).src_addr.as_mut_ptr() as *mut u32;
             let destination = (*ip).dst_addr.as_mut_ptr() as *mut u32;
             for index in 0..4 {
-                core::ptr::write_unaligned(source.add(index), source_v6_word(index));
+                core::ptr::write_unaligned(source.add(index), source_word(index));
                 core::ptr::write_unaligned(destination.add(index), backend_word(index));
             }
         }
@@ -137,7 +156,7 @@ pub fn encapsulate(
         } else {
             let mut sum = u32::from(PROTO_UDP) + 2 * u32::from(udp_len);
             for index in 0..4 {
-                sum += word_sum(source_v6_word(index)) + word_sum(backend_word(index));
+                sum += word_sum(source_word(index)) + word_sum(backend_word(index));
             }
             sum += u32::from(source_port) + u32::from(backend.gue_port) + payload_sum;
             // RFC 768: a computed zero is sent as all ones.

@@ -64,7 +64,7 @@ pub struct RunOptions {
     /// Group allowed to use the control socket (mode 0660); None: root only (0600).
     pub socket_group: Option<String>,
     /// `--tunnel-source`: outer sources of tunnelled VIPs, at most one per family.
-    pub tunnel_sources: Vec<std::net::IpAddr>,
+    pub tunnel_sources: Vec<crate::model::TunnelSource>,
     /// `--sync-peer`, `--sync-listen`, `--sync-key-file`: each replaces the
     /// config's `[sync]` setting of the same name.
     pub sync_peers: Vec<std::net::SocketAddr>,

@@ -116,7 +116,7 @@ mod tests {
     use super::*;
     use crate::model::{BackendSpec, CheckSpec, Limits, Vip};
 
-    const TUNNEL: TunnelConfig = TunnelConfig { source_v4: None, source_v6: None, mtu: 1500 };
+    const TUNNEL: TunnelConfig = TunnelConfig { mtu: 1500, ..TunnelConfig::NONE };
 
     fn state(vip: &str, backends: &[&str]) -> DesiredState {
         let limits = Limits { max_vips: 8, max_backends: 8 };

@@ -202,6 +202,8 @@ impl Datapath {
             let bytes = address.octets();
             std::array::from_fn(|i| u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap()))
         });
+        let spread_v4 = lb_common::spread_mask(config.tunnel.spread_v4);
+        let spread_v6 = lb_common::spread_mask(config.tunnel.spread_v6);
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
             for name in lb_common::ALL_MAPS {
@@ -216,6 +218,8 @@ impl Datapath {
             .override_global(lb_common::GLOBAL_OWN_MAC, &own_mac, true)
             .override_global(lb_common::GLOBAL_TUNNEL_SOURCE_V4, &tunnel_v4, true)
             .override_global(lb_common::GLOBAL_TUNNEL_SOURCE_V6, &tunnel_v6, true)
+            .override_global(lb_common::GLOBAL_TUNNEL_SPREAD_V4, &spread_v4, true)
+            .override_global(lb_common::GLOBAL_TUNNEL_SPREAD_V6, &spread_v6, true)
             .override_global(lb_common::GLOBAL_TUNNEL_MTU, &config.tunnel.mtu, true)
             .map_max_entries(MAP_FLOWS, config.flow_table_size)
             .map_max_entries(lb_common::MAP_NEW_FLOWS, new_flow_slots)

@@ -16,7 +16,7 @@ mod forwarding;
 mod rebalance;
 
 pub use check::{CheckKind, CheckOptions, CheckSpec, StatusRange};
-pub use datapath_config::{DatapathConfig, TunnelConfig};
+pub use datapath_config::{DatapathConfig, TunnelConfig, TunnelSource};
 pub use desired::{
     Affinity, BackendSpec, ChangeError, DEFAULT_WEIGHT, DesiredState, Limits, Scheduler, VipSpec,
     WEIGHT_RANGE, refuse_backend_address, refuse_vip, refuse_weight,

@@ -91,9 +91,12 @@ pub struct RunArgs {
     pub socket_group: Option<String>,
     /// The outer source address of tunnelled VIPs (--forwarding ipip|gue),
     /// once per family [default: the interface's first address of each
-    /// family, IPv6 link-local ones left out].
-    #[arg(long, value_name = "ADDRESS")]
-    pub tunnel_source: Vec<std::net::IpAddr>,
+    /// family, IPv6 link-local ones left out]. A PREFIX/LEN (IPv4 /12 to
+    /// /32, IPv6 /108 to /128) gives each flow its own source in the
+    /// prefix, so backends' NICs spread IPIP flows over their queues: route
+    /// the prefix to this balancer.
+    #[arg(long, value_name = "ADDRESS|PREFIX/LEN")]
+    pub tunnel_source: Vec<crate::model::TunnelSource>,
     #[command(flatten)]
     pub fleet: FleetArgs,
     #[command(flatten)]

@@ -27,6 +27,7 @@ fn tunnel_balancer(mode: ForwardingMode) -> anyhow::Result<Reconciler> {
         source_v4: Some("198.18.0.2".parse()?),
         source_v6: Some("fd00:198:18::2".parse()?),
         mtu: 1500,
+        ..TunnelConfig::NONE
     };
     let settings = lb_userspace::model::DatapathConfig { tunnel, ..config(None, false) };
     let decls: Vec<_> =
