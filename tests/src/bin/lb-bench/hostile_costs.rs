@@ -20,9 +20,10 @@ use aya::maps::{MapData, RingBuf};
 use lb_common::{FLOW_CONFIRM_NS, FLOW_FLAG_SHED, FlowKey, PROTO_TCP, new_flow_table_size};
 use lb_userspace::datapath::{Maps as _, monotonic_ns};
 
+use crate::bench_harness::Harness;
 use crate::costs::{
-    CostRow, Harness, NEW_FLOW_REPEAT, REPEAT, RUNS, balancer, config, confirmation_row, cost,
-    counters, established, establishing, kinds, packet, prime, row,
+    CostRow, NEW_FLOW_REPEAT, REPEAT, RUNS, balancer, config, confirmation_row, cost, counters,
+    established, establishing, kinds, packet, prime, row,
 };
 use tests::XDP_TX;
 use tests::packets::{Flow, Segment};

@@ -11,6 +11,7 @@
 //! `report` holds the targets and the chart. Writes a table to the terminal,
 //! target/bench/results.json and target/bench/throughput.svg.
 
+mod bench_harness;
 mod connections;
 mod control;
 mod costs;

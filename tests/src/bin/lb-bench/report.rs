@@ -8,6 +8,7 @@ use crate::connections::ConnectionRow;
 use crate::control::ControlRow;
 use crate::costs::{CostRow, MEMORY_FLOOR};
 use crate::forwarding::ThroughputRow;
+use crate::tunnel_costs::STRIP_ROUND_TRIP;
 
 const NEW_FLOW_TARGET: &str =
     "first packet of a new TCP connection (fresh tuples) at most 6x the floor";
@@ -173,11 +174,23 @@ pub fn targets(
             1.5,
         ),
     ];
+    // The tunnelled rows carry the harness's strip: what its round trip
+    // costs over the floor, taken off, gives the other bound (it also takes
+    // off the room-making any encapsulation needs, so it is a lower bound).
+    let harness =
+        ns(STRIP_ROUND_TRIP).zip(ns("floor: XDP_TX MAC swap")).map(|(trip, floor)| trip - floor);
     for (target, path, base, most) in ratios {
         if let (Some(measured), Some(base)) = (ns(path), ns(base)) {
+            let mut text = format!("{:.2}x ({measured:.0} vs {base:.0} ns)", measured / base);
+            if let (true, Some(harness)) = (path.ends_with("(through bench_strip)"), harness) {
+                let lower = (measured - harness) / base;
+                text += &format!(
+                    "; {lower:.2}x with the harness's {harness:.0} ns round trip taken off"
+                );
+            }
             targets.push(Target {
                 target: target.into(),
-                measured: format!("{:.2}x ({measured:.0} vs {base:.0} ns)", measured / base),
+                measured: text,
                 met: measured <= most * base,
             });
         }

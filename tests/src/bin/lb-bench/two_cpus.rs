@@ -13,7 +13,8 @@ use lb_userspace::reconcile::Reconciler;
 use tests::XDP_TX;
 use tests::packets::{L4, Segment};
 
-use crate::costs::{CostRow, Harness, bench_flow, packet, row};
+use crate::bench_harness::Harness;
+use crate::costs::{CostRow, bench_flow, packet, row};
 use crate::forwarding::{available_cpus, pin_to_cpu};
 
 /// Flows per CPU: every port the fresh-port wrapper cycles through.
