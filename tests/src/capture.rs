@@ -33,10 +33,7 @@ impl SourceCounter {
                 }}
             }}"
         );
-        let file = tempfile::NamedTempFile::new()?;
-        std::fs::write(file.path(), ruleset)?;
-        let path = file.path().to_str().context("temp path")?;
-        run("ip", &["netns", "exec", ns, "nft", "-f", path])?;
+        load_ruleset(ns, &ruleset)?;
         Ok(Self { ns: ns.to_owned() })
     }
 
@@ -95,10 +92,7 @@ impl DistinctSources {
                 }}
             }}"
         );
-        let file = tempfile::NamedTempFile::new()?;
-        std::fs::write(file.path(), ruleset)?;
-        let path = file.path().to_str().context("temp path")?;
-        run("ip", &["netns", "exec", ns, "nft", "-f", path])?;
+        load_ruleset(ns, &ruleset)?;
         Ok(Self { ns: ns.to_owned() })
     }
 
@@ -132,4 +126,12 @@ impl Drop for DistinctSources {
         let args = ["netns", "exec", &self.ns, "nft", "delete", "table", "netdev", SOURCES_TABLE];
         let _ = run("ip", &args);
     }
+}
+
+/// Loads an nftables `ruleset` in namespace `ns`.
+fn load_ruleset(ns: &str, ruleset: &str) -> anyhow::Result<()> {
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), ruleset)?;
+    let path = file.path().to_str().context("temp path")?;
+    run("ip", &["netns", "exec", ns, "nft", "-f", path]).map(|_| ())
 }

@@ -125,3 +125,38 @@ pub fn forget_path_mtus(hosts: &[String]) {
         crate::netns::ip(host, &["-6", "route", "flush", "cache"]).unwrap();
     }
 }
+
+/// Eight downloads of `bytes` from `vip` in namespace `client`: every one
+/// completes, each of `backends` (addresses, answering b1, b2, ... in
+/// order) serves one, and the balancer forwarded an ICMP error to each
+/// (its path MTU was learnt from the router's errors to the VIP).
+pub fn assert_downloads_learn_the_path(
+    daemon: &crate::harness::Daemon,
+    client: &str,
+    vip: &str,
+    backends: &[String],
+    bytes: usize,
+) {
+    let before = icmp_errors(daemon, vip);
+    let got = downloads_in(client, vip, 8);
+    let after = icmp_errors(daemon, vip);
+    let summary: Vec<String> =
+        got.iter().map(|d| format!("{} {} B {:.2} s", d.backend, d.bytes, d.seconds)).collect();
+    println!("FIGURE {vip} across the narrow link: {}", summary.join(", "));
+    println!("FIGURE {vip} ICMP errors forwarded per backend: before {before:?}, after {after:?}");
+    assert!(got.iter().all(|d| d.bytes == bytes), "a download stalled: {summary:?}");
+    for (index, address) in (1..).zip(backends) {
+        let name = format!("b{index}");
+        assert!(got.iter().any(|d| d.backend == name), "no download from {name}: {summary:?}");
+        let count = |list: &[(String, u64)]| list.iter().find(|(a, _)| a == address).unwrap().1;
+        assert!(count(&after) > count(&before), "no ICMP error reached {name}: {after:?}");
+    }
+}
+
+/// The control: two downloads of `bytes` from `vip` in `client`, both stalled.
+pub fn assert_downloads_stall(client: &str, vip: &str, bytes: usize) {
+    let got = downloads_in(client, vip, 2);
+    let received: Vec<usize> = got.iter().map(|d| d.bytes).collect();
+    println!("FIGURE {vip} with the errors dropped at the router: {received:?} bytes of {bytes}");
+    assert!(got.iter().all(|d| d.bytes < bytes), "completed without errors: {received:?}");
+}

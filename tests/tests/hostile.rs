@@ -6,7 +6,9 @@
 use std::process::Command;
 
 use serde_json::Value;
-use tests::download::{downloads_in, drop_errors_to_vips, icmp_errors};
+use tests::download::{
+    assert_downloads_learn_the_path, assert_downloads_stall, drop_errors_to_vips,
+};
 use tests::fleet::{self, Fleet};
 use tests::harness::{Daemon, WsClients, spawn_in, testbed_binary, total_active_flows};
 use tests::netns::{self, Testbed, VIP4, VIP6};
@@ -43,24 +45,8 @@ fn downloads_complete_across_a_1280_byte_link_over_ipv4_and_ipv6() {
     fleet.wait_next_hops(VIP6, &[1]).unwrap();
 
     for (vip, backend) in families {
-        let before = icmp_errors(&daemon, vip);
-        let got = downloads_in(&fleet.client(), vip, 8);
-        let after = icmp_errors(&daemon, vip);
-        let summary: Vec<String> =
-            got.iter().map(|d| format!("{} {} B {:.2} s", d.backend, d.bytes, d.seconds)).collect();
-        println!("FIGURE {vip} across the 1280-byte link: {}", summary.join(", "));
-        println!(
-            "FIGURE {vip} ICMP errors forwarded per backend: before {before:?}, after {after:?}"
-        );
-        assert!(got.iter().all(|d| d.bytes == DOWNLOAD_BYTES), "a download stalled: {summary:?}");
-        for index in 1..=2 {
-            let name = format!("b{index}");
-            assert!(got.iter().any(|d| d.backend == name), "no download from {name}: {summary:?}");
-            let address = backend(index);
-            let count =
-                |list: &[(String, u64)]| list.iter().find(|(a, _)| *a == address).unwrap().1;
-            assert!(count(&after) > count(&before), "no ICMP error reached {name}: {after:?}");
-        }
+        let backends: Vec<String> = (1..=2).map(backend).collect();
+        assert_downloads_learn_the_path(&daemon, &fleet.client(), vip, &backends, DOWNLOAD_BYTES);
     }
 
     // The same downloads with the router's errors to the VIPs dropped at the
@@ -68,15 +54,7 @@ fn downloads_complete_across_a_1280_byte_link_over_ipv4_and_ipv6() {
     let backends: Vec<String> = (1..=2).map(|index| fleet.backend(index)).collect();
     drop_errors_to_vips(&fleet.router(), &backends);
     for (vip, _) in families {
-        let got = downloads_in(&fleet.client(), vip, 2);
-        let bytes: Vec<usize> = got.iter().map(|d| d.bytes).collect();
-        println!(
-            "FIGURE {vip} with the errors dropped at the router: {bytes:?} bytes of {DOWNLOAD_BYTES}"
-        );
-        assert!(
-            got.iter().all(|d| d.bytes < DOWNLOAD_BYTES),
-            "completed without errors: {bytes:?}"
-        );
+        assert_downloads_stall(&fleet.client(), vip, DOWNLOAD_BYTES);
     }
 }
 

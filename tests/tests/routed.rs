@@ -11,7 +11,9 @@
 use std::collections::BTreeMap;
 
 use tests::capture::DistinctSources;
-use tests::download::{downloads_in, drop_errors_to_vips, forget_path_mtus, icmp_errors};
+use tests::download::{
+    assert_downloads_learn_the_path, assert_downloads_stall, drop_errors_to_vips, forget_path_mtus,
+};
 use tests::harness::{
     Daemon, Process, client_requests, spawn_in, start_server, tally, testbed_binary,
 };
@@ -274,25 +276,9 @@ fn downloads_across_a_1280_byte_link_complete_through_tunnels() {
 
     for (vip, ipv6) in &vips {
         forget_path_mtus(&namespaces);
-        let before = icmp_errors(&daemon, vip);
-        let got = downloads_in(&client, vip, 8);
-        let after = icmp_errors(&daemon, vip);
-        let summary: Vec<String> =
-            got.iter().map(|d| format!("{} {} B {:.2} s", d.backend, d.bytes, d.seconds)).collect();
-        println!("FIGURE {vip} across the 1280-byte link: {}", summary.join(", "));
-        println!(
-            "FIGURE {vip} ICMP errors tunnelled per backend: before {before:?}, after {after:?}"
-        );
-        assert!(got.iter().all(|d| d.bytes == BYTES), "a download stalled: {summary:?}");
-        for index in 1..=2 {
-            let name = format!("b{index}");
-            assert!(got.iter().any(|d| d.backend == name), "no download from {name}: {summary:?}");
-            let (v4, v6) = backend_addresses(index);
-            let address = if *ipv6 { v6 } else { v4 };
-            let count =
-                |list: &[(String, u64)]| list.iter().find(|(a, _)| *a == address).unwrap().1;
-            assert!(count(&after) > count(&before), "no ICMP error reached {name}: {after:?}");
-        }
+        let pick = |(v4, v6): (String, String)| if *ipv6 { v6 } else { v4 };
+        let backends: Vec<String> = (1..=2).map(|i| pick(backend_addresses(i))).collect();
+        assert_downloads_learn_the_path(&daemon, &client, vip, &backends, BYTES);
     }
     for ns in &namespaces {
         let counters = decap(ns, &["--stats"])["counters"].clone();
@@ -302,10 +288,7 @@ fn downloads_across_a_1280_byte_link_complete_through_tunnels() {
 
     drop_errors_to_vips(&routed::router(&testbed), &namespaces);
     for (vip, _) in &vips {
-        let got = downloads_in(&client, vip, 2);
-        let bytes: Vec<usize> = got.iter().map(|d| d.bytes).collect();
-        println!("FIGURE {vip} with the errors dropped at the router: {bytes:?} bytes of {BYTES}");
-        assert!(got.iter().all(|d| d.bytes < BYTES), "completed without errors: {bytes:?}");
+        assert_downloads_stall(&client, vip, BYTES);
     }
 }
 
