@@ -4,9 +4,10 @@
 //! router), reads the neighbour table of the balancer's interface for that
 //! next hop, asks the kernel to resolve the ones it lacks (NTF_USE, the same
 //! as the stack does before sending), and reports what it finds to the
-//! daemon. A backend whose route leaves by another interface is not
-//! reported (its packets are counted as unresolved). It never touches BPF
-//! maps.
+//! daemon. A backend whose route leaves by another interface, or that has
+//! no route, is not reported (its packets are counted as unresolved), and
+//! the task warns once, naming the interface, until that changes. It never
+//! touches BPF maps.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -54,15 +55,27 @@ pub async fn run(
     let (connection, handle, _) = rtnetlink::new_connection()?;
     tokio::spawn(connection);
     let mut last_sent = Neighbours::new();
+    // Backends warned about, with the route that made them unreachable.
+    let mut warned: BTreeMap<IpAddr, Route> = BTreeMap::new();
     loop {
         let want = wanted.borrow_and_update().clone();
         match read_table(&handle, ifindex).await {
             Ok(table) => {
                 let mut found = Neighbours::new();
+                warned.retain(|address, _| want.contains(address));
                 for address in &want {
                     let gateway = match route_via(&handle, ifindex, *address).await {
-                        Ok(Some(gateway)) => gateway,
-                        Ok(None) => continue,
+                        Ok(Route::Out(gateway)) => {
+                            warned.remove(address);
+                            gateway
+                        }
+                        Ok(route) => {
+                            if warned.get(address) != Some(&route) {
+                                warn_unreachable(ifindex, *address, route);
+                                warned.insert(*address, route);
+                            }
+                            continue;
+                        }
                         Err(error) => {
                             tracing::debug!(%address, %error, "route lookup failed");
                             continue;
@@ -96,21 +109,51 @@ pub async fn run(
     }
 }
 
-/// How the kernel routes to `address`: Some(None) on-link out of
-/// `ifindex`, Some(Some(router)) through a router out of it, None when the
-/// route leaves by another interface (or is not unicast).
+/// How the kernel routes to a backend, as the balancer's interface sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// Out of the balancer's interface: on-link (None) or through a router.
+    Out(Option<IpAddr>),
+    /// Out of another interface (its index), which lb does not send from.
+    OtherInterface(u32),
+    /// No unicast route at all.
+    None,
+}
+
+/// Says once why a backend cannot be reached, and what would fix it.
+fn warn_unreachable(ifindex: u32, address: IpAddr, route: Route) {
+    let name = |index: u32| {
+        nix::net::if_::if_indextoname(index)
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| format!("interface {index}"))
+    };
+    let iface = name(ifindex);
+    match route {
+        Route::OtherInterface(other) => tracing::warn!(
+            backend = %address,
+            "backend {address} is routed out of {}, not {iface}: lb sends only out of the interface it runs on, so it gets no packets (counted as drop_no_backend) until a route to it leaves by {iface}",
+            name(other)
+        ),
+        _ => tracing::warn!(
+            backend = %address,
+            "backend {address} has no route: it gets no packets (counted as drop_no_backend) until one leaves by {iface}"
+        ),
+    }
+}
+
+/// How the kernel routes to `address` ([`Route`]).
 async fn route_via(
     handle: &rtnetlink::Handle,
     ifindex: u32,
     address: IpAddr,
-) -> Result<Option<Option<IpAddr>>, rtnetlink::Error> {
+) -> Result<Route, rtnetlink::Error> {
     let prefix = if address.is_ipv4() { 32 } else { 128 };
     let message = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(address, prefix)
         .map_err(|_| rtnetlink::Error::RequestFailed)?
         .build();
     let mut routes = handle.route().get(message).execute();
-    let Some(route) = routes.try_next().await? else { return Ok(None) };
+    let Some(route) = routes.try_next().await? else { return Ok(Route::None) };
     let mut oif = None;
     let mut gateway = None;
     for attribute in &route.attributes {
@@ -121,7 +164,11 @@ async fn route_via(
             _ => {}
         }
     }
-    Ok((oif == Some(ifindex)).then_some(gateway))
+    Ok(match oif {
+        Some(oif) if oif == ifindex => Route::Out(gateway),
+        Some(oif) => Route::OtherInterface(oif),
+        None => Route::None,
+    })
 }
 
 struct Entry {

@@ -310,6 +310,38 @@ fn four_thousand_websockets_through_gue_survive_changes_and_only_a_failed_backen
     });
 }
 
+/// A backend the kernel routes out of another interface than `lb run`'s
+/// gets nothing (lb sends only out of its own), and the daemon says so
+/// once, naming both interfaces; the VIP's flows all go to the backend it
+/// can reach.
+fn a_backend_routed_out_of_another_interface_is_named_and_gets_no_flow() {
+    let testbed = routed::up("lbro-", 1).expect("routed testbed");
+    let (balancer, side) = (testbed.balancer(), format!("{}side", testbed.prefix));
+    netns::add(&side).unwrap();
+    let link = ["link", "add", "side0", "netns", &balancer, "type", "veth", "peer", "name", "eth0"];
+    netns::run("ip", &[&link[..], &["netns", &side]].concat()).unwrap();
+    netns::ip(&balancer, &["addr", "add", "198.18.7.254/24", "dev", "side0"]).unwrap();
+    netns::ip(&balancer, &["link", "set", "side0", "up"]).unwrap();
+    let _server = start_server(&testbed, 1, 8080).unwrap();
+    let _decapsulators = Decapsulators::attach(vec![testbed.backend(1)]);
+    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
+    let vip = endpoint(VIP4, 8080);
+    // No health checks: the unreachable backend stays up, so only its route keeps it out.
+    let add = ["vip", "add", &vip, "--proto", "udp", "--forwarding", "gue", "--check", "none"];
+    daemon.lb(&add).unwrap();
+    for backend in [backend_addresses(1).0.as_str(), "198.18.7.1"] {
+        daemon.lb(&["backend", "add", &vip, backend, "--proto", "udp"]).unwrap();
+    }
+    let warning = "backend 198.18.7.1 is routed out of side0, not eth0";
+    tests::harness::wait_until("the warning", 10, || daemon.log_text().contains(warning));
+    let answers = client_requests(&testbed, "udp", &vip, CLIENT4, 20_000, 100).unwrap();
+    let counts = tally(&answers);
+    println!("FIGURE 100 flows with one backend routed elsewhere landed {counts:?}");
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["b1"], "{counts:?}");
+    let log = daemon.log_text();
+    assert_eq!(log.matches(warning).count(), 1, "warned more than once:\n{log}");
+}
+
 fn ipv4_ipip_and_gue_balance_through_a_router() {
     balances_through_a_router("lbr4-", false);
 }
@@ -324,4 +356,5 @@ tests::root_tests!(
     uploads_larger_than_the_tunnel_learn_its_mtu_and_complete,
     downloads_across_a_1280_byte_link_complete_through_tunnels,
     four_thousand_websockets_through_gue_survive_changes_and_only_a_failed_backends_break,
+    a_backend_routed_out_of_another_interface_is_named_and_gets_no_flow,
 );
