@@ -8,6 +8,7 @@ pub mod bpf;
 pub mod capture;
 pub mod demo;
 pub mod download;
+pub mod echo;
 pub mod etcd;
 pub mod fixture;
 pub mod fleet;
