@@ -64,20 +64,23 @@ pub async fn run(
                 let mut found = Neighbours::new();
                 warned.retain(|address, _| want.contains(address));
                 for address in &want {
-                    let gateway = match route_via(&handle, ifindex, *address).await {
-                        Ok(Route::Out(gateway)) => {
+                    // A failed lookup (the kernel answers "unreachable" with an
+                    // error) leaves the backend without a route, as no route does.
+                    let route =
+                        route_via(&handle, ifindex, *address).await.unwrap_or_else(|error| {
+                            tracing::debug!(%address, %error, "route lookup failed");
+                            Route::None
+                        });
+                    let gateway = match route {
+                        Route::Out(gateway) => {
                             warned.remove(address);
                             gateway
                         }
-                        Ok(route) => {
+                        route => {
                             if warned.get(address) != Some(&route) {
                                 warn_unreachable(ifindex, *address, route);
                                 warned.insert(*address, route);
                             }
-                            continue;
-                        }
-                        Err(error) => {
-                            tracing::debug!(%address, %error, "route lookup failed");
                             continue;
                         }
                     };

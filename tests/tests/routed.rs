@@ -312,8 +312,8 @@ fn four_thousand_websockets_through_gue_survive_changes_and_only_a_failed_backen
 
 /// A backend the kernel routes out of another interface than `lb run`'s
 /// gets nothing (lb sends only out of its own), and the daemon says so
-/// once, naming both interfaces; the VIP's flows all go to the backend it
-/// can reach.
+/// once, naming both interfaces; one without a route is named too; the
+/// VIP's flows all go to the backend it can reach.
 fn a_backend_routed_out_of_another_interface_is_named_and_gets_no_flow() {
     let testbed = routed::up("lbro-", 1).expect("routed testbed");
     let (balancer, side) = (testbed.balancer(), format!("{}side", testbed.prefix));
@@ -329,17 +329,24 @@ fn a_backend_routed_out_of_another_interface_is_named_and_gets_no_flow() {
     // No health checks: the unreachable backend stays up, so only its route keeps it out.
     let add = ["vip", "add", &vip, "--proto", "udp", "--forwarding", "gue", "--check", "none"];
     daemon.lb(&add).unwrap();
-    for backend in [backend_addresses(1).0.as_str(), "198.18.7.1"] {
+    // 198.18.9.1: no route at all from the balancer.
+    for backend in [backend_addresses(1).0.as_str(), "198.18.7.1", "198.18.9.1"] {
         daemon.lb(&["backend", "add", &vip, backend, "--proto", "udp"]).unwrap();
     }
     let warning = "backend 198.18.7.1 is routed out of side0, not eth0";
-    tests::harness::wait_until("the warning", 10, || daemon.log_text().contains(warning));
+    let no_route = "backend 198.18.9.1 has no route";
+    tests::harness::wait_until("the warnings", 10, || {
+        let log = daemon.log_text();
+        log.contains(warning) && log.contains(no_route)
+    });
     let answers = client_requests(&testbed, "udp", &vip, CLIENT4, 20_000, 100).unwrap();
     let counts = tally(&answers);
     println!("FIGURE 100 flows with one backend routed elsewhere landed {counts:?}");
     assert_eq!(counts.keys().collect::<Vec<_>>(), ["b1"], "{counts:?}");
     let log = daemon.log_text();
-    assert_eq!(log.matches(warning).count(), 1, "warned more than once:\n{log}");
+    for said in [warning, no_route] {
+        assert_eq!(log.matches(said).count(), 1, "not said once: {said}\n{log}");
+    }
 }
 
 fn ipv4_ipip_and_gue_balance_through_a_router() {

@@ -90,10 +90,14 @@ pub fn encapsulate(
     let (inner_len, class, dont_fragment) = inner_header(ctx, overhead + l3, v4)?;
     let mtu = tunnel_mtu();
     // SAFETY: as in source_v6_word.
-    let source_v4 = unsafe { core::ptr::read_volatile(&LB_TUNNEL_SOURCE_V4) };
-    let (spread_v4, spread_v6) =
-        // SAFETY: as in source_v6_word.
-        unsafe { (core::ptr::read_volatile(&LB_TUNNEL_SPREAD_V4), core::ptr::read_volatile(&LB_TUNNEL_SPREAD_V6)) };
+    let (source_v4, spread_v4, spread_v6) = unsafe {
+        use core::ptr::read_volatile;
+        (
+            read_volatile(&LB_TUNNEL_SOURCE_V4),
+            read_volatile(&LB_TUNNEL_SPREAD_V4),
+            read_volatile(&LB_TUNNEL_SPREAD_V6),
+        )
+    };
     if mtu != 0 && inner_len + overhead > mtu as usize {
         return Err(Reason::DropTooBig);
     }
