@@ -21,6 +21,7 @@ pub mod netns;
 pub mod packets;
 pub mod prometheus;
 pub mod routed;
+pub mod tunnel_frames;
 pub mod tunnels;
 pub mod websocket;
 
