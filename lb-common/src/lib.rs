@@ -11,12 +11,14 @@ use core::net::IpAddr;
 
 mod counters;
 mod decap;
+mod egress;
 mod flows;
 mod hash;
 mod tunnel;
 
 pub use counters::*;
 pub use decap::*;
+pub use egress::*;
 pub use flows::*;
 pub use hash::*;
 pub use tunnel::*;
@@ -284,7 +286,12 @@ pub struct Backend {
     /// freed): a flow entry of an earlier occupant carries another generation
     /// and is never sent to the slot's new backend.
     pub generation: u32,
-    pub _pad2: u32,
+    /// Which interface the slot's packets leave by: 0, the one the program
+    /// runs on (XDP_TX); else an index of [`MAP_EGRESS`] (XDP_REDIRECT),
+    /// whose [`Egress`] gives the source MAC, MTU and tunnel source. A
+    /// field that was padding before: maps pinned by an earlier version
+    /// hold 0 there, their old meaning.
+    pub egress: u32,
 }
 const _: () = assert!(size_of::<Backend>() == 40);
 
@@ -325,4 +332,6 @@ mod pod {
     unsafe impl aya::Pod for super::Layout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowSyncEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Egress {}
 }

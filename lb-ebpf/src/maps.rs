@@ -6,13 +6,13 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
-    FLOW_SYNC_RING_BYTES, FlowEntry, FlowEvent, FlowKey, Layout, MaglevChunk, PendingFlow, Reason,
-    SLOTS_PER_VIP, TAIL_CALL_SLOTS, TrafficCounters, VIP_PORT_WORDS, VipAddressKey, VipInfo,
-    VipKey, maglev_elements, new_flow_table_size,
+    Egress, FLOW_SYNC_RING_BYTES, FlowEntry, FlowEvent, FlowKey, Layout, MAX_EGRESS, MaglevChunk,
+    PendingFlow, Reason, SLOTS_PER_VIP, TAIL_CALL_SLOTS, TrafficCounters, VIP_PORT_WORDS,
+    VipAddressKey, VipInfo, VipKey, maglev_elements, new_flow_table_size,
 };
 
 use crate::clock::Clock;
@@ -115,3 +115,14 @@ pub static LB_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(TAIL_CALL_
 /// (lb_common::ICMP_TOO_BIG_PER_SECOND at most). Datapath only, never pinned.
 #[map]
 pub static LB_ICMP_BUDGET: PerCpuArray<IcmpBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// egress index -> interface index (lb_common::MAP_EGRESS): where a backend
+/// with a nonzero `Backend::egress` is sent by XDP_REDIRECT. Written by the
+/// daemon after loading; never pinned.
+#[map]
+pub static LB_EGRESS: DevMap = DevMap::with_max_entries(MAX_EGRESS, 0);
+
+/// egress index -> Egress: the source MAC, MTU and tunnel sources of frames
+/// sent out of that interface. Written with LB_EGRESS; never pinned.
+#[map]
+pub static LB_EGRESS_INFO: Array<Egress> = Array::with_max_entries(MAX_EGRESS, 0);

@@ -1,13 +1,14 @@
 //! Backend next hops from the kernel's FIB and neighbour table. The
 //! operator never types a MAC: for each backend this task asks the kernel's
 //! routing table how it is reached (`ip route get`: on-link, or through a
-//! router), reads the neighbour table of the balancer's interface for that
-//! next hop, asks the kernel to resolve the ones it lacks (NTF_USE, the same
-//! as the stack does before sending), and reports what it finds to the
-//! daemon. A backend whose route leaves by another interface, or that has
-//! no route, is not reported (its packets are counted as unresolved), and
-//! the task warns once, naming the interface, until that changes. It never
-//! touches BPF maps.
+//! router, and out of which interface), reads the neighbour table of that
+//! interface for the next hop, asks the kernel to resolve the ones it lacks
+//! (NTF_USE, the same as the stack does before sending), and reports what
+//! it finds to the daemon. The interfaces it may send out of are the
+//! balancer's own and its `--egress` ones. A backend whose route leaves by
+//! any other interface, or that has no route, is not reported (its packets
+//! are counted as unresolved), and the task warns once, naming the
+//! interface, until that changes. It never touches BPF maps.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -46,9 +47,11 @@ pub fn interface_mac(iface: &str) -> std::io::Result<Mac> {
         .ok_or_else(not_found)
 }
 
-/// Runs until `updates` is closed.
+/// Runs until `updates` is closed. `interfaces` are the indexes of the
+/// interfaces packets may leave by: the balancer's own first, then its
+/// `--egress` ones, in the order of their egress numbers.
 pub async fn run(
-    ifindex: u32,
+    interfaces: Vec<u32>,
     mut wanted: watch::Receiver<Vec<IpAddr>>,
     updates: mpsc::Sender<Neighbours>,
 ) -> anyhow::Result<()> {
@@ -59,7 +62,7 @@ pub async fn run(
     let mut warned: BTreeMap<IpAddr, Route> = BTreeMap::new();
     loop {
         let want = wanted.borrow_and_update().clone();
-        match read_table(&handle, ifindex).await {
+        match read_table(&handle, &interfaces).await {
             Ok(table) => {
                 let mut found = Neighbours::new();
                 warned.retain(|address, _| want.contains(address));
@@ -67,27 +70,28 @@ pub async fn run(
                     // A failed lookup (the kernel answers "unreachable" with an
                     // error) leaves the backend without a route, as no route does.
                     let route =
-                        route_via(&handle, ifindex, *address).await.unwrap_or_else(|error| {
+                        route_via(&handle, &interfaces, *address).await.unwrap_or_else(|error| {
                             tracing::debug!(%address, %error, "route lookup failed");
                             Route::None
                         });
-                    let gateway = match route {
-                        Route::Out(gateway) => {
+                    let (egress, gateway) = match route {
+                        Route::Out { egress, gateway } => {
                             warned.remove(address);
-                            gateway
+                            (egress, gateway)
                         }
                         route => {
                             if warned.get(address) != Some(&route) {
-                                warn_unreachable(ifindex, *address, route);
+                                warn_unreachable(&interfaces, *address, route);
                                 warned.insert(*address, route);
                             }
                             continue;
                         }
                     };
                     let hop = gateway.unwrap_or(*address);
-                    match table.get(&hop) {
+                    let ifindex = interfaces[egress as usize];
+                    match table.get(&(ifindex, hop)) {
                         Some(Entry { mac: Some(mac), state }) if usable(*state) => {
-                            found.insert(*address, NextHop { mac: *mac, gateway });
+                            found.insert(*address, NextHop { mac: *mac, gateway, egress });
                         }
                         _ => {
                             if let Err(error) = request_resolution(&handle, ifindex, hop).await {
@@ -112,11 +116,12 @@ pub async fn run(
     }
 }
 
-/// How the kernel routes to a backend, as the balancer's interface sees it.
+/// How the kernel routes to a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {
-    /// Out of the balancer's interface: on-link (None) or through a router.
-    Out(Option<IpAddr>),
+    /// Out of interface number `egress` of those lb sends from (0: its
+    /// own): on-link (`gateway` None) or through a router.
+    Out { egress: u32, gateway: Option<IpAddr> },
     /// Out of another interface (its index), which lb does not send from.
     OtherInterface(u32),
     /// No unicast route at all.
@@ -124,17 +129,18 @@ enum Route {
 }
 
 /// Says once why a backend cannot be reached, and what would fix it.
-fn warn_unreachable(ifindex: u32, address: IpAddr, route: Route) {
+fn warn_unreachable(interfaces: &[u32], address: IpAddr, route: Route) {
     let name = |index: u32| {
         nix::net::if_::if_indextoname(index)
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_else(|_| format!("interface {index}"))
     };
-    let iface = name(ifindex);
+    let iface = name(interfaces[0]);
     match route {
         Route::OtherInterface(other) => tracing::warn!(
             backend = %address,
-            "backend {address} is routed out of {}, not {iface}: lb sends only out of the interface it runs on, so it gets no packets (counted as drop_no_backend) until a route to it leaves by {iface}",
+            "backend {address} is routed out of {}, not {iface}: lb sends only out of the interface it runs on and its --egress interfaces, so it gets no packets (counted as drop_no_backend) until a route to it leaves by {iface} or `lb run` is given --egress {}",
+            name(other),
             name(other)
         ),
         _ => tracing::warn!(
@@ -147,7 +153,7 @@ fn warn_unreachable(ifindex: u32, address: IpAddr, route: Route) {
 /// How the kernel routes to `address` ([`Route`]).
 async fn route_via(
     handle: &rtnetlink::Handle,
-    ifindex: u32,
+    interfaces: &[u32],
     address: IpAddr,
 ) -> Result<Route, rtnetlink::Error> {
     let prefix = if address.is_ipv4() { 32 } else { 128 };
@@ -167,10 +173,11 @@ async fn route_via(
             _ => {}
         }
     }
-    Ok(match oif {
-        Some(oif) if oif == ifindex => Route::Out(gateway),
-        Some(oif) => Route::OtherInterface(oif),
-        None => Route::None,
+    let egress = oif.and_then(|oif| interfaces.iter().position(|index| *index == oif));
+    Ok(match (oif, egress) {
+        (_, Some(egress)) => Route::Out { egress: egress as u32, gateway },
+        (Some(oif), None) => Route::OtherInterface(oif),
+        (None, _) => Route::None,
     })
 }
 
@@ -192,18 +199,20 @@ fn usable(state: NeighbourState) -> bool {
     )
 }
 
+/// The neighbour entries of `interfaces`, by (interface index, address).
 async fn read_table(
     handle: &rtnetlink::Handle,
-    ifindex: u32,
-) -> Result<BTreeMap<IpAddr, Entry>, rtnetlink::Error> {
+    interfaces: &[u32],
+) -> Result<BTreeMap<(u32, IpAddr), Entry>, rtnetlink::Error> {
     let mut messages = handle.neighbours().get().execute();
     let mut table = BTreeMap::new();
     while let Some(message) = messages.try_next().await? {
-        if message.header.ifindex != ifindex {
+        let ifindex = message.header.ifindex;
+        if !interfaces.contains(&ifindex) {
             continue;
         }
         if let Some((address, entry)) = parse_entry(&message) {
-            table.insert(address, entry);
+            table.insert((ifindex, address), entry);
         }
     }
     Ok(table)

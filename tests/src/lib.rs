@@ -29,6 +29,7 @@ pub mod websocket;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 /// Whether this process may load BPF programs and create namespaces.
 pub fn is_root() -> bool {

@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP};
 use lb_userspace::model::{
-    DatapathConfig, Forwarding, ForwardingMode, HealthMap, Protocol, TunnelConfig, Vip,
+    DatapathConfig, DesiredState, Forwarding, ForwardingMode, HealthMap, Protocol, TunnelConfig,
+    Vip,
 };
 use lb_userspace::reconcile::Reconciler;
 
@@ -53,6 +54,12 @@ pub const V4_BACKENDS: [&str; 2] = ["198.18.2.1", "198.18.3.2"];
 pub const V6_BACKENDS: [&str; 2] = ["fd00:198:18:2::1", "fd00:198:18:3::2"];
 
 pub fn fixture(tunnel: TunnelConfig) -> Reconciler {
+    fixture_and_desired(tunnel).0
+}
+
+/// [`fixture`], and the desired state it applied (for tests that change
+/// next hops and apply again).
+pub fn fixture_and_desired(tunnel: TunnelConfig) -> (Reconciler, DesiredState) {
     let (v4, v6) = (addresses(&V4_BACKENDS), addresses(&V6_BACKENDS));
     let decls: Vec<_> = VIPS
         .iter()
@@ -69,7 +76,7 @@ pub fn fixture(tunnel: TunnelConfig) -> Reconciler {
         desired.configure(&vip, None, None, None, Some(forwarding)).unwrap();
     }
     reconciler.apply(&desired, &HealthMap::new()).unwrap();
-    reconciler
+    (reconciler, desired)
 }
 
 pub fn mode_of(flow: &Flow) -> ForwardingMode {

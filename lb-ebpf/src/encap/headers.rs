@@ -60,12 +60,47 @@ static LB_TUNNEL_SPREAD_V6: u32 = 0;
 #[unsafe(no_mangle)]
 static LB_TUNNEL_MTU: u32 = 0;
 
-/// Word `index` of the IPv6 tunnel source.
-#[inline(always)]
-fn source_v6_word(index: usize) -> u32 {
-    // SAFETY: read_volatile keeps the compiler from folding the load-time
-    // global to its compile-time default; the index is below 4.
-    unsafe { core::ptr::read_volatile((&raw const LB_TUNNEL_SOURCE_V6 as *const u32).add(index)) }
+/// What a tunnelled packet leaves with: its outer sources (network order,
+/// read native-endian; zero: none) and the MTU it must fit (0: unchecked).
+#[derive(Clone, Copy)]
+pub struct Tunnel {
+    pub source_v4: u32,
+    pub source_v6: [u32; 4],
+    pub mtu: u32,
+}
+
+impl Tunnel {
+    /// The tunnel of packets sent out of egress interface `egress`: the
+    /// load-time globals for the program's own interface (0), else the
+    /// daemon's LB_EGRESS_INFO entry.
+    #[inline(always)]
+    pub fn of(egress: u32) -> Result<Self, Reason> {
+        if egress != 0 {
+            let egress = crate::dsr::egress(egress)?;
+            return Ok(Self {
+                source_v4: egress.source_v4,
+                source_v6: egress.source_v6,
+                mtu: egress.mtu,
+            });
+        }
+        // SAFETY: read_volatile keeps the compiler from folding the
+        // load-time globals to their compile-time defaults; the IPv6 word
+        // index is below 4.
+        unsafe {
+            use core::ptr::read_volatile;
+            let v6 = &raw const LB_TUNNEL_SOURCE_V6 as *const u32;
+            Ok(Self {
+                source_v4: read_volatile(&LB_TUNNEL_SOURCE_V4),
+                source_v6: [
+                    read_volatile(v6),
+                    read_volatile(v6.add(1)),
+                    read_volatile(v6.add(2)),
+                    read_volatile(v6.add(3)),
+                ],
+                mtu: read_volatile(&LB_TUNNEL_MTU),
+            })
+        }
+    }
 }
 
 pub(super) const OUTER_TTL: u8 = 64;
@@ -81,6 +116,7 @@ pub const MAX_EXTENSION_WORDS: usize = 32;
 pub fn encapsulate(
     ctx: &XdpContext,
     backend: &Backend,
+    tunnel: &Tunnel,
     inner: Inner,
     gue: bool,
     overhead: usize,
@@ -88,15 +124,12 @@ pub fn encapsulate(
     let v4 = inner.family == FAMILY_IPV4;
     let l3 = inner.l3_offset;
     let (inner_len, class, dont_fragment) = inner_header(ctx, overhead + l3, v4)?;
-    let mtu = tunnel_mtu();
-    // SAFETY: as in source_v6_word.
-    let (source_v4, spread_v4, spread_v6) = unsafe {
+    let (mtu, source_v4, source_v6) = (tunnel.mtu, tunnel.source_v4, tunnel.source_v6);
+    // SAFETY: read_volatile keeps the compiler from folding the load-time
+    // globals to their compile-time defaults.
+    let (spread_v4, spread_v6) = unsafe {
         use core::ptr::read_volatile;
-        (
-            read_volatile(&LB_TUNNEL_SOURCE_V4),
-            read_volatile(&LB_TUNNEL_SPREAD_V4),
-            read_volatile(&LB_TUNNEL_SPREAD_V6),
-        )
+        (read_volatile(&LB_TUNNEL_SPREAD_V4), read_volatile(&LB_TUNNEL_SPREAD_V6))
     };
     if mtu != 0 && inner_len + overhead > mtu as usize {
         return Err(Reason::DropTooBig);
@@ -104,7 +137,7 @@ pub fn encapsulate(
     let no_source = if v4 {
         source_v4 == 0
     } else {
-        source_v6_word(0) | source_v6_word(1) | source_v6_word(2) | source_v6_word(3) == 0
+        source_v6[0] | source_v6[1] | source_v6[2] | source_v6[3] == 0
     };
     if no_source {
         return Err(Reason::DropNoTunnelSource);
@@ -119,7 +152,7 @@ pub fn encapsulate(
     // The tunnel source, its prefix's host bits (if any) from the flow.
     let source_word = |index: usize| {
         let mask = if index == 3 { spread_v6 } else { 0 };
-        spread_source_word(source_v6_word(index), mask, inner.entropy)
+        spread_source_word(source_v6[index], mask, inner.entropy)
     };
     // The backend's address, word by word (a 16-byte copy would be a
     // memmove call, which BPF cannot make).
@@ -195,13 +228,6 @@ pub(super) fn copy_l2_down(ctx: &XdpContext, l3: usize, shift: usize) -> Result<
         unsafe { *to = *from };
     }
     Ok(())
-}
-
-/// The egress MTU tunnelled packets must fit (0: unchecked).
-#[inline(always)]
-pub(super) fn tunnel_mtu() -> u32 {
-    // SAFETY: as in source_v6_word.
-    unsafe { core::ptr::read_volatile(&LB_TUNNEL_MTU) }
 }
 
 /// The inner packet's length by its header, its DSCP/ECN byte, and for

@@ -107,10 +107,9 @@ fn try_encap(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
         protocol,
         entropy,
     };
-    match headers::encapsulate(ctx, backend, inner, gue, overhead) {
-        Err(Reason::DropTooBig) => {
-            return too_big::answer(ctx, inner, overhead, headers::tunnel_mtu());
-        }
+    let tunnel = headers::Tunnel::of(backend.egress)?;
+    match headers::encapsulate(ctx, backend, &tunnel, inner, gue, overhead) {
+        Err(Reason::DropTooBig) => return too_big::answer(ctx, inner, overhead, tunnel.mtu),
         result => result?,
     }
     let action = dsr::forward(ctx, backend)?;

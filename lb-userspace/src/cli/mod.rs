@@ -125,6 +125,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 metrics,
                 socket_group,
                 tunnel_source,
+                egress,
                 fleet,
                 store,
             } = *run;
@@ -139,6 +140,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 metrics: metrics.0,
                 socket_group,
                 tunnel_sources: tunnel_source,
+                egress,
                 sync_peers: fleet.sync_peers,
                 sync_listen: fleet.sync_listen,
                 sync_key_file: fleet.sync_key_file,

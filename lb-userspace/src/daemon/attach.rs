@@ -29,6 +29,7 @@ pub(super) async fn load_datapath(
     config: crate::model::DatapathConfig,
     pins: &Path,
     ifindex: u32,
+    egress: &[super::egress::EgressInterface],
     options: &RunOptions,
 ) -> anyhow::Result<Loaded> {
     let iface = &options.iface;
@@ -57,6 +58,7 @@ pub(super) async fn load_datapath(
             "found a pinned datapath still forwarding: adopting its maps, flows and counters"
         );
     }
+    super::egress::install(&mut datapath, egress, pins, options.xdp_mode).await?;
     let how = datapath.attach(iface, options.xdp_mode)?;
     // The mode the kernel reported before: a replacement in the adopted
     // link keeps it. Otherwise this attach chose the mode itself.

@@ -31,6 +31,7 @@ mod attach;
 mod changes;
 mod control;
 mod dispatch;
+mod egress;
 mod events;
 mod flows;
 mod placement;
@@ -65,6 +66,9 @@ pub struct RunOptions {
     pub socket_group: Option<String>,
     /// `--tunnel-source`: outer sources of tunnelled VIPs, at most one per family.
     pub tunnel_sources: Vec<crate::model::TunnelSource>,
+    /// `--egress`: other interfaces backends may be routed out of, in
+    /// egress order (egress 1 first).
+    pub egress: Vec<String>,
     /// `--sync-peer`, `--sync-listen`, `--sync-key-file`: each replaces the
     /// config's `[sync]` setting of the same name.
     pub sync_peers: Vec<std::net::SocketAddr>,
@@ -96,6 +100,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     config.datapath.own_mac = neighbour::interface_mac(&options.iface)?;
     config.datapath.tunnel =
         crate::interface::tunnel_config(&options.iface, &options.tunnel_sources)?;
+    let egress = egress::describe(&options.iface, &options.egress, &options.tunnel_sources)?;
+    let interfaces: Vec<u32> =
+        std::iter::once(ifindex).chain(egress.iter().map(|each| each.ifindex)).collect();
     // The sockets before the datapath: a port in use is refused before
     // anything is attached or pinned.
     let listener = control::bind_socket(&options.socket, options.socket_group.as_deref())?;
@@ -104,7 +111,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Some(address) => Some((crate::metrics::bind(address).await?, address)),
         None => None,
     };
-    let loaded = attach::load_datapath(config.datapath, &pins, ifindex, &options).await?;
+    let loaded = attach::load_datapath(config.datapath, &pins, ifindex, &egress, &options).await?;
     let (calls_tx, calls) = mpsc::channel::<Call>(64);
     let metrics_task = metrics_listener.map(|(listener, address)| {
         tracing::info!(%address, "serving Prometheus metrics on /metrics");
@@ -113,7 +120,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let accept_task = tokio::spawn(control::serve(listener, calls_tx));
 
     let (mut daemon, tasks, inbox) =
-        Daemon::start(config, loaded, fleet, store, ifindex, &options)?;
+        Daemon::start(config, loaded, fleet, store, interfaces, &options)?;
     // Started: from here on the datapath forwards, and an error must not
     // take it away.
     rollback.disarm();
@@ -158,8 +165,10 @@ struct Daemon {
     store: Option<store::StoreLink>,
     /// `--config`, which a reload re-reads.
     config_file: Option<PathBuf>,
-    /// The interface served, whose addresses new VIPs and backends are checked against.
+    /// The interface served, whose addresses new VIPs and backends are
+    /// checked against (and its `--egress` interfaces' for backends).
     iface: String,
+    egress: Vec<String>,
     /// Closes a few connections of crowded backends, for the VIPs that rebalance.
     rebalancer: rebalance::Rebalancer,
 }
@@ -173,7 +182,7 @@ impl Daemon {
         loaded: attach::Loaded,
         fleet: start::FleetStart,
         store_start: Option<start::StoreStart>,
-        ifindex: u32,
+        interfaces: Vec<u32>,
         options: &RunOptions,
     ) -> anyhow::Result<(Self, Tasks, Inbox)> {
         let attach::Loaded { mut datapath, first_count, attach_mode, map_memory } = loaded;
@@ -203,7 +212,12 @@ impl Daemon {
         });
         checks.sync(&config.desired, if adopted { Start::Adopted } else { Start::Fresh });
         reconciler.apply(&config.desired, &checks.health_map())?;
-        placement::warn_misplaced(&options.iface, &config.datapath.tunnel, &config.desired);
+        placement::warn_misplaced(
+            &options.iface,
+            &options.egress,
+            &config.datapath.tunnel,
+            &config.desired,
+        );
         start::keep_replaced(&config, &options.state)?;
         config::save(&config, &options.state)?;
         let sync_on = sync.is_some();
@@ -215,7 +229,7 @@ impl Daemon {
             None => (None, None),
         };
         let (tasks, published, inbox) = Tasks::start(tasks::Start {
-            ifindex,
+            interfaces,
             flow_counter: Arc::clone(&flow_counter),
             first_count,
             sync,
@@ -246,6 +260,7 @@ impl Daemon {
             store,
             config_file: options.config.clone(),
             iface: options.iface.clone(),
+            egress: options.egress.clone(),
             rebalancer,
         };
         Ok((daemon, tasks, inbox))

@@ -5,7 +5,8 @@
 //! address, or outside every subnet of the interface, can never be reached
 //! by L2 direct server return (it would sit in `resolving` for ever); a
 //! tunnelled VIP needs a tunnel source of its family, and its backends may
-//! be anywhere routable.
+//! be anywhere routable. A backend on the subnet of an `--egress`
+//! interface is reachable by direct server return too.
 //! Changes asked of this daemon are refused; what it starts with, or what
 //! the store says, is only warned about (refusing it would stop the rest).
 
@@ -81,7 +82,8 @@ pub fn misplaced(
 impl Daemon {
     /// Refuses `next` when it adds what cannot work on the interface.
     pub(super) fn refuse_misplaced(&self, next: &DesiredState) -> anyhow::Result<()> {
-        let addresses = match interface::addresses(&self.iface) {
+        let (label, addresses) = own_addresses(&self.iface, &self.egress);
+        let addresses = match addresses {
             Ok(addresses) => addresses,
             Err(error) => {
                 tracing::warn!(iface = %self.iface, %error, "the interface's addresses could not be read: VIPs and backends are not checked against them");
@@ -89,7 +91,7 @@ impl Daemon {
             }
         };
         let tunnel = &self.config.datapath.tunnel;
-        let found = misplaced(&self.iface, &addresses, tunnel, &self.config.desired, next);
+        let found = misplaced(&label, &addresses, tunnel, &self.config.desired, next);
         match found.as_slice() {
             [] => Ok(()),
             [one] => anyhow::bail!("{one}"),
@@ -103,10 +105,36 @@ impl Daemon {
     }
 }
 
+/// The addresses VIPs and backends are checked against: `iface`'s and
+/// its `egress` interfaces', and how messages name them.
+fn own_addresses(
+    iface: &str,
+    egress: &[String],
+) -> (String, std::io::Result<Vec<InterfaceAddress>>) {
+    let label = if egress.is_empty() {
+        iface.to_owned()
+    } else {
+        format!("{iface} (with --egress {})", egress.join(", "))
+    };
+    let mut all = Vec::new();
+    for name in std::iter::once(iface).chain(egress.iter().map(String::as_str)) {
+        match interface::addresses(name) {
+            Ok(found) => all.extend(found),
+            Err(error) => return (label, Err(error)),
+        }
+    }
+    (label, Ok(all))
+}
+
 /// At start: warns about what cannot work in the configuration started with.
-pub(super) fn warn_misplaced(iface: &str, tunnel: &TunnelConfig, desired: &DesiredState) {
-    let Ok(addresses) = interface::addresses(iface) else { return };
-    for problem in misplaced(iface, &addresses, tunnel, &DesiredState::default(), desired) {
+pub(super) fn warn_misplaced(
+    iface: &str,
+    egress: &[String],
+    tunnel: &TunnelConfig,
+    desired: &DesiredState,
+) {
+    let (label, Ok(addresses)) = own_addresses(iface, egress) else { return };
+    for problem in misplaced(&label, &addresses, tunnel, &DesiredState::default(), desired) {
         tracing::warn!("{problem}");
     }
 }

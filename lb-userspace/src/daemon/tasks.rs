@@ -63,7 +63,8 @@ pub(super) struct Tasks {
 
 /// Everything the tasks are started with.
 pub(super) struct Start {
-    pub ifindex: u32,
+    /// The balancer's interface, then its `--egress` ones.
+    pub interfaces: Vec<u32>,
     pub flow_counter: Arc<FlowCounter>,
     pub first_count: ActiveFlows,
     /// Flow sync's inputs but the directory and status channels, when on.
@@ -93,10 +94,11 @@ impl Tasks {
     pub fn start(start: Start) -> (Self, Published, Inbox) {
         let (wanted_tx, wanted_rx) = watch::channel(start.wanted);
         let (neighbours_tx, neighbours_rx) = mpsc::channel(4);
-        let ifindex = start.ifindex;
+        let ifindex = start.interfaces[0];
+        let interfaces = start.interfaces;
         let neighbours =
             Supervised::start("neighbours", "backend MACs are not followed", move || {
-                neighbour::run(ifindex, wanted_rx.clone(), neighbours_tx.clone())
+                neighbour::run(interfaces.clone(), wanted_rx.clone(), neighbours_tx.clone())
             });
         let (counted_tx, counted_rx) = watch::channel(start.first_count);
         let counter = start.flow_counter;

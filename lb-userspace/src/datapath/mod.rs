@@ -21,6 +21,7 @@ use memmap2::{MmapMut, MmapOptions};
 
 use crate::model::DatapathConfig;
 
+mod egress;
 mod maps;
 mod marks;
 mod memory;
@@ -30,8 +31,8 @@ pub use maps::{FlowCounter, FlowState, Maps, monotonic_ns, total_of};
 pub use marks::{FlowMarker, SlotCensus};
 pub use memory::held_map_memory;
 pub use pins::{
-    Attached, InterfaceLock, attach_xdp, ensure_bpffs, has_pinned_link, has_pins, is_bpffs,
-    lock_interface, pin_dir_for, remove_named_pins, remove_pins,
+    Attached, InterfaceLock, attach_xdp, egress_link_pin, ensure_bpffs, has_pinned_link, has_pins,
+    is_bpffs, lock_interface, pin_dir_for, remove_named_pins, remove_pins,
 };
 
 /// The compiled XDP object, built by build.rs.
@@ -115,6 +116,10 @@ pub enum DatapathError {
     IncompatiblePins { dir: PathBuf, differences: String },
     #[error("pinned link {}: {error}", path.display())]
     PinnedLink { path: PathBuf, error: String },
+    #[error("at most {max} --egress interfaces")]
+    TooManyEgress { max: u32 },
+    #[error("egress interface {ifindex}: {error}")]
+    Egress { ifindex: u32, error: String },
     #[error("another lb run serves this interface (it holds the lock on {}): one daemon per interface; stop it first (with --detach-on-exit to detach at once)", dir.display())]
     Locked { dir: PathBuf },
 }
@@ -155,6 +160,8 @@ pub struct Datapath {
     /// The tail-call table, held so that the kernel keeps its entries even
     /// when it is not pinned (test runs).
     _programs: ProgramArray<MapData>,
+    /// LB_EGRESS and LB_EGRESS_INFO ([`Self::set_egress`]).
+    egress: egress::EgressMaps,
 }
 
 /// Loads the programs the balancer's program tail-calls (`lb_encap`) and
@@ -197,11 +204,7 @@ impl Datapath {
         let sync_flows = u32::from(config.sync_flows);
         let own_mac = lb_common::mac_word(config.own_mac);
         let new_flow_slots = lb_common::new_flow_table_size(config.flow_table_size);
-        let tunnel_v4 = config.tunnel.source_v4.map_or(0, |a| u32::from_ne_bytes(a.octets()));
-        let tunnel_v6: [u32; 4] = config.tunnel.source_v6.map_or([0; 4], |address| {
-            let bytes = address.octets();
-            std::array::from_fn(|i| u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap()))
-        });
+        let (tunnel_v4, tunnel_v6) = source_words(&config.tunnel);
         let spread_v4 = lb_common::spread_mask(config.tunnel.spread_v4);
         let spread_v6 = lb_common::spread_mask(config.tunnel.spread_v6);
         let mut loader = EbpfLoader::new();
@@ -241,6 +244,7 @@ impl Datapath {
             .map_err(DatapathError::Program)?;
         program.load().map_err(DatapathError::Program)?;
         let programs = load_tail_calls(&mut ebpf)?;
+        let egress = egress::EgressMaps::take(&mut ebpf)?;
 
         let mut take = |name: &'static str| {
             ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })
@@ -285,6 +289,7 @@ impl Datapath {
             flow_events,
             flow_sync: Some(flow_sync),
             _programs: programs,
+            egress,
             maglev,
             _maglev_map: maglev_map,
             attached: None,
@@ -328,6 +333,18 @@ impl Datapath {
     pub fn test_run(&self, packet: &[u8]) -> Result<(u32, Vec<u8>), DatapathError> {
         test_run_xdp(self.program(), packet)
     }
+}
+
+/// A tunnel's sources as the datapath holds them (lb_common::
+/// GLOBAL_TUNNEL_SOURCE_V4 and _V6, lb_common::Egress): network-order
+/// bytes read as native words, zero for none.
+pub fn source_words(tunnel: &crate::model::TunnelConfig) -> (u32, [u32; 4]) {
+    let v4 = tunnel.source_v4.map_or(0, |a| u32::from_ne_bytes(a.octets()));
+    let v6 = tunnel.source_v6.map_or([0; 4], |address| {
+        let bytes = address.octets();
+        std::array::from_fn(|i| u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap()))
+    });
+    (v4, v6)
 }
 
 /// Runs an XDP program once on `packet` through BPF_PROG_TEST_RUN: the XDP

@@ -172,16 +172,39 @@ pub fn has_pinned_link(dir: &Path) -> bool {
     dir.join(LINK_PIN).exists()
 }
 
+/// Pins of the links that keep the pass program on `--egress` interfaces
+/// start with this (then the interface's name).
+const EGRESS_LINK_PREFIX: &str = "egress-link-";
+
+/// Where the link of the pass program on egress interface `iface` is pinned.
+pub fn egress_link_pin(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("{EGRESS_LINK_PREFIX}{iface}"))
+}
+
+/// The egress links pinned in `dir`, by file name.
+fn egress_link_pins(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with(EGRESS_LINK_PREFIX))
+        .collect()
+}
+
 /// Whether `dir` holds any pin of ours (link or map).
 pub fn has_pins(dir: &Path) -> bool {
     std::iter::once(LINK_PIN).chain(lb_common::ALL_MAPS).any(|name| dir.join(name).exists())
+        || !egress_link_pins(dir).is_empty()
 }
 
-/// Removes a pin directory's link and map pins (`lb unload`). Objects still
-/// open elsewhere live on until closed; once nothing holds the link, the
-/// program detaches.
+/// Removes a pin directory's link and map pins, and those of its egress
+/// links (`lb unload`). Objects still open elsewhere live on until closed;
+/// once nothing holds a link, its program detaches.
 pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
-    remove_named_pins(dir, std::iter::once(LINK_PIN).chain(lb_common::ALL_MAPS)).map(|_| ())
+    let egress = egress_link_pins(dir);
+    let names = std::iter::once(LINK_PIN)
+        .chain(lb_common::ALL_MAPS)
+        .chain(egress.iter().map(String::as_str));
+    remove_named_pins(dir, names).map(|_| ())
 }
 
 /// Removes the pins `names` in `dir`, then `dir` itself when it is empty

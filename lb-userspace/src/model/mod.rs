@@ -27,12 +27,16 @@ pub use rebalance::{Rebalance, RebalanceMode, RebalanceOptions};
 /// An Ethernet address, as the datapath writes it into frames.
 pub type Mac = [u8; 6];
 
-/// Where the balancer's interface sends a backend's packets: the MAC of
-/// the backend itself (on-link) or of the router towards it (`gateway`).
+/// Where the balancer sends a backend's packets: the MAC of the backend
+/// itself (on-link) or of the router towards it (`gateway`), out of the
+/// interface `egress` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NextHop {
     pub mac: Mac,
     pub gateway: Option<IpAddr>,
+    /// 0: the interface `lb run` runs on; n: its n-th `--egress` interface
+    /// (lb_common::Backend::egress).
+    pub egress: u32,
 }
 
 /// `02:00:00:00:01:0a`: how MACs are shown to operators and in logs.

@@ -151,7 +151,7 @@ impl<M: Maps> Reconciler<M> {
                     // the same address (on-link for certain) wins.
                     let routed = backend.forwarding != lb_common::FORWARDING_DSR;
                     let gateway = routed.then_some(address);
-                    let hop = NextHop { mac: backend.mac, gateway };
+                    let hop = NextHop { mac: backend.mac, gateway, egress: backend.egress };
                     if routed {
                         self.macs.entry(address).or_insert(hop);
                     } else {
@@ -214,17 +214,18 @@ impl<M: Maps> Reconciler<M> {
         self.macs.get(&address).map(|hop| hop.mac)
     }
 
-    /// The MAC a VIP forwarding by `forwarding` sends `address`'s packets
-    /// to: the next hop's for a tunnel; for DSR only an on-link backend's
-    /// own (a router would send the VIP's packets straight back here).
-    fn usable_mac(&self, address: IpAddr, forwarding: Forwarding) -> Option<Mac> {
+    /// The next hop a VIP forwarding by `forwarding` sends `address`'s
+    /// packets to: the router's or the backend's for a tunnel; for DSR only
+    /// an on-link backend's own (a router would send the VIP's packets
+    /// straight back here).
+    fn usable_hop(&self, address: IpAddr, forwarding: Forwarding) -> Option<NextHop> {
         let hop = self.macs.get(&address)?;
-        (forwarding.is_tunnel() || hop.gateway.is_none()).then_some(hop.mac)
+        (forwarding.is_tunnel() || hop.gateway.is_none()).then_some(*hop)
     }
 
     /// Records an on-link backend's resolved MAC ([`Self::set_next_hop`]).
     pub fn set_mac(&mut self, address: IpAddr, mac: Mac) -> bool {
-        self.set_next_hop(address, NextHop { mac, gateway: None })
+        self.set_next_hop(address, NextHop { mac, gateway: None, egress: 0 })
     }
 
     /// Records how `address` is reached. A next hop is never forgotten, only
@@ -313,7 +314,7 @@ impl<M: Maps> Reconciler<M> {
             };
             let mut members: Vec<Member> = backends
                 .values()
-                .filter(|backend| self.usable_mac(backend.address, spec.forwarding).is_some())
+                .filter(|backend| self.usable_hop(backend.address, spec.forwarding).is_some())
                 .map(|backend| Member {
                     address: backend.address,
                     weight: backend.weight,
@@ -351,8 +352,9 @@ impl<M: Maps> Reconciler<M> {
                 let health = health_of(*address);
                 let kept_by_fail_open = fail_open && health.ever_up;
                 let (forwarding, gue_port) = spec.forwarding.datapath();
+                let hop = self.usable_hop(*address, spec.forwarding);
                 let backend = Backend {
-                    mac: self.usable_mac(*address, spec.forwarding).unwrap_or_default(),
+                    mac: hop.map(|hop| hop.mac).unwrap_or_default(),
                     flags: if health.up || kept_by_fail_open { 0 } else { BACKEND_FLAG_DOWN },
                     address: bytes,
                     family,
@@ -360,7 +362,7 @@ impl<M: Maps> Reconciler<M> {
                     gue_port,
                     vip_index: self.installed[vip].vip_index,
                     generation: self.generation(*slot),
-                    _pad2: 0,
+                    egress: hop.map_or(0, |hop| hop.egress),
                 };
                 self.datapath.set_backend(*slot, backend)?;
             }

@@ -97,6 +97,15 @@ pub struct RunArgs {
     /// the prefix to this balancer.
     #[arg(long, value_name = "ADDRESS|PREFIX/LEN")]
     pub tunnel_source: Vec<crate::model::TunnelSource>,
+    /// Another interface backends may be routed out of (repeat for more,
+    /// at most 7). A backend the kernel routes out of one of them is sent
+    /// there by XDP_REDIRECT, from that interface's MAC (and for ipip/gue
+    /// from its address, unless --tunnel-source, within its MTU); without
+    /// it such a backend gets no packets. lb attaches a pass-everything
+    /// XDP program to the interface when it runs none (drivers take
+    /// redirected frames only then); on veth the far end needs one too.
+    #[arg(long, value_name = "IFACE")]
+    pub egress: Vec<String>,
     #[command(flatten)]
     pub fleet: FleetArgs,
     #[command(flatten)]
