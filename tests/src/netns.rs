@@ -43,6 +43,11 @@ fn link(ns: &str, iface: &str) -> anyhow::Result<serde_json::Value> {
     Ok(links[0].take())
 }
 
+/// `address:port`, bracketed for IPv6: how `lb` names a VIP.
+pub fn endpoint(address: &str, port: u16) -> String {
+    if address.contains(':') { format!("[{address}]:{port}") } else { format!("{address}:{port}") }
+}
+
 /// Whether an interface in a namespace runs an XDP program (any mode).
 pub fn runs_xdp(ns: &str, iface: &str) -> anyhow::Result<bool> {
     Ok(!link(ns, iface)?["xdp"].is_null())

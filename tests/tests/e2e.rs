@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use tests::capture::SourceCounter;
 use tests::harness::{Daemon, client_requests, start_servers, tally};
-use tests::netns::{self, CLIENT4, CLIENT6, LB_IFACE, Testbed, VIP4, VIP6};
+use tests::netns::{self, CLIENT4, CLIENT6, LB_IFACE, Testbed, VIP4, VIP6, endpoint};
 
 const FLOWS: u16 = 300;
 
@@ -14,10 +14,6 @@ const FLOWS: u16 = 300;
 fn address_of(name: &str, ipv6: bool) -> String {
     let index: usize = name.trim_start_matches('b').parse().expect("backend name");
     if ipv6 { netns::backend6(index) } else { netns::backend4(index) }
-}
-
-fn endpoint(address: &str, port: u16) -> String {
-    if address.contains(':') { format!("[{address}]:{port}") } else { format!("{address}:{port}") }
 }
 
 /// Balance over three backends, `lb lookup` agreement for every flow, then

@@ -18,14 +18,10 @@ use tests::harness::{
     Daemon, Process, client_requests, spawn_in, start_server, tally, testbed_binary,
 };
 use tests::long_lived::{Scenario, survive_changes};
-use tests::netns::{self, CLIENT4, CLIENT6, VIP4, VIP6};
+use tests::netns::{self, CLIENT4, CLIENT6, VIP4, VIP6, endpoint};
 use tests::routed::{self, Decapsulators, backend_addresses, decap};
 
 const FLOWS: u16 = 200;
-
-fn endpoint(address: &str, port: u16) -> String {
-    if address.contains(':') { format!("[{address}]:{port}") } else { format!("{address}:{port}") }
-}
 
 fn balances_through_a_router(prefix: &str, ipv6: bool) {
     let testbed = routed::up(prefix, 2).expect("routed testbed");
@@ -314,114 +310,6 @@ fn four_thousand_websockets_through_gue_survive_changes_and_only_a_failed_backen
 /// gets nothing (lb sends only out of its own), and the daemon says so
 /// once, naming both interfaces; one without a route is named too; the
 /// VIP's flows all go to the backend it can reach.
-/// The side backend's address, alone on a second interface of the balancer.
-const SIDE_BACKEND: &str = "198.18.7.1";
-
-/// Adds namespace `{prefix}side`, joined by a veth to the balancer's second
-/// interface `side0` (198.18.7.254/24): backend SIDE_BACKEND with the VIPs
-/// on `lo`, answering clients through the balancer's kernel, which
-/// forwards. Its only route from the balancer leaves by `side0`.
-fn side_segment(testbed: &netns::Testbed) -> String {
-    let (balancer, side) = (testbed.balancer(), format!("{}side", testbed.prefix));
-    netns::add(&side).unwrap();
-    let link = ["link", "add", "side0", "netns", &balancer, "type", "veth", "peer", "name", "eth0"];
-    netns::run("ip", &[&link[..], &["netns", &side]].concat()).unwrap();
-    netns::ip(&balancer, &["addr", "add", "198.18.7.254/24", "dev", "side0"]).unwrap();
-    netns::ip(&balancer, &["link", "set", "side0", "up"]).unwrap();
-    netns::ip(&side, &["addr", "add", &format!("{SIDE_BACKEND}/24"), "dev", "eth0"]).unwrap();
-    netns::ip(&side, &["link", "set", "eth0", "up"]).unwrap();
-    netns::ip(&side, &["route", "add", "default", "via", "198.18.7.254"]).unwrap();
-    netns::own_vips(&side).unwrap();
-    // The side backend's answers come in by side0, from the VIP, and leave
-    // by eth0 to the client.
-    for setting in [
-        "net.ipv4.ip_forward=1",
-        "net.ipv4.conf.all.rp_filter=0",
-        "net.ipv4.conf.side0.rp_filter=0",
-    ] {
-        netns::sysctl(&balancer, setting).unwrap();
-    }
-    side
-}
-
-fn a_backend_routed_out_of_another_interface_is_named_and_gets_no_flow() {
-    let testbed = routed::up("lbro-", 1).expect("routed testbed");
-    side_segment(&testbed);
-    let _server = start_server(&testbed, 1, 8080).unwrap();
-    let _decapsulators = Decapsulators::attach(vec![testbed.backend(1)]);
-    let daemon = Daemon::start(&testbed, &[]).expect("lb run");
-    let vip = endpoint(VIP4, 8080);
-    // No health checks: the unreachable backend stays up, so only its route keeps it out.
-    let add = ["vip", "add", &vip, "--proto", "udp", "--forwarding", "gue", "--check", "none"];
-    daemon.lb(&add).unwrap();
-    // 198.18.9.1: no route at all from the balancer.
-    for backend in [backend_addresses(1).0.as_str(), SIDE_BACKEND, "198.18.9.1"] {
-        daemon.lb(&["backend", "add", &vip, backend, "--proto", "udp"]).unwrap();
-    }
-    let warning = "backend 198.18.7.1 is routed out of side0, not eth0";
-    let no_route = "backend 198.18.9.1 has no route";
-    tests::harness::wait_until("the warnings", 10, || {
-        let log = daemon.log_text();
-        log.contains(warning) && log.contains(no_route)
-    });
-    let answers = client_requests(&testbed, "udp", &vip, CLIENT4, 20_000, 100).unwrap();
-    let counts = tally(&answers);
-    println!("FIGURE 100 flows with one backend routed elsewhere landed {counts:?}");
-    assert_eq!(counts.keys().collect::<Vec<_>>(), ["b1"], "{counts:?}");
-    let log = daemon.log_text();
-    for said in [warning, no_route] {
-        assert_eq!(log.matches(said).count(), 1, "not said once: {said}\n{log}");
-    }
-}
-
-/// The same backend with `lb run --egress side0`: its flows leave by
-/// side0 (XDP_REDIRECT), tunnelled (`gue`, beside a backend behind the
-/// router) and by direct server return (a `dsr` VIP whose only backend it
-/// is), and the client gets every answer.
-fn a_backend_routed_out_of_an_egress_interface_is_sent_there() {
-    let testbed = routed::up("lbeg-", 1).expect("routed testbed");
-    let side = side_segment(&testbed);
-    let mut servers = Vec::new();
-    for port in [8079, 8080] {
-        servers.push(start_server(&testbed, 1, port).unwrap());
-        let args = ["serve", "side", &port.to_string(), "300"];
-        servers.push(spawn_in(&side, &testbed_binary(), &args, None).unwrap());
-    }
-    // lb decap on the side backend: its tunnels' end, and the XDP program
-    // a veth needs on its far end to take redirected frames.
-    let _decapsulators = Decapsulators::attach(vec![testbed.backend(1), side.clone()]);
-    let daemon = Daemon::start(&testbed, &["--egress", "side0"]).expect("lb run");
-    let (gue, dsr) = (endpoint(VIP4, 8080), endpoint(VIP4, 8079));
-    daemon.lb(&["vip", "add", &gue, "--proto", "udp", "--forwarding", "gue"]).unwrap();
-    for backend in [backend_addresses(1).0.as_str(), SIDE_BACKEND] {
-        daemon.lb(&["backend", "add", &gue, backend, "--proto", "udp"]).unwrap();
-    }
-    daemon.lb(&["vip", "add", &dsr, "--proto", "tcp"]).unwrap();
-    daemon.lb(&["backend", "add", &dsr, SIDE_BACKEND, "--proto", "tcp"]).unwrap();
-    daemon.wait_backends_active().unwrap();
-    assert!(netns::runs_xdp(&testbed.balancer(), "side0").unwrap(), "no pass program on side0");
-
-    let answers = client_requests(&testbed, "udp", &gue, CLIENT4, 20_000, 200).unwrap();
-    let counts = tally(&answers);
-    println!("FIGURE 200 gue flows, one backend behind the router, one out of side0: {counts:?}");
-    assert_eq!(counts.values().sum::<usize>(), 200, "{counts:?}");
-    for name in ["b1", "side"] {
-        let share = counts.get(name).copied().unwrap_or(0);
-        assert!((60..=140).contains(&share), "{name} got {share} of 200: {counts:?}");
-    }
-    let answers = client_requests(&testbed, "tcp", &dsr, CLIENT4, 30_000, 100).unwrap();
-    let counts = tally(&answers);
-    println!("FIGURE 100 dsr connections out of side0: {counts:?}");
-    assert_eq!(counts.get("side"), Some(&100), "{counts:?}");
-    let taken = decap(&side, &["--stats"]);
-    println!("FIGURE the side backend's lb decap: {taken}");
-    let log = daemon.log_text();
-    assert!(!log.contains("is routed out of side0"), "warned although --egress side0:\n{log}");
-    // Its pass program is pinned with the datapath and goes with it.
-    drop(daemon);
-    assert!(!netns::runs_xdp(&testbed.balancer(), "side0").unwrap(), "side0 kept its program");
-}
-
 fn ipv4_ipip_and_gue_balance_through_a_router() {
     balances_through_a_router("lbr4-", false);
 }
@@ -436,6 +324,4 @@ tests::root_tests!(
     uploads_larger_than_the_tunnel_learn_its_mtu_and_complete,
     downloads_across_a_1280_byte_link_complete_through_tunnels,
     four_thousand_websockets_through_gue_survive_changes_and_only_a_failed_backends_break,
-    a_backend_routed_out_of_another_interface_is_named_and_gets_no_flow,
-    a_backend_routed_out_of_an_egress_interface_is_sent_there,
 );
