@@ -6,14 +6,16 @@
 //! return, and the clients get every answer.
 
 use tests::harness::{Daemon, client_requests, spawn_in, start_server, tally, testbed_binary};
-use tests::netns::{self, CLIENT4, VIP4, endpoint};
+use tests::netns::{self, CLIENT4, CLIENT6, VIP4, VIP6, endpoint};
 use tests::routed::{self, Decapsulators, backend_addresses, decap};
 
-/// The side backend's address, alone on a second interface of the balancer.
+/// The side backend's addresses, alone on a second interface of the balancer.
 const SIDE_BACKEND: &str = "198.18.7.1";
+const SIDE_BACKEND6: &str = "fd00:198:18:7::1";
 
 /// Adds namespace `{prefix}side`, joined by a veth to the balancer's second
-/// interface `side0` (198.18.7.254/24): backend SIDE_BACKEND with the VIPs
+/// interface `side0` (198.18.7.254/24, fd00:198:18:7::fe/64): backend
+/// SIDE_BACKEND (and SIDE_BACKEND6) with the VIPs
 /// on `lo`, answering clients through the balancer's kernel, which
 /// forwards. Its only route from the balancer leaves by `side0`.
 fn side_segment(testbed: &netns::Testbed) -> String {
@@ -26,6 +28,14 @@ fn side_segment(testbed: &netns::Testbed) -> String {
     netns::ip(&side, &["addr", "add", &format!("{SIDE_BACKEND}/24"), "dev", "eth0"]).unwrap();
     netns::ip(&side, &["link", "set", "eth0", "up"]).unwrap();
     netns::ip(&side, &["route", "add", "default", "via", "198.18.7.254"]).unwrap();
+    let v6 = [
+        (balancer.as_str(), "fd00:198:18:7::fe/64", "side0"),
+        (side.as_str(), &format!("{SIDE_BACKEND6}/64"), "eth0"),
+    ];
+    for (ns, address, iface) in v6 {
+        netns::ip(ns, &["addr", "add", address, "dev", iface, "nodad"]).unwrap();
+    }
+    netns::ip(&side, &["-6", "route", "add", "default", "via", "fd00:198:18:7::fe"]).unwrap();
     netns::own_vips(&side).unwrap();
     // The side backend's answers come in by side0, from the VIP, and leave
     // by eth0 to the client.
@@ -33,6 +43,7 @@ fn side_segment(testbed: &netns::Testbed) -> String {
         "net.ipv4.ip_forward=1",
         "net.ipv4.conf.all.rp_filter=0",
         "net.ipv4.conf.side0.rp_filter=0",
+        "net.ipv6.conf.all.forwarding=1",
     ] {
         netns::sysctl(&balancer, setting).unwrap();
     }
@@ -70,8 +81,8 @@ fn a_backend_routed_out_of_another_interface_is_named_and_gets_no_flow() {
 }
 
 /// The same backend with `lb run --egress side0`: its flows leave by
-/// side0 (XDP_REDIRECT), tunnelled (`gue`, beside a backend behind the
-/// router) and by direct server return (a `dsr` VIP whose only backend it
+/// side0 (XDP_REDIRECT), tunnelled (`gue` over IPv4 and IPv6, beside a
+/// backend behind the router) and by direct server return (a `dsr` VIP whose only backend it
 /// is), and the client gets every answer.
 fn a_backend_routed_out_of_an_egress_interface_is_sent_there() {
     let testbed = routed::up("lbeg-", 1).expect("routed testbed");
@@ -86,23 +97,31 @@ fn a_backend_routed_out_of_an_egress_interface_is_sent_there() {
     // a veth needs on its far end to take redirected frames.
     let _decapsulators = Decapsulators::attach(vec![testbed.backend(1), side.clone()]);
     let daemon = Daemon::start(&testbed, &["--egress", "side0"]).expect("lb run");
-    let (gue, dsr) = (endpoint(VIP4, 8080), endpoint(VIP4, 8079));
-    daemon.lb(&["vip", "add", &gue, "--proto", "udp", "--forwarding", "gue"]).unwrap();
-    for backend in [backend_addresses(1).0.as_str(), SIDE_BACKEND] {
-        daemon.lb(&["backend", "add", &gue, backend, "--proto", "udp"]).unwrap();
+    let (gue4, gue6, dsr) = (endpoint(VIP4, 8080), endpoint(VIP6, 8080), endpoint(VIP4, 8079));
+    let (b1_4, b1_6) = backend_addresses(1);
+    for (gue, backends) in [(&gue4, [b1_4.as_str(), SIDE_BACKEND]), (&gue6, [&b1_6, SIDE_BACKEND6])]
+    {
+        daemon.lb(&["vip", "add", gue, "--proto", "udp", "--forwarding", "gue"]).unwrap();
+        for backend in backends {
+            daemon.lb(&["backend", "add", gue, backend, "--proto", "udp"]).unwrap();
+        }
     }
     daemon.lb(&["vip", "add", &dsr, "--proto", "tcp"]).unwrap();
     daemon.lb(&["backend", "add", &dsr, SIDE_BACKEND, "--proto", "tcp"]).unwrap();
     daemon.wait_backends_active().unwrap();
     assert!(netns::runs_xdp(&testbed.balancer(), "side0").unwrap(), "no pass program on side0");
 
-    let answers = client_requests(&testbed, "udp", &gue, CLIENT4, 20_000, 200).unwrap();
-    let counts = tally(&answers);
-    println!("FIGURE 200 gue flows, one backend behind the router, one out of side0: {counts:?}");
-    assert_eq!(counts.values().sum::<usize>(), 200, "{counts:?}");
-    for name in ["b1", "side"] {
-        let share = counts.get(name).copied().unwrap_or(0);
-        assert!((60..=140).contains(&share), "{name} got {share} of 200: {counts:?}");
+    for (gue, client) in [(&gue4, CLIENT4), (&gue6, CLIENT6)] {
+        let answers = client_requests(&testbed, "udp", gue, client, 20_000, 200).unwrap();
+        let counts = tally(&answers);
+        println!(
+            "FIGURE 200 gue flows to {gue}, one backend behind the router, one out of side0: {counts:?}"
+        );
+        assert_eq!(counts.values().sum::<usize>(), 200, "{counts:?}");
+        for name in ["b1", "side"] {
+            let share = counts.get(name).copied().unwrap_or(0);
+            assert!((60..=140).contains(&share), "{gue}: {name} got {share} of 200: {counts:?}");
+        }
     }
     let answers = client_requests(&testbed, "tcp", &dsr, CLIENT4, 30_000, 100).unwrap();
     let counts = tally(&answers);
