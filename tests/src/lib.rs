@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 pub mod bpf;
 pub mod capture;
+pub mod datapath_fixture;
 pub mod demo;
 pub mod download;
 pub mod echo;
