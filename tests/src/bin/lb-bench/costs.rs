@@ -18,9 +18,9 @@ use serde::Serialize;
 use tests::packets::{Flow, L4, Segment, Shape, frame};
 
 use crate::bench_harness::{Harness, flow_bucket_bytes, pin_table_bytes};
-use crate::forwarding::pin_to_cpu;
 use crate::hostile_costs::{flood_costs, rebalance_costs, sync_costs};
 use crate::ip;
+use crate::rig::pin_to_cpu;
 use crate::two_cpus::many_flows_on_both_cpus;
 use tests::{XDP_PASS, XDP_TX};
 

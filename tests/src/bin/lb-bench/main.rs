@@ -20,6 +20,7 @@ mod forwarding;
 mod hostile_costs;
 mod program_size;
 mod report;
+mod rig;
 mod tunnel_costs;
 mod two_cpus;
 

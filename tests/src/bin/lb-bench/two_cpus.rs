@@ -15,7 +15,7 @@ use tests::packets::{L4, Segment};
 
 use crate::bench_harness::Harness;
 use crate::costs::{CostRow, bench_flow, packet, row};
-use crate::forwarding::{available_cpus, pin_to_cpu};
+use crate::rig::{available_cpus, pin_to_cpu};
 
 /// Flows per CPU: every port the fresh-port wrapper cycles through.
 const FLOWS: u32 = 64_000;
