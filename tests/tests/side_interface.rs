@@ -110,6 +110,19 @@ fn a_backend_routed_out_of_an_egress_interface_is_sent_there() {
     daemon.lb(&["backend", "add", &dsr, SIDE_BACKEND, "--proto", "tcp"]).unwrap();
     daemon.wait_backends_active().unwrap();
     assert!(netns::runs_xdp(&testbed.balancer(), "side0").unwrap(), "no pass program on side0");
+    // `lb backend list` says which interface each backend leaves by.
+    let listed: serde_json::Value = serde_json::from_str(
+        &daemon.lb(&["backend", "list", &gue4, "--proto", "udp", "--json"]).unwrap(),
+    )
+    .unwrap();
+    let via: Vec<(String, String)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().to_owned(), b["via"].as_str().unwrap().to_owned()))
+        .collect();
+    let want = [(b1_4.clone(), "eth0".to_owned()), (SIDE_BACKEND.to_owned(), "side0".to_owned())];
+    assert_eq!(via, want, "{listed}");
 
     for (gue, client) in [(&gue4, CLIENT4), (&gue6, CLIENT6)] {
         let answers = client_requests(&testbed, "udp", gue, client, 20_000, 200).unwrap();

@@ -106,6 +106,10 @@ pub struct BackendView {
     #[serde(default)]
     pub last_check_seconds: Option<f64>,
     pub mac: Option<String>,
+    /// The interface its packets leave by (`lb run --iface`, or one of its
+    /// `--egress` interfaces); None while resolving.
+    #[serde(default)]
+    pub via: Option<String>,
     /// Entries of the VIP's Maglev table that point at it.
     pub table_entries: u32,
     /// The part of new flows it gets now (`table_entries` over the table

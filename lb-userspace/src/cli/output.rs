@@ -169,6 +169,14 @@ fn print_flows(flows: &api::FlowsView) {
     println!("{} flow(s) of {}{more}", flows.flows.len(), flows.vip);
 }
 
+/// Whether the backends leave by more than one interface (`lb run
+/// --egress`): then the MAC column names each one's interface too.
+fn backends_leave_by_several(backends: &[api::BackendView]) -> bool {
+    let mut interfaces = backends.iter().filter_map(|backend| backend.via.as_deref());
+    let first = interfaces.next();
+    interfaces.any(|via| Some(via) != first)
+}
+
 fn print_backends(backends: &[api::BackendView]) {
     println!(
         "{:<32} {:<24} {:>6} {:<9} {:<22} {:>10} {:>12} {:>9} {:<17} {:>12} {:>10}  LAST ERROR",
@@ -188,6 +196,7 @@ fn print_backends(backends: &[api::BackendView]) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
+    let name_interfaces = backends_leave_by_several(backends);
     for backend in backends {
         println!(
             "{:<32} {:<24} {:>6} {:<9} {:<22} {:>10} {:>12} {:>8.1}% {:<17} {:>12} {:>10.0}  {}",
@@ -202,7 +211,11 @@ fn print_backends(backends: &[api::BackendView]) {
             format_age(now - backend.since),
             backend.active_flows,
             backend.new_flow_share * 100.0,
-            backend.mac.as_deref().unwrap_or("-"),
+            match (&backend.mac, &backend.via) {
+                (Some(mac), Some(via)) if name_interfaces => format!("{mac} via {via}"),
+                (Some(mac), _) => mac.clone(),
+                (None, _) => "-".to_owned(),
+            },
             backend.packets,
             backend.packets_per_second,
             backend.last_error.as_deref().unwrap_or("-"),

@@ -12,6 +12,14 @@ use crate::health::Health;
 use crate::model::{Vip, format_mac};
 
 impl Daemon {
+    /// The name of egress interface `egress` (0: the one `lb run` runs on).
+    fn interface_name(&self, egress: u32) -> Option<String> {
+        match egress {
+            0 => Some(self.iface.clone()),
+            n => self.egress.get(n as usize - 1).cloned(),
+        }
+    }
+
     pub(super) fn stats_view(&self) -> anyhow::Result<StatsView> {
         Ok(StatsView {
             vips: self.vip_views()?,
@@ -125,6 +133,7 @@ impl Daemon {
                         .last_check(vip, installed.address)
                         .map(|took| took.as_secs_f64()),
                     mac: installed.mac.map(format_mac),
+                    via: installed.mac.and(self.interface_name(installed.egress)),
                     table_entries: installed.table_entries,
                     new_flow_share: f64::from(installed.table_entries) / table_size,
                     rebalance_target: rebalancing

@@ -28,6 +28,9 @@ pub struct InstalledBackend {
     pub address: IpAddr,
     pub slot: u32,
     pub mac: Option<Mac>,
+    /// The interface its packets leave by: 0, the balancer's own; n, its
+    /// n-th `--egress` interface (meaningful once `mac` is known).
+    pub egress: u32,
     /// Entries of the active table that point at it.
     pub table_entries: u32,
 }
@@ -132,6 +135,7 @@ impl<M: Maps> Reconciler<M> {
                 address: *address,
                 slot: *slot,
                 mac: self.macs.get(address).map(|hop| hop.mac),
+                egress: self.macs.get(address).map_or(0, |hop| hop.egress),
                 table_entries: entries.get(slot).copied().unwrap_or(0),
             })
             .collect()
