@@ -96,7 +96,7 @@ fn a_backend_routed_out_of_an_egress_interface_is_sent_there() {
     // lb decap on the side backend: its tunnels' end, and the XDP program
     // a veth needs on its far end to take redirected frames.
     let _decapsulators = Decapsulators::attach(vec![testbed.backend(1), side.clone()]);
-    let daemon = Daemon::start(&testbed, &["--egress", "side0"]).expect("lb run");
+    let mut daemon = Daemon::start(&testbed, &["--egress", "side0"]).expect("lb run");
     let (gue4, gue6, dsr) = (endpoint(VIP4, 8080), endpoint(VIP6, 8080), endpoint(VIP4, 8079));
     let (b1_4, b1_6) = backend_addresses(1);
     for (gue, backends) in [(&gue4, [b1_4.as_str(), SIDE_BACKEND]), (&gue6, [&b1_6, SIDE_BACKEND6])]
@@ -124,8 +124,10 @@ fn a_backend_routed_out_of_an_egress_interface_is_sent_there() {
     let want = [(b1_4.clone(), "eth0".to_owned()), (SIDE_BACKEND.to_owned(), "side0".to_owned())];
     assert_eq!(via, want, "{listed}");
 
+    let mut landed = Vec::new();
     for (gue, client) in [(&gue4, CLIENT4), (&gue6, CLIENT6)] {
         let answers = client_requests(&testbed, "udp", gue, client, 20_000, 200).unwrap();
+        landed.push(answers.clone());
         let counts = tally(&answers);
         println!(
             "FIGURE 200 gue flows to {gue}, one backend behind the router, one out of side0: {counts:?}"
@@ -140,6 +142,21 @@ fn a_backend_routed_out_of_an_egress_interface_is_sent_there() {
     let counts = tally(&answers);
     println!("FIGURE 100 dsr connections out of side0: {counts:?}");
     assert_eq!(counts.get("side"), Some(&100), "{counts:?}");
+    // A restart adopts the datapath: the new program's egress maps are
+    // written before it replaces the old one, and side0's pass program is
+    // swapped in its pinned link. The same flows land as before, all answered.
+    daemon.restart(&testbed, &["--egress", "side0"]).expect("lb run again");
+    for ((gue, client), before) in [(&gue4, CLIENT4), (&gue6, CLIENT6)].into_iter().zip(&landed) {
+        let after = client_requests(&testbed, "udp", gue, client, 20_000, 200).unwrap();
+        assert_eq!(&after, before, "{gue}: flows moved or failed across the restart");
+    }
+    assert!(netns::runs_xdp(&testbed.balancer(), "side0").unwrap(), "side0 lost its program");
+    let log = daemon.log_text();
+    let swapped = log.lines().any(|line| {
+        line.contains("pass program attached to egress interface")
+            && line.contains("replaced atomically")
+    });
+    assert!(swapped, "side0's pass program was not swapped in its pinned link:\n{log}");
     let taken = decap(&side, &["--stats"]);
     println!("FIGURE the side backend's lb decap: {taken}");
     let log = daemon.log_text();
