@@ -16,8 +16,18 @@ use crate::parse::ptr_at_mut;
 /// that interface's MAC.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
+    forward_via(ctx, backend, egress_of(backend)?)
+}
+
+/// [`forward`], with the backend's [`egress_of`] already looked up.
+#[inline(always)]
+pub fn forward_via(
+    ctx: &XdpContext,
+    backend: &Backend,
+    egress: Option<&Egress>,
+) -> Result<u32, Reason> {
     let eth = ptr_at_mut::<EthHdr>(ctx, 0).ok_or(Reason::DropInternal)?;
-    if backend.egress == 0 {
+    let Some(egress) = egress else {
         // SAFETY: ptr_at_mut checked that the Ethernet header lies within the packet.
         unsafe {
             // The frame was addressed to us, so its destination MAC is ours.
@@ -25,8 +35,7 @@ pub fn forward(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
             (*eth).dst_addr = backend.mac;
         }
         return Ok(xdp_action::XDP_TX);
-    }
-    let egress = egress(backend.egress)?;
+    };
     let frame = eth as *mut u16;
     let (to, from) = (backend.mac.as_ptr() as *const u16, egress.mac.as_ptr() as *const u16);
     // SAFETY: as above; both MACs are 6 bytes. Word by word: as one copy
@@ -43,11 +52,16 @@ pub fn forward(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
     LB_EGRESS.redirect(backend.egress, 0).map_err(|_| Reason::DropInternal)
 }
 
-/// The egress interface `index` (nonzero) as the daemon described it.
+/// The egress interface `backend` leaves by as the daemon described it:
+/// None for the program's own interface; an error for an index the daemon
+/// did not fill.
 #[inline(always)]
-pub fn egress(index: u32) -> Result<&'static Egress, Reason> {
-    match LB_EGRESS_INFO.get(index) {
-        Some(egress) if egress.mac != [0; 6] => Ok(egress),
+pub fn egress_of(backend: &Backend) -> Result<Option<&'static Egress>, Reason> {
+    if backend.egress == 0 {
+        return Ok(None);
+    }
+    match LB_EGRESS_INFO.get(backend.egress) {
+        Some(egress) if egress.mac != [0; 6] => Ok(Some(egress)),
         _ => Err(Reason::DropInternal),
     }
 }

@@ -14,8 +14,8 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    Backend, FAMILY_IPV4, GUE_SOURCE_PORT_BASE, PROTO_IPIP, PROTO_IPV6_INSIDE, PROTO_UDP, Reason,
-    spread_source_word,
+    Backend, Egress, FAMILY_IPV4, GUE_SOURCE_PORT_BASE, PROTO_IPIP, PROTO_IPV6_INSIDE, PROTO_UDP,
+    Reason, spread_source_word,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
@@ -70,18 +70,17 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// The tunnel of packets sent out of egress interface `egress`: the
-    /// load-time globals for the program's own interface (0), else the
-    /// daemon's LB_EGRESS_INFO entry.
+    /// The tunnel of packets sent out of `egress` (crate::dsr::egress_of):
+    /// the load-time globals for the program's own interface (None), else
+    /// the daemon's LB_EGRESS_INFO entry.
     #[inline(always)]
-    pub fn of(egress: u32) -> Result<Self, Reason> {
-        if egress != 0 {
-            let egress = crate::dsr::egress(egress)?;
-            return Ok(Self {
+    pub fn of(egress: Option<&Egress>) -> Self {
+        if let Some(egress) = egress {
+            return Self {
                 source_v4: egress.source_v4,
                 source_v6: egress.source_v6,
                 mtu: egress.mtu,
-            });
+            };
         }
         // SAFETY: read_volatile keeps the compiler from folding the
         // load-time globals to their compile-time defaults; the IPv6 word
@@ -89,7 +88,7 @@ impl Tunnel {
         unsafe {
             use core::ptr::read_volatile;
             let v6 = &raw const LB_TUNNEL_SOURCE_V6 as *const u32;
-            Ok(Self {
+            Self {
                 source_v4: read_volatile(&LB_TUNNEL_SOURCE_V4),
                 source_v6: [
                     read_volatile(v6),
@@ -98,7 +97,7 @@ impl Tunnel {
                     read_volatile(v6.add(3)),
                 ],
                 mtu: read_volatile(&LB_TUNNEL_MTU),
-            })
+            }
         }
     }
 }

@@ -107,12 +107,13 @@ fn try_encap(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
         protocol,
         entropy,
     };
-    let tunnel = headers::Tunnel::of(backend.egress)?;
+    let egress = dsr::egress_of(backend)?;
+    let tunnel = headers::Tunnel::of(egress);
     match headers::encapsulate(ctx, backend, &tunnel, inner, gue, overhead) {
         Err(Reason::DropTooBig) => return too_big::answer(ctx, inner, overhead, tunnel.mtu),
         result => result?,
     }
-    let action = dsr::forward(ctx, backend)?;
+    let action = dsr::forward_via(ctx, backend, egress)?;
     let icmp = flags & ENCAP_ICMP_ERROR != 0;
     stats::count_forwarded(vip_index, slot, bytes, icmp);
     Ok((if icmp { Reason::ForwardedIcmp } else { Reason::Forwarded }, action))
