@@ -50,17 +50,11 @@ pub struct Fixture {
 }
 
 pub const TCP4: &str = "198.18.0.10:80";
-
 pub const UDP4: &str = "198.18.0.10:53";
-
 pub const TCP6: &str = "[fd00:198:18::10]:80";
-
 pub const UDP6: &str = "[fd00:198:18::10]:53";
-
 pub const EMPTY4: &str = "198.18.0.20:80";
-
 pub const V4_BACKENDS: [&str; 3] = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
-
 pub const V6_BACKENDS: [&str; 3] = ["fd00:198:18:1::1", "fd00:198:18:1::2", "fd00:198:18:1::3"];
 
 impl Fixture {

@@ -131,12 +131,15 @@ impl<M: Maps> Reconciler<M> {
         installed
             .slots
             .iter()
-            .map(|(address, slot)| InstalledBackend {
-                address: *address,
-                slot: *slot,
-                mac: self.macs.get(address).map(|hop| hop.mac),
-                egress: self.macs.get(address).map_or(0, |hop| hop.egress),
-                table_entries: entries.get(slot).copied().unwrap_or(0),
+            .map(|(address, slot)| {
+                let hop = self.macs.get(address);
+                InstalledBackend {
+                    address: *address,
+                    slot: *slot,
+                    mac: hop.map(|hop| hop.mac),
+                    egress: hop.map_or(0, |hop| hop.egress),
+                    table_entries: entries.get(slot).copied().unwrap_or(0),
+                }
             })
             .collect()
     }
