@@ -44,11 +44,4 @@ impl Datapath {
             .set(index, ifindex, None, 0)
             .map_err(|error| DatapathError::Egress { ifindex, error: error.to_string() })
     }
-
-    /// Egress `index` as written, and its interface (for tests and `lb status`).
-    pub fn egress(&self, index: u32) -> Option<(u32, Egress)> {
-        let ifindex = self.egress.devices.get(index, 0).ok()?.if_index;
-        let egress = self.egress.info.get(&index, 0).ok()?;
-        (ifindex != 0).then_some((ifindex, egress))
-    }
 }
